@@ -1,0 +1,107 @@
+"""The finished-adapter directory, and loading it back for inference.
+
+    adapter_config.json, adapter_model.safetensors   stock peft format (base_model_name_or_path filled in)
+    manifest.json                                    method, hyperparameters, base model + weight hash, data
+                                                     hashes, metrics, parameter counts, library versions
+    lora/                                            the exact LoRA export (methods whose update is low-rank)
+
+Only safetensors and JSON are ever read back: an artifact cannot carry pickled code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from neat_core.devices import resolve_device
+from neat_core.errors import ArtifactError
+from neat_core.export import base_weights_sha256, export_lora
+from neat_core.methods import get_method, method_of
+from neat_core.models import load_base
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def parameter_counts(model: PeftModel) -> dict[str, int]:
+    """Adapter parameters alone, and everything trainable (adapter + a classification head)."""
+    prefix = method_of(model).prefix
+    adapter = sum(p.numel() for n, p in model.named_parameters() if prefix in n and p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"adapter_parameters": adapter, "trainable_parameters": trainable}
+
+
+def library_versions() -> dict[str, str]:
+    return {name: version(name) for name in ("torch", "transformers", "peft", "safetensors")}
+
+
+def save_artifact(model: PeftModel, out_dir: Path, *, base_model: str, manifest: dict[str, Any]) -> Path:
+    """Write the artifact atomically (temporary directory, then rename); returns its path."""
+    method = method_of(model)
+    model.peft_config[model.active_adapter].base_model_name_or_path = base_model
+    tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, save_embedding_layers=False)  # True/"auto" would look the base up on a hub
+    if method.exportable_to_lora:
+        export_lora(model, tmp / "lora", base_model_id=base_model)
+    full = {
+        "format_version": FORMAT_VERSION,
+        "created_at": int(time.time()),
+        "method": method.name,
+        "base_model": base_model,
+        "base_weights_sha256": base_weights_sha256(model),
+        **parameter_counts(model),
+        "versions": library_versions(),
+        **manifest,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+    return out_dir
+
+
+def read_manifest(adapter_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(adapter_dir) / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{adapter_dir} is not an adapter artifact: {e}") from e
+
+
+@dataclass
+class LoadedAdapter:
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    manifest: dict[str, Any]
+
+
+def load_artifact(adapter_dir: Path, *, cache_dir: Path | None = None, device: str = "auto") -> LoadedAdapter:
+    """Base model from the catalog + the adapter on top, in eval mode, ready for inference."""
+    manifest = read_manifest(adapter_dir)
+    model, tokenizer = load_base(
+        manifest["base_model"], task=manifest["task"], labels=manifest.get("labels"), cache_dir=cache_dir
+    )
+    try:
+        peft_model = get_method(manifest["method"]).load(model, str(adapter_dir))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ArtifactError(f"cannot load the adapter in {adapter_dir}: {e}") from e
+    return LoadedAdapter(peft_model.to(resolve_device(device)).eval(), tokenizer, manifest)

@@ -1,0 +1,280 @@
+"""The four JSONL dataset formats: detection and line-by-line validation.
+
+Pure stdlib on purpose: the web tier validates uploads with this module and must not load torch
+(an import-linter contract enforces it). Files are streamed: at most one line is held in memory, and a
+line longer than `max_line_bytes` is skipped without ever being held whole.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from neat_core.errors import DataFormatError
+
+# Deeper JSON than this is rejected before parsing, so a hostile line cannot reach the recursion limit.
+MAX_NESTING_DEPTH = 32
+CHAT_ROLES = ("system", "user", "assistant")
+
+_READ_CHUNK_BYTES = 1 << 16
+# A JSON string literal, escapes included; removed before counting brackets so "[" inside text is ignored.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+class DataFormat(enum.StrEnum):
+    CLASSIFICATION = "classification"
+    CHAT = "chat"
+    PROMPT_COMPLETION = "prompt_completion"
+    TEXT = "text"
+
+    @property
+    def task(self) -> str:
+        """The training task: a sequence classifier for CLASSIFICATION, a causal LM for everything else."""
+        return "classification" if self is DataFormat.CLASSIFICATION else "causal_lm"
+
+
+@dataclass
+class FileReport:
+    """What validation found. `errors` rows: `{"line": int (1-based; 0 = whole file), "code", "message"}`."""
+
+    format: DataFormat | None
+    num_examples: int
+    errors: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class _Invalid(Exception):
+    """One line's first problem; raised by the checks below and turned into an error row."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+def validate_jsonl(
+    source: str | os.PathLike | Iterable[bytes],
+    *,
+    min_examples: int = 1,
+    max_errors: int = 20,
+    max_line_bytes: int = 1_000_000,
+) -> FileReport:
+    """Validate every line of a JSONL dataset. `source` is a path or an iterable of bytes chunks (lines or
+    arbitrary pieces, e.g. an upload stream). `max_line_bytes` counts a line's bytes without its newline.
+    Never raises for bad content: the report says what is wrong."""
+    return _scan(source, min_examples, max_errors, max_line_bytes, keep=None)
+
+
+def read_examples(path: str | os.PathLike) -> tuple[DataFormat, list[dict]]:
+    """Validate and parse a dataset file; the examples are the parsed JSON objects, in file order."""
+    examples: list[dict] = []
+    report = _scan(path, min_examples=1, max_errors=20, max_line_bytes=1_000_000, keep=examples)
+    if not report.ok:
+        first = report.errors[0]
+        message = f"{os.fspath(path)} is not a valid dataset (line {first['line']}: {first['message']})"
+        raise DataFormatError(message, report.errors)
+    assert report.format is not None  # ok implies at least one valid example, hence a format
+    return report.format, examples
+
+
+def _scan(
+    source: str | os.PathLike | Iterable[bytes],
+    min_examples: int,
+    max_errors: int,
+    max_line_bytes: int,
+    keep: list[dict] | None,
+) -> FileReport:
+    report = FileReport(format=None, num_examples=0)
+    format_line = 0  # where the file's format was detected, for the mixed_formats message
+
+    def add_error(line: int, code: str, message: str) -> None:
+        if len(report.errors) < max_errors:
+            report.errors.append({"line": line, "code": code, "message": message})
+
+    for line_no, raw in enumerate(_lines(source, max_line_bytes), start=1):
+        try:
+            if raw is None:
+                raise _Invalid("line_too_long", f"line is longer than {max_line_bytes} bytes")
+            obj = _parse(raw, first_line=line_no == 1)
+            if obj is None:  # blank line
+                continue
+            fmt = _detect(obj)
+            if report.format is None:
+                report.format, format_line = fmt, line_no
+            elif fmt is not report.format:
+                message = f"line is {fmt} but the file is {report.format} (from line {format_line})"
+                raise _Invalid("mixed_formats", message)
+            _CHECKS[fmt](obj)
+        except _Invalid as exc:
+            add_error(line_no, exc.code, exc.message)
+            continue
+        report.num_examples += 1
+        if keep is not None:
+            keep.append(obj)
+
+    if report.num_examples < min_examples:
+        message = f"{report.num_examples} valid examples; at least {min_examples} needed"
+        add_error(0, "too_few_examples", message)
+    return report
+
+
+def _lines(source: str | os.PathLike | Iterable[bytes], max_line_bytes: int) -> Iterator[bytes | None]:
+    """The lines of a file or of a chunk stream, without newlines; None for a line over the limit."""
+    if isinstance(source, str | os.PathLike):
+        with Path(source).open("rb") as f:
+            yield from _split(iter(partial(f.read, _READ_CHUNK_BYTES), b""), max_line_bytes)
+    elif isinstance(source, bytes | bytearray):  # a whole file's bytes; iterating it would give ints
+        yield from _split([bytes(source)], max_line_bytes)
+    else:
+        yield from _split(source, max_line_bytes)
+
+
+def _split(chunks: Iterable[bytes], max_line_bytes: int) -> Iterator[bytes | None]:
+    line = bytearray()
+    too_long = False  # once set, the rest of this line is dropped rather than buffered
+    for chunk in chunks:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if not too_long:
+                line += chunk[start:] if end < 0 else chunk[start:end]
+                if len(line) > max_line_bytes:
+                    too_long = True
+                    line.clear()
+            if end < 0:
+                break
+            yield None if too_long else bytes(line)
+            line.clear()
+            too_long = False
+            start = end + 1
+    if line or too_long:  # the last line had no newline
+        yield None if too_long else bytes(line)
+
+
+def _parse(raw: bytes, *, first_line: bool) -> dict | None:
+    """One line's JSON object, or None for a blank line."""
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise _Invalid("nul_byte", f"line contains a NUL byte (byte {nul + 1})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Invalid("invalid_utf8", f"line is not valid UTF-8 (byte {exc.start + 1})") from None
+    if first_line:
+        text = text.removeprefix("\ufeff")  # editors on Windows like to start files with a BOM
+    if not text.strip():
+        return None
+    _check_depth(text)
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, and also ints over Python's digit limit
+        raise _Invalid("invalid_json", f"line is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise _Invalid("not_an_object", f"line is a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _check_depth(text: str) -> None:
+    """Count bracket depth outside string literals, stopping as soon as it passes the limit."""
+    if text.count("[") + text.count("{") <= MAX_NESTING_DEPTH:  # the usual line: too few brackets to matter
+        return
+    depth = 0
+    for bracket in _BRACKETS.finditer(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket.group() in "[{" else -1
+        if depth > MAX_NESTING_DEPTH:
+            raise _Invalid("too_deeply_nested", f"JSON is nested deeper than {MAX_NESTING_DEPTH} levels")
+
+
+def _detect(obj: dict) -> DataFormat:
+    if "messages" in obj:
+        return DataFormat.CHAT
+    if "prompt" in obj and "completion" in obj:
+        return DataFormat.PROMPT_COMPLETION
+    if "text" in obj and "label" in obj:
+        return DataFormat.CLASSIFICATION
+    if "text" in obj:
+        return DataFormat.TEXT
+    keys = ", ".join(sorted(obj)[:5]) or "none"
+    raise _Invalid(
+        "unknown_format",
+        f"cannot tell the format from the keys ({keys}); expected messages, prompt+completion, text+label or text",
+    )
+
+
+def _string(obj: dict, key: str, *, where: str = "", non_empty: bool = True) -> str:
+    if key not in obj:
+        raise _Invalid("missing_field", f"{where}{key!r} is missing")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise _Invalid("invalid_field", f"{where}{key!r} must be a string, not {_json_type(value)}")
+    if non_empty and not value.strip():
+        raise _Invalid("empty_content", f"{where}{key!r} is empty")
+    return value
+
+
+def _json_type(value: object) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array"}
+    return "null" if value is None else names.get(type(value), "an object")
+
+
+def _check_classification(obj: dict) -> None:
+    _string(obj, "text")
+    label = obj["label"]
+    if isinstance(label, bool) or not isinstance(label, str | int):  # bool is an int in Python, not here
+        raise _Invalid("invalid_field", f"'label' must be a string or an integer, not {_json_type(label)}")
+    if isinstance(label, str) and not label.strip():
+        raise _Invalid("invalid_field", "'label' is an empty string")
+
+
+def _check_chat(obj: dict) -> None:
+    messages = obj["messages"]
+    if not isinstance(messages, list):
+        raise _Invalid("invalid_field", f"'messages' must be an array, not {_json_type(messages)}")
+    assistants = trainable = 0
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]."
+        if not isinstance(message, dict):
+            raise _Invalid("invalid_field", f"messages[{i}] must be an object, not {_json_type(message)}")
+        if "role" not in message:
+            raise _Invalid("missing_field", f"{where}'role' is missing")
+        role = message["role"]
+        if role not in CHAT_ROLES:  # a non-string role is just as invalid; `in` on a tuple never raises
+            raise _Invalid("invalid_role", f"{where}role is {role!r}; allowed: {', '.join(CHAT_ROLES)}")
+        _string(message, "content", where=where)
+        weight = message.get("weight", 1)
+        if type(weight) is not int or weight not in (0, 1):  # exact int: true and 1.0 are not weights
+            raise _Invalid("invalid_field", f"{where}'weight' must be 0 or 1, not {weight!r}")
+        if role == "assistant":
+            assistants += 1
+            trainable += weight
+    if not assistants:
+        raise _Invalid("no_assistant_message", "the conversation has no assistant message")
+    if not trainable:
+        raise _Invalid("no_trainable_message", "every assistant message has weight 0: nothing to train on")
+
+
+def _check_prompt_completion(obj: dict) -> None:
+    _string(obj, "prompt", non_empty=False)
+    _string(obj, "completion")
+
+
+def _check_text(obj: dict) -> None:
+    _string(obj, "text")
+
+
+_CHECKS = {
+    DataFormat.CLASSIFICATION: _check_classification,
+    DataFormat.CHAT: _check_chat,
+    DataFormat.PROMPT_COMPLETION: _check_prompt_completion,
+    DataFormat.TEXT: _check_text,
+}

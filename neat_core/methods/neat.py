@@ -1,0 +1,190 @@
+"""NEAT: a tiny network reads each frozen weight W0 and outputs its update (peft ships the method as PEANuT).
+
+Parameters and on-disk format are peft's PEANuT ones (`peanut_A`, `peanut_encoders`, `peanut_decoders`,
+`peanut_B`; `peft_type: "PEANUT"`), so a saved adapter loads with stock peft. What differs is the forward:
+
+    peft:  ΔW = s · B_w Hᵀ  (d_out × d_in, built every call)        y = x W0ᵀ + x ΔWᵀ
+    ours:  H  = stack(W0ᵀ A_wᵀ)  (d_in × r, once per forward)       y = x W0ᵀ + s · (x H) B_wᵀ
+
+The factored form costs two skinny matmuls per token (like LoRA) plus one d_in·d_out·r product per forward that
+does not grow with the number of tokens, and never keeps a dense d_out × d_in tensor for backward. It also
+supports GPT-2's `Conv1D` (weight stored as [d_in, d_out]), which peft's PEANuT layer rejects.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from peft import PeanutConfig, PeftConfig, PeftModel, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.peanut.layer import Linear as PeanutLinear
+from peft.tuners.peanut.layer import PeanutLayer
+from peft.tuners.peanut.model import PeanutModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import PeftType
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.pytorch_utils import Conv1D
+
+from neat_core.methods.base import (
+    AdapterMethod,
+    auto_target_modules,
+    module_names,
+    non_negative_int,
+    one_of,
+    positive_float,
+    positive_int,
+    register,
+    task_type_of,
+)
+
+
+class NeatLinear(PeanutLinear):
+    """peft's PEANuT layer with the factored forward; wraps `nn.Linear` or `Conv1D`."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int, config: PeanutConfig, **kwargs: Any):
+        nn.Module.__init__(self)
+        base = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
+        with warnings.catch_warnings():  # PeanutLayer warns on anything but nn.Linear; Conv1D is handled below
+            warnings.simplefilter("ignore", UserWarning)
+            PeanutLayer.__init__(self, base_layer, **kwargs)
+        # Conv1D computes x @ W with W: [d_in, d_out]; all math below uses the nn.Linear view [d_out, d_in].
+        self.fan_in_fan_out = isinstance(base, Conv1D)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base.weight.shape
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, config=config)
+
+    def hidden(self, adapter: str, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """H = φ(W0ᵀ A_wᵀ) through the encoder/decoder stack, in peft's exact order. Returns (d_in, r)."""
+        weight = self.get_base_layer().weight if base_weight is None else base_weight
+        w_t = weight if self.fan_in_fan_out else weight.t()  # (d_in, d_out)
+        a = self.peanut_A[adapter].weight  # (r, d_out)
+        # Under autocast the matmul runs in the compute dtype with fp32 accumulation; casting W0 to the adapter's
+        # fp32 there would copy the whole frozen weight for nothing.
+        if w_t.dtype != a.dtype and not torch.is_autocast_enabled(w_t.device.type):
+            w_t = w_t.to(a.dtype)
+        act = ACT2FN[self.act_fn[adapter]]
+        h = act(torch.matmul(w_t, a.t()))  # (d_in, r)
+        residuals = []
+        for encoder in self.peanut_encoders[adapter]:
+            residuals.append(h)
+            h = act(encoder(h))
+        for i, decoder in enumerate(self.peanut_decoders[adapter]):
+            h = act(decoder(h)) + residuals[-1 - i]  # U-Net style: add the mirrored encoder input
+        return h
+
+    def _compute_delta_weight(self, adapter: str, base_weight: torch.Tensor) -> torch.Tensor:
+        """ΔW = s · B_w Hᵀ in the base layer's own layout. Only merge (and peft's get_delta_weight) call this."""
+        h = self.hidden(adapter, base_weight)  # (d_in, r)
+        delta = self.scaling[adapter] * (self.peanut_B[adapter].weight @ h.t())  # (d_out, d_in)
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)  # (B, T, d_out)
+        if self.disable_adapters or self.merged:
+            return result
+        for adapter in self.active_adapters:
+            if adapter not in self.peanut_A:
+                continue
+            h = self.hidden(adapter)  # (d_in, r): independent of the number of tokens
+            x_cast = self._cast_input_dtype(x, h.dtype)
+            up = self.peanut_B[adapter](torch.matmul(x_cast, h))  # (B, T, r) -> (B, T, d_out)
+            result = result + (self.scaling[adapter] * up).to(result.dtype)
+        return result
+
+
+class NeatTuner(PeanutModel):
+    """peft's PEANuT tuner that builds `NeatLinear` layers."""
+
+    @staticmethod
+    def _create_new_module(peanut_config: PeanutConfig, adapter_name: str, target: nn.Module) -> nn.Module:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, nn.Linear | Conv1D):
+            return NeatLinear(target, adapter_name, r=peanut_config.r, config=peanut_config)
+        raise NotImplementedError(f"NEAT supports nn.Linear and Conv1D layers, not {type(base).__name__}")
+
+
+_TUNER_SWAP = threading.Lock()
+
+
+@contextmanager
+def neat_layers() -> Iterator[None]:
+    """Make peft build `NeatLinear` for PEANuT adapters while a model is wrapped or loaded.
+
+    peft picks the tuner class from a global map keyed by `peft_type` and, unlike LoRA, PEANuT has no hook for
+    custom layers. Swapping our subclass in for the duration of the call keeps `peft_type: "PEANUT"` (and so
+    stock-peft loading) while the layers in memory are ours. The lock keeps concurrent wraps from interleaving.
+    """
+    with _TUNER_SWAP:
+        original = PEFT_TYPE_TO_TUNER_MAPPING[PeftType.PEANUT]
+        PEFT_TYPE_TO_TUNER_MAPPING[PeftType.PEANUT] = NeatTuner
+        try:
+            yield
+        finally:
+            PEFT_TYPE_TO_TUNER_MAPPING[PeftType.PEANUT] = original
+
+
+class Neat(AdapterMethod):
+    name = "neat"
+    peft_type = "PEANUT"
+    prefix = "peanut_"
+    exportable_to_lora = True
+    exact_unmerge = True  # ΔW depends on W0, so peft's PEANuT keeps W0 and copies it back
+    params = {
+        "r": positive_int(),
+        "depth": non_negative_int(8),
+        "act_fn": one_of(sorted(ACT2FN)),
+        "scaling": positive_float(),
+        "target_modules": module_names(),
+    }
+
+    def defaults(self, model: nn.Module) -> dict[str, Any]:
+        return {
+            "r": 8,
+            "depth": 0,
+            "act_fn": "relu",
+            "scaling": 1.0,
+            "target_modules": auto_target_modules(model),
+        }
+
+    def learning_rate(self, task: str) -> float:
+        # H reads the weights (entries ~0.02), not layer-normed activations (~1), so B sees far smaller
+        # gradients than LoRA's; measured on MiniLM/tweets (docs/benchmarks.md, "NEAT learning rate").
+        return 5e-3 if task == "classification" else 2e-3
+
+    def peft_config(self, model: nn.Module, hp: dict[str, Any]) -> PeftConfig:
+        return PeanutConfig(
+            r=hp["r"],
+            depth=hp["depth"],
+            act_fn=hp["act_fn"],
+            scaling=float(hp["scaling"]),
+            target_modules=list(hp["target_modules"]),
+            task_type=task_type_of(model),
+        )
+
+    def wrap(self, model: nn.Module, config: PeftConfig) -> PeftModel:
+        with neat_layers():
+            return get_peft_model(model, config)
+
+    def load(self, model: nn.Module, adapter_dir: str, is_trainable: bool = False) -> PeftModel:
+        with neat_layers():
+            return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
+
+    def lora_factors(self, layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # H must come from the original weight: after a merge the layer holds W0 + ΔW.
+        original = layer._base_weight_before_merge if layer.merged else None
+        if original is not None:
+            original = original.to(layer.get_base_layer().weight.device)
+        h = layer.hidden(adapter, original)  # (d_in, r)
+        return h.t().contiguous(), layer.scaling[adapter] * layer.peanut_B[adapter].weight  # (r, d_in), (d_out, r)
+
+
+register(Neat())

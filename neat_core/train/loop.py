@@ -1,0 +1,241 @@
+"""The training loop. It reads top to bottom: data → model → adapter → optimiser → (resume) → for each step:
+forward/backward → clip → step → log → evaluate/checkpoint → stop? → artifact.
+
+Determinism is what makes resume exact: the batch order of epoch e is a permutation drawn from a generator
+seeded with (seed, e), and the global RNG (dropout) is checkpointed, so a run continued from step k replays
+exactly the batches and random draws the uninterrupted run would have made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from neat_core.artifacts import file_sha256, parameter_counts, save_artifact
+from neat_core.data.encode import Collator, encode_examples, label_vocabulary
+from neat_core.data.formats import read_examples
+from neat_core.devices import autocast_dtype, resolve_device
+from neat_core.errors import DataFormatError
+from neat_core.methods import get_method
+from neat_core.models import load_base
+from neat_core.train.callbacks import Callback
+from neat_core.train.checkpoint import LoopState, load_checkpoint, save_checkpoint
+from neat_core.train.spec import Schedule, TrainSpec, resolve_schedule
+
+
+@dataclass
+class TrainResult:
+    status: str  # "succeeded" | "cancelled"
+    adapter_dir: Path | None  # the artifact, when succeeded
+    last_checkpoint: Path | None
+    metrics: dict[str, float]
+    hyperparameters: dict[str, Any]  # resolved: the schedule and the method's hyperparameters
+    trained_tokens: int
+    steps: int
+
+
+def _batches_of_epoch(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def _linear_warmup_decay(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def _correct(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[int, int]:
+    """(correct, counted): examples for classification, next-token predictions on labelled tokens otherwise."""
+    if task == "classification":
+        return int((logits.argmax(-1) == labels).sum()), labels.numel()
+    predicted, target = logits[:, :-1].argmax(-1), labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    mask = target != -100
+    return int(((predicted == target) & mask).sum()), int(mask.sum())
+
+
+@torch.no_grad()
+def evaluate(model, dataset: list[dict], collate: Collator, batch_size: int, task: str, device, amp) -> dict:
+    """Loss summed over examples (classification) or labelled tokens (causal LM), then averaged: batch-size
+    independent, unlike a mean of per-batch means."""
+    model.eval()
+    loss_sum, correct, counted = 0.0, 0, 0
+    for start in range(0, len(dataset), batch_size):
+        batch = {k: v.to(device) for k, v in collate(dataset[start : start + batch_size]).items()}
+        labels = batch.pop("labels")
+        with _autocast(device, amp):
+            logits = model(**batch).logits.float()
+        if task == "classification":
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        else:
+            loss_sum += float(
+                F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum")
+            )
+        c, n = _correct(logits, labels, task)
+        correct, counted = correct + c, counted + n
+    model.train()
+    accuracy = "valid_accuracy" if task == "classification" else "valid_token_accuracy"
+    return {"valid_loss": loss_sum / max(1, counted), accuracy: correct / max(1, counted)}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    device = resolve_device(spec.device)
+    amp = autocast_dtype(device)
+    method = get_method(spec.method)
+
+    # Data: the format fixes the task; classification labels fix the head.
+    fmt, train_examples = read_examples(spec.training_file)
+    valid_examples: list[dict] = []
+    if spec.validation_file is not None:
+        valid_fmt, valid_examples = read_examples(spec.validation_file)
+        if valid_fmt != fmt:
+            raise DataFormatError(f"validation file is {valid_fmt.value}, training file is {fmt.value}")
+    task = fmt.task
+    labels = label_vocabulary(train_examples) if task == "classification" else None
+    if labels is not None and len(labels) < 2:
+        raise DataFormatError("classification needs at least two distinct labels")
+
+    # Model and adapter. The seed fixes the initialisation of a new classification head and of the adapter.
+    torch.manual_seed(spec.seed)
+    model, tokenizer = load_base(spec.base_model, task=task, labels=labels, cache_dir=spec.cache_dir)
+    adapter_hp = method.resolve(model, spec.adapter)
+    schedule: Schedule = resolve_schedule(
+        spec, task=task, n_examples=len(train_examples), base_learning_rate=method.learning_rate(task)
+    )
+    model = method.wrap(model, method.peft_config(model, adapter_hp)).to(device)
+    model.train()
+
+    label2id = {label: i for i, label in enumerate(labels)} if labels else None
+    train_set = encode_examples(train_examples, fmt, tokenizer, max_length=schedule.max_seq_len, label2id=label2id)
+    valid_set = encode_examples(valid_examples, fmt, tokenizer, max_length=schedule.max_seq_len, label2id=label2id)
+    collate = Collator(tokenizer.pad_token_id)
+
+    params = [p for p in model.parameters() if p.requires_grad]  # adapter (+ head): fp32 master weights
+    optimizer = torch.optim.AdamW(params, lr=schedule.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _linear_warmup_decay(schedule.warmup_steps, schedule.total_steps)
+    )
+    hyperparameters = {"method": method.name, **asdict(schedule), "seed": spec.seed, "adapter": adapter_hp}
+    fingerprint = {  # a checkpoint only resumes into the run that wrote it
+        "base_model": spec.base_model,
+        "training_file_sha256": file_sha256(spec.training_file),
+        "hyperparameters": hyperparameters,
+    }
+    checkpoints = spec.output_dir / "checkpoints"
+    loop, metrics = LoopState(), {}
+    if spec.resume_from is not None:
+        loop, metrics = load_checkpoint(
+            spec.resume_from, model=model, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint
+        )
+    for cb in callbacks:
+        cb.on_train_begin(loop, {"hyperparameters": hyperparameters, **parameter_counts(model), "task": task})
+
+    def checkpoint() -> Path:
+        path = save_checkpoint(
+            checkpoints,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loop=loop,
+            metrics=metrics,
+            fingerprint=fingerprint,
+            keep_last=spec.keep_checkpoints,
+        )
+        for cb in callbacks:
+            cb.on_checkpoint(loop, path, metrics)
+        return path
+
+    def validate() -> None:
+        if valid_set:
+            metrics.update(evaluate(model, valid_set, collate, schedule.batch_size, task, device, amp))
+            for cb in callbacks:
+                cb.on_evaluate(loop, metrics)
+
+    last_checkpoint: Path | None = spec.resume_from
+    saved_at = loop.step
+    accuracy_key = "train_accuracy" if task == "classification" else "train_token_accuracy"
+    while loop.step < schedule.total_steps:
+        batches = _batches_of_epoch(len(train_set), schedule.batch_size, spec.seed, loop.epoch)
+        for indices in batches[loop.batch_in_epoch :]:
+            batch = {k: v.to(device) for k, v in collate([train_set[i] for i in indices]).items()}
+            with _autocast(device, amp):
+                out = model(**batch)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            loop.step += 1
+            loop.batch_in_epoch += 1
+            loop.trained_tokens += int(batch["attention_mask"].sum())
+            correct, counted = _correct(out.logits.detach(), batch["labels"], task)
+            metrics.update(
+                train_loss=float(out.loss.detach()),
+                learning_rate=scheduler.get_last_lr()[0],
+                epoch=loop.epoch + loop.batch_in_epoch / len(batches),
+                **{accuracy_key: correct / max(1, counted)},
+            )
+            for cb in callbacks:
+                cb.on_step_end(loop, metrics)
+
+            finished = loop.step >= schedule.total_steps
+            end_of_epoch = loop.batch_in_epoch == len(batches)
+            due = spec.checkpoint_every and loop.step % spec.checkpoint_every == 0
+            if due or end_of_epoch or finished:
+                validate()
+                last_checkpoint, saved_at = checkpoint(), loop.step
+            if not finished and any(cb.should_stop(loop) for cb in callbacks):
+                if saved_at != loop.step:
+                    last_checkpoint = checkpoint()
+                return TrainResult(
+                    "cancelled",
+                    None,
+                    last_checkpoint,
+                    dict(metrics),
+                    hyperparameters,
+                    loop.trained_tokens,
+                    loop.step,
+                )
+            if finished:
+                break
+        if loop.batch_in_epoch == len(batches):
+            for cb in callbacks:
+                cb.on_epoch_end(loop, metrics)
+            loop.epoch, loop.batch_in_epoch = loop.epoch + 1, 0
+
+    manifest = {
+        "task": task,
+        "labels": labels,
+        "hyperparameters": hyperparameters,
+        "metrics": dict(metrics),
+        "trained_tokens": loop.trained_tokens,
+        "steps": loop.step,
+        "training_file_sha256": fingerprint["training_file_sha256"],
+        "validation_file_sha256": file_sha256(spec.validation_file) if spec.validation_file else None,
+        "data_format": fmt.value,
+    }
+    adapter_dir = save_artifact(model, spec.output_dir / "adapter", base_model=spec.base_model, manifest=manifest)
+    return TrainResult(
+        "succeeded",
+        adapter_dir,
+        last_checkpoint,
+        dict(metrics),
+        hyperparameters,
+        loop.trained_tokens,
+        loop.step,
+    )

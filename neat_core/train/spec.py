@@ -1,0 +1,99 @@
+"""`TrainSpec`: what a training run is asked to do (the boundary type the worker fills in), and the rules that
+turn its "auto" values into concrete ones for a given method, model and dataset."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neat_core.errors import InvalidHyperparameterError
+from neat_core.methods import AUTO
+
+# Aim for roughly this many example presentations in total, within [1, 10] epochs: small files get more passes,
+# large ones a single pass (OpenAI's "auto" behaves the same way).
+TARGET_EXAMPLES_SEEN = 4000
+MAX_AUTO_EPOCHS = 10
+
+
+@dataclass
+class TrainSpec:
+    base_model: str  # catalog id or local transformers directory
+    training_file: Path  # JSONL in one of neat_core.data's formats
+    output_dir: Path  # gets checkpoints/ and adapter/
+    validation_file: Path | None = None
+    method: str = "neat"
+    adapter: dict[str, Any] = field(default_factory=dict)  # method hyperparameters (peft names), "auto" allowed
+    n_epochs: int | str = AUTO
+    batch_size: int | str = AUTO
+    learning_rate_multiplier: float | str = AUTO
+    max_seq_len: int | str = AUTO
+    max_steps: int | None = None  # hard cap on optimiser steps (demos, tests)
+    seed: int = 0
+    checkpoint_every: int | None = None  # in steps; None: at the end of every epoch
+    keep_checkpoints: int | None = 3
+    device: str = "auto"
+    cache_dir: Path | None = None  # where converted catalog models live
+    resume_from: Path | None = None  # a checkpoint directory to continue from
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The resolved training hyperparameters (reported back to the user as is)."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+    learning_rate: float
+    max_seq_len: int
+    warmup_steps: int
+    total_steps: int
+    steps_per_epoch: int
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidHyperparameterError(name, f"invalid value {value!r}", f"'auto' or an integer {low}..{high}")
+    return value
+
+
+def resolve_schedule(spec: TrainSpec, *, task: str, n_examples: int, base_learning_rate: float) -> Schedule:
+    batch_size = (
+        min(16 if task == "classification" else 8, n_examples)
+        if spec.batch_size == AUTO
+        else _check_int("batch_size", spec.batch_size, 1, 1024)
+    )
+    n_epochs = (
+        max(1, min(MAX_AUTO_EPOCHS, math.ceil(TARGET_EXAMPLES_SEEN / n_examples)))
+        if spec.n_epochs == AUTO
+        else _check_int("n_epochs", spec.n_epochs, 1, 100)
+    )
+    multiplier = spec.learning_rate_multiplier
+    if multiplier == AUTO:
+        multiplier = 1.0
+    elif isinstance(multiplier, bool) or not isinstance(multiplier, int | float) or not 0 < multiplier <= 100:
+        raise InvalidHyperparameterError(
+            "learning_rate_multiplier", f"invalid value {multiplier!r}", "'auto' or 0 < x <= 100"
+        )
+    max_seq_len = (
+        (128 if task == "classification" else 512)
+        if spec.max_seq_len == AUTO
+        else _check_int("max_seq_len", spec.max_seq_len, 8, 32768)
+    )
+    if spec.max_steps is not None:
+        _check_int("max_steps", spec.max_steps, 1, 10_000_000)
+    steps_per_epoch = math.ceil(n_examples / batch_size)
+    total_steps = n_epochs * steps_per_epoch
+    if spec.max_steps is not None:
+        total_steps = min(total_steps, spec.max_steps)
+    return Schedule(
+        n_epochs=n_epochs,
+        batch_size=batch_size,
+        learning_rate_multiplier=float(multiplier),
+        learning_rate=base_learning_rate * float(multiplier),
+        max_seq_len=max_seq_len,
+        warmup_steps=max(1, round(0.06 * total_steps)),
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+    )

@@ -1,0 +1,258 @@
+"""The method matrix: every registered method × every tiny architecture runs the same checks (peft's TEST_CASES
+idea), so a newly registered method gets all of them for free."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from neat_core.errors import InvalidHyperparameterError
+from neat_core.export import base_weights_sha256, check_base, export_lora
+from neat_core.methods import attach, get_method, method_names
+from neat_core.models import load_base
+from neat_core.train import StopAtStep, TrainSpec, train
+from tests.conftest import TINY_KINDS
+
+LABELS = ["negative", "positive"]
+CASES = [(method, kind) for method in method_names() for kind in TINY_KINDS]
+IDS = [f"{m}-{k}" for m, k in CASES]
+PROBE = Path(__file__).with_name("stock_peft_probe.py")
+
+# Stock peft's PEANuT layer handles nn.Linear only; GPT-2's Conv1D NEAT adapters load through neat_core, and
+# their exact LoRA export (below) loads in stock peft.
+STOCK_PEFT_CANNOT_LOAD = {("neat", "gpt2")}
+
+
+def task_of(kind: str) -> str:
+    return "classification" if kind == "bert" else "causal_lm"
+
+
+def build(kind: str, tiny_models, method: str | None = None, **hp):
+    model, _ = load_base(str(tiny_models[kind]), task=task_of(kind), labels=LABELS)
+    model.eval()
+    if method is None:
+        return model
+    torch.manual_seed(0)
+    return attach(model, method, r=4, **hp)
+
+
+def randomise_adapter(model, method: str) -> None:
+    """Fresh adapters are exact no-ops (B = 0); give them weights so every comparison below means something."""
+    prefix = get_method(method).prefix
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if prefix in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+
+
+def sample_ids(kind: str) -> torch.Tensor:
+    return torch.randint(5, 200, (2, 9), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize(("method", "kind"), CASES, ids=IDS)
+def test_attach_trains_only_adapter_and_head(method, kind, tiny_models):
+    model = build(kind, tiny_models, method)
+    prefix = get_method(method).prefix
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapter = {n for n in trainable if prefix in n}
+    assert adapter, "no adapter parameters were created"
+    assert all(prefix in n or "modules_to_save" in n for n in trainable), sorted(trainable - adapter)[:3]
+    targets = set(model.peft_config["default"].target_modules)
+    assert targets == {"query", "value"} if kind == "bert" else targets == {"q_proj", "v_proj"} or kind == "gpt2"
+
+
+@pytest.mark.parametrize(("method", "kind"), CASES, ids=IDS)
+def test_one_training_step_changes_only_adapter_weights(method, kind, tiny_models):
+    model = build(kind, tiny_models, method)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = sample_ids(kind)
+    labels = torch.tensor([0, 1]) if kind == "bert" else ids
+    model(input_ids=ids, labels=labels).loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed, "the step changed nothing"
+    assert changed <= trainable, f"frozen weights changed: {sorted(changed - trainable)[:3]}"
+    assert any(get_method(method).prefix in n for n in changed), "no adapter weight changed"
+
+
+@pytest.mark.parametrize(("method", "kind"), CASES, ids=IDS)
+def test_save_and_export_reload_in_stock_peft(method, kind, tiny_models, tmp_path):
+    base = build(kind, tiny_models)
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)  # the same weights (incl. the random head) the adapter was attached to
+    model = build(kind, tiny_models, method)
+    randomise_adapter(model, method)
+    ids = sample_ids(kind)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with model.disable_adapter():
+            bare = model(input_ids=ids).logits
+    changed_by = (expected - bare).abs().max() / bare.abs().max()
+    assert changed_by > 0.05, "the adapter must change the output for this test to mean anything"
+
+    model.save_pretrained(tmp_path / "native")
+    export_lora(model, tmp_path / "lora", base_model_id="tiny")
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    spec = {
+        "base_dir": str(base_dir),
+        "task": task_of(kind),
+        "num_labels": len(LABELS),
+        "input_ids": ids.tolist(),
+        "out": str(tmp_path / "probe"),
+        "adapters": {"native": str(tmp_path / "native"), "lora": str(tmp_path / "lora")},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    subprocess.run([sys.executable, str(PROBE), str(tmp_path / "spec.json")], check=True, timeout=300)
+    logits = load_file(tmp_path / "probe.safetensors")
+    errors = json.loads((tmp_path / "probe.json").read_text())
+
+    assert (logits["lora"] - expected).abs().max() <= 1e-5
+    if (method, kind) in STOCK_PEFT_CANNOT_LOAD:
+        assert "native" in errors and "NotImplementedError" in errors["native"]
+        reloaded = get_method(method).load(build(kind, tiny_models), str(tmp_path / "native")).eval()
+        with torch.no_grad():
+            assert (reloaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
+    else:
+        assert not errors, errors
+        assert (logits["native"] - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(("method", "kind"), CASES, ids=IDS)
+def test_merge_is_exact_and_unmerge_restores_bit_for_bit(method, kind, tiny_models):
+    model = build(kind, tiny_models, method)
+    randomise_adapter(model, method)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    ids = sample_ids(kind)
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        model.merge_adapter()
+        merged = model(input_ids=ids).logits
+        assert any(not torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+        model.unmerge_adapter()
+        again = model(input_ids=ids).logits
+    assert (merged - unmerged).abs().max() <= 1e-5
+    restored = [(p, frozen[n]) for n, p in model.named_parameters() if n in frozen]
+    if get_method(method).exact_unmerge:
+        assert all(torch.equal(p, original) for p, original in restored)
+        assert torch.equal(again, unmerged)
+    else:  # unmerge subtracts the update again: exact up to float rounding only
+        assert max(float((p - original).abs().max()) for p, original in restored) <= 1e-5
+        assert (again - unmerged).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(("method", "kind"), CASES, ids=IDS)
+def test_lora_export_is_exact_and_tied_to_its_base_weights(method, kind, tiny_models, tmp_path):
+    from peft import PeftModel
+
+    model = build(kind, tiny_models, method)
+    randomise_adapter(model, method)
+    ids = sample_ids(kind)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    out = export_lora(model, tmp_path / "lora")
+    info = json.loads((out / "export.json").read_text())
+    assert info["base_weights_sha256"] == base_weights_sha256(model)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 4
+
+    lora = PeftModel.from_pretrained(build(kind, tiny_models), out).eval()
+    with torch.no_grad():
+        assert (lora(input_ids=ids).logits - expected).abs().max() <= 1e-5
+    if get_method(method).exact_unmerge:  # a merged NEAT layer still hashes (and exports from) its original W0
+        model.merge_adapter()
+        assert base_weights_sha256(model) == info["base_weights_sha256"]
+        model.unmerge_adapter()
+
+    check_base(model, out)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "base_layer" in n).add_(1e-3)
+    with pytest.raises(Exception, match="different base weights"):
+        check_base(model, out)
+
+
+@pytest.mark.parametrize(("method", "kind"), CASES, ids=IDS)
+def test_resume_from_checkpoint_equals_uninterrupted_run(method, kind, tiny_models, datasets, tmp_path):
+    def spec(out: Path, resume: Path | None = None) -> TrainSpec:
+        return TrainSpec(
+            base_model=str(tiny_models[kind]),
+            training_file=datasets[kind],
+            output_dir=out,
+            method=method,
+            adapter={"r": 4},
+            batch_size=4,
+            n_epochs=2,  # 16-24 examples: the interruption and the resume straddle an epoch boundary
+            max_steps=7,
+            checkpoint_every=2,
+            seed=3,
+            device="cpu",
+            resume_from=resume,
+        )
+
+    full = train(spec(tmp_path / "full"))
+    assert full.status == "succeeded" and full.steps == 7
+
+    stopped = train(spec(tmp_path / "split"), callbacks=[StopAtStep(5)])
+    assert stopped.status == "cancelled" and stopped.adapter_dir is None
+    assert stopped.last_checkpoint.name == "step-000005"
+    resumed = train(spec(tmp_path / "split", resume=stopped.last_checkpoint))
+    assert resumed.status == "succeeded" and resumed.steps == 7
+
+    a = load_file(full.adapter_dir / "adapter_model.safetensors")
+    b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert full.metrics["train_loss"] == pytest.approx(resumed.metrics["train_loss"], abs=1e-6)
+    assert full.trained_tokens == resumed.trained_tokens
+
+
+@pytest.mark.parametrize(("method", "kind"), CASES, ids=IDS)
+@pytest.mark.parametrize(
+    ("hp", "field"),
+    [
+        ({"r": 0}, "r"),
+        ({"r": -3}, "r"),
+        ({"r": 2.5}, "r"),
+        ({"target_modules": ["no_such_layer"]}, "target_modules"),
+        ({"target_modules": []}, "target_modules"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
+def test_bad_hyperparameters_are_rejected_naming_the_field(method, kind, hp, field, tiny_models):
+    model = build(kind, tiny_models)
+    with pytest.raises(InvalidHyperparameterError) as err:
+        attach(model, method, **hp)
+    assert err.value.field == field
+    assert field in str(err.value) and "allowed" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("method", "hp", "field"),
+    [
+        ("neat", {"depth": -1}, "depth"),
+        ("neat", {"act_fn": "nope"}, "act_fn"),
+        ("neat", {"scaling": 0}, "scaling"),
+        ("neat", {"lora_alpha": 8}, "lora_alpha"),
+        ("lora", {"lora_dropout": 1.5}, "lora_dropout"),
+        ("lora", {"depth": 1}, "depth"),
+    ],
+)
+def test_method_specific_hyperparameters_are_checked(method, hp, field, tiny_models):
+    with pytest.raises(InvalidHyperparameterError) as err:
+        attach(build("llama", tiny_models), method, **hp)
+    assert err.value.field == field
+
+
+def test_unknown_method_lists_the_registry(tiny_models):
+    with pytest.raises(InvalidHyperparameterError) as err:
+        attach(build("bert", tiny_models), "dora")
+    assert err.value.field == "method" and set(method_names()) <= set(err.value.allowed)

@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from neat_core.data import DataFormat
+from neat_core.data.encode import IGNORE_INDEX, Collator, count_tokens, encode_examples, label_vocabulary
+from neat_core.errors import DataFormatError
+
+END = "<|im_end|>"
+
+
+def trained_runs(row: dict, tokenizer) -> list[str]:
+    """The decoded text of each maximal run of trained (label != -100) tokens."""
+    runs: list[list[int]] = []
+    previous = IGNORE_INDEX
+    for token, label in zip(row["input_ids"], row["labels"], strict=True):
+        if label != IGNORE_INDEX:
+            assert label == token  # causal-LM labels are the inputs; the model shifts them itself
+            if previous == IGNORE_INDEX:
+                runs.append([])
+            runs[-1].append(token)
+        previous = label
+    return [tokenizer.decode(run) for run in runs]
+
+
+def encode_one(example: dict, fmt: DataFormat, tokenizer, max_length: int = 512) -> dict:
+    [row] = encode_examples([example], fmt, tokenizer, max_length=max_length)
+    return row
+
+
+# --- classification ---------------------------------------------------------------------------------
+
+
+def test_label_vocabulary():
+    assert label_vocabulary([{"label": 10}, {"label": 2}, {"label": 1}, {"label": 2}]) == ["1", "2", "10"]
+    assert label_vocabulary([{"label": "b"}, {"label": "a"}, {"label": "b"}]) == ["a", "b"]
+    assert label_vocabulary([{"label": 10}, {"label": "2"}, {"label": "10"}]) == ["10", "2"]
+
+
+def test_classification_ids_and_truncation(minilm_tokenizer):
+    examples = [{"text": "good film", "label": 1}, {"text": "one two three four five six", "label": 10}]
+    rows = encode_examples(examples, DataFormat.CLASSIFICATION, minilm_tokenizer, max_length=5)
+    cls, sep = minilm_tokenizer.cls_token_id, minilm_tokenizer.sep_token_id
+    assert [row["label"] for row in rows] == [0, 1]  # vocabulary ["1", "10"]
+    assert rows[0]["input_ids"] == [cls, *minilm_tokenizer.encode("good film", add_special_tokens=False), sep]
+    assert len(rows[1]["input_ids"]) == 5  # truncated, still closed by [SEP]
+    assert rows[1]["input_ids"][0] == cls and rows[1]["input_ids"][-1] == sep
+
+    given = encode_examples(
+        examples, DataFormat.CLASSIFICATION, minilm_tokenizer, max_length=5, label2id={"10": 0, "1": 1}
+    )
+    assert [row["label"] for row in given] == [1, 0]
+    with pytest.raises(DataFormatError, match="'7'"):
+        encode_examples(
+            [{"text": "x", "label": 7}],
+            DataFormat.CLASSIFICATION,
+            minilm_tokenizer,
+            max_length=5,
+            label2id={"1": 0},
+        )
+
+
+# --- chat -------------------------------------------------------------------------------------------
+
+
+def test_chat_trains_on_assistant_content_and_end_marker_only(smollm_tokenizer):
+    messages = [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris"},
+    ]
+    row = encode_one({"messages": messages}, DataFormat.CHAT, smollm_tokenizer)
+    assert len(row["input_ids"]) == len(row["labels"])
+    assert trained_runs(row, smollm_tokenizer) == ["Paris" + END]
+    # The inputs are exactly the template's rendering: nothing added, nothing lost.
+    rendered = smollm_tokenizer.apply_chat_template(messages, tokenize=False)
+    assert smollm_tokenizer.decode(row["input_ids"]) == rendered
+    # The trailing newline after the last <|im_end|> is input but not a target.
+    assert rendered.endswith(END + "\n") and row["labels"][-1] == IGNORE_INDEX
+
+
+def test_chat_multi_turn_with_weights_and_injected_system_prompt(smollm_tokenizer):
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me a joke."},
+        {"role": "assistant", "content": "A bad one, skipped.", "weight": 0},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Why did the chicken cross the road?\nTo get to the other side."},
+    ]
+    row = encode_one({"messages": messages}, DataFormat.CHAT, smollm_tokenizer)
+    # No system message given: SmolLM2's template injects its default one, which must stay masked too.
+    assert "You are a helpful AI assistant named SmolLM" in smollm_tokenizer.decode(row["input_ids"])
+    assert trained_runs(row, smollm_tokenizer) == [
+        "Hello! How can I help?" + END,
+        "Why did the chicken cross the road?\nTo get to the other side." + END,
+    ]
+
+
+def test_chat_may_open_with_the_assistant(smollm_tokenizer):
+    messages = [{"role": "assistant", "content": "Welcome back!"}, {"role": "user", "content": "Thanks"}]
+    row = encode_one({"messages": messages}, DataFormat.CHAT, smollm_tokenizer)
+    assert trained_runs(row, smollm_tokenizer) == ["Welcome back!" + END]
+
+
+def test_chat_truncation(smollm_tokenizer):
+    example = {"messages": [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "1 2 3 4 5"}]}
+    full = encode_one(example, DataFormat.CHAT, smollm_tokenizer)
+    cut = encode_one(example, DataFormat.CHAT, smollm_tokenizer, max_length=len(full["input_ids"]) - 4)
+    assert cut == {key: values[: len(full["input_ids"]) - 4] for key, values in full.items()}
+    assert trained_runs(cut, smollm_tokenizer)[0].startswith("1 2")
+
+
+def test_chat_needs_a_stable_chat_template(smollm_tokenizer, minilm_tokenizer):
+    example = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    with pytest.raises(DataFormatError, match="chat template"):
+        encode_examples([example], DataFormat.CHAT, minilm_tokenizer, max_length=64)
+
+    refusing = copy.deepcopy(smollm_tokenizer)
+    refusing.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(DataFormatError, match="roles must alternate"):
+        encode_examples([example], DataFormat.CHAT, refusing, max_length=64)
+
+    # Marks the final turn differently, so an earlier turn's rendering is not a prefix of the whole.
+    unstable = copy.deepcopy(smollm_tokenizer)
+    unstable.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% if loop.last %}<|im_end|>{% endif %}{% endfor %}"
+    )
+    two_turns = {"messages": example["messages"] * 2}
+    with pytest.raises(DataFormatError, match="assistant message 1"):
+        encode_examples([two_turns], DataFormat.CHAT, unstable, max_length=64)
+
+
+# --- prompt/completion and text ---------------------------------------------------------------------
+
+
+def test_prompt_completion_masks_the_prompt(smollm_tokenizer):
+    example = {"prompt": "Q: What is 2+2?\nA:", "completion": " 4, of course."}
+    row = encode_one(example, DataFormat.PROMPT_COMPLETION, smollm_tokenizer)
+    assert smollm_tokenizer.decode(row["input_ids"]) == example["prompt"] + example["completion"] + END
+    assert trained_runs(row, smollm_tokenizer) == [" 4, of course." + END]
+    assert row["input_ids"][-1] == smollm_tokenizer.eos_token_id
+    # The prompt's tokens are the ones inference sees for it alone, even where joint tokenisation would
+    # merge across the boundary ("a" + "b" is one token "ab").
+    row = encode_one({"prompt": "a", "completion": "b"}, DataFormat.PROMPT_COMPLETION, smollm_tokenizer)
+    assert smollm_tokenizer.encode("ab") != smollm_tokenizer.encode("a") + smollm_tokenizer.encode("b")
+    assert row["input_ids"] == smollm_tokenizer.encode("a") + smollm_tokenizer.encode("b") + [
+        smollm_tokenizer.eos_token_id
+    ]
+    assert trained_runs(row, smollm_tokenizer) == ["b" + END]
+
+
+def test_text_trains_on_everything(smollm_tokenizer):
+    row = encode_one({"text": "The quick brown fox."}, DataFormat.TEXT, smollm_tokenizer)
+    assert row["labels"] == row["input_ids"]
+    assert smollm_tokenizer.decode(row["input_ids"]) == "The quick brown fox." + END
+    cut = encode_one({"text": "The quick brown fox."}, DataFormat.TEXT, smollm_tokenizer, max_length=3)
+    assert cut["input_ids"] == row["input_ids"][:3] == cut["labels"]
+
+
+def test_rows_with_nothing_to_train_on_are_dropped(smollm_tokenizer):
+    long_prompt = {"prompt": "word " * 50, "completion": "end"}
+    short = {"prompt": "a", "completion": "b"}
+    with pytest.warns(UserWarning, match="dropped 1 of 2"):
+        rows = encode_examples([long_prompt, short], DataFormat.PROMPT_COMPLETION, smollm_tokenizer, max_length=8)
+    assert len(rows) == 1 and trained_runs(rows[0], smollm_tokenizer) == ["b" + END]
+    with pytest.raises(DataFormatError, match="max_length=8"):
+        encode_examples([long_prompt], DataFormat.PROMPT_COMPLETION, smollm_tokenizer, max_length=8)
+
+
+# --- batching ---------------------------------------------------------------------------------------
+
+
+def test_collator_pads_causal_lm_rows():
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    batch = Collator(pad_token_id=2)(rows)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert all(tensor.dtype == torch.long and tensor.shape == (2, 3) for tensor in batch.values())
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert count_tokens(rows) == 4
+
+
+def test_collator_pads_classification_rows(minilm_tokenizer):
+    examples = [{"text": "short", "label": "b"}, {"text": "a somewhat longer sentence", "label": "a"}]
+    rows = encode_examples(examples, DataFormat.CLASSIFICATION, minilm_tokenizer, max_length=32)
+    batch = Collator(pad_token_id=minilm_tokenizer.pad_token_id)(rows)
+    width = max(len(row["input_ids"]) for row in rows)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, width)
+    assert batch["labels"].tolist() == [1, 0] and batch["labels"].dtype == torch.long
+    assert batch["attention_mask"].sum(dim=1).tolist() == [len(row["input_ids"]) for row in rows]
+    assert batch["input_ids"][0, len(rows[0]["input_ids"]) :].eq(minilm_tokenizer.pad_token_id).all()
+    with pytest.raises(ValueError, match="mixes"):
+        Collator(pad_token_id=0)([rows[0], {"input_ids": [1], "labels": [1]}])

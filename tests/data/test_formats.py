@@ -1,0 +1,229 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from neat_core.data import DataFormat, FileReport, read_examples, validate_jsonl
+from neat_core.errors import DataFormatError
+
+CLASSIFICATION = {"text": "great product", "label": "positive"}
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+}
+PROMPT_COMPLETION = {"prompt": "2+2=", "completion": "4"}
+TEXT = {"text": "Once upon a time."}
+
+
+def jsonl(*rows: dict | str | bytes) -> bytes:
+    """A JSONL file's bytes; dicts are dumped, str/bytes rows are written as they are."""
+    lines = [
+        row if isinstance(row, bytes) else (row if isinstance(row, str) else json.dumps(row)).encode() for row in rows
+    ]
+    return b"".join(line + b"\n" for line in lines)
+
+
+def codes(report: FileReport) -> list[tuple[int, str]]:
+    return [(error["line"], error["code"]) for error in report.errors]
+
+
+@pytest.mark.parametrize(
+    ("row", "fmt"),
+    [
+        (CLASSIFICATION, DataFormat.CLASSIFICATION),
+        ({"text": "meh", "label": 3}, DataFormat.CLASSIFICATION),
+        (CHAT, DataFormat.CHAT),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b", "weight": 1},
+                ]
+            },
+            DataFormat.CHAT,
+        ),
+        (PROMPT_COMPLETION, DataFormat.PROMPT_COMPLETION),
+        ({"prompt": "", "completion": "free text", "id": 7}, DataFormat.PROMPT_COMPLETION),
+        (TEXT, DataFormat.TEXT),
+        ({"text": "unknown keys are ignored", "source": "web"}, DataFormat.TEXT),
+    ],
+)
+def test_every_format_is_accepted(tmp_path, row, fmt):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(jsonl(row, row))
+    report = validate_jsonl(path)
+    assert report == FileReport(format=fmt, num_examples=2, errors=[])
+    assert report.ok
+    assert read_examples(str(path)) == (fmt, [row, row])
+
+
+def test_task_of_each_format():
+    assert DataFormat.CLASSIFICATION.task == "classification"
+    assert {DataFormat.CHAT.task, DataFormat.PROMPT_COMPLETION.task, DataFormat.TEXT.task} == {"causal_lm"}
+    assert DataFormat("prompt_completion") is DataFormat.PROMPT_COMPLETION
+
+
+def _chat(*messages: dict) -> dict:
+    return {"messages": list(messages)}
+
+
+USER = {"role": "user", "content": "Hi"}
+ASSISTANT = {"role": "assistant", "content": "Hello"}
+UNTRAINED = {**ASSISTANT, "weight": 0}
+
+
+@pytest.mark.parametrize(
+    ("first", "bad", "code"),
+    [
+        (TEXT, b'{"text": "caf\xe9"}', "invalid_utf8"),
+        (TEXT, b'{"text": "a\x00b"}', "nul_byte"),
+        (TEXT, '{"text": "unterminated}', "invalid_json"),
+        (TEXT, "[1, 2]", "not_an_object"),
+        (TEXT, '"just a string"', "not_an_object"),
+        (TEXT, {"txt": "typo"}, "unknown_format"),
+        (TEXT, {"prompt": "no completion"}, "unknown_format"),
+        (TEXT, PROMPT_COMPLETION, "mixed_formats"),
+        (CHAT, CLASSIFICATION, "mixed_formats"),
+        (TEXT, {"text": 5}, "invalid_field"),
+        (TEXT, {"text": "  \n "}, "empty_content"),
+        (CLASSIFICATION, {"text": "x", "label": True}, "invalid_field"),
+        (CLASSIFICATION, {"text": "x", "label": 1.5}, "invalid_field"),
+        (CLASSIFICATION, {"text": "x", "label": None}, "invalid_field"),
+        (CLASSIFICATION, {"text": "x", "label": " "}, "invalid_field"),
+        (CLASSIFICATION, {"text": "", "label": "a"}, "empty_content"),
+        (PROMPT_COMPLETION, {"prompt": "p", "completion": ""}, "empty_content"),
+        (PROMPT_COMPLETION, {"prompt": None, "completion": "c"}, "invalid_field"),
+        (CHAT, {"messages": "hello"}, "invalid_field"),
+        (CHAT, _chat("hello", ASSISTANT), "invalid_field"),
+        (CHAT, _chat({"content": "Hi"}, ASSISTANT), "missing_field"),
+        (CHAT, _chat(USER, {"role": "assistant"}), "missing_field"),
+        (CHAT, _chat({"role": "tool", "content": "x"}, ASSISTANT), "invalid_role"),
+        (CHAT, _chat({"role": ["user"], "content": "x"}, ASSISTANT), "invalid_role"),
+        (CHAT, _chat(USER, {"role": "assistant", "content": 3}), "invalid_field"),
+        (CHAT, _chat(USER, {"role": "assistant", "content": " "}), "empty_content"),
+        (CHAT, _chat(USER, {"role": "assistant", "content": "x", "weight": 2}), "invalid_field"),
+        (CHAT, _chat(USER, {"role": "assistant", "content": "x", "weight": True}), "invalid_field"),
+        (CHAT, _chat(USER, {"role": "assistant", "content": "x", "weight": 1.0}), "invalid_field"),
+        (CHAT, _chat(USER), "no_assistant_message"),
+        (CHAT, _chat(), "no_assistant_message"),
+        (CHAT, _chat(USER, UNTRAINED, USER, UNTRAINED), "no_trainable_message"),
+    ],
+)
+def test_each_error_code_names_its_line(first, bad, code):
+    # Line 1 sets the format, line 2 is blank (skipped, but still counted as a line), line 3 is bad.
+    report = validate_jsonl([jsonl(first, "", bad, first)])
+    assert codes(report) == [(3, code)]
+    assert report.format is validate_jsonl([jsonl(first)]).format
+    assert report.num_examples == 2
+    assert not report.ok
+    assert all(error["message"] for error in report.errors)
+
+
+def test_format_comes_from_the_first_recognisable_line_and_is_enforced():
+    report = validate_jsonl([jsonl("not json", CHAT, TEXT, CHAT, PROMPT_COMPLETION)])
+    assert report.format is DataFormat.CHAT
+    assert codes(report) == [(1, "invalid_json"), (3, "mixed_formats"), (5, "mixed_formats")]
+    assert "from line 2" in report.errors[1]["message"]
+    assert report.num_examples == 2
+
+
+def test_blank_lines_are_skipped_and_crlf_and_bom_are_fine():
+    data = b"\xef\xbb\xbf" + jsonl(TEXT).replace(b"\n", b"\r\n") + b"\n   \t\r\n\n" + jsonl(TEXT, "", "{}")
+    report = validate_jsonl([data])
+    assert codes(report) == [(7, "unknown_format")]
+    assert report.num_examples == 2
+
+
+def test_errors_are_capped_but_examples_still_counted():
+    report = validate_jsonl([jsonl(*([TEXT] + ["{oops"] * 30 + [TEXT] * 5))])
+    assert codes(report) == [(line, "invalid_json") for line in range(2, 22)]
+    assert report.num_examples == 6
+    assert len(validate_jsonl([jsonl(*["{oops"] * 30)], max_errors=3).errors) == 3
+
+
+def test_min_examples():
+    two = jsonl(TEXT, TEXT)
+    assert validate_jsonl([two], min_examples=2).ok
+    report = validate_jsonl([two], min_examples=3)
+    assert codes(report) == [(0, "too_few_examples")]
+    assert report.num_examples == 2
+    assert codes(validate_jsonl([b""])) == [(0, "too_few_examples")]
+    assert codes(validate_jsonl([b"\n\n  \n"])) == [(0, "too_few_examples")]
+    # Invalid lines are not examples.
+    assert codes(validate_jsonl([jsonl(TEXT, {"text": ""})], min_examples=2)) == [
+        (2, "empty_content"),
+        (0, "too_few_examples"),
+    ]
+
+
+def test_a_stream_of_arbitrary_chunks_gives_the_same_report_as_the_file(tmp_path):
+    data = jsonl(CHAT, CHAT, "[]", CHAT, {"messages": []}) + json.dumps(CHAT).encode()  # no final newline
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(data)
+    from_file = validate_jsonl(path)
+    assert codes(from_file) == [(3, "not_an_object"), (5, "no_assistant_message")]
+    assert from_file.num_examples == 4
+    for size in (1, 7, 64, len(data)):
+        assert validate_jsonl(data[i : i + size] for i in range(0, len(data), size)) == from_file
+    assert validate_jsonl(data.splitlines(keepends=True)) == from_file
+    assert validate_jsonl(data) == from_file  # whole bytes, not iterated as ints
+
+
+def test_invalid_utf8_is_reported_per_line():
+    report = validate_jsonl([b'{"text": "ok"}\n', b'{"text": "\xc3\x28"}\n', b'{"text": "\xe2\x82\xac"}\n'])
+    assert codes(report) == [(2, "invalid_utf8")]
+    assert report.num_examples == 2
+
+
+def test_overlong_lines_are_skipped_without_being_buffered():
+    long_row = json.dumps({"text": "x" * 500}).encode()
+    chunks = [jsonl(TEXT), long_row[:100], long_row[100:], b"\n", jsonl(TEXT)]
+    report = validate_jsonl(chunks, max_line_bytes=200)
+    assert codes(report) == [(2, "line_too_long")]
+    assert report.num_examples == 2
+    exactly = jsonl({"text": "x" * 100})
+    assert validate_jsonl([exactly], max_line_bytes=len(exactly) - 1).ok
+
+
+def _nested(depth: int) -> str:
+    """An object whose deepest bracket is at `depth` (the object itself is depth 1)."""
+    return '{"text": "t", "x": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
+
+
+def test_deep_nesting_is_rejected_without_recursion():
+    hostile = "[" * 100_000 + "]" * 100_000
+    report = validate_jsonl([jsonl(TEXT, hostile, "{" * 100_000, TEXT)])
+    assert codes(report) == [(2, "too_deeply_nested"), (3, "too_deeply_nested")]
+    assert codes(validate_jsonl([jsonl(_nested(32), _nested(33))])) == [(2, "too_deeply_nested")]
+    # Brackets inside strings (escaped quotes included) are text, not nesting.
+    assert validate_jsonl([jsonl({"text": '\\"[' * 1000 + "{" * 1000})]).ok
+
+
+def test_huge_integers_are_invalid_json_not_a_crash():
+    report = validate_jsonl([jsonl(CLASSIFICATION, '{"text": "x", "label": ' + "9" * 5000 + "}")])
+    assert codes(report) == [(2, "invalid_json")]
+
+
+def test_read_examples_raises_with_the_error_rows(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(jsonl(CLASSIFICATION, {"text": "x", "label": False}))
+    with pytest.raises(DataFormatError) as info:
+        read_examples(path)
+    assert [(error["line"], error["code"]) for error in info.value.errors] == [(2, "invalid_field")]
+    assert "line 2" in str(info.value)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"\n")
+    with pytest.raises(DataFormatError, match="valid examples"):
+        read_examples(empty)
+
+
+def test_importing_the_package_does_not_load_torch():
+    # The web tier imports neat_core.data to validate uploads and has no torch to spare.
+    code = "import sys, neat_core.data; sys.exit(bool({'torch', 'transformers'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
