@@ -6,6 +6,10 @@ Prints a markdown table of held-out accuracy per method and seed, with means.
 
     python bench/quality.py                      # the recorded configuration: neat, lora × seeds 0 1 2
     python bench/quality.py --methods neat --seeds 0 --lr-multipliers 0.2 1 2   # a learning-rate sweep
+    python bench/quality.py --model smollm2 --n-train 400 --n-heldout 100 --epochs 1   # causal-LM variant
+
+The SmolLM2 variant asks for the label as a completion ("Tweet: …\nSentiment:" -> " positive"); its score is the
+held-out token accuracy on the completion tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+MODELS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def as_completions(rows: list[dict]) -> list[dict]:
+    return [{"prompt": f"Tweet: {r['text']}\nSentiment:", "completion": f" {r['label']}"} for r in rows]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -31,6 +39,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(MODELS), default="minilm")
     parser.add_argument("--methods", nargs="+", default=["neat", "lora"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lr-multipliers", nargs="+", default=["auto"])
@@ -47,12 +56,16 @@ def main() -> None:
 
     torch.set_num_threads(os.cpu_count() or 1)
     train_rows, heldout_rows = tweets(args.n_train, args.n_heldout)
+    positive = sum(r["label"] == "positive" for r in heldout_rows) / len(heldout_rows)
+    if args.model == "smollm2":
+        train_rows, heldout_rows = as_completions(train_rows), as_completions(heldout_rows)
+    metric = "valid_accuracy" if args.model == "minilm" else "valid_token_accuracy"
     work = Path(tempfile.mkdtemp(prefix="neat-quality-"))
     train_file = write_jsonl(work / "train.jsonl", train_rows)
     heldout_file = write_jsonl(work / "heldout.jsonl", heldout_rows)
     print(
-        f"# {len(train_rows)} train / {len(heldout_rows)} held-out tweets, "
-        f"{sum(r['label'] == 'positive' for r in heldout_rows) / len(heldout_rows):.3f} positive in held-out"
+        f"# {MODELS[args.model]}: {len(train_rows)} train / {len(heldout_rows)} held-out tweets "
+        f"({positive:.3f} positive: the majority-class baseline is {max(positive, 1 - positive):.3f}); score = {metric}"
     )
 
     results: dict[tuple[str, str], list[float]] = {}
@@ -66,7 +79,7 @@ def main() -> None:
                 start = time.perf_counter()
                 result = train(
                     TrainSpec(
-                        base_model=MINILM,
+                        base_model=MODELS[args.model],
                         training_file=train_file,
                         validation_file=heldout_file,
                         output_dir=work / f"{method}-{mult}-{seed}",
@@ -79,7 +92,7 @@ def main() -> None:
                     )
                 )
                 manifest = json.loads((result.adapter_dir / "manifest.json").read_text())
-                acc = result.metrics["valid_accuracy"]
+                acc = result.metrics[metric]
                 results.setdefault((method, mult), []).append(acc)
                 hp = result.hyperparameters
                 print(

@@ -28,7 +28,7 @@ from neat_core.devices import resolve_device
 from neat_core.errors import ArtifactError
 from neat_core.export import base_weights_sha256, export_lora
 from neat_core.methods import get_method, method_of
-from neat_core.models import load_base
+from neat_core.models.loading import load_base
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -66,7 +66,7 @@ def export_lora(model: PeftModel, out_dir: str | os.PathLike, base_model_id: str
             tensors[f"{name}.lora_A.weight"] = lora_a.detach().float().cpu().contiguous()
             tensors[f"{name}.lora_B.weight"] = lora_b.detach().float().cpu().contiguous()
     # Non-adapter trainables (a classification head) travel unchanged, under peft's own saved names.
-    for key, value in get_peft_model_state_dict(model, adapter_name=adapter).items():
+    for key, value in get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False).items():
         if method.prefix not in key:
             tensors[key] = value.detach().cpu().contiguous()
 

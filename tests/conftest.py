@@ -72,7 +72,7 @@ def _tiny_model(kind: str, tokenizer):
 def model_cache(tmp_path_factory) -> Path:
     """Where the catalog converts SmolLM2 from GGUF; the user-level cache, so the conversion happens once per
     machine rather than once per test session."""
-    from neat_core.models.catalog import DEFAULT_CACHE_DIR
+    from neat_core.models.loading import DEFAULT_CACHE_DIR
 
     return DEFAULT_CACHE_DIR
 

@@ -17,10 +17,18 @@ def test_import_linter_contracts_hold():
     assert "Contracts: 2 kept, 0 broken" in result.stdout
 
 
-def test_upload_validation_imports_no_torch():
+def test_web_tier_validation_imports_no_torch():
     code = (
-        "import sys, neat_core, neat_core.data.formats; "
+        "import sys, neat_core, neat_core.data.formats, neat_core.models.catalog, neat_core.methods.specs; "
         "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_activation_list_matches_transformers():
+    from transformers.activations import ACT2FN
+
+    from neat_core.methods.specs import ACTIVATIONS
+
+    assert sorted(ACTIVATIONS) == sorted(ACT2FN)

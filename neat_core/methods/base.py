@@ -1,13 +1,12 @@
 """What an adapter method is, to the rest of neat_core: a named recipe that validates hyperparameters, resolves
 "auto" values for a model, wraps the model in a peft adapter, and (if its update is low-rank) yields LoRA factors.
 
-A new method is one module that defines an `AdapterMethod` subclass and calls `register(...)` on it.
+A new method is one module that defines an `AdapterMethod` subclass and calls `registry.register(...)` on it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -16,8 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from neat_core.errors import InvalidHyperparameterError
-
-AUTO = "auto"
+from neat_core.methods.specs import check_hyperparameters
 
 # Which projections "auto" targets, per architecture family: the attention query and value projections, the
 # setting the NEAT and LoRA papers report for their main results. Keyed by a module-name suffix that identifies
@@ -27,44 +25,6 @@ AUTO_TARGETS: dict[str, list[str]] = {
     "query": ["query", "value"],  # BERT / RoBERTa / MiniLM / ViT
     "c_attn": ["c_attn"],  # GPT-2 (fused q,k,v Conv1D)
 }
-
-
-@dataclass(frozen=True)
-class Param:
-    """One user-facing hyperparameter: its check and a short description of the values it accepts."""
-
-    check: Callable[[Any], bool]
-    allowed: str
-
-
-def positive_int() -> Param:
-    return Param(lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096, "an integer 1..4096")
-
-
-def non_negative_int(limit: int) -> Param:
-    return Param(lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= limit, f"an integer 0..{limit}")
-
-
-def positive_float(limit: float = 1e4) -> Param:
-    return Param(
-        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= limit,
-        f"a number > 0 and <= {limit:g}",
-    )
-
-
-def probability() -> Param:
-    return Param(lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)")
-
-
-def one_of(choices: list[str]) -> Param:
-    return Param(lambda v: v in choices, ", ".join(choices) if len(choices) < 12 else f"one of {len(choices)} names")
-
-
-def module_names() -> Param:
-    return Param(
-        lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(s, str) and s for s in v),
-        "a non-empty list of module names",
-    )
 
 
 def adaptable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -110,7 +70,6 @@ class AdapterMethod:
     name: ClassVar[str]
     peft_type: ClassVar[str]  # the peft_type its artifacts are saved with
     prefix: ClassVar[str]  # every adapter parameter name contains this; save/load and freezing rely on it
-    params: ClassVar[dict[str, Param]]
     exportable_to_lora: ClassVar[bool] = False
     # True when unmerge restores a saved copy of the original weight (bit-for-bit); False when it subtracts the
     # recomputed update (peft's LoRA), which is exact only up to float rounding.
@@ -139,37 +98,6 @@ class AdapterMethod:
 
     def resolve(self, model: nn.Module, hyperparameters: dict[str, Any]) -> dict[str, Any]:
         """Validate user hyperparameters and fill in every "auto" one; the result is what gets reported back."""
-        unknown = sorted(set(hyperparameters) - set(self.params))
-        if unknown:
-            raise InvalidHyperparameterError(
-                unknown[0], f"not a hyperparameter of method {self.name!r}", sorted(self.params)
-            )
-        resolved = self.defaults(model)
-        for key, value in hyperparameters.items():
-            if value is None or value == AUTO:
-                continue
-            if isinstance(value, tuple | set):
-                value = list(value)
-            if not self.params[key].check(value):
-                raise InvalidHyperparameterError(key, f"invalid value {value!r}", self.params[key].allowed)
-            resolved[key] = value
+        resolved = {**self.defaults(model), **check_hyperparameters(self.name, hyperparameters)}
         check_target_modules(model, resolved["target_modules"])
         return resolved
-
-
-_REGISTRY: dict[str, AdapterMethod] = {}
-
-
-def register(method: AdapterMethod) -> AdapterMethod:
-    _REGISTRY[method.name] = method
-    return method
-
-
-def get_method(name: str) -> AdapterMethod:
-    if name not in _REGISTRY:
-        raise InvalidHyperparameterError("method", f"unknown adapter method {name!r}", sorted(_REGISTRY))
-    return _REGISTRY[name]
-
-
-def method_names() -> list[str]:
-    return sorted(_REGISTRY)

@@ -13,13 +13,9 @@ from neat_core.methods.base import (
     AdapterMethod,
     adaptable_modules,
     auto_target_modules,
-    module_names,
-    positive_float,
-    positive_int,
-    probability,
-    register,
     task_type_of,
 )
+from neat_core.methods.registry import register
 
 
 class Lora(AdapterMethod):
@@ -27,12 +23,6 @@ class Lora(AdapterMethod):
     peft_type = "LORA"
     prefix = "lora_"
     exportable_to_lora = True
-    params = {
-        "r": positive_int(),
-        "lora_alpha": positive_float(),
-        "lora_dropout": probability(),
-        "target_modules": module_names(),
-    }
 
     def defaults(self, model: nn.Module) -> dict[str, Any]:
         return {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": auto_target_modules(model)}

@@ -34,14 +34,9 @@ from transformers.pytorch_utils import Conv1D
 from neat_core.methods.base import (
     AdapterMethod,
     auto_target_modules,
-    module_names,
-    non_negative_int,
-    one_of,
-    positive_float,
-    positive_int,
-    register,
     task_type_of,
 )
+from neat_core.methods.registry import register
 
 
 class NeatLinear(PeanutLinear):
@@ -138,13 +133,6 @@ class Neat(AdapterMethod):
     prefix = "peanut_"
     exportable_to_lora = True
     exact_unmerge = True  # ΔW depends on W0, so peft's PEANuT keeps W0 and copies it back
-    params = {
-        "r": positive_int(),
-        "depth": non_negative_int(8),
-        "act_fn": one_of(sorted(ACT2FN)),
-        "scaling": positive_float(),
-        "target_modules": module_names(),
-    }
 
     def defaults(self, model: nn.Module) -> dict[str, Any]:
         return {

@@ -23,7 +23,7 @@ from neat_core.data.formats import read_examples
 from neat_core.devices import autocast_dtype, resolve_device
 from neat_core.errors import DataFormatError
 from neat_core.methods import get_method
-from neat_core.models import load_base
+from neat_core.models.loading import load_base
 from neat_core.train.callbacks import Callback
 from neat_core.train.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from neat_core.train.spec import Schedule, TrainSpec, resolve_schedule

