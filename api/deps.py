@@ -1,0 +1,57 @@
+"""Dependencies routes declare: a database session, the caller's organisation, storage, settings."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.db import session_factory
+from api.errors import APIError
+from api.orm import ApiKey
+from api.settings import Settings, get_settings
+from api.storage import Storage
+
+
+def get_session() -> Iterator[Session]:
+    session = session_factory()()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def current_org(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> str:
+    """The organisation owning the bearer key. The key is looked up by its hash (the raw key is never stored) and
+    the stored hash compared in constant time."""
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
+    digest = hash_key(key.strip())
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)))
+    if row is None or not hmac.compare_digest(row.key_hash, digest):
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return row.organization_id
+
+
+CurrentOrg = Annotated[str, Depends(current_org)]
+
+
+def get_storage(settings: SettingsDep) -> Storage:
+    return Storage(settings.resolved_artifact_root)
+
+
+StorageDep = Annotated[Storage, Depends(get_storage)]

@@ -1,0 +1,40 @@
+"""The Celery app configuration, shared by the API (which only sends job ids) and the worker (which runs them).
+Torch-free and FastAPI-free. Messages carry a job id and nothing else: the database row is the truth."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+
+from api.settings import Settings, get_settings
+
+TRAIN_TASK = "neat.train_job"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("neat", broker=settings.resolved_broker_url)
+    app.conf.update(
+        task_acks_late=True,  # a worker that dies mid-job leaves the message to be redelivered...
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # ...and a busy worker holds no queued jobs hostage
+        task_ignore_result=True,
+        task_default_queue=settings.queue,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    if app.conf.broker_url.startswith(("redis", "rediss")):
+        # Redelivery happens after the visibility timeout: it must exceed the longest job, or a healthy long job
+        # would be delivered twice (harmless, the claim is conditional, but wasteful). kombu's SQLAlchemy
+        # transport passes transport options to create_engine, so they are set for Redis only.
+        app.conf.broker_transport_options = {"visibility_timeout": settings.max_job_seconds + 3600}
+    return app
+
+
+@lru_cache(maxsize=1)
+def client() -> Celery:
+    return make_celery(get_settings())
+
+
+def enqueue(job_id: str) -> None:
+    client().send_task(TRAIN_TASK, args=[job_id], queue=get_settings().queue)

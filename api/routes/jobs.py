@@ -1,0 +1,177 @@
+"""/v1/fine_tuning/jobs: create (validated up front), list, retrieve, cancel, events, checkpoints, adapter download."""
+
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+import tarfile
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+from sqlalchemy import select, update
+
+from api.deps import CurrentOrg, SessionDep, StorageDep
+from api.errors import APIError, not_found
+from api.ids import new_id, now
+from api.orm import Checkpoint, File, Job, JobEvent
+from api.pagination import owned, paginate
+from api.queue import enqueue
+from api.schemas import Adapter, JobCreate, checkpoint_object, event_object, job_object, page
+from neat_core.data.formats import DataFormat
+from neat_core.errors import InvalidHyperparameterError, ModelNotFoundError
+from neat_core.methods.specs import check_hyperparameters
+from neat_core.models.catalog import supported_tasks
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+log = logging.getLogger("api")
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _get(session, org: str, job_id: str) -> Job:
+    row = session.scalar(owned(Job, org).where(Job.id == job_id))
+    if row is None:
+        raise not_found("job", job_id)
+    return row
+
+
+def add_event(session, job_id: str, message: str, *, level="info", type="message", data=None) -> None:
+    session.add(JobEvent(id=new_id("ftevent"), job_id=job_id, message=message, level=level, type=type, data=data))
+
+
+def _file(session, org: str, file_id: str, param: str) -> File:
+    row = session.scalar(owned(File, org).where(File.id == file_id))
+    if row is None:
+        raise APIError(400, f"{param} '{file_id}' does not exist.", code="file_not_found", param=param)
+    return row
+
+
+@router.post("")
+def create_job(body: JobCreate, session: SessionDep, org: CurrentOrg) -> dict:
+    try:
+        tasks = supported_tasks(body.model)
+    except ModelNotFoundError as e:
+        raise APIError(400, str(e), code="model_not_found", param="model") from e
+    training = _file(session, org, body.training_file, "training_file")
+    if body.validation_file:
+        validation = _file(session, org, body.validation_file, "validation_file")
+        if validation.format != training.format:
+            raise APIError(400, f"validation_file is {validation.format}, training_file is {training.format}.",
+                           code="format_mismatch", param="validation_file")  # fmt: skip
+    task = DataFormat(training.format).task
+    if task not in tasks:
+        raise APIError(400, f"{body.model} cannot be fine-tuned on {training.format} data ({task}); it supports: "
+                       f"{', '.join(tasks)}.", code="incompatible_model", param="model")  # fmt: skip
+    adapter = body.adapter or Adapter()
+    try:
+        check_hyperparameters(adapter.type, adapter.model_extra or {})
+    except InvalidHyperparameterError as e:
+        param = "adapter.type" if e.field == "method" else f"adapter.{e.field}"
+        raise APIError(400, str(e), code="invalid_hyperparameter", param=param) from e
+
+    job = Job(
+        id=new_id("ftjob"),
+        organization_id=org,
+        model=body.model,
+        task=task,
+        training_file=training.id,
+        validation_file=body.validation_file,
+        suffix=body.suffix or None,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        user_metadata=body.metadata,
+        hyperparameters=body.requested_hyperparameters().model_dump(),
+        adapter={"type": adapter.type, **(adapter.model_extra or {})},
+        status="validating_files",
+    )
+    session.add(job)
+    add_event(session, job.id, f"Created fine-tuning job: {job.id}")
+    # Files were validated in full when uploaded; what is left is that they still exist, checked above.
+    job.status = "queued"
+    add_event(session, job.id, "Files validated; job queued")
+    session.commit()
+    try:  # after the commit: a worker that picks the message up must find the row
+        enqueue(job.id)
+    except Exception:  # noqa: BLE001  (the row stays queued; requeueing it is the reaper's job)
+        log.exception("could not enqueue %s", job.id)
+    return job_object(job)
+
+
+@router.get("")
+def list_jobs(session: SessionDep, org: CurrentOrg, after: str | None = None,
+              limit: Annotated[int, Query()] = 20) -> dict:  # fmt: skip
+    rows, has_more = paginate(session, owned(Job, org), Job, after=after, limit=limit, newest_first=True)
+    return page([job_object(r) for r in rows], has_more)
+
+
+@router.get("/{job_id}")
+def retrieve_job(session: SessionDep, org: CurrentOrg, job_id: str) -> dict:
+    return job_object(_get(session, org, job_id))
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(session: SessionDep, org: CurrentOrg, job_id: str) -> dict:
+    job = _get(session, org, job_id)
+    # Conditional updates: the worker claims queued jobs concurrently, so decide on the row's state, not ours.
+    stopped = session.execute(
+        update(Job).where(Job.id == job.id, Job.status.in_(("validating_files", "queued")))
+        .values(status="cancelled", finished_at=now())
+    ).rowcount  # fmt: skip
+    if stopped:
+        add_event(session, job.id, "Job cancelled before it started")
+    elif session.execute(
+        update(Job).where(Job.id == job.id, Job.status == "running").values(status="cancelling")
+    ).rowcount:
+        add_event(session, job.id, "Cancellation requested; the job stops after its current step")
+    session.commit()
+    session.refresh(job)
+    if job.status in TERMINAL and not stopped:
+        raise APIError(409, f"Job {job.id} has already {job.status}.", code="job_not_cancellable")
+    return job_object(job)
+
+
+@router.get("/{job_id}/events")
+def list_events(session: SessionDep, org: CurrentOrg, job_id: str, after: str | None = None,
+                limit: Annotated[int, Query()] = 20) -> dict:  # fmt: skip
+    _get(session, org, job_id)
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    rows, has_more = paginate(session, query, JobEvent, after=after, limit=limit, newest_first=False)
+    return page([event_object(r) for r in rows], has_more)
+
+
+@router.get("/{job_id}/checkpoints")
+def list_checkpoints(session: SessionDep, org: CurrentOrg, job_id: str, after: str | None = None,
+                     limit: Annotated[int, Query()] = 10) -> dict:  # fmt: skip
+    job = _get(session, org, job_id)
+    query = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    rows, has_more = paginate(session, query, Checkpoint, after=after, limit=limit, newest_first=True)
+    return page([checkpoint_object(r, job) for r in rows], has_more)
+
+
+NATIVE_FILES = ("adapter_config.json", "adapter_model.safetensors", "manifest.json")
+
+
+@router.get("/{job_id}/adapter")
+def download_adapter(session: SessionDep, org: CurrentOrg, storage: StorageDep, job_id: str,
+                     format: Literal["native", "lora"] = "native") -> Response:  # fmt: skip
+    job = _get(session, org, job_id)
+    if job.status != "succeeded" or not job.artifact_key:
+        raise APIError(409, f"Job {job.id} has no adapter yet (status: {job.status}).", code="adapter_not_ready")
+    root = storage.path(job.artifact_key)
+    if format == "lora":
+        if not (root / "lora").is_dir():
+            raise APIError(400, "This adapter has no LoRA form.", code="not_exportable", param="format")
+        members = [(p, p.name) for p in sorted((root / "lora").iterdir())] + [(root / "manifest.json", "manifest.json")]
+    else:
+        members = [(root / name, name) for name in NATIVE_FILES]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path, name in members:
+            tar.add(Path(path), arcname=f"{job.id}/{name}")
+    return Response(
+        buffer.getvalue(),
+        media_type="application/gzip",
+        headers={"Content-Disposition": f'attachment; filename="{job.id}-{format}.tar.gz"'},
+    )

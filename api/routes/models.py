@@ -1,0 +1,42 @@
+"""/v1/models: the catalog's base models and the caller's fine-tuned ones."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.deps import CurrentOrg, SessionDep
+from api.errors import APIError
+from api.orm import Job
+from api.pagination import owned
+from neat_core.models.catalog import catalog
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def _base(entry) -> dict:
+    return {"id": entry.id, "object": "model", "created": 0, "owned_by": "system", "tasks": list(entry.tasks)}
+
+
+def _fine_tuned(job: Job) -> dict:
+    return {"id": job.fine_tuned_model, "object": "model", "created": job.finished_at, "owned_by": job.organization_id,
+            "parent": job.model, "tasks": [job.task]}  # fmt: skip
+
+
+@router.get("")
+def list_models(session: SessionDep, org: CurrentOrg) -> dict:
+    jobs = session.scalars(owned(Job, org).where(Job.status == "succeeded").order_by(Job.seq)).all()
+    return {"object": "list", "data": [_base(e) for e in catalog()] + [_fine_tuned(j) for j in jobs]}
+
+
+@router.get("/{model_id:path}")
+def retrieve_model(session: SessionDep, org: CurrentOrg, model_id: str) -> dict:
+    for entry in catalog():
+        if entry.id == model_id:
+            return _base(entry)
+    job = session.scalar(owned(Job, org).where(Job.fine_tuned_model == model_id, Job.status == "succeeded"))
+    if job is None:
+        raise APIError(404, f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
+    return _fine_tuned(job)
+
+
+

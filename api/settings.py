@@ -1,0 +1,57 @@
+"""The one settings object: read from the environment once per process. No other module reads os.environ.
+
+Embedded default (nothing set): SQLite, kombu's SQLAlchemy broker on SQLite, and artifacts, all under `data/`.
+Distributed: set DATABASE_URL (Postgres), BROKER_URL (Redis) and NEAT_ARTIFACT_ROOT (a shared volume).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NEAT_", extra="ignore")
+
+    data_dir: Path = Path("data")
+    database_url: str | None = Field(None, validation_alias=AliasChoices("NEAT_DATABASE_URL", "DATABASE_URL"))
+    broker_url: str | None = Field(None, validation_alias=AliasChoices("NEAT_BROKER_URL", "BROKER_URL"))
+    artifact_root: Path | None = None
+    model_cache_dir: Path | None = None  # where neat_core keeps converted catalog models (default ~/.cache)
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    bootstrap_api_key: str | None = None  # ensured to exist (for org `bootstrap_org`) at start
+    bootstrap_org: str = "org-default"
+
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_line_bytes: int = 4 * 1024 * 1024
+    min_examples: int = 10
+    max_job_seconds: int = 24 * 3600  # the broker's visibility timeout must exceed the longest job
+    checkpoint_every: int | None = None  # steps; None: every epoch
+    device: str = "auto"  # training and serving device for this process
+    serving: bool = True  # host the inference loop in this (API) process
+    serving_max_models: int = 2  # loaded models kept in memory (each holds a copy of its base model)
+    queue: str = "training"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'neat.sqlite').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    @property
+    def resolved_artifact_root(self) -> Path:
+        return (self.artifact_root or self.data_dir / "artifacts").resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings
