@@ -29,15 +29,16 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
-@lru_cache(maxsize=1)
-def session_factory() -> sessionmaker[Session]:
-    return sessionmaker(make_engine(get_settings().resolved_database_url), expire_on_commit=False)
+@lru_cache(maxsize=8)
+def session_factory(url: str | None = None) -> sessionmaker[Session]:
+    """One engine (connection pool) per database URL per process."""
+    return sessionmaker(make_engine(url or get_settings().resolved_database_url), expire_on_commit=False)
 
 
 @contextmanager
-def session_scope() -> Iterator[Session]:
+def session_scope(url: str | None = None) -> Iterator[Session]:
     """A session that commits on success and rolls back on error (for the worker and scripts)."""
-    session = session_factory()()
+    session = session_factory(url)()
     try:
         yield session
         session.commit()

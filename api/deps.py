@@ -17,9 +17,11 @@ from api.orm import ApiKey
 from api.settings import Settings, get_settings
 from api.storage import Storage
 
+SettingsDep = Annotated[Settings, Depends(get_settings)]  # tests override get_settings to point at their database
 
-def get_session() -> Iterator[Session]:
-    session = session_factory()()
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    session = session_factory(settings.resolved_database_url)()
     try:
         yield session
     finally:
@@ -27,7 +29,6 @@ def get_session() -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 def hash_key(key: str) -> str:

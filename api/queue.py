@@ -31,10 +31,11 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-@lru_cache(maxsize=1)
-def client() -> Celery:
-    return make_celery(get_settings())
+@lru_cache(maxsize=4)
+def _client(broker_url: str) -> Celery:
+    settings = get_settings().model_copy(update={"broker_url": broker_url})
+    return make_celery(settings)
 
 
-def enqueue(job_id: str) -> None:
-    client().send_task(TRAIN_TASK, args=[job_id], queue=get_settings().queue)
+def enqueue(job_id: str, settings: Settings) -> None:
+    _client(settings.resolved_broker_url).send_task(TRAIN_TASK, args=[job_id], queue=settings.queue)

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from sqlalchemy import select, update
 
-from api.deps import CurrentOrg, SessionDep, StorageDep
+from api.deps import CurrentOrg, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, not_found
 from api.ids import new_id, now
 from api.orm import Checkpoint, File, Job, JobEvent
@@ -21,9 +21,9 @@ from api.pagination import owned, paginate
 from api.queue import enqueue
 from api.schemas import Adapter, JobCreate, checkpoint_object, event_object, job_object, page
 from neat_core.data.formats import DataFormat
-from neat_core.errors import InvalidHyperparameterError, ModelNotFoundError
+from neat_core.errors import InvalidHyperparameterError
 from neat_core.methods.specs import check_hyperparameters
-from neat_core.models.catalog import supported_tasks
+from neat_core.models.catalog import catalog, entry, supported_tasks
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 log = logging.getLogger("api")
@@ -50,11 +50,12 @@ def _file(session, org: str, file_id: str, param: str) -> File:
 
 
 @router.post("")
-def create_job(body: JobCreate, session: SessionDep, org: CurrentOrg) -> dict:
-    try:
-        tasks = supported_tasks(body.model)
-    except ModelNotFoundError as e:
-        raise APIError(400, str(e), code="model_not_found", param="model") from e
+def create_job(body: JobCreate, session: SessionDep, org: CurrentOrg, settings: SettingsDep) -> dict:
+    if entry(body.model) is None:  # the service trains catalog models only; local paths are a library feature
+        available = ", ".join(e.id for e in catalog())
+        raise APIError(400, f"Unknown base model '{body.model}'; available: {available}.", code="model_not_found",
+                       param="model")  # fmt: skip
+    tasks = supported_tasks(body.model)
     training = _file(session, org, body.training_file, "training_file")
     if body.validation_file:
         validation = _file(session, org, body.validation_file, "validation_file")
@@ -93,7 +94,7 @@ def create_job(body: JobCreate, session: SessionDep, org: CurrentOrg) -> dict:
     add_event(session, job.id, "Files validated; job queued")
     session.commit()
     try:  # after the commit: a worker that picks the message up must find the row
-        enqueue(job.id)
+        enqueue(job.id, settings)
     except Exception:  # noqa: BLE001  (the row stays queued; requeueing it is the reaper's job)
         log.exception("could not enqueue %s", job.id)
     return job_object(job)
