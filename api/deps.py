@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Iterator
 from typing import Annotated
@@ -13,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from api.db import session_factory
 from api.errors import APIError
+from api.keys import hash_key
 from api.orm import ApiKey
 from api.settings import Settings, get_settings
 from api.storage import Storage
@@ -29,10 +29,6 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def current_org(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> str:

@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
+from api.db import session_scope
 from api.errors import install_error_handlers
+from api.keys import add_key
 from api.routes import files, inference, jobs, models
+from api.settings import get_settings
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    settings = get_settings()
+    if settings.bootstrap_api_key:  # distributed deployments hand the first key in by environment variable
+        with session_scope(settings.resolved_database_url) as session:
+            add_key(session, settings.bootstrap_org, settings.bootstrap_api_key)
+    yield
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="NEAT fine-tuning", version="0.1.0", description="OpenAI-compatible fine-tuning with NEAT.")
+    app = FastAPI(
+        title="NEAT fine-tuning",
+        version="0.1.0",
+        description="OpenAI-compatible fine-tuning with NEAT.",
+        lifespan=lifespan,
+    )
     install_error_handlers(app)
     for module in (files, jobs, models, inference):
         app.include_router(module.router)

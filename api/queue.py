@@ -7,7 +7,7 @@ from functools import lru_cache
 
 from celery import Celery
 
-from api.settings import Settings, get_settings
+from api.settings import Settings
 
 TRAIN_TASK = "neat.train_job"
 
@@ -32,10 +32,11 @@ def make_celery(settings: Settings) -> Celery:
 
 
 @lru_cache(maxsize=4)
-def _client(broker_url: str) -> Celery:
-    settings = get_settings().model_copy(update={"broker_url": broker_url})
-    return make_celery(settings)
+def _client(broker_url: str, queue: str, max_job_seconds: int) -> Celery:
+    # Keyed by what make_celery reads, so each distinct configuration keeps one connection pool.
+    return make_celery(Settings.model_construct(broker_url=broker_url, queue=queue, max_job_seconds=max_job_seconds))
 
 
 def enqueue(job_id: str, settings: Settings) -> None:
-    _client(settings.resolved_broker_url).send_task(TRAIN_TASK, args=[job_id], queue=settings.queue)
+    client = _client(settings.resolved_broker_url, settings.queue, settings.max_job_seconds)
+    client.send_task(TRAIN_TASK, args=[job_id], queue=settings.queue)

@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 
 from api.deps import CurrentOrg, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, not_found
+from api.events import add_event
 from api.ids import new_id, now
 from api.orm import Checkpoint, File, Job, JobEvent
 from api.pagination import owned, paginate
@@ -36,10 +37,6 @@ def _get(session, org: str, job_id: str) -> Job:
     if row is None:
         raise not_found("job", job_id)
     return row
-
-
-def add_event(session, job_id: str, message: str, *, level="info", type="message", data=None) -> None:
-    session.add(JobEvent(id=new_id("ftevent"), job_id=job_id, message=message, level=level, type=type, data=data))
 
 
 def _file(session, org: str, file_id: str, param: str) -> File:

@@ -1,0 +1,64 @@
+"""The embedded default, one command on one machine: `python -m api.launch` (the README's `scripts/run`).
+
+Applies migrations, makes sure an API key exists (printing it), starts one `celery worker` child process on the
+server-less SQLite broker, and serves the API (with the inference loop) in this process. The same code runs
+distributed; there each piece is started on its own (docker-compose.yml).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import uvicorn
+
+from api.db import session_scope
+from api.keys import add_key, key_is_active
+from api.migrate import upgrade
+from api.settings import Settings, get_settings
+
+
+def bootstrap_key(settings: Settings) -> str:
+    """The configured bootstrap key, else the key this data directory was given on its first start (kept in a
+    0600 file beside the database so the next start can print it again), else a new one."""
+    key_file = settings.data_dir / "api_key"
+    with session_scope(settings.resolved_database_url) as session:
+        if settings.bootstrap_api_key:
+            return add_key(session, settings.bootstrap_org, settings.bootstrap_api_key)
+        if key_file.exists() and key_is_active(session, key := key_file.read_text().strip()):
+            return key
+        key = add_key(session, settings.bootstrap_org)
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    return key
+
+
+def start_worker(settings: Settings) -> subprocess.Popen:
+    command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=prefork", "--concurrency=1",
+               "-Q", settings.queue, "--loglevel=INFO", "--without-gossip", "--without-mingle"]  # fmt: skip
+    return subprocess.Popen(command, start_new_session=True)  # its own group: stopped with its pool child
+
+
+def main() -> None:
+    settings = get_settings()
+    upgrade(settings.resolved_database_url)
+    key = bootstrap_key(settings)
+    worker = start_worker(settings)
+    url = f"http://{settings.host}:{settings.port}/v1"
+    print(f"\nNEAT fine-tuning service\n  API:     {url}\n  API key: {key}\n"
+          f"  data:    {settings.data_dir.resolve()}\n  try:     curl -H 'Authorization: Bearer {key}' {url}/models\n",
+          flush=True)  # fmt: skip
+    try:
+        uvicorn.run("api.main:app", host=settings.host, port=settings.port, log_level="info")
+    finally:
+        try:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(worker.pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    main()

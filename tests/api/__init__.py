@@ -1,0 +1,99 @@
+"""HTTP API tests against real databases (SQLite and Postgres). What the test modules share lives here (dataset
+builders, the error-shape assertion, `sqlite_only`, a fake finished job); the app, database and organisation
+fixtures are in `conftest.py`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from api.orm import Job
+from api.storage import job_key
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+MIN_EXAMPLES = 10  # the test apps' `min_examples`
+
+# Pins a test to the SQLite case of the `database` fixture (for request handling that no database changes).
+sqlite_only = pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+
+
+def assert_error(response: httpx.Response, status: int, *, code: str | None = None, param: Any = ...) -> dict:
+    """The response is an error in OpenAI's shape and nothing else (no FastAPI `detail`); returns `error`."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert {"message", "type", "param", "code"} <= set(error), error
+    assert isinstance(error["message"], str) and error["message"], error
+    assert isinstance(error["type"], str) and error["type"], error
+    if code is not None:
+        assert error["code"] == code, error
+    if param is not ...:
+        assert error["param"] == param, error
+    return error
+
+
+def jsonl(rows: list) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def classification_rows(n: int = MIN_EXAMPLES) -> list[dict]:
+    return [{"text": f"review number {i}", "label": ["negative", "positive"][i % 2]} for i in range(n)]
+
+
+def chat_rows(n: int = MIN_EXAMPLES) -> list[dict]:
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": "You name colours."},
+                {"role": "user", "content": f"Colour of item {i}?"},
+                {"role": "assistant", "content": ["red", "green", "blue"][i % 3]},
+            ]
+        }
+        for i in range(n)
+    ]
+
+
+def prompt_completion_rows(n: int = MIN_EXAMPLES) -> list[dict]:
+    return [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(n)]
+
+
+def text_rows(n: int = MIN_EXAMPLES) -> list[dict]:
+    return [{"text": f"The number {i} comes before {i + 1}."} for i in range(n)]
+
+
+# A finished job's adapter directory, as the worker leaves it (contents are opaque to the API).
+NATIVE = {"adapter_config.json": b'{"peft_type": "NEAT"}', "adapter_model.safetensors": b"\x00weights\x01",
+          "manifest.json": b'{"method": "neat"}'}  # fmt: skip
+LORA = {"adapter_config.json": b'{"peft_type": "LORA"}', "adapter_model.safetensors": b"\x00lora\x01"}
+
+
+def finish_job(api, job_id: str, *, org=None, lora: bool = True) -> str:
+    """Make `job_id` look succeeded, as a worker leaves it: the adapter directory in storage and the row pointing at
+    it. Returns the fine-tuned model's name."""
+    org_id = (org or api.a).id
+    key = f"{job_key(org_id, job_id)}/adapter"
+    root = api.artifact_root / key
+    (root / "lora").mkdir(parents=True)
+    for name, data in NATIVE.items():
+        (root / name).write_bytes(data)
+    for name, data in LORA.items() if lora else ():
+        (root / "lora" / name).write_bytes(data)
+    with api.session() as session:
+        job = session.scalars(select(Job).where(Job.id == job_id)).one()
+        job.fine_tuned_model = f"ft:{job.model}:{org_id}:{job.suffix or ''}:{job_id}"
+        job.status, job.artifact_key, job.finished_at = "succeeded", key, 1_800_000_000
+        return job.fine_tuned_model
+
+
+ROWS = {
+    "classification": classification_rows,
+    "chat": chat_rows,
+    "prompt_completion": prompt_completion_rows,
+    "text": text_rows,
+}

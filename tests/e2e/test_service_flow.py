@@ -1,0 +1,220 @@
+"""End to end, with real processes and the stock `openai` client, on both topologies:
+
+- distributed: Postgres + Redis (started here, on loopback), `alembic upgrade head`, a `celery worker` process, and
+  uvicorn serving the API (with the inference loop);
+- embedded: the README's run command, `python -m api.launch`, alone (SQLite, the SQLite broker, local disk).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MINILM, SMOLLM2, chat_rows, classification_rows
+from tests.services import postgres, redis
+
+ROOT = Path(__file__).resolve().parents[2]
+PROBE = ROOT / "tests" / "core" / "stock_peft_probe.py"
+
+
+@dataclass
+class Service:
+    url: str
+    key: str
+    logs: list[Path]
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.key, max_retries=0, timeout=120)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=120)
+
+    def tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-4000:] for p in self.logs if p.exists())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _process(command: list[str], env: dict, log: Path):
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        try:
+            yield proc
+        finally:
+            for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=wait)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+
+
+def _wait_healthy(url: str, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"service did not come up:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+@pytest.fixture(scope="module", params=["distributed", "embedded"])
+def service(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    port = _free_port()
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "NEAT_DATA_DIR": str(tmp / "data"),
+        "NEAT_PORT": str(port),
+        "NEAT_CHECKPOINT_EVERY": "2",
+    }
+    url = f"http://127.0.0.1:{port}"
+    with ExitStack() as stack:
+        if request.param == "distributed":
+            env["DATABASE_URL"] = stack.enter_context(postgres(tmp / "pg"))
+            env["BROKER_URL"] = stack.enter_context(redis(tmp / "redis"))
+            env["NEAT_ARTIFACT_ROOT"] = str(tmp / "shared-artifacts")
+            env["NEAT_BOOTSTRAP_API_KEY"] = key = "sk-e2e-distributed-key"
+            subprocess.run([sys.executable, "-m", "api.migrate", "upgrade"], env=env, cwd=ROOT, check=True, timeout=120)
+            logs = [tmp / "worker.log", tmp / "api.log"]
+            worker = ["celery", "-A", "worker.app", "worker", "--pool=prefork", "--concurrency=1", "-Q", "training"]
+            stack.enter_context(_process([sys.executable, "-m", *worker], env, logs[0]))
+            uvicorn = ["uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
+            stack.enter_context(_process([sys.executable, "-m", *uvicorn], env, logs[1]))
+            _wait_healthy(url, logs[1])
+        else:
+            logs = [tmp / "launch.log"]
+            stack.enter_context(_process([sys.executable, "-m", "api.launch"], env, logs[0]))
+            _wait_healthy(url, logs[0])
+            printed = re.search(r"API key: (\S+)", logs[0].read_text())
+            assert printed, "the run command must print the API key"
+            key = printed.group(1)
+            assert (Path(env["NEAT_DATA_DIR"]) / "neat.sqlite").exists()  # embedded: SQLite under the data dir
+        yield Service(url, key, logs)
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def _wait_for(client: openai.OpenAI, job_id: str, statuses: set[str], service: Service, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        if job.status == "failed":
+            events = [e.message for e in client.fine_tuning.jobs.list_events(job_id, limit=100).data]
+            raise AssertionError(f"job failed: {job.error}\nevents: {events}\n{service.tail()}")
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {job.status} after {timeout} s\n{service.tail()}")
+
+
+def _stock_peft_logits(tmp: Path, adapter_dir: Path, base_dir: Path, task: str) -> dict:
+    spec = {"base_dir": str(base_dir), "task": task, "num_labels": 2, "input_ids": [[1, 2, 3, 4, 5]],
+            "out": str(tmp / "probe"), "adapters": {"native": str(adapter_dir)}}  # fmt: skip
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    subprocess.run([sys.executable, str(PROBE), str(tmp / "spec.json")], check=True, timeout=300)
+    return json.loads((tmp / "probe.json").read_text())
+
+
+def test_full_flow_with_the_openai_client(service, tmp_path):
+    client = service.client()
+    cls_file = client.files.create(file=("tweets.jsonl", _jsonl(classification_rows(16))), purpose="fine-tune")
+    chat_file = client.files.create(file=("colours.jsonl", _jsonl(chat_rows(12))), purpose="fine-tune")
+    assert cls_file.status == "processed" and chat_file.id.startswith("file-")
+
+    def supervised(**hp) -> dict:
+        return {"type": "supervised", "supervised": {"hyperparameters": hp}}
+
+    cls_job = client.fine_tuning.jobs.create(
+        model=MINILM, training_file=cls_file.id, validation_file=cls_file.id, suffix="sentiment",
+        method=supervised(n_epochs=1, batch_size=4), extra_body={"adapter": {"type": "neat", "r": 4}},
+    )  # fmt: skip
+    chat_job = client.fine_tuning.jobs.create(
+        model=SMOLLM2, training_file=chat_file.id, suffix="colours", method=supervised(n_epochs=1, batch_size=6)
+    )
+    assert cls_job.status == "queued" and cls_job.model == MINILM
+
+    cls_job = _wait_for(client, cls_job.id, {"succeeded"}, service)
+    chat_job = _wait_for(client, chat_job.id, {"succeeded"}, service)
+    assert cls_job.fine_tuned_model == f"ft:{MINILM}:org-default:sentiment:{cls_job.id}"
+    assert cls_job.hyperparameters.n_epochs == 1 and cls_job.trained_tokens > 0
+
+    events = client.fine_tuning.jobs.list_events(chat_job.id, limit=100).data
+    messages = [e.message for e in events]
+    assert any("started" in m for m in messages) and any("successfully completed" in m for m in messages)
+    assert any(e.type == "metrics" for e in events)
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(cls_job.id).data
+    assert checkpoints and all(c.step_number > 0 for c in checkpoints)
+    model_ids = {m.id for m in client.models.list()}
+    assert {MINILM, SMOLLM2, cls_job.fine_tuned_model, chat_job.fine_tuned_model} <= model_ids
+
+    # Download the adapter and load it with stock peft in a process that never imports neat_core.
+    with service.http() as http:
+        response = http.get(f"/v1/fine_tuning/jobs/{chat_job.id}/adapter", params={"format": "native"})
+        assert response.status_code == 200 and response.headers["content-type"] == "application/gzip"
+        tarfile.open(fileobj=io.BytesIO(response.content)).extractall(tmp_path / "download", filter="data")
+        from neat_core.models.loading import resolve
+
+        errors = _stock_peft_logits(tmp_path, tmp_path / "download" / chat_job.id, resolve(SMOLLM2), "causal_lm")
+        assert errors == {}
+
+        # Classification through our extension endpoint.
+        result = http.post(
+            "/v1/classifications", json={"model": cls_job.fine_tuned_model, "input": ["love it", "awful"]}
+        )
+        assert result.status_code == 200, result.text
+        data = result.json()["data"]
+        assert [d["index"] for d in data] == [0, 1] and all(d["label"] in ("negative", "positive") for d in data)
+
+    # Inference with the fine-tuned chat model, whole and streamed.
+    messages = [{"role": "user", "content": "What colour is item 2?"}]
+    reply = client.chat.completions.create(model=chat_job.fine_tuned_model, messages=messages, max_tokens=5,
+                                           temperature=0)  # fmt: skip
+    assert reply.object == "chat.completion" and reply.usage.completion_tokens >= 1
+    streamed = client.chat.completions.create(model=chat_job.fine_tuned_model, messages=messages, max_tokens=5,
+                                              temperature=0, stream=True)  # fmt: skip
+    chunks = list(streamed)
+    assert chunks and all(c.object == "chat.completion.chunk" for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+
+    # Cancel a running job: it stops within a step and keeps its last checkpoint.
+    long_job = client.fine_tuning.jobs.create(model=MINILM, training_file=cls_file.id,
+                                              method=supervised(n_epochs=100, batch_size=4))  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(long_job.id, limit=100).data):
+        assert time.monotonic() < deadline, service.tail()
+        time.sleep(0.5)
+    cancelled = client.fine_tuning.jobs.cancel(long_job.id)
+    assert cancelled.status in ("cancelling", "cancelled")
+    final = _wait_for(client, long_job.id, {"cancelled"}, service, timeout=120)
+    assert final.fine_tuned_model is None
+    assert client.fine_tuning.jobs.checkpoints.list(long_job.id).data, "the last checkpoint is kept"

@@ -1,0 +1,365 @@
+"""Inference over HTTP with real (tiny, randomly initialised) adapters: OpenAI's shapes, streaming, the stock
+openai client, stop sequences, classification, model resolution and errors. The models are random, so the tests
+check shapes and behaviours, never the text itself."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from api.serving import ModelRef, ServingEngine
+from tests.conftest import MINILM, SMOLLM2
+from tests.serving.conftest import KEY_A, KEY_B, make_client
+
+HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What colour is item 3?"}]
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def _chat(client, model, **kw):
+    return client.post("/v1/chat/completions", json={"model": model, "messages": HELLO, **kw})
+
+
+def _events(response) -> list:
+    """The `data:` payloads of a server-sent event stream, [DONE] kept as a string."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    blocks = [b for b in response.text.split("\n\n") if b]
+    assert all(b.startswith("data: ") for b in blocks), blocks
+    return [b[6:] if b[6:] == "[DONE]" else json.loads(b[6:]) for b in blocks]
+
+
+def _error(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= ERROR_KEYS and error["code"] == code
+    return error
+
+
+# --- chat completions -------------------------------------------------------------------------------------------
+
+
+def test_chat_completion_shape_and_usage(client, service):
+    r = _chat(client, service.chat_model, max_tokens=6, temperature=0)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["model"] == service.chat_model and isinstance(body["created"], int)
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["logprobs"] is None
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["prompt_tokens"] > 0 and 1 <= usage["completion_tokens"] <= 6
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_max_tokens_reached_finishes_with_length(client, service):
+    body = _chat(client, service.chat_model, max_tokens=3, temperature=0).json()
+    # A random model over a 49k vocabulary does not pick its eos within 3 greedy steps.
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 3
+    # The newer field name is honoured too, and wins over max_tokens.
+    body = _chat(client, service.chat_model, max_tokens=9, max_completion_tokens=2, temperature=0).json()
+    assert body["usage"]["completion_tokens"] == 2
+
+
+def test_content_parts_render_like_a_string(client, service):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What colour is item 3?"}]}]
+    as_parts = client.post(
+        "/v1/chat/completions", json={"model": service.chat_model, "messages": parts, "max_tokens": 5, "temperature": 0}
+    )
+    as_string = client.post(
+        "/v1/chat/completions",
+        json={"model": service.chat_model, "max_tokens": 5, "temperature": 0, "messages": [HELLO[1]]},
+    )
+    assert as_parts.status_code == 200, as_parts.text
+    assert as_parts.json()["choices"] == as_string.json()["choices"]
+
+
+def test_stream_matches_the_non_streamed_greedy_answer(client, service):
+    request = {"max_tokens": 12, "temperature": 0, "stream_options": {"include_usage": True}, "user": "u-1"}
+    whole = _chat(client, service.chat_model, **request).json()
+    events = _events(_chat(client, service.chat_model, stream=True, **request))
+
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    *content, final, usage = chunks[1:]
+    assert all(c["choices"][0]["finish_reason"] is None for c in content)
+    assert "".join(c["choices"][0]["delta"]["content"] for c in content) == whole["choices"][0]["message"]["content"]
+    assert final["choices"][0]["delta"] == {}
+    assert final["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+
+
+def test_stream_without_include_usage_sends_no_usage_chunk(client, service):
+    events = _events(_chat(client, service.chat_model, stream=True, max_tokens=3))
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+    assert all("usage" not in e for e in events[:-1])
+
+
+def test_stop_sequence_cuts_the_text(client, service):
+    full = _chat(client, service.chat_model, max_tokens=16, temperature=0).json()["choices"][0]["message"]["content"]
+    assert len(full) >= 4, full
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    expected = full[: full.find(stop)]
+
+    body = _chat(client, service.chat_model, max_tokens=16, temperature=0, stop=[stop, "\u2603never"]).json()
+    assert body["choices"][0]["message"]["content"] == expected
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+    events = _events(_chat(client, service.chat_model, max_tokens=16, temperature=0, stop=stop, stream=True))
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert streamed == expected and events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_sampling_with_a_seed_is_reproducible(client, service):
+    request = {"max_tokens": 8, "temperature": 1.5, "top_p": 0.9, "seed": 1234}
+    first, second = (_chat(client, service.chat_model, **request).json() for _ in range(2))
+    assert first["choices"][0]["message"] == second["choices"][0]["message"]
+
+
+# --- the stock openai client ---------------------------------------------------------------------------------------
+
+
+def _openai(client, key=KEY_A) -> openai.OpenAI:
+    return openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0)
+
+
+def test_openai_client_chat_with_and_without_stream(client, service):
+    sdk = _openai(client)
+    completion = sdk.chat.completions.create(model=service.chat_model, messages=HELLO, max_tokens=5, temperature=0)
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.usage.completion_tokens <= 5
+
+    stream = sdk.chat.completions.create(
+        model=service.chat_model,
+        messages=HELLO,
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == completion.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == completion.usage.total_tokens
+
+
+def test_openai_client_completions_and_errors(client, service):
+    sdk = _openai(client)
+    completion = sdk.completions.create(model=service.chat_model, prompt="The colour of the sky is", max_tokens=4)
+    assert completion.object == "text_completion" and completion.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.chat.completions.create(model=service.other_org_model, messages=HELLO, max_tokens=2)
+    assert caught.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        sdk.chat.completions.create(model=service.chat_model, messages=HELLO, n=2)
+
+
+# --- /v1/completions -------------------------------------------------------------------------------------------------
+
+
+def test_completions_shape_and_stream(client, service):
+    request = {"model": service.chat_model, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
+    body = client.post("/v1/completions", json=request).json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    (choice,) = body["choices"]
+    assert set(choice) == {"index", "text", "finish_reason", "logprobs"} and choice["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 6
+
+    events = _events(client.post("/v1/completions", json={**request, "stream": True}))
+    assert events[-1] == "[DONE]" and all(e["object"] == "text_completion" for e in events[:-1])
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == choice["text"]
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+# --- classifications -------------------------------------------------------------------------------------------------
+
+
+def test_classification_of_a_string_and_of_a_list(client, service):
+    one = client.post("/v1/classifications", json={"model": service.classifier, "input": "love it"})
+    assert one.status_code == 200, one.text
+    body = one.json()
+    assert body["object"] == "list" and body["model"] == service.classifier
+    (row,) = body["data"]
+    assert row["index"] == 0 and set(row["probabilities"]) == {"negative", "positive"}
+    assert math.isclose(sum(row["probabilities"].values()), 1.0, rel_tol=1e-5)
+    assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+
+    texts = ["love it", "awful support", "superb quality"]
+    many = client.post("/v1/classifications", json={"model": service.classifier, "input": texts}).json()
+    assert [r["index"] for r in many["data"]] == [0, 1, 2]
+    assert many["data"][0]["probabilities"] == pytest.approx(row["probabilities"], rel=1e-4)  # batching is exact
+    assert many["usage"]["prompt_tokens"] > body["usage"]["prompt_tokens"]
+
+
+# --- model resolution and errors ------------------------------------------------------------------------------------
+
+
+def test_another_orgs_model_answers_like_a_missing_one(client, service):
+    theirs = _chat(client, service.other_org_model, max_tokens=2)
+    missing_id = service.other_org_model.replace("org-b", "org-x")
+    missing = _chat(client, missing_id, max_tokens=2)
+    error = _error(theirs, 404, "model_not_found")
+    assert error == {**_error(missing, 404, "model_not_found"), "message": error["message"]}
+    assert error["message"].replace(service.other_org_model, "M") == missing.json()["error"]["message"].replace(
+        missing_id, "M"
+    )
+    # The owner can use it, so the 404 above is about ownership, not a broken model.
+    assert _chat(make_client(service.settings, KEY_B), service.other_org_model, max_tokens=2).status_code == 200
+    _error(_chat(client, service.running_model, max_tokens=2), 404, "model_not_found")
+
+
+def test_model_for_the_wrong_endpoint(client, service):
+    on_causal = client.post("/v1/classifications", json={"model": service.chat_model, "input": "x"})
+    assert _error(on_causal, 400, "invalid_model_for_endpoint")["param"] == "model"
+    _error(_chat(client, service.classifier), 400, "invalid_model_for_endpoint")
+    _error(
+        client.post("/v1/completions", json={"model": service.classifier, "prompt": "x"}),
+        400,
+        "invalid_model_for_endpoint",
+    )
+    _error(_chat(client, MINILM), 400, "invalid_model_for_endpoint")  # an encoder cannot generate
+    _error(
+        client.post("/v1/classifications", json={"model": SMOLLM2, "input": "x"}), 400, "invalid_model_for_endpoint"
+    )  # a base model has no trained head
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("n", 2), ("temperature", 3), ("top_p", 0), ("max_tokens", 4096), ("stop", ["a", "b", "c", "d", "e"])],
+)
+def test_invalid_sampling_parameters_answer_400_in_openai_shape(client, service, field, value):
+    error = _error(_chat(client, service.chat_model, **{field: value}), 400, "invalid_request")
+    assert error["type"] == "invalid_request_error" and error["param"] == field
+
+
+def test_unsupported_content_part_is_rejected(client, service):
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
+    r = client.post("/v1/chat/completions", json={"model": service.chat_model, "messages": image})
+    _error(r, 400, "invalid_request")
+
+
+def test_a_model_that_cannot_load_answers_500_in_openai_shape(client, service):
+    error = _error(_chat(client, service.broken_model, max_tokens=2), 500, "model_error")
+    assert error["type"] == "server_error" and service.broken_model in error["message"]
+    assert "Traceback" not in error["message"] and "/jobs/" not in error["message"].replace(service.broken_model, "")
+
+
+def test_serving_disabled_answers_503(service):
+    client = make_client(service.settings.model_copy(update={"serving": False}))
+    r = _chat(client, service.chat_model, max_tokens=2)
+    _error(r, 503, "serving_unavailable")
+    assert r.headers["Retry-After"]
+
+
+def test_requests_need_a_key(service):
+    client = make_client(service.settings, key="sk-wrong")
+    _error(_chat(client, service.chat_model), 401, "invalid_api_key")
+
+
+@pytest.mark.real_model
+def test_base_model_chat_with_smollm2(client):
+    body = _chat(client, SMOLLM2, max_tokens=3, temperature=0).json()
+    assert body["model"] == SMOLLM2 and body["usage"]["completion_tokens"] <= 3
+    assert body["choices"][0]["message"]["content"].strip()  # a trained model says something printable
+
+
+# --- the engine ------------------------------------------------------------------------------------------------------
+
+
+def _ref(name: str) -> ModelRef:
+    return ModelRef(name, "causal_lm", "base")
+
+
+def test_engine_loads_a_model_once_under_concurrent_first_requests():
+    calls = []
+
+    def slow_loader(ref):
+        calls.append(ref.name)
+        time.sleep(0.2)
+        return object()
+
+    engine = ServingEngine(2, slow_loader)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(engine.model(_ref("m")))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["m"] and len(got) == 4 and all(g is got[0] for g in got)
+
+
+def test_engine_evicts_the_least_recently_used_model():
+    engine = ServingEngine(2, lambda ref: object())
+    a = engine.model(_ref("a"))
+    engine.model(_ref("b"))
+    assert engine.model(_ref("a")) is a  # a hit, and now the most recent
+    engine.model(_ref("c"))
+    assert engine.cached() == ["a", "c"]
+
+
+class _ScriptedModel:
+    """Stands in for a causal LM: produces scripted tokens, each only when the test allows it, feeds them to the
+    streamer, and checks the stopping criteria between steps as `generate` does."""
+
+    def __init__(self, tokens: list[int]):
+        import torch
+
+        self.tokens, self.allowed, self.produced = tokens, threading.Semaphore(0), 0
+        self.generation_config = type("Config", (), {"eos_token_id": None})()
+        self._weight = torch.zeros(1)
+
+    def parameters(self):
+        return iter([self._weight])
+
+    def generate(self, input_ids, streamer, stopping_criteria, **_):
+        import torch
+
+        streamer.put(input_ids)  # the prompt, which the streamer skips
+        ids = input_ids
+        for token in self.tokens:
+            while not self.allowed.acquire(timeout=0.01):
+                if stopping_criteria(ids, None).all():
+                    streamer.end()
+                    return ids
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            self.produced += 1
+            streamer.put(torch.tensor([token]))
+        streamer.end()
+        return ids
+
+
+def test_stream_yields_words_before_the_generation_ends_and_closing_it_cancels(tiny_models):
+    from transformers import AutoTokenizer
+
+    from api.serving import Generation, LoadedModel, Sampling
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    model = _ScriptedModel(tokenizer("one two three four five six", add_special_tokens=False)["input_ids"])
+    generation = Generation(LoadedModel(model, tokenizer, "causal_lm", 256), "Count:", Sampling(max_tokens=64))
+    stream = iter(generation)
+    model.allowed.release(2)  # "one", " two": the streamer hands "one " on once the next word has begun
+    assert next(stream) == "one "
+    assert model.produced == 2  # the first word came out while the rest was still to be generated
+    stream.close()  # the client went away: the generation is cancelled, and has ended when close returns
+    assert model.produced == 2 and not generation._thread.is_alive()
+
+
+def test_serving_modules_import_without_torch():
+    code = (
+        "import sys, api.serving, api.routes.inference; "
+        "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], check=True, timeout=60)

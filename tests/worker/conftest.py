@@ -1,0 +1,94 @@
+"""The worker against a real SQLite database (migrated with Alembic), a real storage directory and tiny models.
+Rows are inserted directly, as the API would leave them after creating a job."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from api.db import session_scope
+from api.ids import new_id
+from api.migrate import upgrade
+from api.orm import File, Job, JobEvent, Organization
+from api.settings import Settings
+from api.storage import Storage, file_key
+from neat_core.data.formats import DataFormat
+
+ORG = "org-test"
+
+
+def make_settings(data_dir: Path, **kw) -> Settings:
+    """Explicit URLs, so that a DATABASE_URL or BROKER_URL in the environment cannot point a test elsewhere."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    settings = Settings(
+        data_dir=data_dir,
+        NEAT_DATABASE_URL=f"sqlite:///{data_dir.resolve() / 'neat.sqlite'}",
+        NEAT_BROKER_URL=f"sqla+sqlite:///{data_dir.resolve() / 'broker.sqlite'}",
+        device="cpu",
+        checkpoint_every=2,
+        **kw,
+    )
+    upgrade(settings.resolved_database_url)
+    with session_scope(settings.resolved_database_url) as session:
+        session.add(Organization(id=ORG, name="Test org"))
+    return settings
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return make_settings(tmp_path / "data")
+
+
+def store_file(settings: Settings, rows: list[dict], fmt: str) -> str:
+    """Write a JSONL file through Storage and its File row; returns the file id."""
+    storage = Storage(settings.resolved_artifact_root)
+    data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    temp = storage.temp_path()
+    temp.write_bytes(data)
+    file_id = new_id("file")
+    key = file_key(ORG, file_id)
+    storage.commit(temp, key)
+    with session_scope(settings.resolved_database_url) as session:
+        session.add(File(id=file_id, organization_id=ORG, filename=f"{fmt}.jsonl", purpose="fine-tune",
+                         bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), format=fmt,
+                         num_examples=len(rows), storage_key=key))  # fmt: skip
+    return file_id
+
+
+def insert_job(settings: Settings, model: Path, rows: list[dict], *, fmt: str = "classification",
+               validation_rows: list[dict] | None = None, status: str = "queued", **kw) -> str:  # fmt: skip
+    """A job row as the API leaves it once queued; returns the job id."""
+    training = store_file(settings, rows, fmt)
+    validation = store_file(settings, validation_rows, fmt) if validation_rows else None
+    job = Job(
+        id=new_id("ftjob"),
+        organization_id=ORG,
+        model=str(model),
+        task=DataFormat(fmt).task,
+        training_file=training,
+        validation_file=validation,
+        suffix="tiny",
+        seed=0,
+        hyperparameters={"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": "auto"},
+        adapter={"type": "neat", "r": 4},
+        status=status,
+    )
+    for name, value in kw.items():
+        setattr(job, name, value)
+    with session_scope(settings.resolved_database_url) as session:
+        session.add(job)
+    return job.id
+
+
+def get_job(settings: Settings, job_id: str) -> Job:
+    with session_scope(settings.resolved_database_url) as session:
+        return session.scalar(select(Job).where(Job.id == job_id))
+
+
+def get_events(settings: Settings, job_id: str) -> list[JobEvent]:
+    with session_scope(settings.resolved_database_url) as session:
+        return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)))

@@ -1,0 +1,205 @@
+"""run_job end to end on tiny models: claim, progress, checkpoints, outcomes, duplicates, cancel and resume."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from sqlalchemy import select, update
+
+from api.db import session_scope
+from api.orm import Checkpoint, Job
+from api.schemas import job_object
+from api.storage import Storage, file_key, job_key
+from tests.conftest import classification_rows
+from tests.worker.conftest import ORG, get_events, get_job, insert_job
+from worker.progress import DbProgress
+from worker.runner import run_job
+
+TWO_EPOCHS = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": "auto"}  # 16 rows: 8 steps
+
+
+def checkpoints(settings, job_id) -> list[Checkpoint]:
+    with session_scope(settings.resolved_database_url) as session:
+        return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.seq)))
+
+
+def step_events(events) -> list[int]:
+    return [e.data["step"] for e in events if e.type == "metrics" and "train_loss" in e.data]
+
+
+@pytest.fixture
+def cancel_after_step(monkeypatch):
+    """Cancel as the API does (running → cancelling) right after step `n`: deterministic, where a thread would
+    race steps that take milliseconds. The cancel is polled at every step instead of once a second."""
+
+    def arm(settings, job_id: str, n: int) -> None:
+        original = DbProgress.on_step_end
+
+        def on_step_end(self, loop, metrics):
+            original(self, loop, metrics)
+            if loop.step == n:
+                with session_scope(settings.resolved_database_url) as session:
+                    session.execute(
+                        update(Job).where(Job.id == job_id, Job.status == "running").values(status="cancelling")
+                    )
+
+        monkeypatch.setattr(DbProgress, "on_step_end", on_step_end)
+        monkeypatch.setattr(DbProgress, "poll_seconds", 0.0)
+
+    return arm
+
+
+def test_job_trains_and_reports_progress(settings, tiny_models):
+    job_id = insert_job(settings, tiny_models["bert"], classification_rows(16),
+                        validation_rows=classification_rows(8), hyperparameters=TWO_EPOCHS)  # fmt: skip
+    assert run_job(job_id, settings) == "succeeded"
+
+    job = get_job(settings, job_id)
+    assert job.status == "succeeded" and job.error is None and job.attempts == 1
+    assert job.started_at <= job.finished_at and job.estimated_finish is None
+    assert job.fine_tuned_model == f"ft:{tiny_models['bert']}:{ORG}:tiny:{job_id}"
+    assert job.trained_tokens > 0
+    assert job.resolved_hyperparameters["n_epochs"] == 2 and job.resolved_hyperparameters["batch_size"] == 4
+    assert job.resolved_hyperparameters["learning_rate_multiplier"] == 1.0  # "auto", resolved
+    assert job.resolved_hyperparameters["total_steps"] == 8
+    assert {"learning_rate", "max_seq_len", "warmup_steps"} <= set(job.resolved_hyperparameters)
+    assert job.resolved_adapter["type"] == "neat" and job.resolved_adapter["r"] == 4
+    assert "target_modules" in job.resolved_adapter  # "auto" fields come back resolved
+
+    events = get_events(settings, job_id)
+    assert events[0].message == "Fine-tuning job started"
+    assert events[1].data["adapter_parameters"] > 0
+    assert events[-1].message == "The job has successfully completed"
+    assert {"train_loss", "valid_loss", "valid_accuracy"} <= set(events[-1].data)
+    assert step_events(events) == list(range(1, 9))
+    metrics = [e.data for e in events if e.type == "metrics"]
+    train = [m for m in metrics if "train_loss" in m]
+    assert all({"total_steps", "learning_rate", "train_accuracy", "epoch"} <= set(m) for m in train)
+    assert not any("valid_loss" in m for m in train)
+    valid = [m for m in metrics if "valid_loss" in m]
+    assert [m["step"] for m in valid] == [2, 4, 6, 8] and all("valid_accuracy" in m for m in valid)
+
+    # checkpoint_every=2; neat_core keeps the last three on disk, so step 2's row is marked pruned.
+    storage = Storage(settings.resolved_artifact_root)
+    rows = checkpoints(settings, job_id)
+    assert [(r.step_number, r.pruned) for r in rows] == [(2, True), (4, False), (6, False), (8, False)]
+    assert [storage.path(r.storage_key).is_dir() for r in rows] == [False, True, True, True]
+    assert rows[-1].metrics["step"] == 8 and "valid_loss" in rows[-1].metrics
+    assert sum(e.message.startswith("Checkpoint saved at step") for e in events) == 4
+
+    assert job.artifact_key == f"{job_key(ORG, job_id)}/adapter"
+    artifact = storage.path(job.artifact_key)
+    assert (artifact / "adapter_config.json").is_file() and (artifact / "manifest.json").is_file()
+
+
+def test_duplicate_delivery_changes_nothing(settings, tiny_models):
+    job_id = insert_job(settings, tiny_models["bert"], classification_rows(12))
+    assert run_job(job_id, settings) == "succeeded"
+    before = get_job(settings, job_id)
+    n_events = len(get_events(settings, job_id))
+
+    assert run_job(job_id, settings) == "skipped"
+    after = get_job(settings, job_id)
+    assert job_object(after) == job_object(before)
+    assert (after.attempts, after.started_at) == (1, before.started_at)
+    assert len(get_events(settings, job_id)) == n_events
+
+
+def test_cancelled_job_is_never_started(settings, tiny_models):
+    job_id = insert_job(settings, tiny_models["bert"], classification_rows(12), status="cancelled")
+    assert run_job(job_id, settings) == "skipped"
+    job = get_job(settings, job_id)
+    assert (job.status, job.attempts, job.started_at) == ("cancelled", 0, None)
+    assert get_events(settings, job_id) == []
+    assert not Storage(settings.resolved_artifact_root).path(job_key(ORG, job_id)).exists()
+
+
+def test_cancel_stops_after_the_step_and_keeps_a_checkpoint(settings, tiny_models, cancel_after_step):
+    job_id = insert_job(settings, tiny_models["bert"], classification_rows(16), hyperparameters=TWO_EPOCHS)
+    cancel_after_step(settings, job_id, 3)
+    assert run_job(job_id, settings) == "cancelled"
+
+    job = get_job(settings, job_id)
+    assert job.status == "cancelled" and job.finished_at is not None
+    assert job.fine_tuned_model is None and job.artifact_key is None
+    events = get_events(settings, job_id)
+    assert events[-1].message == "Job cancelled at step 3; last checkpoint kept"
+    assert step_events(events) == [1, 2, 3]
+    rows = checkpoints(settings, job_id)
+    assert [r.step_number for r in rows] == [2, 3]  # the scheduled one, and the one written on cancel
+    storage = Storage(settings.resolved_artifact_root)
+    assert (storage.path(rows[-1].storage_key) / "adapter" / "adapter_model.safetensors").is_file()
+    assert not storage.path(f"{job_key(ORG, job_id)}/adapter").exists()
+
+
+def test_requeued_job_resumes_from_its_checkpoint(settings, tiny_models, cancel_after_step, monkeypatch):
+    job_id = insert_job(settings, tiny_models["bert"], classification_rows(16), hyperparameters=TWO_EPOCHS)
+    cancel_after_step(settings, job_id, 3)
+    assert run_job(job_id, settings) == "cancelled"
+    monkeypatch.undo()
+    with session_scope(settings.resolved_database_url) as session:  # requeued, as an operator would
+        session.execute(update(Job).where(Job.id == job_id).values(status="queued", finished_at=None))
+    n_before = len(get_events(settings, job_id))
+
+    assert run_job(job_id, settings) == "succeeded"
+    job = get_job(settings, job_id)
+    assert job.status == "succeeded" and job.attempts == 2
+    events = get_events(settings, job_id)[n_before:]
+    assert [e.message for e in events[:2]] == ["Fine-tuning job started", "Resuming from checkpoint at step 3"]
+    assert step_events(events) == [4, 5, 6, 7, 8]  # continued, not restarted
+    assert [r.step_number for r in checkpoints(settings, job_id)] == [2, 3, 4, 6, 8]
+    manifest = Storage(settings.resolved_artifact_root).path(job.artifact_key) / "manifest.json"
+    assert '"steps": 8' in manifest.read_text()
+
+
+def test_data_that_breaks_training_fails_the_job(settings, tiny_models):
+    one_class = [{"text": f"great product #{i}", "label": "positive"} for i in range(12)]  # valid lines, one label
+    job_id = insert_job(settings, tiny_models["bert"], one_class)
+    assert run_job(job_id, settings) == "failed"  # returned, not raised: the worker takes the next job
+
+    job = get_job(settings, job_id)
+    assert job.status == "failed" and job.finished_at is not None
+    assert job.error["code"] == "invalid_file" and "two distinct labels" in job.error["message"]
+    last = get_events(settings, job_id)[-1]
+    assert last.level == "error" and "two distinct labels" in last.message
+
+
+def test_deleted_training_file_fails_the_job(settings, tiny_models):
+    job_id = insert_job(settings, tiny_models["bert"], classification_rows(12))
+    job = get_job(settings, job_id)
+    Storage(settings.resolved_artifact_root).delete(file_key(ORG, job.training_file))
+
+    assert run_job(job_id, settings) == "failed"
+    error = get_job(settings, job_id).error
+    assert error["code"] == "file_not_found" and error["param"] == "training_file"
+    assert job.training_file in error["message"]
+
+
+def test_unexpected_error_fails_the_job_with_its_traceback_logged(settings, tiny_models, monkeypatch, caplog):
+    import neat_core.train
+
+    def out_of_memory(spec, callbacks=()):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(neat_core.train, "train", out_of_memory)
+    job_id = insert_job(settings, tiny_models["bert"], classification_rows(12))
+    with caplog.at_level(logging.ERROR, logger="worker.runner"):
+        assert run_job(job_id, settings) == "failed"
+    error = get_job(settings, job_id).error
+    assert error == {"code": "training_error", "message": "RuntimeError: CUDA out of memory", "param": None}
+    assert any(r.exc_info for r in caplog.records)
+
+
+def test_a_worker_stopped_mid_job_hands_the_job_back(settings, tiny_models, monkeypatch):
+    import neat_core.train
+
+    def shutdown(spec, callbacks=()):
+        raise SystemExit(1)  # what celery's cold shutdown raises inside a running task
+
+    monkeypatch.setattr(neat_core.train, "train", shutdown)
+    job_id = insert_job(settings, tiny_models["bert"], classification_rows(12))
+    with pytest.raises(SystemExit):
+        run_job(job_id, settings)
+    job = get_job(settings, job_id)
+    assert (job.status, job.attempts) == ("queued", 1)  # the redelivered message can claim it and resume

@@ -1,0 +1,15 @@
+"""The worker's Celery app: `celery -A worker.app worker ...`.
+
+The configuration is the one the API sends with (`api.queue.make_celery`), so both sides agree on the broker, the
+queue and the ack policy. Importing this module must not import torch: a prefork pool forks its children after
+importing the task modules, and children that inherit torch's thread pools can deadlock. The runner imports
+neat_core inside the task instead.
+"""
+
+from __future__ import annotations
+
+from api.queue import make_celery
+from api.settings import get_settings
+
+app = make_celery(get_settings())
+app.conf.include = ["worker.tasks"]  # imported when the worker starts, so the task name is registered

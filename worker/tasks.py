@@ -1,0 +1,13 @@
+"""Celery tasks. Thin, like views: the message carries a job id, the runner re-reads everything from the database
+and claims the row with a conditional update, so a duplicate or late delivery is a no-op."""
+
+from __future__ import annotations
+
+from api.queue import TRAIN_TASK
+from worker.app import app
+from worker.runner import run_job
+
+
+@app.task(name=TRAIN_TASK)
+def train_job(job_id: str) -> None:
+    run_job(job_id)
