@@ -4,6 +4,7 @@ only here. Domain errors from neat_core are translated at the route boundary int
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,8 +16,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("api")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          409: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
-          429: "rate_limit_error", 503: "service_unavailable"}  # fmt: skip
+          405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}  # fmt: skip
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class APIError(Exception):
@@ -45,6 +47,23 @@ def error_body(status: int, message: str, code: str | None, param: str | None, *
     return {"error": {**error, **extra}}
 
 
+def _first_problem(errors: list[dict]) -> tuple[str | None, str]:
+    """(param, message) of the first invalid field. pydantic reports a union (`"auto" | int`) once per branch,
+    with the branch's name in `loc`: drop those names, and prefer a branch's own complaint ("must be >= 1") over
+    the literal branch's ("should be 'auto'")."""
+
+    def field_path(error: dict) -> str:
+        parts = [p for p in error.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        return ".".join(str(p) for p in parts if isinstance(p, int) or _FIELD.match(str(p)))
+
+    if not errors:
+        return None, "Invalid request."
+    path = field_path(errors[0])
+    same_field = [e for e in errors if field_path(e) == path]
+    best = next((e for e in same_field if e.get("type") != "literal_error"), same_field[0])
+    return path or None, best.get("msg", "Invalid request.")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -53,10 +72,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
-        param = ".".join(loc) or None
-        message = f"{param}: {first['msg']}" if param else first["msg"]
+        param, message = _first_problem(exc.errors())
+        message = f"{param}: {message}" if param else message
         return JSONResponse(error_body(400, message, "invalid_request", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

@@ -56,8 +56,8 @@ ORG_B = Org("org-beta", "sk-test-beta-0123456789abcdef")
 
 @pytest.fixture(scope="package", autouse=True)
 def _no_ambient_data_dir(tmp_path_factory) -> Iterator[None]:
-    """The app's own settings come from the overridden dependency; anything that still reads the process-wide
-    settings (the Celery client does, and creates its data dir) gets a throw-away one, not the repository's `data/`."""
+    """The app's own settings come from the overridden dependency; should anything still read the process-wide
+    settings (`get_settings()` creates its data dir), it gets a throw-away one, not the repository's `data/`."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NEAT_DATA_DIR", str(tmp_path_factory.mktemp("ambient-data")))
         get_settings.cache_clear()
@@ -149,9 +149,11 @@ class Api:
         assert response.status_code == 200, response.text
         return response.json()
 
-    def create_job(self, training_file: str, *, org: Org | None = None, **body: Any) -> httpx.Response:
-        return self.post("/v1/fine_tuning/jobs", org=org, json={"model": body.pop("model", SMOLLM2),
-                                                               "training_file": training_file, **body})  # fmt: skip
+    def create_job(self, training_file: str, *, org: Org | None = None, headers: dict[str, str] | None = None,
+                   **body: Any) -> httpx.Response:  # fmt: skip
+        """POST a job (SmolLM2 unless `model` is given); `body` holds the other request fields."""
+        body = {"model": body.pop("model", SMOLLM2), "training_file": training_file, **body}
+        return self.post("/v1/fine_tuning/jobs", org=org, headers=headers or {}, json=body)
 
     def create_job_ok(self, training_file: str, **kwargs: Any) -> dict:
         response = self.create_job(training_file, **kwargs)
@@ -184,7 +186,7 @@ def make_api(db_url, orgs, tmp_path, broker_url):
             **overrides,
         }
         settings = Settings(**values)
-        assert (settings.database_url, settings.broker_url) == (db_url, broker_url)  # not the environment's
+        assert (settings.database_url, settings.broker_url) == (values["database_url"], values["broker_url"])
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         app = create_app()
         app.dependency_overrides[get_settings] = lambda: settings

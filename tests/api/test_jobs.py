@@ -188,8 +188,6 @@ def test_bad_hyperparameters(api, chat_file, form, name, value):
 
 
 @sqlite_only
-@pytest.mark.xfail(strict=True, reason="bug: api/errors.py reports pydantic's union-member tag in `param` "
-                   "(e.g. \"hyperparameters.n_epochs.literal['auto']\") and the 'auto' branch's message")  # fmt: skip
 @pytest.mark.parametrize("name, value", BAD_HYPERPARAMETERS[:1])
 def test_bad_hyperparameter_param_is_the_field(api, chat_file, name, value):
     error = assert_error(api.create_job(chat_file, hyperparameters={name: value}), 400)
