@@ -29,7 +29,7 @@ class PrintProgress(Callback):
         )
 
     def on_step_end(self, loop, metrics):
-        if loop.step % 10 == 0:
+        if loop.step % 25 == 0:
             print(f"  step {loop.step:4d}  train_loss {metrics['train_loss']:.4f}", flush=True)
 
     def on_evaluate(self, loop, metrics):
@@ -57,8 +57,7 @@ def main() -> None:
             base_model=MINILM,
             training_file=data / "train.jsonl",
             validation_file=data / "heldout.jsonl",
-            output_dir=args.out,
-            n_epochs=1,
+            output_dir=args.out,  # epochs, batch size, learning rate, r, targets: all "auto"
             device=args.device,
         ),
         callbacks=[PrintProgress()],
