@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft import PeanutConfig, PeftConfig, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.peanut.layer import Linear as PeanutLinear
@@ -39,6 +40,23 @@ from neat_core.methods.base import (
 from neat_core.methods.registry import register
 
 
+def neat_hidden(
+    weight_t: torch.Tensor, a: torch.Tensor, encoders: list[torch.Tensor], decoders: list[torch.Tensor], act_fn: str
+) -> torch.Tensor:
+    """H = φ(W0ᵀ A_wᵀ) through the encoder/decoder stack, in peft's exact order (training, merging, LoRA export and
+    serving all use this one function). weight_t: (d_in, d_out), a: (r, d_out), encoders/decoders: (r, r) each.
+    Returns (d_in, r)."""
+    act = ACT2FN[act_fn]
+    h = act(torch.matmul(weight_t, a.t()))  # (d_in, r)
+    residuals = []
+    for encoder in encoders:
+        residuals.append(h)
+        h = act(F.linear(h, encoder))
+    for i, decoder in enumerate(decoders):
+        h = act(F.linear(h, decoder)) + residuals[-1 - i]  # U-Net style: add the mirrored encoder input
+    return h
+
+
 class NeatLinear(PeanutLinear):
     """peft's PEANuT layer with the factored forward; wraps `nn.Linear` or `Conv1D`."""
 
@@ -56,7 +74,7 @@ class NeatLinear(PeanutLinear):
         self.update_layer(adapter_name, r, config=config)
 
     def hidden(self, adapter: str, base_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """H = φ(W0ᵀ A_wᵀ) through the encoder/decoder stack, in peft's exact order. Returns (d_in, r)."""
+        """H for this layer's adapter, from its current (or a given original) base weight. Returns (d_in, r)."""
         weight = self.get_base_layer().weight if base_weight is None else base_weight
         w_t = weight if self.fan_in_fan_out else weight.t()  # (d_in, d_out)
         a = self.peanut_A[adapter].weight  # (r, d_out)
@@ -64,15 +82,9 @@ class NeatLinear(PeanutLinear):
         # fp32 there would copy the whole frozen weight for nothing.
         if w_t.dtype != a.dtype and not torch.is_autocast_enabled(w_t.device.type):
             w_t = w_t.to(a.dtype)
-        act = ACT2FN[self.act_fn[adapter]]
-        h = act(torch.matmul(w_t, a.t()))  # (d_in, r)
-        residuals = []
-        for encoder in self.peanut_encoders[adapter]:
-            residuals.append(h)
-            h = act(encoder(h))
-        for i, decoder in enumerate(self.peanut_decoders[adapter]):
-            h = act(decoder(h)) + residuals[-1 - i]  # U-Net style: add the mirrored encoder input
-        return h
+        encoders = [e.weight for e in self.peanut_encoders[adapter]]
+        decoders = [d.weight for d in self.peanut_decoders[adapter]]
+        return neat_hidden(w_t, a, encoders, decoders, self.act_fn[adapter])
 
     def _compute_delta_weight(self, adapter: str, base_weight: torch.Tensor) -> torch.Tensor:
         """ΔW = s · B_w Hᵀ in the base layer's own layout. Only merge (and peft's get_delta_weight) call this."""

@@ -1,0 +1,317 @@
+"""Many adapters, one base model, one batch: each row of a batch picks its own adapter (or none).
+
+Every adapter is per-module low-rank factors (`factors.AdapterFactors`), loaded into a numbered *slot*. Each
+targeted base layer is wrapped once by a `MultiAdapterLinear` holding the stacked factors of all slots, and a batch
+gathers them per row (the Punica / S-LoRA layout):
+
+    y = base(x) + (x A[idx]ᵀ) B[idx]ᵀ      A: (n_slots, r_max, d_in)   B: (n_slots, d_out, r_max)   idx: (B,)
+
+Slot 0 is all zeros (base-model rows) and smaller ranks are zero-padded to r_max, both exact. A classification
+adapter's own head (peft's modules_to_save) is served the same way with full per-row weights (`MultiAdapterHead`).
+
+Written by hand because peft serves one adapter per forward (its mixed-batch mode loops over adapters in Python and
+still wraps the model per adapter), and NEAT's factors are computed here, not by peft.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from neat_core.errors import ArtifactError
+from neat_core.serving.factors import AdapterFactors
+
+
+class SlotContext:
+    """The current batch's slot per row, shared by every wrapped layer of one `MultiAdapterModel`."""
+
+    def __init__(self) -> None:
+        self.idx: Tensor | None = None  # (B,) long; None = every row on the base model
+        self.slots: frozenset[int] = frozenset()  # the non-zero slots in this batch, to skip untouched layers
+
+    def rows(self, idx: Tensor | None, slots: frozenset[int]) -> None:
+        self.idx, self.slots = idx, slots
+
+    def active_for(self, occupied: set[int]) -> bool:
+        return self.idx is not None and not self.slots.isdisjoint(occupied)
+
+
+class MultiAdapterLinear(nn.Module):
+    """A base `nn.Linear` or GPT-2 `Conv1D` plus the low-rank factors of every slot. The base layer stays a child
+    (`base_layer`), so its weights are shared, never copied; the factor tables are non-persistent buffers."""
+
+    def __init__(self, base_layer: nn.Module, context: SlotContext):
+        super().__init__()
+        self.base_layer = base_layer
+        self.context = context
+        weight = base_layer.weight
+        # Conv1D stores (d_in, d_out); the factors use the nn.Linear view (d_out, d_in).
+        self.out_features, self.in_features = weight.shape if isinstance(base_layer, nn.Linear) else weight.t().shape
+        self.register_buffer("A", weight.new_zeros(1, 0, self.in_features), persistent=False)  # (n_slots, r, d_in)
+        self.register_buffer("B", weight.new_zeros(1, self.out_features, 0), persistent=False)  # (n_slots, d_out, r)
+        self.occupied: set[int] = set()
+
+    def reserve(self, n_slots: int, rank: int = 0) -> None:
+        """Grow the tables to `n_slots` slots and rank `rank` at least, zero-filled: existing slots are unchanged."""
+        n, r = max(n_slots, self.A.shape[0]), max(rank, self.A.shape[1])
+        if (n, r) == (self.A.shape[0], self.A.shape[1]):
+            return
+        a = self.A.new_zeros(n, r, self.in_features)
+        b = self.B.new_zeros(n, self.out_features, r)
+        a[: self.A.shape[0], : self.A.shape[1]] = self.A
+        b[: self.B.shape[0], :, : self.B.shape[2]] = self.B
+        self.A, self.B = a, b
+
+    def set_slot(self, slot: int, a: Tensor, b: Tensor) -> None:
+        """a: (r, d_in), b: (d_out, r), any scale already folded into b."""
+        self.reserve(slot + 1, a.shape[0])
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        self.A[slot, : a.shape[0]] = a.to(self.A)
+        self.B[slot, :, : b.shape[1]] = b.to(self.B)
+        self.occupied.add(slot)
+
+    def clear_slot(self, slot: int) -> None:
+        if slot < self.A.shape[0]:
+            self.A[slot].zero_()
+            self.B[slot].zero_()
+        self.occupied.discard(slot)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_layer(x)  # (B, T, d_out)
+        if not self.context.active_for(self.occupied):
+            return y  # no row of this batch has an adapter on this layer: base speed
+        idx = self.context.idx
+        xs = x.reshape(idx.shape[0], -1, self.in_features).to(self.A.dtype)  # (B, T, d_in)
+        h = torch.bmm(xs, self.A[idx].transpose(1, 2))  # (B, T, r_max)
+        delta = torch.bmm(h, self.B[idx].transpose(1, 2))  # (B, T, d_out)
+        return y + delta.reshape(y.shape).to(y.dtype)
+
+
+class MultiAdapterHead(nn.Module):
+    """A base head `nn.Linear` (e.g. `classifier`, `score`) plus each slot's own trained copy of it.
+
+    Adapters may have different label counts: the output is zero-padded to the widest head loaded, and
+    `MultiAdapterModel.classify` cuts each row back to its own labels. Rows whose slot has no head here (base
+    rows) use the base layer itself."""
+
+    def __init__(self, base_layer: nn.Linear, context: SlotContext):
+        super().__init__()
+        self.base_layer = base_layer
+        self.context = context
+        weight = base_layer.weight  # (L0, d_in)
+        self.register_buffer("W", weight.new_zeros(1, 0, weight.shape[1]), persistent=False)  # (n_slots, L, d_in)
+        self.register_buffer("b", weight.new_zeros(1, 0), persistent=False)  # (n_slots, L)
+        self.register_buffer("has_head", torch.zeros(1, dtype=torch.bool, device=weight.device), persistent=False)
+        self.occupied: set[int] = set()
+
+    def reserve(self, n_slots: int, width: int = 0) -> None:
+        n, w = max(n_slots, self.W.shape[0]), max(width, self.W.shape[1])
+        if (n, w) == tuple(self.W.shape[:2]):
+            return
+        weight, bias = self.W.new_zeros(n, w, self.W.shape[2]), self.b.new_zeros(n, w)
+        has_head = self.has_head.new_zeros(n)
+        weight[: self.W.shape[0], : self.W.shape[1]] = self.W
+        bias[: self.b.shape[0], : self.b.shape[1]] = self.b
+        has_head[: self.has_head.shape[0]] = self.has_head
+        self.W, self.b, self.has_head = weight, bias, has_head
+
+    def set_slot(self, slot: int, weight: Tensor, bias: Tensor | None) -> None:
+        """weight: (L, d_in), bias: (L,) or None."""
+        self.reserve(slot + 1, weight.shape[0])
+        self.clear_slot(slot)
+        self.W[slot, : weight.shape[0]] = weight.to(self.W)
+        if bias is not None:
+            self.b[slot, : bias.shape[0]] = bias.to(self.b)
+        self.has_head[slot] = True
+        self.occupied.add(slot)
+
+    def clear_slot(self, slot: int) -> None:
+        if slot < self.W.shape[0]:
+            self.W[slot].zero_()
+            self.b[slot].zero_()
+            self.has_head[slot] = False
+        self.occupied.discard(slot)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_layer(x)  # (B, ..., L0)
+        if not self.context.active_for(self.occupied):
+            return y
+        idx = self.context.idx
+        own = torch.einsum("b...i,boi->b...o", x.to(self.W.dtype), self.W[idx])  # (B, ..., L)
+        own = own + self.b[idx].view(idx.shape[0], *[1] * (x.dim() - 2), -1)
+        width = max(y.shape[-1], own.shape[-1])
+        pick = self.has_head[idx].view(-1, *[1] * (y.dim() - 1))  # (B, 1, ..., 1)
+        return torch.where(pick, F.pad(own, (0, width - own.shape[-1])).to(y.dtype), F.pad(y, (0, width - y.shape[-1])))
+
+
+class MultiAdapterModel:
+    """One frozen base model serving every loaded adapter; each batch row names its adapter (None = base).
+
+    Not thread-safe: the per-row slots live in a context shared by the wrapped layers for the duration of one
+    forward, so a `MultiAdapterModel` runs one batch at a time (the serving loop owns it). `add`/`remove` must not
+    run during a forward either.
+
+    Wrapping is lazy: the first adapter that targets a layer replaces it in the base model with a
+    `MultiAdapterLinear` (or `MultiAdapterHead`) around the same layer object; the base weights are never copied
+    or changed. Callers put the base model in eval mode and run under `torch.no_grad()` / `inference_mode()`.
+    """
+
+    def __init__(self, base_model: nn.Module):
+        self.model = base_model
+        self.context = SlotContext()
+        self._slots: dict[str, int] = {}
+        self._adapters: dict[str, AdapterFactors] = {}
+        self._num_labels: dict[str, int | None] = {}
+        self._layers: dict[str, MultiAdapterLinear | MultiAdapterHead] = {}
+
+    def slots(self) -> dict[str, int]:
+        """adapter id -> slot, for every loaded adapter."""
+        return dict(self._slots)
+
+    def add(self, factors: AdapterFactors) -> int:
+        """Load an adapter's factors into a free slot (the lowest one) and return it."""
+        if factors.adapter_id in self._slots:
+            raise ValueError(
+                f"adapter {factors.adapter_id!r} is already loaded (slot {self._slots[factors.adapter_id]})"
+            )
+        heads = self._group_head(factors)
+        self._check_fits(factors, heads)  # before touching any table, so a bad adapter leaves nothing behind
+        used = set(self._slots.values())
+        slot = next(s for s in range(1, len(used) + 2) if s not in used)
+        for name, (a, b) in factors.factors.items():
+            self._wrap(name, MultiAdapterLinear).set_slot(slot, a, b)
+        for name, (weight, bias) in heads.items():
+            self._wrap(name, MultiAdapterHead).set_slot(slot, weight, bias)
+        self._slots[factors.adapter_id] = slot
+        self._adapters[factors.adapter_id] = factors
+        # The number of logits this adapter's rows produce: its labels, else the width of its last head layer.
+        self._num_labels[factors.adapter_id] = (
+            len(factors.labels) if factors.labels else (heads[self._last(heads)][0].shape[0] if heads else None)
+        )
+        n_slots = max(self._slots.values()) + 1
+        for layer in self._layers.values():  # every table covers every slot, so idx never runs past one
+            layer.reserve(n_slots)
+        return slot
+
+    def remove(self, adapter_id: str) -> None:
+        """Free the adapter's slot (its rows of every table become zeros); wrapped layers stay wrapped."""
+        if adapter_id not in self._slots:
+            raise KeyError(f"adapter {adapter_id!r} is not loaded")
+        slot = self._slots.pop(adapter_id)
+        del self._adapters[adapter_id]
+        del self._num_labels[adapter_id]
+        for layer in self._layers.values():
+            layer.clear_slot(slot)
+
+    @contextmanager
+    def rows(self, adapter_ids: list[str | None], device: torch.device | str) -> Iterator[None]:
+        """Set each row's slot for the forwards inside the block (None = the base model)."""
+        unknown = sorted({a for a in adapter_ids if a is not None and a not in self._slots})
+        if unknown:
+            raise KeyError(f"adapters not loaded: {unknown}")
+        slots = [0 if a is None else self._slots[a] for a in adapter_ids]
+        active = frozenset(slots) - {0}
+        self.context.rows(torch.tensor(slots, device=device) if active else None, active)
+        try:
+            yield
+        finally:
+            self.context.rows(None, frozenset())
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        adapter_ids: list[str | None] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the base model with row i on adapter `adapter_ids[i]` (None: every row on the base model); returns
+        the base model's own output. Don't pass `labels`: a row's logits may be wider than the base head's.
+
+        Causal LM: logits (B, T, V); `past_key_values` / `use_cache` pass through, so a generation loop calls this
+        once per step with the same `adapter_ids` (the cache holds each row's adapted keys and values).
+        Classification: logits (B, L_max), zero-padded past each row's label count; `classify` trims them.
+        """
+        adapter_ids = [None] * input_ids.shape[0] if adapter_ids is None else adapter_ids
+        if len(adapter_ids) != input_ids.shape[0]:
+            raise ValueError(f"{len(adapter_ids)} adapter ids for a batch of {input_ids.shape[0]} rows")
+        with self.rows(adapter_ids, input_ids.device):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    __call__ = forward
+
+    def classify(self, input_ids: Tensor, attention_mask: Tensor | None, adapter_ids: list[str | None]) -> list[Tensor]:
+        """Per-row classification logits, each (n_labels of that row's adapter,): rows of one batch may use heads
+        with different label counts, so the result is a list rather than one tensor."""
+        logits = self.forward(input_ids, attention_mask, adapter_ids=adapter_ids).logits  # (B, L_max)
+        return [row[: self.num_labels(a)] for row, a in zip(logits, adapter_ids, strict=True)]
+
+    def num_labels(self, adapter_id: str | None) -> int:
+        """How many logits a row on this adapter has (the base model's own count for base rows)."""
+        own = self._num_labels[adapter_id] if adapter_id is not None else None
+        return own if own is not None else int(self.model.config.num_labels)
+
+    def labels(self, adapter_id: str | None) -> list[str]:
+        """The label names of a row's head: the adapter's manifest labels, else the base model's id2label."""
+        own = self._adapters[adapter_id].labels if adapter_id is not None else None
+        if own:
+            return list(own)
+        id2label = self.model.config.id2label
+        return [id2label[i] for i in range(self.num_labels(adapter_id))]
+
+    def _wrap(
+        self, name: str, kind: type[MultiAdapterLinear | MultiAdapterHead]
+    ) -> MultiAdapterLinear | MultiAdapterHead:
+        if name not in self._layers:
+            parent, _, child = name.rpartition(".")
+            owner = self.model.get_submodule(parent) if parent else self.model
+            layer = kind(getattr(owner, child), self.context)
+            setattr(owner, child, layer)
+            self._layers[name] = layer
+        return self._layers[name]
+
+    def _base_layer(self, name: str) -> nn.Module | None:
+        if name in self._layers:
+            return self._layers[name].base_layer
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            return None
+
+    def _last(self, heads: dict[str, Any]) -> str:
+        """The head layer that comes last in the model (RoBERTa's `classifier.out_proj` after `classifier.dense`)."""
+        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
+        return max(heads, key=lambda name: order.get(name, -1))
+
+    @staticmethod
+    def _group_head(factors: AdapterFactors) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """{"classifier.weight", "classifier.bias"} -> {"classifier": (weight (L, d_in), bias (L,) | None)}."""
+        heads: dict[str, tuple[Tensor, Tensor | None]] = {}
+        for key in sorted(factors.head or {}):
+            module, _, param = key.rpartition(".")
+            if param == "weight":
+                heads[module] = (factors.head[key], (factors.head or {}).get(f"{module}.bias"))
+        return heads
+
+    def _check_fits(self, factors: AdapterFactors, heads: dict[str, tuple[Tensor, Tensor | None]]) -> None:
+        problems = []
+        for name, (a, b) in factors.factors.items():
+            layer = self._base_layer(name)
+            if not isinstance(layer, nn.Linear | Conv1D):
+                problems.append(f"{name}: not a Linear/Conv1D layer of this model")
+                continue
+            d_out, d_in = layer.weight.shape if isinstance(layer, nn.Linear) else layer.weight.t().shape
+            if a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
+                problems.append(f"{name}: factors {tuple(a.shape)}, {tuple(b.shape)} vs weight ({d_out}, {d_in})")
+        for name, (weight, _) in heads.items():
+            layer = self._base_layer(name)
+            if not isinstance(layer, nn.Linear) or weight.shape[1] != layer.in_features:
+                problems.append(f"{name}: head {tuple(weight.shape)} does not fit this model")
+        if problems:
+            raise ArtifactError(f"adapter {factors.adapter_id!r} does not fit this base model: {'; '.join(problems)}")
