@@ -42,6 +42,10 @@ def start_worker(settings: Settings) -> subprocess.Popen:
 
 
 def main() -> None:
+    # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal under the handler it found; with the
+    # default handler the process would die right there and leave the worker running. Turning SIGTERM into
+    # SystemExit (as SIGINT is KeyboardInterrupt) lets the `finally` below stop the worker on every exit path.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     settings = get_settings()
     upgrade(settings.resolved_database_url)
     key = bootstrap_key(settings)
@@ -53,11 +57,21 @@ def main() -> None:
     try:
         uvicorn.run("api.main:app", host=settings.host, port=settings.port, log_level="info")
     finally:
+        stop_worker(worker)
+
+
+def stop_worker(worker: subprocess.Popen) -> None:
+    """Celery's warm shutdown (SIGTERM) lets a running job reach its next step boundary and re-queue itself; after
+    30 s the whole group is killed (the job then resumes from its last checkpoint on the next start)."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
         try:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(worker.pid, signal.SIGKILL)
+            os.killpg(worker.pid, sig)
+            worker.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 if __name__ == "__main__":
