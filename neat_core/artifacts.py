@@ -61,14 +61,15 @@ def save_artifact(model: PeftModel, out_dir: Path, *, base_model: str, manifest:
     tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex}.tmp"
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, save_embedding_layers=False)  # True/"auto" would look the base up on a hub
+    weights_hash = base_weights_sha256(model)
     if method.exportable_to_lora:
-        export_lora(model, tmp / "lora", base_model_id=base_model)
+        export_lora(model, tmp / "lora", base_model_id=base_model, base_weights_hash=weights_hash)
     full = {
         "format_version": FORMAT_VERSION,
         "created_at": int(time.time()),
         "method": method.name,
         "base_model": base_model,
-        "base_weights_sha256": base_weights_sha256(model),
+        "base_weights_sha256": weights_hash,
         **parameter_counts(model),
         "versions": library_versions(),
         **manifest,

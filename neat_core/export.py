@@ -50,8 +50,11 @@ def base_weights_sha256(model: PeftModel) -> str:
     return digest.hexdigest()
 
 
-def export_lora(model: PeftModel, out_dir: str | os.PathLike, base_model_id: str | None = None) -> Path:
-    """Write the active adapter of `model` as a stock peft LoRA directory; returns its path."""
+def export_lora(
+    model: PeftModel, out_dir: str | os.PathLike, base_model_id: str | None = None, base_weights_hash: str | None = None
+) -> Path:
+    """Write the active adapter of `model` as a stock peft LoRA directory; returns its path. `base_weights_hash`:
+    `base_weights_sha256(model)` if the caller already has it (hashing reads every adapted weight)."""
     method = method_of(model)
     if not method.exportable_to_lora:
         raise ArtifactError(f"{method.name} adapters have no exact LoRA form")
@@ -88,7 +91,11 @@ def export_lora(model: PeftModel, out_dir: str | os.PathLike, base_model_id: str
     save_file(tensors, tmp / "adapter_model.safetensors")
     (tmp / "export.json").write_text(
         json.dumps(
-            {"source_method": method.name, "rank": r, "base_weights_sha256": base_weights_sha256(model)},
+            {
+                "source_method": method.name,
+                "rank": r,
+                "base_weights_sha256": base_weights_hash or base_weights_sha256(model),
+            },
             indent=2,
         )
     )
