@@ -61,9 +61,10 @@ def main() -> None:
 
 
 def stop_worker(worker: subprocess.Popen) -> None:
-    """Celery's warm shutdown (SIGTERM) lets a running job reach its next step boundary and re-queue itself; after
-    30 s the whole group is killed (the job then resumes from its last checkpoint on the next start)."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+    """Warm shutdown first (SIGTERM: finish the current task), then cold (SIGQUIT: a running job is interrupted and
+    re-queues itself, to resume from its last checkpoint), then SIGKILL: the group is gone within 20 s, before a
+    supervisor that gives this process 30 s to exit would kill it and orphan the worker."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGQUIT, 8), (signal.SIGKILL, 2)):
         try:
             os.killpg(worker.pid, sig)
             worker.wait(timeout=wait)

@@ -118,6 +118,25 @@ def service(request, tmp_path_factory):
             key = printed.group(1)
             assert (Path(env["NEAT_DATA_DIR"]) / "neat.sqlite").exists()  # embedded: SQLite under the data dir
         yield Service(url, key, logs)
+    _assert_nothing_left_running(env["NEAT_DATA_DIR"])
+
+
+def _assert_nothing_left_running(data_dir: str, timeout: float = 10) -> None:
+    """Stopping the service stops all of it: no worker (or pool child) of this data directory outlives it."""
+    marker = f"NEAT_DATA_DIR={data_dir}".encode()
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and marker in (proc / "environ").read_bytes().split(b"\0"):
+                    alive.append((proc.name, (proc / "cmdline").read_bytes().replace(b"\0", b" ")[:120]))
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not alive, f"processes left running: {alive}"
 
 
 def _jsonl(rows: list[dict]) -> bytes:
