@@ -10,7 +10,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -70,8 +69,6 @@ class Storage:
         else:
             target.unlink(missing_ok=True)
 
-    def scratch_dir(self) -> Path:
-        return Path(tempfile.mkdtemp(dir=self.temp_path().parent))
 
 
 def file_key(org_id: str, file_id: str) -> str:

@@ -73,11 +73,6 @@ def encode_examples(
     return kept
 
 
-def count_tokens(encoded: Iterable[dict]) -> int:
-    """Total input tokens (padding excluded): what a job reports as `trained_tokens` per epoch."""
-    return sum(len(row["input_ids"]) for row in encoded)
-
-
 @dataclass
 class Collator:
     """Right-pads rows to the longest in the batch. Returns long tensors: `input_ids` and `attention_mask`
