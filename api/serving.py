@@ -1,11 +1,14 @@
-"""Serving in this process: loaded models kept in an LRU cache, and generation and classification on them.
+"""Serving in this process: the batching engines, a fallback for models that cannot be batched, and the calls
+that run them.
 
-One `ServingEngine` per process. A model is a catalog base model, or a fine-tuned adapter on top of its base (each
-loaded model holds its own copy of the base weights, hence the small capacity). Concurrent first requests for a
-model load it once; requests on one model run one at a time, on different models side by side.
+Every NEAT or LoRA adapter is served by the `BatchEngine` (neat_core.serving) of its base model: one frozen copy
+of each base model per process, adapters kept as low-rank factors in a byte-bounded cache, and concurrent requests
+for any mix of adapters and the bare base model batched together, token by token. An artifact the batched path
+cannot express (another method, or LoRA options such as DoRA) is served on its own: a whole model per adapter in
+a small LRU (`serving_max_models`), one request at a time per model.
 
 The web tier imports this module without torch: torch, transformers and neat_core's loaders are imported inside the
-functions that need them, on the first request served. (Batching requests together is a later step.)
+functions that need them, on the first request served.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,23 +27,26 @@ from fastapi import Depends
 
 from api.deps import SettingsDep
 from api.errors import APIError
+from api.generation import (
+    BatchedGeneration,
+    Generation,
+    LoadedModel,
+    PromptError,
+    Sampling,
+    ServingError,
+    SoloGeneration,
+    UnknownModel,
+    encode_prompt,
+)
+from api.settings import Settings
+from neat_core.methods.specs import BATCHED_METHODS
 from neat_core.models.catalog import CLASSIFICATION
+
+__all__ = ["Generation", "ModelRef", "PromptError", "Sampling", "ServingEngine", "ServingError", "UnknownModel"]
 
 log = logging.getLogger("api.serving")
 
 CLASSIFY_BATCH = 32  # texts per forward pass: bounds memory for a long `input` list
-
-
-class ServingError(Exception):
-    """A model could not be loaded or run: the server's fault, whatever the low-level cause (chained)."""
-
-
-class PromptError(ValueError):
-    """The request cannot be run on this model (the caller's fault). `code` is the API error code."""
-
-    def __init__(self, message: str, code: str = "invalid_prompt"):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -50,24 +57,8 @@ class ModelRef:
     task: str  # causal_lm | classification
     base_model: str
     artifact_dir: Path | None = None  # a fine-tuned adapter; None serves the base model itself
-
-
-@dataclass
-class LoadedModel:
-    model: Any  # a transformers PreTrainedModel or a peft PeftModel, in eval mode
-    tokenizer: Any
-    task: str
-    max_length: int | None  # causal LM: the context window; classification: the length it was trained on
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one forward pass or generation at a time
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int = 256
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    owner: str | None = None  # the organisation that owns the adapter (checked again before it is batched)
+    method: str | None = None  # the adapter's method, as the job recorded it
 
 
 def load_model(ref: ModelRef, *, cache_dir: Path | None, device: str) -> LoadedModel:
@@ -97,50 +88,66 @@ def load_model(ref: ModelRef, *, cache_dir: Path | None, device: str) -> LoadedM
 
 
 class ServingEngine:
-    """An LRU cache of loaded models (capacity from settings), and the calls that run them."""
+    """One `BatchEngine` per base model (created on first use) for every NEAT/LoRA adapter and every base model,
+    and an LRU of whole loaded models (capacity from settings) for what cannot be batched."""
 
-    def __init__(self, capacity: int, loader: Callable[[ModelRef], LoadedModel]):
+    def __init__(
+        self,
+        capacity: int,
+        loader: Callable[[ModelRef], LoadedModel],
+        engine_factory: Callable[[str, str], Any] | None = None,
+    ):
         self.capacity = max(1, capacity)
         self._loader = loader
+        self._engine_factory = engine_factory
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._loading: dict[str, threading.Lock] = {}  # per model: concurrent first requests load it once
-        self._lock = threading.Lock()  # guards the two dicts; never held while loading or running a model
+        self._engines: dict[tuple[str, str], Any] = {}  # (base model, task) -> neat_core BatchEngine
+        self._loading: dict[Any, threading.Lock] = {}  # per model / engine: concurrent first requests load once
+        self._lock = threading.Lock()  # guards the dicts; never held while loading or running a model
+
+    def batched(self, ref: ModelRef) -> bool:
+        """Whether `ref` is served by a batching engine (else alone, on a whole model of its own)."""
+        return self._engine_factory is not None and (ref.artifact_dir is None or ref.method in BATCHED_METHODS)
 
     def cached(self) -> list[str]:
-        """Model names, least recently used first."""
+        """Whole models loaded for solo serving, least recently used first."""
         with self._lock:
             return list(self._models)
 
     def model(self, ref: ModelRef) -> LoadedModel:
-        with self._lock:
-            if ref.name in self._models:
-                self._models.move_to_end(ref.name)
-                return self._models[ref.name]
-            key_lock = self._loading.setdefault(ref.name, threading.Lock())
-        with key_lock:
-            with self._lock:  # another request may have loaded it while we waited
-                if ref.name in self._models:
-                    self._models.move_to_end(ref.name)
-                    return self._models[ref.name]
+        return self._once(self._models, ref.name, lambda: self._loader(ref), lru=True)
+
+    def engine(self, base_model: str, task: str) -> Any:
+        """The batching engine of a base model, loading the base model on first use."""
+
+        def create() -> Any:
             try:
-                loaded = self._loader(ref)
-            finally:
-                with self._lock:
-                    self._loading.pop(ref.name, None)
-            with self._lock:
-                self._models[ref.name] = loaded
-                while len(self._models) > self.capacity:  # an evicted model still in use lives until it is done
-                    evicted, _ = self._models.popitem(last=False)
-                    log.info("evicted model %s", evicted)
-            return loaded
+                return self._engine_factory(base_model, task)
+            except Exception as e:
+                log.exception("cannot load base model %s", base_model)
+                raise ServingError(f"The base model '{base_model}' could not be loaded.") from e
 
-    def generate(self, ref: ModelRef, prompt: str | list[dict], sampling: Sampling) -> Generation:
+        return self._once(self._engines, (base_model, task), create, lru=False)
+
+    def generate(
+        self, ref: ModelRef, prompt: str | list[dict], sampling: Sampling, caller: str | None = None
+    ) -> Generation:
         """Start generating: a chat (`messages`, rendered with the model's chat template) or a raw prompt.
-        Raises PromptError or ServingError at once; iterate the result for the text."""
-        return Generation(self.model(ref), prompt, sampling)
+        Raises PromptError, UnknownModel or ServingError at once; iterate the result for the text."""
+        if not self.batched(ref):
+            return SoloGeneration(self.model(ref), prompt, sampling)
+        engine = self.engine(ref.base_model, ref.task)
+        with engine.tokenizer_lock:
+            input_ids = encode_prompt(engine.tokenizer, prompt)
+        with _adapter_errors(ref):
+            return BatchedGeneration(engine, input_ids, _adapter(ref), sampling, caller)
 
-    def classify(self, ref: ModelRef, texts: list[str]) -> tuple[list[dict], int]:
+    def classify(self, ref: ModelRef, texts: list[str], caller: str | None = None) -> tuple[list[dict], int]:
         """([{"label", "probabilities"}] per text, prompt tokens)."""
+        if self.batched(ref):
+            engine = self.engine(ref.base_model, ref.task)
+            with _adapter_errors(ref):
+                return engine.classify(texts, _adapter(ref), caller)
         loaded = self.model(ref)
         from neat_core.inference import classify
 
@@ -157,149 +164,101 @@ class ServingEngine:
             raise ServingError(f"The model '{ref.name}' failed to classify the input.") from e
         return results, tokens
 
+    def preload(self, ref: ModelRef) -> None:
+        """Load `ref` now (at start-up), so its first request finds it warm."""
+        if not self.batched(ref):
+            self.model(ref)
+            return
+        engine = self.engine(ref.base_model, ref.task)
+        if ref.artifact_dir is not None:
+            with _adapter_errors(ref):
+                engine.preload(_adapter(ref))
 
-class Generation:
-    """One running generation, to iterate once. Iterating yields text deltas as the model produces them, with
-    nothing past a stop string; afterwards `finish_reason`, `prompt_tokens` and `completion_tokens` are set.
+    def stats(self, caller: str | None) -> dict[str, Any]:
+        """Engine figures; adapter ids only for the caller's own adapters (others' ids are not shown)."""
+        with self._lock:
+            engines = dict(self._engines)
+            solo = len(self._models)
+        data = []
+        for (base_model, task), engine in engines.items():
+            own = sorted(a.adapter_id for a in engine.cache.loaded() if a.owner == caller)
+            data.append({"base_model": base_model, "task": task, **engine.stats(), "your_adapters": own})
+        return {"object": "serving.stats", "engines": data, "solo_models_loaded": solo}
 
-    `model.generate` runs in a thread and feeds a TextIteratorStreamer, so the first words reach the caller before
-    the generation ends; non-streaming callers just join the deltas. Stopping iterating early (a stop string, a
-    client gone) cancels the generation through a stopping criterion.
-    """
+    def close(self) -> None:
+        with self._lock:
+            engines, self._engines = list(self._engines.values()), {}
+        for engine in engines:
+            engine.close()
 
-    def __init__(self, loaded: LoadedModel, prompt: str | list[dict], sampling: Sampling):
-        import torch
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
-
-        tokenizer = loaded.tokenizer
-        input_ids = _encode_prompt(tokenizer, prompt)
-        self.prompt_tokens = len(input_ids)
-        self.max_new_tokens = sampling.max_tokens
-        if loaded.max_length is not None:
-            if self.prompt_tokens >= loaded.max_length:
-                raise PromptError(
-                    f"The prompt is {self.prompt_tokens} tokens; this model's context is {loaded.max_length}.",
-                    code="context_length_exceeded",
-                )
-            self.max_new_tokens = min(self.max_new_tokens, loaded.max_length - self.prompt_tokens)
-        self.stop = sampling.stop
-        self.finish_reason: str | None = None
-        self.completion_tokens = 0
-        self._eos = _eos_ids(loaded)
-        self._cancel = threading.Event()
-        self._output = None  # (1, prompt + completion) token ids, once generate returns
-        self._error: BaseException | None = None
-        self._stopped_by_string = False
-
-        self._streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        device = next(loaded.model.parameters()).device
-        ids = torch.tensor([input_ids], device=device)  # (1, T)
-
-        def cancelled(input_ids, scores, **_):  # a stopping criterion: (B,) bools
-            return torch.full((input_ids.shape[0],), self._cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        if sampling.temperature > 0:
-            # top_k=0: OpenAI's sampling is temperature and top_p only (transformers would default top_k to 50).
-            mode = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
-        else:
-            mode = {"do_sample": False}
-        kwargs = dict(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=self.max_new_tokens,
-            streamer=self._streamer,
-            stopping_criteria=StoppingCriteriaList([cancelled]),
-            pad_token_id=tokenizer.pad_token_id,
-            **mode,
-        )
-        seed = sampling.seed if sampling.temperature > 0 else None
-        self._thread = threading.Thread(target=self._run, args=(loaded, kwargs, seed), daemon=True)
-        self._thread.start()
-
-    def _run(self, loaded: LoadedModel, kwargs: dict, seed: int | None) -> None:
-        import torch
-
-        try:
-            with loaded.lock:
-                if self._cancel.is_set():  # the caller left while we queued for the model
-                    self._streamer.end()
-                    return
-                if seed is not None:
-                    # The global generator: reproducible while no other model samples at the same moment.
-                    torch.manual_seed(seed)
-                self._output = loaded.model.generate(**kwargs)
-        except BaseException as e:  # handed to the consumer, which re-raises it as a ServingError
-            log.exception("generation failed")
-            self._error = e
-            self._streamer.end()
-
-    def __iter__(self) -> Iterator[str]:
-        text, sent = "", 0  # everything decoded so far; how much of it has been yielded
-        longest = max((len(s) for s in self.stop), default=0)
-        try:
-            for piece in self._streamer:
-                searched_from = max(0, len(text) - longest + 1)
-                text += piece
-                cut = _first_stop(text, self.stop, searched_from)
-                if cut is not None:
-                    text, self._stopped_by_string = text[:cut], True
-                    break
-                ready = len(text) - _held_back(text, self.stop)  # a tail that may begin a stop string waits
-                if ready > sent:
-                    yield text[sent:ready]
-                    sent = ready
-        finally:
-            self._cancel.set()  # no-op when the generation is over; otherwise it stops at the next token
-            self._thread.join()
-        if self._error is not None:
-            raise ServingError("The model failed while generating.") from self._error
-        if len(text) > sent:
-            yield text[sent:]
-        self._finish()
-
-    def text(self) -> str:
-        """The whole completion (for non-streaming answers)."""
-        return "".join(self)
-
-    def _finish(self) -> None:
-        new = self._output[0, self.prompt_tokens :].tolist() if self._output is not None else []
-        self.completion_tokens = len(new)
-        hit_eos = bool(new) and new[-1] in self._eos
-        ran_out = self.completion_tokens >= self.max_new_tokens
-        self.finish_reason = "length" if ran_out and not hit_eos and not self._stopped_by_string else "stop"
+    def _once(self, table: dict, key: Any, create: Callable[[], Any], *, lru: bool) -> Any:
+        """table[key], created by `create` exactly once however many requests ask at the same moment."""
+        with self._lock:
+            if key in table:
+                if lru:
+                    table.move_to_end(key)
+                return table[key]
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:  # another request may have created it while we waited
+                if key in table:
+                    if lru:
+                        table.move_to_end(key)
+                    return table[key]
+            try:
+                value = create()
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
+            with self._lock:
+                table[key] = value
+                while lru and len(table) > self.capacity:  # an evicted model still in use lives until it is done
+                    evicted, _ = table.popitem(last=False)
+                    log.info("evicted model %s", evicted)
+            return value
 
 
-def _encode_prompt(tokenizer: Any, prompt: str | list[dict]) -> list[int]:
-    if isinstance(prompt, str):
-        ids = tokenizer(prompt)["input_ids"]
-    else:
-        from jinja2 import TemplateError
+def _adapter(ref: ModelRef) -> Any:
+    from neat_core.serving import AdapterRef
 
-        try:
-            text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        except (ValueError, TemplateError) as e:  # no chat template, or one that rejects this conversation
-            raise PromptError(f"The model's chat template cannot render these messages: {e}") from e
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote the special tokens
-    if not ids:
-        raise PromptError("The prompt is empty.")
-    return list(ids)
+    return None if ref.artifact_dir is None else AdapterRef(ref.name, ref.artifact_dir, ref.owner)
 
 
-def _eos_ids(loaded: LoadedModel) -> set[int]:
-    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
-    ids = set(configured if isinstance(configured, list) else [configured])
-    ids.add(loaded.tokenizer.eos_token_id)
-    return {i for i in ids if i is not None}
+@contextmanager
+def _adapter_errors(ref: ModelRef) -> Iterator[None]:
+    """neat_core's adapter errors as the API's: another organisation's adapter is unknown, a broken one is ours."""
+    from neat_core.errors import ArtifactError
+    from neat_core.serving import AdapterAccessError
+
+    try:
+        yield
+    except AdapterAccessError as e:
+        raise UnknownModel(ref.name) from e
+    except ArtifactError as e:
+        log.exception("cannot load adapter %s", ref.name)
+        raise ServingError(f"The model '{ref.name}' could not be loaded.") from e
 
 
-def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
-    found = [i for s in stops if (i := text.find(s, start)) >= 0]
-    return min(found, default=None)
+def load_batch_engine(base_model: str, task: str, *, settings: Settings) -> Any:
+    """A `BatchEngine` over a freshly loaded base model, sized by settings."""
+    from neat_core.devices import resolve_device
+    from neat_core.models.loading import load_base
+    from neat_core.serving import BatchEngine
 
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """The length of the longest tail of `text` that is a proper prefix of a stop string."""
-    return max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
+    # A classification base gets a placeholder head: every adapter brings its own, with its own labels.
+    labels = ["label_0", "label_1"] if task == CLASSIFICATION else None
+    model, tokenizer = load_base(base_model, task=task, labels=labels, cache_dir=settings.model_cache_dir)
+    model = model.to(resolve_device(settings.device)).eval()
+    context = getattr(model.config, "max_position_embeddings", None) or 512
+    return BatchEngine(
+        model,
+        tokenizer,
+        task,
+        cache_bytes=settings.serving_cache_mb * 2**20,
+        max_batch=settings.serving_max_batch,
+        window_s=settings.serving_batch_window_ms / 1000,
+        max_length=min(context, 512) if task == CLASSIFICATION else context,
+    )
 
 
 _engine: ServingEngine | None = None
@@ -319,7 +278,7 @@ def get_engine(settings: SettingsDep) -> ServingEngine:
     with _engine_lock:
         if _engine is None:
             loader = partial(load_model, cache_dir=settings.model_cache_dir, device=settings.device)
-            _engine = ServingEngine(settings.serving_max_models, loader)
+            _engine = ServingEngine(settings.serving_max_models, loader, partial(load_batch_engine, settings=settings))
         return _engine
 
 

@@ -34,7 +34,11 @@ class Settings(BaseSettings):
     checkpoint_every: int | None = None  # steps; None: every epoch
     device: str = "auto"  # training and serving device for this process
     serving: bool = True  # host the inference loop in this (API) process
-    serving_max_models: int = 2  # loaded models kept in memory (each holds a copy of its base model)
+    serving_max_models: int = 2  # whole models kept for adapters that cannot be batched (each a base copy)
+    serving_cache_mb: int = 1024  # adapter factors kept per base model (least recently used evicted first)
+    serving_max_batch: int = 32  # rows per forward pass
+    serving_batch_window_ms: float = 5.0  # how long an idle engine waits for company before it starts a batch
+    serving_preload: str = ""  # comma-separated model ids (fine-tuned or base) loaded at start
     queue: str = "training"
 
     @property

@@ -70,7 +70,6 @@ class Storage:
             target.unlink(missing_ok=True)
 
 
-
 def file_key(org_id: str, file_id: str) -> str:
     return f"{org_id}/files/{file_id}.jsonl"
 

@@ -7,6 +7,11 @@ Prints a markdown table of held-out accuracy per method and seed, with means.
     python bench/quality.py                      # the recorded configuration: neat, lora × seeds 0 1 2
     python bench/quality.py --methods neat --seeds 0 --lr-multipliers 0.2 1 2   # a learning-rate sweep
     python bench/quality.py --model smollm2 --n-train 400 --n-heldout 100 --epochs 1   # causal-LM variant
+    python bench/quality.py --select --methods neat --adapter '{"depth": 1}'   # choose `auto` values (see below)
+
+`--select` never looks at the held-out set: it trains on the first 80% of the training rows and scores on the last
+20% (a development split), with the epoch count the full run would use. Choosing `auto` values on the held-out set
+itself would overfit the benchmark that then judges them.
 
 The SmolLM2 variant asks for the label as a completion ("Tweet: …\nSentiment:" -> " positive"); its score is the
 held-out token accuracy on the completion tokens.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -46,6 +52,7 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-heldout", type=int, default=500)
     parser.add_argument("--epochs", default="auto")
+    parser.add_argument("--select", action="store_true", help="score on a development split of the training rows")
     parser.add_argument("--adapter", default="{}", help='extra adapter hyperparameters as JSON, e.g. {"depth": 1}')
     args = parser.parse_args()
 
@@ -56,6 +63,13 @@ def main() -> None:
 
     torch.set_num_threads(os.cpu_count() or 1)
     train_rows, heldout_rows = tweets(args.n_train, args.n_heldout)
+    if args.select:
+        from neat_core.train.spec import TARGET_EXAMPLES_SEEN
+
+        if args.epochs == "auto":  # what the full run would resolve, not what the smaller split would
+            args.epochs = str(max(1, math.ceil(TARGET_EXAMPLES_SEEN / len(train_rows))))
+        cut = int(len(train_rows) * 0.8)
+        train_rows, heldout_rows = train_rows[:cut], train_rows[cut:]
     positive = sum(r["label"] == "positive" for r in heldout_rows) / len(heldout_rows)
     if args.model == "smollm2":
         train_rows, heldout_rows = as_completions(train_rows), as_completions(heldout_rows)
@@ -64,7 +78,8 @@ def main() -> None:
     train_file = write_jsonl(work / "train.jsonl", train_rows)
     heldout_file = write_jsonl(work / "heldout.jsonl", heldout_rows)
     print(
-        f"# {MODELS[args.model]}: {len(train_rows)} train / {len(heldout_rows)} held-out tweets "
+        f"# {MODELS[args.model]}: {len(train_rows)} train / {len(heldout_rows)} "
+        f"{'development (carved from the training rows)' if args.select else 'held-out'} tweets "
         f"({positive:.3f} positive: the majority-class baseline is {max(positive, 1 - positive):.3f}); score = {metric}"
     )
 

@@ -112,4 +112,3 @@ def delete_file(session: SessionDep, org: CurrentOrg, storage: StorageDep, file_
 def file_content(session: SessionDep, org: CurrentOrg, storage: StorageDep, file_id: str) -> FileResponse:
     row = _get(session, org, file_id)
     return FileResponse(storage.path(row.storage_key), media_type="application/jsonl", filename=row.filename)
-

@@ -22,7 +22,7 @@ from api.errors import APIError, error_body
 from api.ids import new_id, now
 from api.orm import Job
 from api.pagination import owned
-from api.serving import EngineDep, Generation, ModelRef, PromptError, Sampling, ServingError
+from api.serving import EngineDep, Generation, ModelRef, PromptError, Sampling, ServingError, UnknownModel
 from api.storage import Storage
 from neat_core.models.catalog import CAUSAL_LM, CLASSIFICATION, entry
 
@@ -117,7 +117,8 @@ class ClassificationRequest(BaseModel):
 def chat_completions(body: ChatRequest, session: SessionDep, org: CurrentOrg, storage: StorageDep, engine: EngineDep):
     ref = _resolve(session, org, storage, body.model, CAUSAL_LM)
     with _engine_errors("messages"):
-        generation = engine.generate(ref, [m.plain() for m in body.messages], body.sampling(body.max_completion_tokens))
+        messages = [m.plain() for m in body.messages]
+        generation = engine.generate(ref, messages, body.sampling(body.max_completion_tokens), caller=org)
         if body.stream:
             return _event_stream(_chat_chunks(generation, body.model, body.include_usage))
         content = generation.text()
@@ -128,11 +129,18 @@ def chat_completions(body: ChatRequest, session: SessionDep, org: CurrentOrg, st
 def completions(body: CompletionRequest, session: SessionDep, org: CurrentOrg, storage: StorageDep, engine: EngineDep):
     ref = _resolve(session, org, storage, body.model, CAUSAL_LM)
     with _engine_errors("prompt"):
-        generation = engine.generate(ref, body.prompt, body.sampling())
+        generation = engine.generate(ref, body.prompt, body.sampling(), caller=org)
         if body.stream:
             return _event_stream(_completion_chunks(generation, body.model, body.include_usage))
         text = generation.text()
     return _text_completion(generation, body.model, text)
+
+
+@router.get("/serving/stats")
+def serving_stats(org: CurrentOrg, engine: EngineDep) -> dict:
+    """What this process serves: per base model, adapters loaded and bytes used, cache hits and misses, batch
+    sizes and queue depth. Only the caller's own adapters are named."""
+    return engine.stats(caller=org)
 
 
 @router.post("/classifications")
@@ -142,7 +150,7 @@ def classifications(
     ref = _resolve(session, org, storage, body.model, CLASSIFICATION)
     texts = [body.input] if isinstance(body.input, str) else body.input
     with _engine_errors("input"):
-        results, tokens = engine.classify(ref, texts)
+        results, tokens = engine.classify(ref, texts, caller=org)
     return {
         "object": "list",
         "data": [{"index": i, "label": r["label"], "probabilities": r["probabilities"]} for i, r in enumerate(results)],
@@ -165,11 +173,16 @@ def _resolve(session: Session, org: str, storage: Storage, model_id: str, task: 
     finally:
         session.close()
     if job is None or job.artifact_key is None:
-        raise APIError(404, f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
+        raise _model_not_found(model_id)
     if job.task != task:
         kind = "a classification model" if job.task == CLASSIFICATION else "a text-generation model"
         raise _wrong_endpoint(model_id, kind, task)
-    return ModelRef(model_id, job.task, job.model, storage.path(job.artifact_key))
+    method = (job.adapter or {}).get("type")
+    return ModelRef(model_id, job.task, job.model, storage.path(job.artifact_key), owner=org, method=method)
+
+
+def _model_not_found(model_id: str) -> APIError:
+    return APIError(404, f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
 
 
 def _wrong_endpoint(model_id: str, kind: str, task: str) -> APIError:
@@ -188,6 +201,8 @@ def _engine_errors(prompt_param: str) -> Iterator[None]:
         yield
     except PromptError as e:
         raise APIError(400, str(e), code=e.code, param=prompt_param) from e
+    except UnknownModel as e:
+        raise _model_not_found(str(e)) from e
     except ServingError as e:
         raise APIError(500, str(e), code="model_error") from e
 

@@ -37,6 +37,3 @@ def retrieve_model(session: SessionDep, org: CurrentOrg, model_id: str) -> dict:
     if job is None:
         raise APIError(404, f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
     return _fine_tuned(job)
-
-
-

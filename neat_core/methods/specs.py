@@ -76,6 +76,11 @@ METHOD_PARAMS: dict[str, dict[str, Param]] = {
 }
 
 
+# Methods whose adapters are low-rank factors per layer, so the serving engine batches them together over one base
+# model (neat_core.serving); the others are served alone.
+BATCHED_METHODS = frozenset({"neat", "lora"})
+
+
 def check_hyperparameters(method: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
     """The explicitly given (non-"auto") hyperparameters of `method`, checked; raises naming the bad field."""
     if method not in METHOD_PARAMS:

@@ -34,9 +34,10 @@ class SlotContext:
     def __init__(self) -> None:
         self.idx: Tensor | None = None  # (B,) long; None = every row on the base model
         self.slots: frozenset[int] = frozenset()  # the non-zero slots in this batch, to skip untouched layers
+        self.only: int | None = None  # the slot of every row, when they all share one adapter
 
-    def rows(self, idx: Tensor | None, slots: frozenset[int]) -> None:
-        self.idx, self.slots = idx, slots
+    def rows(self, idx: Tensor | None, slots: frozenset[int], only: int | None = None) -> None:
+        self.idx, self.slots, self.only = idx, slots, only
 
     def active_for(self, occupied: set[int]) -> bool:
         return self.idx is not None and not self.slots.isdisjoint(occupied)
@@ -87,6 +88,9 @@ class MultiAdapterLinear(nn.Module):
         y = self.base_layer(x)  # (B, T, d_out)
         if not self.context.active_for(self.occupied):
             return y  # no row of this batch has an adapter on this layer: base speed
+        only = self.context.only
+        if only is not None:  # one adapter for the whole batch: plain matmuls, no per-row gather
+            return y + ((x.to(self.A.dtype) @ self.A[only].t()) @ self.B[only].t()).to(y.dtype)
         idx = self.context.idx
         xs = x.reshape(idx.shape[0], -1, self.in_features).to(self.A.dtype)  # (B, T, d_in)
         h = torch.bmm(xs, self.A[idx].transpose(1, 2))  # (B, T, r_max)
@@ -218,7 +222,8 @@ class MultiAdapterModel:
             raise KeyError(f"adapters not loaded: {unknown}")
         slots = [0 if a is None else self._slots[a] for a in adapter_ids]
         active = frozenset(slots) - {0}
-        self.context.rows(torch.tensor(slots, device=device) if active else None, active)
+        only = slots[0] if active and len(set(slots)) == 1 else None
+        self.context.rows(torch.tensor(slots, device=device) if active else None, active, only)
         try:
             yield
         finally:

@@ -344,11 +344,11 @@ class _ScriptedModel:
 def test_stream_yields_words_before_the_generation_ends_and_closing_it_cancels(tiny_models):
     from transformers import AutoTokenizer
 
-    from api.serving import Generation, LoadedModel, Sampling
+    from api.generation import LoadedModel, Sampling, SoloGeneration
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
     model = _ScriptedModel(tokenizer("one two three four five six", add_special_tokens=False)["input_ids"])
-    generation = Generation(LoadedModel(model, tokenizer, "causal_lm", 256), "Count:", Sampling(max_tokens=64))
+    generation = SoloGeneration(LoadedModel(model, tokenizer, "causal_lm", 256), "Count:", Sampling(max_tokens=64))
     stream = iter(generation)
     model.allowed.release(2)  # "one", " two": the streamer hands "one " on once the next word has begun
     assert next(stream) == "one "
@@ -359,7 +359,7 @@ def test_stream_yields_words_before_the_generation_ends_and_closing_it_cancels(t
 
 def test_serving_modules_import_without_torch():
     code = (
-        "import sys, api.serving, api.routes.inference; "
+        "import sys, api.serving, api.generation, api.routes.inference; "
         "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], check=True, timeout=60)

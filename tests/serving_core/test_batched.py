@@ -15,79 +15,10 @@ from neat_core.export import adapted_layers
 from neat_core.methods import attach, get_method
 from neat_core.models import load_base
 from neat_core.serving import MultiAdapterLinear, MultiAdapterModel, load_factors
+from tests.serving_core.adapters import BASE_LABELS, fresh_base, randomise, reference
 
-BASE_LABELS = ["negative", "positive"]
-
-# kind -> adapters: (id, method, hyperparameters, labels). Different ranks, depths, activations and targets, so
-# the tables hold zero-padded ranks and layers that only some adapters touch.
-ADAPTERS = {
-    "llama": [
-        ("neat-a", "neat", {"r": 4}, None),
-        ("neat-b", "neat", {"r": 2, "depth": 1, "act_fn": "tanh", "scaling": 0.5,
-                            "target_modules": ["q_proj", "k_proj", "o_proj", "down_proj"]}, None),
-        ("lora-c", "lora", {"r": 3, "lora_alpha": 8, "target_modules": ["v_proj", "up_proj"]}, None),
-    ],
-    "gpt2": [  # Conv1D everywhere
-        ("neat-a", "neat", {"r": 4}, None),
-        ("neat-b", "neat", {"r": 2, "depth": 1, "act_fn": "tanh", "scaling": 0.5,
-                            "target_modules": ["c_attn", "c_fc"]}, None),
-        ("lora-c", "lora", {"r": 3, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj"]}, None),
-    ],
-    "bert": [  # each classifier has its own head, with its own number of labels
-        ("neat-a", "neat", {"r": 4}, ["no", "yes"]),
-        ("neat-b", "neat", {"r": 2, "depth": 1, "act_fn": "tanh", "target_modules": ["query", "key", "dense"]},
-         ["low", "mid", "high"]),
-        ("lora-c", "lora", {"r": 3, "lora_alpha": 8, "target_modules": ["value", "intermediate.dense"]},
-         ["a", "b", "c", "d"]),
-    ],
-}  # fmt: skip
 ROWS = ["neat-a", "neat-b", None, "lora-c", "neat-a", "neat-b"]  # two rows per NEAT adapter, one base row
 LENGTHS = [7, 5, 9, 4, 9, 6]
-
-
-def task_of(kind: str) -> str:
-    return "classification" if kind == "bert" else "causal_lm"
-
-
-def fresh_base(kind, tiny_models, labels=None):
-    torch.manual_seed(0)  # the same random classification head whenever the same labels are asked for
-    model, _ = load_base(str(tiny_models[kind]), task=task_of(kind), labels=labels or BASE_LABELS)
-    return model.eval()
-
-
-def randomise(model, method: str, seed: int) -> None:
-    """Fresh adapters are no-ops (B = 0); random weights make every comparison mean something."""
-    prefix = get_method(method).prefix
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if prefix in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
-
-
-@pytest.fixture(scope="module")
-def saved(tiny_models, tmp_path_factory):
-    """kind -> {adapter id: (method, directory, labels)}, saved the way training saves them (plus a manifest)."""
-    out = {}
-    for kind, adapters in ADAPTERS.items():
-        root = tmp_path_factory.mktemp(f"adapters-{kind}")
-        out[kind] = {}
-        for seed, (adapter_id, method, hp, labels) in enumerate(adapters):
-            model = attach(fresh_base(kind, tiny_models, labels), method, **hp)
-            randomise(model, method, seed + 1)
-            model.save_pretrained(root / adapter_id)
-            manifest = {"method": method, "task": task_of(kind), "base_model": str(tiny_models[kind])}
-            (root / adapter_id / "manifest.json").write_text(json.dumps({**manifest, "labels": labels}))
-            out[kind][adapter_id] = (method, root / adapter_id, labels)
-    return out
-
-
-def reference(kind, tiny_models, saved, adapter_id):
-    """A fresh base model with one adapter loaded by peft (the bare base for base rows)."""
-    if adapter_id is None:
-        return fresh_base(kind, tiny_models)
-    method, directory, labels = saved[kind][adapter_id]
-    return get_method(method).load(fresh_base(kind, tiny_models, labels), str(directory)).eval()
 
 
 def serving_model(kind, tiny_models, saved) -> MultiAdapterModel:

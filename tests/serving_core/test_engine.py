@@ -1,0 +1,215 @@
+"""The batching engine: concurrent requests over different adapters (and the bare base model) share forward
+passes, rows join and leave a running generation, and every row still gets what it would get alone through peft
+with its own adapter. Plus the adapter cache: bounded by bytes, loads once, reloads exactly, refuses strangers."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from neat_core.serving import AdapterAccessError, AdapterRef, BatchEngine, SamplingParams, load_factors
+from tests.serving_core.adapters import fresh_base, reference
+
+# (adapter or None, prompt length, tokens to generate): different lengths, so rows join and leave at different steps
+FIRST_WAVE = [("neat-a", 5, 9), (None, 8, 4), ("lora-c", 3, 7)]
+SECOND_WAVE = [("neat-b", 6, 5), ("neat-a", 9, 3), (None, 4, 6), ("lora-c", 7, 8)]
+
+
+def prompt(i: int, n: int) -> list[int]:
+    return torch.randint(5, 200, (n,), generator=torch.Generator().manual_seed(100 + i)).tolist()
+
+
+def make_engine(kind, tiny_models, **kwargs) -> BatchEngine:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models[kind])
+    task = "classification" if kind == "bert" else "causal_lm"
+    return BatchEngine(fresh_base(kind, tiny_models), tokenizer, task, **kwargs)
+
+
+def refs(saved, kind, owner=None) -> dict[str | None, AdapterRef | None]:
+    out = {a: AdapterRef(a, directory, owner) for a, (_, directory, _) in saved[kind].items()}
+    return {**out, None: None}
+
+
+def alone(kind, tiny_models, saved, adapter_id, ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and their log-probabilities from peft's generate, the request alone (batch of one)."""
+    model = reference(kind, tiny_models, saved, adapter_id)
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, len(ids) :]
+    logprobs = torch.stack([step[0].log_softmax(-1)[t] for step, t in zip(out.logits, tokens, strict=True)])
+    return tokens.tolist(), logprobs
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_continuous_batching_gives_each_request_what_it_gets_alone(kind, tiny_models, saved):
+    engine = make_engine(kind, tiny_models, window_s=0.05, max_batch=16)
+    engine._eos = set()  # tiny random models may emit EOS at any step; fixed lengths make joins predictable
+    adapters = refs(saved, kind)
+    try:
+        first = [
+            engine.generate(prompt(i, n), adapters[a], SamplingParams(max_tokens=m, logprobs=True))
+            for i, (a, n, m) in enumerate(FIRST_WAVE)
+        ]
+        iterators = [iter(s) for s in first]
+        head = [next(it) for it in iterators]  # the first wave is running: its first tokens are out
+        second = [
+            engine.generate(prompt(10 + i, n), adapters[a], SamplingParams(max_tokens=m, logprobs=True))
+            for i, (a, n, m) in enumerate(SECOND_WAVE)
+        ]
+        streams = [([h, *it], s) for h, it, s in zip(head, iterators, first, strict=True)]
+        streams += [(list(s), s) for s in second]
+        stats = engine.stats()
+    finally:
+        engine.close()
+
+    waves = [(i, *w) for i, w in enumerate(FIRST_WAVE)] + [(10 + i, *w) for i, w in enumerate(SECOND_WAVE)]
+    for (i, adapter_id, n, m), (tokens, stream) in zip(waves, streams, strict=True):
+        expected, expected_logprobs = alone(kind, tiny_models, saved, adapter_id, prompt(i, n), m)
+        assert tokens == expected, f"request {i} ({adapter_id})"
+        assert (torch.tensor(stream.logprobs) - expected_logprobs).abs().max() <= 1e-4, f"request {i}"
+        assert stream.finish_reason == "length" and stream.completion_tokens == m and stream.prompt_tokens == n
+
+    # Rows of both waves and of several adapters shared decode steps: a pass ran with more rows than either wave.
+    assert stats["max_batch_size"] > len(SECOND_WAVE)
+    assert stats["adapters_pinned"] == 0
+
+
+def test_seeded_sampling_does_not_depend_on_batch_mates(tiny_models, saved):
+    engine = make_engine("llama", tiny_models, window_s=0.05)
+    adapters = refs(saved, "llama")
+    sampling = SamplingParams(max_tokens=6, temperature=0.9, top_p=0.8, seed=7)
+    try:
+        by_itself = list(engine.generate(prompt(1, 6), adapters["neat-a"], sampling))
+        crowd = [engine.generate(prompt(2 + i, 5), adapters["lora-c"], SamplingParams(6, 1.0)) for i in range(3)]
+        in_a_crowd = engine.generate(prompt(1, 6), adapters["neat-a"], sampling)
+        assert list(in_a_crowd) == by_itself
+        for s in crowd:
+            list(s)
+    finally:
+        engine.close()
+
+
+def test_cancelled_stream_leaves_the_batch_and_unpins_its_adapter(tiny_models, saved):
+    engine = make_engine("llama", tiny_models)
+    engine._eos = set()
+    adapters = refs(saved, "llama")
+    try:
+        stream = engine.generate(prompt(1, 4), adapters["neat-a"], SamplingParams(max_tokens=2000))
+        for _, _ in zip(range(3), stream, strict=False):  # read three tokens, then hang up
+            pass
+        stream.cancel()
+        other = list(engine.generate(prompt(2, 4), adapters["neat-b"], SamplingParams(max_tokens=3)))
+        assert len(other) == 3
+        assert stream.finish_reason == "stop" and stream.completion_tokens < 2000
+        assert engine.stats()["adapters_pinned"] == 0
+    finally:
+        engine.close()
+
+
+def test_classification_requests_batch_across_adapters(tiny_models, saved):
+    engine = make_engine("bert", tiny_models, window_s=0.2, max_batch=32)
+    adapters = refs(saved, "bert")
+    texts = {"neat-a": ["good day", "awful"], "neat-b": ["a b c d e f g"], "lora-c": ["x", "yes indeed", "no"]}
+    results: dict[str, list[dict]] = {}
+    try:
+        threads = [
+            threading.Thread(target=lambda a=a: results.__setitem__(a, engine.classify(texts[a], adapters[a])[0]))
+            for a in texts
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = engine.stats()
+    finally:
+        engine.close()
+
+    assert stats["max_batch_size"] > 3, "the three requests' texts should have shared a forward pass"
+    for adapter_id, rows in results.items():
+        model = reference("bert", tiny_models, saved, adapter_id)
+        _, _, labels = saved["bert"][adapter_id]
+        for text, row in zip(texts[adapter_id], rows, strict=True):
+            batch = engine.tokenizer([text], return_tensors="pt")
+            with torch.no_grad():
+                probs = model(**batch).logits[0].softmax(-1)
+            assert list(row["probabilities"]) == labels
+            assert torch.allclose(torch.tensor(list(row["probabilities"].values())), probs, atol=1e-5)
+            assert row["label"] == labels[int(probs.argmax())]
+
+
+def test_cache_is_bounded_by_bytes_and_reloads_exactly(tiny_models, saved):
+    engine = make_engine("llama", tiny_models)
+    engine._eos = set()
+    adapters = refs(saved, "llama")
+    greedy = SamplingParams(max_tokens=4, logprobs=True)
+    try:
+        size = {a: load_factors(adapters[a].path, engine.model.model).nbytes for a in ("neat-a", "neat-b")}
+        engine.cache.budget_bytes = max(size.values())  # room for either adapter, never for both
+
+        first = engine.generate(prompt(1, 5), adapters["neat-a"], greedy)
+        first_tokens = list(first)
+        list(engine.generate(prompt(2, 5), adapters["neat-b"], greedy))  # evicts neat-a
+        assert [r.adapter_id for r in engine.cache.loaded()] == ["neat-b"]
+        again = engine.generate(prompt(1, 5), adapters["neat-a"], greedy)  # reloads neat-a, evicts neat-b
+        assert list(again) == first_tokens and again.logprobs == first.logprobs
+        stats = engine.stats()
+        assert (stats["misses"], stats["evictions"], stats["adapters_loaded"]) == (3, 2, 1)
+        assert stats["bytes_used"] <= stats["bytes_budget"]
+    finally:
+        engine.close()
+
+
+def test_concurrent_first_requests_load_an_adapter_once(tiny_models, saved):
+    engine = make_engine("llama", tiny_models)
+    adapter = refs(saved, "llama")["neat-b"]
+    try:
+        barrier = threading.Barrier(8)
+
+        def request():
+            barrier.wait()
+            list(engine.generate(prompt(1, 4), adapter, SamplingParams(max_tokens=2)))
+
+        threads = [threading.Thread(target=request) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = engine.stats()
+        assert (stats["misses"], stats["hits"], stats["adapters_loaded"]) == (1, 7, 1)
+    finally:
+        engine.close()
+
+
+def test_another_organisations_adapter_is_refused_before_it_is_batched(tiny_models, saved):
+    engine = make_engine("llama", tiny_models)
+    theirs = refs(saved, "llama", owner="org-b")["neat-a"]
+    try:
+        with pytest.raises(AdapterAccessError):
+            engine.generate(prompt(1, 4), theirs, SamplingParams(max_tokens=2), caller="org-a")
+        stats = engine.stats()
+        assert (stats["forward_passes"], stats["adapters_loaded"], stats["misses"]) == (0, 0, 0)
+        # Once org-b has it loaded, org-a still cannot ride along.
+        assert len(list(engine.generate(prompt(1, 4), theirs, SamplingParams(max_tokens=2), caller="org-b"))) == 2
+        passes = engine.stats()["forward_passes"]
+        with pytest.raises(AdapterAccessError):
+            engine.generate(prompt(1, 4), theirs, SamplingParams(max_tokens=2), caller="org-a")
+        spoofed = AdapterRef("neat-a", theirs.path, owner="org-a")  # same id, claimed by another owner
+        with pytest.raises(AdapterAccessError):
+            engine.generate(prompt(1, 4), spoofed, SamplingParams(max_tokens=2), caller="org-a")
+        assert engine.stats()["forward_passes"] == passes
+    finally:
+        engine.close()
