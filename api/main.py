@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,6 +12,7 @@ from api.db import session_scope
 from api.errors import install_error_handlers
 from api.keys import add_key
 from api.routes import files, inference, jobs, models
+from api.serving import preload
 from api.settings import get_settings
 
 
@@ -20,6 +22,8 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     if settings.bootstrap_api_key:  # distributed deployments hand the first key in by environment variable
         with session_scope(settings.resolved_database_url) as session:
             add_key(session, settings.bootstrap_org, settings.bootstrap_api_key)
+    if settings.serving and settings.serving_preload:  # in the background: the API answers meanwhile
+        threading.Thread(target=preload, args=(settings,), name="serving-preload", daemon=True).start()
     yield
 
 

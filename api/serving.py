@@ -261,6 +261,42 @@ def load_batch_engine(base_model: str, task: str, *, settings: Settings) -> Any:
     )
 
 
+def preload(settings: Settings) -> None:
+    """Load the models named in `serving_preload` (an operator's list, so any organisation's); run at start-up in a
+    background thread. A name that does not resolve or load is logged and skipped."""
+    from sqlalchemy import select
+
+    from api.db import session_scope
+    from api.orm import Job
+    from api.storage import Storage
+    from neat_core.models.catalog import CAUSAL_LM, entry
+
+    engine = get_engine(settings)
+    storage = Storage(settings.resolved_artifact_root)
+    for name in filter(None, (n.strip() for n in settings.serving_preload.split(","))):
+        if entry(name) is not None:
+            ref = ModelRef(name, CAUSAL_LM, name)
+        else:
+            with session_scope(settings.resolved_database_url) as session:
+                job = session.scalar(select(Job).where(Job.fine_tuned_model == name, Job.status == "succeeded"))
+                if job is None or job.artifact_key is None:
+                    log.warning("cannot preload %s: no such succeeded fine-tuned model", name)
+                    continue
+                ref = ModelRef(
+                    name,
+                    job.task,
+                    job.model,
+                    storage.path(job.artifact_key),
+                    owner=job.organization_id,
+                    method=(job.adapter or {}).get("type"),
+                )
+        try:
+            engine.preload(ref)
+            log.info("preloaded %s", name)
+        except Exception:
+            log.exception("cannot preload %s", name)
+
+
 _engine: ServingEngine | None = None
 _engine_lock = threading.Lock()
 

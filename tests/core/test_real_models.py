@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from neat_core.artifacts import load_artifact
 from neat_core.inference import classify, generate
@@ -64,6 +66,15 @@ def test_neat_on_smollm2_trains_and_generates(tmp_path, model_cache):
     assert config["peft_type"] == "PEANUT" and config["base_model_name_or_path"] == SMOLLM2
     lora_config = json.loads((result.adapter_dir / "lora" / "adapter_config.json").read_text())
     assert lora_config["peft_type"] == "LORA" and lora_config["base_model_name_or_path"] == SMOLLM2
+    # The layout LoRA-serving engines load (vLLM's --lora-modules, LoRAX, stock peft; docs/serving.md): rank,
+    # alpha and target modules filled in, plain LoRA, safetensors keys "base_model.model.<module>.lora_{A,B}.weight".
+    assert lora_config["r"] == 8 and lora_config["lora_alpha"] == 8
+    assert sorted(lora_config["target_modules"]) == ["q_proj", "v_proj"]
+    assert not lora_config.get("use_dora") and not lora_config.get("modules_to_save")
+    assert lora_config["bias"] == "none" and lora_config["task_type"] == "CAUSAL_LM"
+    keys = list(safe_open(result.adapter_dir / "lora" / "adapter_model.safetensors", "pt").keys())
+    pattern = re.compile(r"^base_model\.model\.model\.layers\.\d+\.self_attn\.[qv]_proj\.lora_[AB]\.weight$")
+    assert len(keys) == 2 * 2 * 30 and all(pattern.match(k) for k in keys), keys[:4]
 
     loaded = load_artifact(result.adapter_dir, cache_dir=model_cache)
     text, prompt_tokens, completion_tokens = generate(

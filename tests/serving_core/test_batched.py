@@ -215,3 +215,20 @@ def test_unsupported_lora_features_are_listed_in_one_error(tiny_models, tmp_path
         load_factors(tmp_path, fresh_base("llama", tiny_models))
     message = str(err.value)
     assert "use_dora=True" in message and "bias='lora_only'" in message and "embed_tokens" in message
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_batch_on_one_adapter_takes_the_plain_path_and_equals_peft(kind, tiny_models, saved):
+    served = serving_model(kind, tiny_models, saved)
+    lengths = [7, 5, 9]
+    ids, mask = padded_batch(lengths)
+    seen = []
+    for layer in served._layers.values():  # record which path each wrapped layer took
+        layer.register_forward_hook(lambda m, *_: seen.append(m.context.only))
+    with torch.no_grad():
+        batched = served(ids, mask, adapter_ids=["neat-b"] * len(lengths)).logits
+        model = reference(kind, tiny_models, saved, "neat-b")
+        for i, n in enumerate(lengths):
+            alone = model(input_ids=ids[i : i + 1, :n]).logits[0]
+            assert (batched[i, :n] - alone).abs().max() <= 1e-4, f"row {i}"
+    assert seen and set(seen) == {served.slots()["neat-b"]}
