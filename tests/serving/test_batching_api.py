@@ -12,9 +12,7 @@ HELLO = [{"role": "user", "content": "What colour is item 3?"}]
 
 
 def _chat(client, model: str, n: int = 6) -> dict:
-    r = client.post(
-        "/v1/chat/completions", json={"model": model, "messages": HELLO, "max_tokens": n, "temperature": 0}
-    )
+    r = client.post("/v1/chat/completions", json={"model": model, "messages": HELLO, "max_tokens": n, "temperature": 0})
     assert r.status_code == 200, r.text
     return r.json()
 
