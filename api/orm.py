@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from api.ids import now
@@ -76,9 +76,25 @@ class Job(Base):
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     artifact_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The worker training the job holds a lease it renews by heartbeat; once it expires a reaper requeues the job.
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # unix time, seconds
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class JobAttempt(Base):
+    """One claim of a job by one worker: the history that shows no two workers ever held a job at once."""
+
+    __tablename__ = "job_attempts"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # a lost worker's: its lease's expiry
+    outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)  # succeeded|failed|cancelled|released|lost
 
 
 class JobEvent(Base):

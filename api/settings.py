@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     serving_batch_window_ms: float = 5.0  # how long an idle engine waits for company before it starts a batch
     serving_preload: str = ""  # comma-separated model ids (fine-tuned or base) loaded at start
     queue: str = "training"
+    # Worker leases: a training worker renews its job's lease every `heartbeat_seconds`; a job whose lease is
+    # older than `lease_seconds` is requeued by any worker's reaper (every `reaper_seconds`), up to
+    # `max_attempts` claims in all, then failed.
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+    reaper_seconds: float = 15.0
+    max_attempts: int = 3
+    fault_point: str | None = None  # crash tests only: "<point>[:<n>]" SIGKILLs the worker there (worker.faults)
 
     @property
     def resolved_database_url(self) -> str:

@@ -8,8 +8,28 @@ neat_core inside the task instead.
 
 from __future__ import annotations
 
+from celery import signals
+
 from api.queue import make_celery
 from api.settings import get_settings
+from worker.lease import Reaper
 
 app = make_celery(get_settings())
 app.conf.include = ["worker.tasks"]  # imported when the worker starts, so the task name is registered
+
+
+@signals.worker_ready.connect
+def _start_reaper(**_: object) -> None:
+    # Every worker process reaps expired leases (worker.lease): the jobs of a worker that died are picked up by
+    # whichever worker is still alive, or by the next one to start.
+    global _reaper
+    _reaper = Reaper(get_settings()).start()
+
+
+@signals.worker_shutdown.connect
+def _stop_reaper(**_: object) -> None:
+    if _reaper is not None:
+        _reaper.stop()
+
+
+_reaper: Reaper | None = None

@@ -118,3 +118,13 @@ class DbProgress(Callback):
 
     def _key(self, path: Path) -> str:
         return path.relative_to(self.storage.root).as_posix()
+
+
+class LeaseWatch(Callback):
+    """Stops the training once this worker's heartbeat reports the job's lease lost (worker.lease)."""
+
+    def __init__(self, heartbeat: Any):
+        self.heartbeat = heartbeat
+
+    def should_stop(self, loop: LoopState) -> bool:
+        return self.heartbeat.lost.is_set()

@@ -146,7 +146,10 @@ def test_requeued_job_resumes_from_its_checkpoint(settings, tiny_models, cancel_
     job = get_job(settings, job_id)
     assert job.status == "succeeded" and job.attempts == 2
     events = get_events(settings, job_id)[n_before:]
-    assert [e.message for e in events[:2]] == ["Fine-tuning job started", "Resuming from checkpoint at step 3"]
+    assert [e.message for e in events[:2]] == [
+        "Fine-tuning job started again (attempt 2 of 3)",
+        "Resuming from checkpoint at step 3",
+    ]
     assert step_events(events) == [4, 5, 6, 7, 8]  # continued, not restarted
     assert [r.step_number for r in checkpoints(settings, job_id)] == [2, 3, 4, 6, 8]
     manifest = Storage(settings.resolved_artifact_root).path(job.artifact_key) / "manifest.json"

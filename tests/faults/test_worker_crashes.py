@@ -1,0 +1,184 @@
+"""Fault injection with real processes on loopback: Postgres, Redis and `celery worker` processes that are
+SIGKILLed at six points of a job's life (worker.faults). The job must end `succeeded` with the adapter an
+uninterrupted run gives (≤ 1e-6), a `job_restarted` event per lost worker, and a claim history in which no two
+workers ever held the job at once; a job whose workers keep dying fails after `max_attempts` with a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from sqlalchemy import select
+
+from api.db import session_scope
+from api.orm import JobAttempt
+from api.queue import enqueue
+from api.settings import Settings
+from api.storage import Storage
+from tests.conftest import classification_rows
+from tests.services import ServiceError, create_database, postgres, redis
+from tests.worker.conftest import get_events, get_job, insert_job, make_settings
+from worker.runner import run_job
+
+ROOT = Path(__file__).resolve().parents[2]
+TWO_EPOCHS = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": "auto"}  # 16 rows: 8 steps
+# One job, killed at each point in turn (a fresh worker each time), then finished by a worker without a fault.
+KILL_POINTS = ["claimed", "loading", "step:3", "checkpoint:1", "artifact", "trained"]
+LEASE = {"NEAT_LEASE_SECONDS": "3", "NEAT_HEARTBEAT_SECONDS": "0.5", "NEAT_REAPER_SECONDS": "0.5"}
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fault-servers")
+    with ExitStack() as stack:
+        try:
+            pg = stack.enter_context(postgres(tmp))
+            broker = stack.enter_context(redis(tmp))
+        except ServiceError as e:
+            pytest.fail(f"the fault-injection suite needs Postgres and Redis: {e}")
+        yield pg, broker
+
+
+@pytest.fixture
+def settings(servers, tmp_path) -> Settings:
+    pg, broker = servers
+    url = create_database(pg, f"faults_{uuid.uuid4().hex[:8]}")
+    base = make_settings(tmp_path / "data")  # SQLite first (make_settings migrates and adds the org) ...
+    settings = base.model_copy(update={"database_url": url, "broker_url": broker, "queue": f"q-{tmp_path.name}"})
+    from api.migrate import upgrade
+    from api.orm import Organization
+    from tests.worker.conftest import ORG
+
+    upgrade(url)  # ... then the same on the Postgres database the workers use
+    with session_scope(url) as session:
+        session.add(Organization(id=ORG, name="Test org"))
+    return settings
+
+
+def start_worker(settings: Settings, log: Path, **env: str) -> subprocess.Popen:
+    environment = {
+        **os.environ,
+        "NEAT_DATA_DIR": str(settings.data_dir),
+        "NEAT_DATABASE_URL": settings.resolved_database_url,
+        "NEAT_BROKER_URL": settings.resolved_broker_url,
+        "NEAT_QUEUE": settings.queue,
+        "NEAT_DEVICE": "cpu",
+        "NEAT_CHECKPOINT_EVERY": "2",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+        **LEASE,
+        **env,
+    }
+    command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo", "--concurrency=1",
+               "-Q", settings.queue, "--loglevel=INFO", "--without-gossip", "--without-mingle",
+               "--without-heartbeat"]  # fmt: skip
+    with open(log, "ab") as out:
+        return subprocess.Popen(command, cwd=ROOT, env=environment, stdout=out, stderr=out, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def wait_for(predicate, timeout: float, what: str, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}; worker log:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def attempts(settings: Settings, job_id: str) -> list[JobAttempt]:
+    with session_scope(settings.resolved_database_url) as session:
+        rows = session.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.started_at))
+        return list(rows)
+
+
+def assert_never_held_twice(history: list[JobAttempt]) -> None:
+    """Each claim ended (its outcome recorded, or its lease expired) before the next began."""
+    for earlier, later in zip(history, history[1:], strict=False):
+        assert earlier.ended_at is not None and earlier.ended_at <= later.started_at, (earlier, later)
+        assert earlier.worker != later.worker
+
+
+def adapter(settings: Settings, job_id: str) -> dict[str, torch.Tensor]:
+    key = get_job(settings, job_id).artifact_key
+    return load_file(Storage(settings.resolved_artifact_root).path(key) / "adapter_model.safetensors")
+
+
+def test_a_job_survives_its_worker_being_killed_at_every_point(settings, tiny_models, tmp_path):
+    rows = classification_rows(16)
+    reference_settings = make_settings(tmp_path / "reference")
+    reference = insert_job(reference_settings, tiny_models["bert"], rows, hyperparameters=TWO_EPOCHS)
+    assert run_job(reference, reference_settings) == "succeeded"
+
+    job_id = insert_job(settings, tiny_models["bert"], rows, hyperparameters=TWO_EPOCHS)
+    enqueue(job_id, settings)
+    log = tmp_path / "workers.log"
+    for n, point in enumerate(KILL_POINTS, start=1):
+        worker = start_worker(settings, log, NEAT_FAULT_POINT=point, NEAT_MAX_ATTEMPTS="10")
+        try:
+            # The first worker gets the message; each later one gets it from the reaper once the lease expired.
+            wait_for(lambda: worker.poll() is not None, 120, f"the worker to die at {point}", log)
+        finally:
+            stop(worker)
+        assert worker.returncode == -signal.SIGKILL, f"{point}: the worker exited with {worker.returncode}"
+        assert get_job(settings, job_id).attempts == n, point
+    worker = start_worker(settings, log, NEAT_MAX_ATTEMPTS="10")
+    try:
+        status = wait_for(
+            lambda: get_job(settings, job_id).status in ("succeeded", "failed") and get_job(settings, job_id).status,
+            120,
+            "the job to finish",
+            log,
+        )
+    finally:
+        stop(worker)
+
+    job = get_job(settings, job_id)
+    assert status == "succeeded", job.error
+    assert job.attempts == len(KILL_POINTS) + 1
+    restarted = [e for e in get_events(settings, job_id) if (e.data or {}).get("type") == "job_restarted"]
+    assert len(restarted) == len(KILL_POINTS)
+    history = attempts(settings, job_id)
+    assert [a.outcome for a in history] == ["lost"] * len(KILL_POINTS) + ["succeeded"]
+    assert_never_held_twice(history)
+
+    ours, expected = adapter(settings, job_id), adapter(reference_settings, reference)
+    assert ours.keys() == expected.keys()
+    assert max((ours[k] - expected[k]).abs().max().item() for k in ours) <= 1e-6
+
+
+def test_a_job_whose_workers_keep_dying_fails_after_max_attempts(settings, tiny_models, tmp_path):
+    job_id = insert_job(settings, tiny_models["bert"], classification_rows(16), hyperparameters=TWO_EPOCHS)
+    enqueue(job_id, settings)
+    log = tmp_path / "workers.log"
+    for _ in range(2):
+        worker = start_worker(settings, log, NEAT_FAULT_POINT="claimed", NEAT_MAX_ATTEMPTS="2")
+        try:
+            wait_for(lambda: worker.poll() is not None, 120, "the worker to die", log)
+        finally:
+            stop(worker)
+    reaper = start_worker(settings, log, NEAT_MAX_ATTEMPTS="2")  # a healthy worker: its reaper gives up on it
+    try:
+        wait_for(lambda: get_job(settings, job_id).status == "failed", 60, "the job to fail", log)
+    finally:
+        stop(reaper)
+    job = get_job(settings, job_id)
+    assert job.attempts == 2 and job.error["code"] == "worker_lost" and "2 times" in job.error["message"]
+    assert get_events(settings, job_id)[-1].level == "error"
+    assert_never_held_twice(attempts(settings, job_id))
