@@ -133,7 +133,7 @@ def test_a_job_survives_its_worker_being_killed_at_every_point(settings, tiny_mo
         worker = start_worker(settings, log, NEAT_FAULT_POINT=point, NEAT_MAX_ATTEMPTS="10")
         try:
             # The first worker gets the message; each later one gets it from the reaper once the lease expired.
-            wait_for(lambda: worker.poll() is not None, 120, f"the worker to die at {point}", log)
+            wait_for(lambda w=worker: w.poll() is not None, 120, f"the worker to die at {point}", log)
         finally:
             stop(worker)
         assert worker.returncode == -signal.SIGKILL, f"{point}: the worker exited with {worker.returncode}"
@@ -170,7 +170,7 @@ def test_a_job_whose_workers_keep_dying_fails_after_max_attempts(settings, tiny_
     for _ in range(2):
         worker = start_worker(settings, log, NEAT_FAULT_POINT="claimed", NEAT_MAX_ATTEMPTS="2")
         try:
-            wait_for(lambda: worker.poll() is not None, 120, "the worker to die", log)
+            wait_for(lambda w=worker: w.poll() is not None, 120, "the worker to die", log)
         finally:
             stop(worker)
     reaper = start_worker(settings, log, NEAT_MAX_ATTEMPTS="2")  # a healthy worker: its reaper gives up on it
