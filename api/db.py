@@ -3,11 +3,15 @@ process can share the file; Postgres needs nothing special."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.settings import get_settings
@@ -47,3 +51,29 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def with_retries(url: str, work: Callable[[Session], T], *, seconds: float = 300.0) -> T:
+    """Run `work(session)` in one transaction, running it again while the database is unreachable (a restart, a
+    fail-over), for up to `seconds`. For the worker, whose writes must outlive a database blip: a training step's
+    events are kept, not lost, and an outcome is recorded once the database is back. `work` must be safe to run
+    again after a rollback (every write of the worker is a conditional update or an insert of a new row)."""
+    deadline, delay = time.monotonic() + seconds, 0.2
+    while True:
+        try:
+            with session_scope(url) as session:
+                return work(session)
+        except (OperationalError, DBAPIError) as e:
+            if not _disconnected(e) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("database unavailable (%s); retrying in %.1f s", type(e.orig).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _disconnected(e: DBAPIError) -> bool:
+    return isinstance(e, OperationalError) or bool(e.connection_invalidated)

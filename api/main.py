@@ -2,29 +2,48 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
 
-from api.db import session_scope
+from api.db import session_scope, with_retries
 from api.errors import install_error_handlers
 from api.keys import add_key
 from api.routes import files, inference, jobs, models
 from api.serving import preload
-from api.settings import get_settings
+from api.settings import Settings, get_settings
+
+log = logging.getLogger("api.main")
 
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     if settings.bootstrap_api_key:  # distributed deployments hand the first key in by environment variable
-        with session_scope(settings.resolved_database_url) as session:
-            add_key(session, settings.bootstrap_org, settings.bootstrap_api_key)
+        try:
+            with session_scope(settings.resolved_database_url) as session:
+                add_key(session, settings.bootstrap_org, settings.bootstrap_api_key)
+        except (OperationalError, DBAPIError):
+            # The database is away: start anyway (answering 503 until it is back) and add the key once it is.
+            threading.Thread(target=_bootstrap_key, args=(settings,), name="bootstrap-key", daemon=True).start()
     if settings.serving and settings.serving_preload:  # in the background: the API answers meanwhile
         threading.Thread(target=preload, args=(settings,), name="serving-preload", daemon=True).start()
     yield
+
+
+def _bootstrap_key(settings: Settings) -> None:
+    def add(session: Session) -> None:
+        add_key(session, settings.bootstrap_org, settings.bootstrap_api_key)
+
+    try:
+        with_retries(settings.resolved_database_url, add, seconds=3600)
+    except Exception:
+        log.exception("could not create the bootstrap API key")
 
 
 def create_app() -> FastAPI:

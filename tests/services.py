@@ -193,6 +193,7 @@ def postgres(tmpdir: str | os.PathLike) -> Iterator[str]:
         if not started:
             raise ServiceError(f"Postgres did not start:\n{start.stdout}\n{start.stderr}\nlog:\n{_tail(log)}")
         url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        _CLUSTERS[port] = (bin_dir, data, user, base, log, options)
         try:
             _wait_for_postgres(url, time.monotonic() + START_TIMEOUT_S)
         except Exception as e:
@@ -203,6 +204,22 @@ def postgres(tmpdir: str | os.PathLike) -> Iterator[str]:
             _stop_postgres(bin_dir, data, user, base)
         _keep_log(log, Path(tmpdir), "postgres.log")
         shutil.rmtree(base, ignore_errors=True)
+
+
+_CLUSTERS: dict[int, tuple] = {}  # port -> (bin dir, data dir, user, base dir, log, server options)
+
+
+def postgres_ctl(url: str, action: str) -> None:
+    """`pg_ctl stop` / `start` / `restart` the cluster behind `url` (one that `postgres()` started): the outage
+    tests take the database away under running services."""
+    from sqlalchemy.engine import make_url
+
+    bin_dir, data, user, base, log, options = _CLUSTERS[make_url(url).port]
+    command = [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", str(START_TIMEOUT_S)]
+    command += ["-m", "fast"] if action == "stop" else ["-o", options]
+    done = _pg([*command, action], user, base, START_TIMEOUT_S + 10)
+    if done.returncode != 0:
+        raise ServiceError(f"pg_ctl {action} failed:\n{done.stdout}\n{done.stderr}\nlog:\n{_tail(log)}")
 
 
 def _admin(url: str, statement: str) -> None:
@@ -261,8 +278,8 @@ def redis(tmpdir: str | os.PathLike) -> Iterator[str]:
     log = base / "redis.log"
     process: subprocess.Popen | None = None
     try:
-        for _attempt in range(PORT_ATTEMPTS):
-            port = free_port()
+
+        def start(port: int) -> subprocess.Popen:
             with open(log, "ab") as out:
                 process = subprocess.Popen(
                     [binary, "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "no", "--save", "",
@@ -273,6 +290,11 @@ def redis(tmpdir: str | os.PathLike) -> Iterator[str]:
             deadline = time.monotonic() + START_TIMEOUT_S
             while process.poll() is None and not _redis_ping(port) and time.monotonic() < deadline:
                 time.sleep(0.05)
+            return process
+
+        for _attempt in range(PORT_ATTEMPTS):
+            port = free_port()
+            process = start(port)
             if process.poll() is None and _redis_ping(port):
                 break
             _stop_process(process)
@@ -281,12 +303,29 @@ def redis(tmpdir: str | os.PathLike) -> Iterator[str]:
                 break
         if process is None:
             raise ServiceError(f"Redis did not start; log:\n{_tail(log)}")
-        yield f"redis://127.0.0.1:{port}/0"
+        url = f"redis://127.0.0.1:{port}/0"
+        _REDIS[url] = holder = {"process": process, "start": start}
+        yield url
+        process = holder["process"]
     finally:
         if process is not None:
             _stop_process(process)
         _keep_log(log, Path(tmpdir), "redis.log")
         shutil.rmtree(base, ignore_errors=True)
+
+
+_REDIS: dict[str, dict] = {}
+
+
+def restart_redis(url: str) -> None:
+    """Stop the Redis behind `url` (one that `redis()` started) and start a fresh one on the same port: without
+    persistence, so everything it held is gone, as after a crash."""
+    holder = _REDIS[url]
+    _stop_process(holder["process"])
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    holder["process"] = holder["start"](port)
+    if holder["process"].poll() is not None or not _redis_ping(port):
+        raise ServiceError(f"Redis did not come back on port {port}")
 
 
 def _stop_process(process: subprocess.Popen) -> None:

@@ -8,6 +8,8 @@ Points, in the order a job meets them:
     checkpoint  inside the n-th checkpoint write: files written, not yet renamed into place
     artifact    inside the artifact write: adapter weights written, LoRA export and manifest not yet, no rename
     trained     training finished and the artifact stored; the outcome not yet recorded
+and one that kills nothing: `pace:<ms>` sleeps that long after every step, so that the outage tests can take
+Redis, Postgres or the API away while a tiny model is still training.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import functools
 import logging
 import os
 import signal
+import time
 from collections import Counter
 from typing import Any
 
@@ -23,7 +26,7 @@ from api.settings import Settings
 
 log = logging.getLogger(__name__)
 
-POINTS = ("claimed", "loading", "step", "checkpoint", "artifact", "trained")
+POINTS = ("claimed", "loading", "step", "checkpoint", "artifact", "trained", "pace")
 _seen: Counter[str] = Counter()
 _installed = False
 
@@ -66,7 +69,11 @@ def callbacks(settings: Settings) -> list[Any]:
             if loop.step == fault[1]:
                 _kill(f"step:{fault[1]}")
 
-    return [AtStep()] if fault[0] == "step" else []
+    class Pace(Callback):
+        def on_step_end(self, loop: Any, metrics: dict[str, float]) -> None:
+            time.sleep(fault[1] / 1000)
+
+    return {"step": [AtStep()], "pace": [Pace()]}.get(fault[0], [])
 
 
 def _install(settings: Settings) -> None:

@@ -22,7 +22,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from api.db import session_scope
 from api.events import add_event
@@ -181,5 +181,7 @@ class Reaper:
         while not self._stop.wait(self.settings.reaper_seconds):
             try:
                 reap(self.settings)
-            except Exception:  # the database or the broker is away: try again next round
+            except (OperationalError, DBAPIError) as e:  # the database is away: try again next round
+                log.warning("reaper: database unavailable (%s)", type(e.orig).__name__)
+            except Exception:  # the broker is away, or a bug: try again next round
                 log.exception("reaper round failed")

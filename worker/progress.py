@@ -7,20 +7,25 @@ never held locked across a training step.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
 
-from api.db import session_scope
+from api.db import session_scope, with_retries
 from api.ids import new_id, now
 from api.orm import Checkpoint, Job
 from api.storage import Storage
 from neat_core.train import Callback, list_checkpoints
 from neat_core.train.checkpoint import LoopState
 from worker.runner import SCHEDULE_FIELDS, add_event
+
+log = logging.getLogger(__name__)
 
 METRICS_EVENTS = 100  # per job, about: a readable loss curve that is still a few pages of events
 EXTRA_HYPERPARAMETERS = ("learning_rate", "max_seq_len", "total_steps", "warmup_steps")
@@ -53,7 +58,8 @@ class DbProgress(Callback):
             f"Training a {hp['method']} adapter: {counts['adapter_parameters']:,} adapter parameters "
             f"({counts['trainable_parameters']:,} trainable), {self.total_steps} steps"
         )
-        with session_scope(self.url) as session:
+
+        def write(session: Session) -> None:
             session.execute(
                 update(Job)
                 .where(Job.id == self.job_id)
@@ -61,13 +67,16 @@ class DbProgress(Callback):
             )
             add_event(session, self.job_id, message, data={**counts, "task": info["task"]})
 
+        with_retries(self.url, write)
+
     def on_step_end(self, loop: LoopState, metrics: dict[str, float]) -> None:
         step = loop.step
         event_due = step % self.events_every == 0 or step == self.total_steps
         # Tiny models take many steps a second: the row is rewritten with events or once a second, not every step.
         if not event_due and time.monotonic() - self._row_updated_at < ROW_UPDATE_SECONDS:
             return
-        with session_scope(self.url) as session:
+
+        def write(session: Session) -> None:
             session.execute(
                 update(Job)
                 .where(Job.id == self.job_id)
@@ -77,18 +86,21 @@ class DbProgress(Callback):
                 # `metrics` also carries the last validation results; those have their own events.
                 train = {k: v for k, v in metrics.items() if not k.startswith("valid_")}
                 self._metrics_event(session, step, f"training loss={metrics['train_loss']:.4f}", train)
+
+        with_retries(self.url, write)
         self._row_updated_at = time.monotonic()
 
     def on_evaluate(self, loop: LoopState, metrics: dict[str, float]) -> None:
         valid = {k: v for k, v in metrics.items() if k.startswith("valid_")}
-        with session_scope(self.url) as session:
-            self._metrics_event(session, loop.step, f"validation loss={metrics['valid_loss']:.4f}", valid)
+        summary = f"validation loss={metrics['valid_loss']:.4f}"
+        with_retries(self.url, lambda session: self._metrics_event(session, loop.step, summary, valid))
 
     def on_checkpoint(self, loop: LoopState, path: Path, metrics: dict[str, float]) -> None:
         key = self._key(path)
         on_disk = [self._key(p) for p in list_checkpoints(path.parent)]  # neat_core keeps only the last few
         of_job = Checkpoint.job_id == self.job_id
-        with session_scope(self.url) as session:
+
+        def write(session: Session) -> None:
             row = session.scalar(select(Checkpoint).where(of_job, Checkpoint.storage_key == key))
             if row is None:
                 row = Checkpoint(id=new_id("ftckpt"), job_id=self.job_id, step_number=loop.step, storage_key=key)
@@ -98,11 +110,17 @@ class DbProgress(Callback):
             session.execute(update(Checkpoint).where(of_job, gone).values(pruned=True))
             add_event(session, self.job_id, f"Checkpoint saved at step {loop.step}", data={"step": loop.step})
 
+        with_retries(self.url, write)
+
     def should_stop(self, loop: LoopState) -> bool:
         if not self._cancelling and time.monotonic() - self._polled_at >= self.poll_seconds:
             self._polled_at = time.monotonic()
-            with session_scope(self.url) as session:
-                self._cancelling = session.scalar(select(Job.status).where(Job.id == self.job_id)) == "cancelling"
+            try:
+                with session_scope(self.url) as session:
+                    status = session.scalar(select(Job.status).where(Job.id == self.job_id))
+                self._cancelling = status == "cancelling"
+            except (OperationalError, DBAPIError):  # the database is away: a cancel waits until it is back
+                log.warning("job %s: cannot check for a cancel (database unavailable)", self.job_id)
         return self._cancelling
 
     def _estimated_finish(self, step: int) -> int | None:

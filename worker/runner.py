@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from api.db import session_scope
+from api.db import session_scope, with_retries
 from api.events import add_event
 from api.ids import now
 from api.orm import File, Job
@@ -87,13 +87,15 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
 
 def _claim(url: str, job_id: str, owner: str, settings: Settings) -> bool:
     # One statement decides: of two deliveries of the same id, or a claim racing the API's cancel, one wins.
-    with session_scope(url) as session:
+    def write(session: Session) -> int | None:
         attempt = claim(session, job_id, owner, settings)
         if attempt == 1:
             add_event(session, job_id, "Fine-tuning job started")
         elif attempt is not None:
             add_event(session, job_id, f"Fine-tuning job started again (attempt {attempt} of {settings.max_attempts})")
-    return attempt is not None
+        return attempt
+
+    return with_retries(url, write) is not None
 
 
 def _train_spec(url: str, job_id: str, settings: Settings, storage: Storage) -> TrainSpec:
@@ -159,7 +161,7 @@ def _finish(session: Session, job_id: str, owner: str, from_status: tuple[str, .
 
 
 def _succeeded(url: str, job_id: str, owner: str, result: TrainResult) -> str:
-    with session_scope(url) as session:
+    def write(session: Session) -> str:
         job = session.scalar(select(Job).where(Job.id == job_id))
         values = {
             "status": "succeeded",
@@ -171,19 +173,19 @@ def _succeeded(url: str, job_id: str, owner: str, result: TrainResult) -> str:
         data = {"step": result.steps, **result.metrics}
         return _finish(session, job_id, owner, ACTIVE, values, "The job has successfully completed", data=data)
 
+    return with_retries(url, write)
+
 
 def _cancelled(url: str, job_id: str, owner: str, result: TrainResult) -> str:
-    with session_scope(url) as session:
-        values = {"status": "cancelled", "trained_tokens": result.trained_tokens}
-        message = f"Job cancelled at step {result.steps}; last checkpoint kept"
-        return _finish(session, job_id, owner, ("cancelling",), values, message)
+    values = {"status": "cancelled", "trained_tokens": result.trained_tokens}
+    message = f"Job cancelled at step {result.steps}; last checkpoint kept"
+    return with_retries(url, lambda session: _finish(session, job_id, owner, ("cancelling",), values, message))
 
 
 def _failed(url: str, job_id: str, owner: str, error: dict[str, Any]) -> str:
-    with session_scope(url) as session:
-        values = {"status": "failed", "error": error}
-        message = f"Fine-tuning job failed: {error['message']}"
-        return _finish(session, job_id, owner, ACTIVE, values, message, level="error")
+    values = {"status": "failed", "error": error}
+    message = f"Fine-tuning job failed: {error['message']}"
+    return with_retries(url, lambda session: _finish(session, job_id, owner, ACTIVE, values, message, level="error"))
 
 
 def _release(url: str, job_id: str, owner: str) -> None:

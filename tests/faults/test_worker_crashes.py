@@ -11,11 +11,8 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from contextlib import ExitStack
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from sqlalchemy import select
@@ -26,7 +23,6 @@ from api.queue import enqueue
 from api.settings import Settings
 from api.storage import Storage
 from tests.conftest import classification_rows
-from tests.services import ServiceError, create_database, postgres, redis
 from tests.worker.conftest import get_events, get_job, insert_job, make_settings
 from worker.runner import run_job
 
@@ -35,34 +31,6 @@ TWO_EPOCHS = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": "auto"
 # One job, killed at each point in turn (a fresh worker each time), then finished by a worker without a fault.
 KILL_POINTS = ["claimed", "loading", "step:3", "checkpoint:1", "artifact", "trained"]
 LEASE = {"NEAT_LEASE_SECONDS": "3", "NEAT_HEARTBEAT_SECONDS": "0.5", "NEAT_REAPER_SECONDS": "0.5"}
-
-
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fault-servers")
-    with ExitStack() as stack:
-        try:
-            pg = stack.enter_context(postgres(tmp))
-            broker = stack.enter_context(redis(tmp))
-        except ServiceError as e:
-            pytest.fail(f"the fault-injection suite needs Postgres and Redis: {e}")
-        yield pg, broker
-
-
-@pytest.fixture
-def settings(servers, tmp_path) -> Settings:
-    pg, broker = servers
-    url = create_database(pg, f"faults_{uuid.uuid4().hex[:8]}")
-    base = make_settings(tmp_path / "data")  # SQLite first (make_settings migrates and adds the org) ...
-    settings = base.model_copy(update={"database_url": url, "broker_url": broker, "queue": f"q-{tmp_path.name}"})
-    from api.migrate import upgrade
-    from api.orm import Organization
-    from tests.worker.conftest import ORG
-
-    upgrade(url)  # ... then the same on the Postgres database the workers use
-    with session_scope(url) as session:
-        session.add(Organization(id=ORG, name="Test org"))
-    return settings
 
 
 def start_worker(settings: Settings, log: Path, **env: str) -> subprocess.Popen:

@@ -1,0 +1,41 @@
+"""Postgres and Redis on loopback for the fault suite (one of each per session; a fresh database per test)."""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import ExitStack
+
+import pytest
+
+from api.db import session_scope
+from api.settings import Settings
+from tests.services import ServiceError, create_database, postgres, redis
+from tests.worker.conftest import make_settings
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fault-servers")
+    with ExitStack() as stack:
+        try:
+            pg = stack.enter_context(postgres(tmp))
+            broker = stack.enter_context(redis(tmp))
+        except ServiceError as e:
+            pytest.fail(f"the fault-injection suite needs Postgres and Redis: {e}")
+        yield pg, broker
+
+
+@pytest.fixture
+def settings(servers, tmp_path) -> Settings:
+    pg, broker = servers
+    url = create_database(pg, f"faults_{uuid.uuid4().hex[:8]}")
+    base = make_settings(tmp_path / "data")  # SQLite first (make_settings migrates and adds the org) ...
+    settings = base.model_copy(update={"database_url": url, "broker_url": broker, "queue": f"q-{tmp_path.name}"})
+    from api.migrate import upgrade
+    from api.orm import Organization
+    from tests.worker.conftest import ORG
+
+    upgrade(url)  # ... then the same on the Postgres database the workers use
+    with session_scope(url) as session:
+        session.add(Organization(id=ORG, name="Test org"))
+    return settings
