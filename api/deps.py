@@ -52,3 +52,6 @@ def get_storage(settings: SettingsDep) -> Storage:
 
 
 StorageDep = Annotated[Storage, Depends(get_storage)]
+
+# The header the stock openai client sends on POSTs (api.idempotency); FastAPI reads it by its HTTP name.
+IdempotencyHeader = Annotated[str | None, Header(alias="Idempotency-Key")]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Query, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 
-from api.deps import CurrentOrg, SessionDep, SettingsDep, StorageDep
+from api import idempotency
+from api.deps import CurrentOrg, IdempotencyHeader, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, not_found
+from api.idempotency import Claim, request_hash
 from api.ids import new_id
 from api.orm import File
 from api.pagination import owned, paginate
@@ -42,14 +44,20 @@ def upload_file(
     settings: SettingsDep,
     file: UploadFile,
     purpose: Annotated[str, Form()],
-) -> dict:
+    idempotency_key: IdempotencyHeader = None,
+) -> Any:
     if purpose != "fine-tune":
         raise APIError(400, "purpose must be 'fine-tune'.", code="invalid_purpose", param="purpose")
     try:
         temp, size, sha256 = storage.receive(_chunks(file), settings.max_upload_bytes)
     except TooLarge as e:
         raise APIError(413, f"File is {e}.", code="file_too_large", param="file") from e
+    claimed: Claim | JSONResponse | None = None
     try:
+        digest = request_hash(sha256, size, purpose, file.filename)
+        claimed = idempotency.claim(settings.resolved_database_url, org, "files", idempotency_key, digest)
+        if isinstance(claimed, JSONResponse):
+            return claimed  # a retry of an upload that was already stored
         report = validate_jsonl(temp, min_examples=settings.min_examples, max_line_bytes=settings.max_line_bytes)
         if not report.ok:
             raise APIError(400, f"Invalid training file: {report.errors[0]['message']}", code="invalid_file",
@@ -69,11 +77,18 @@ def upload_file(
         )
         storage.commit(temp, row.storage_key)
         session.add(row)
+        if claimed is not None:
+            session.flush()  # fills in the defaults (created_at) that the response shows
+            claimed.record(session, file_object(row))  # in the file's own transaction: both or neither
         try:
             session.commit()
         except BaseException:
             storage.delete(row.storage_key)  # no blob without its row
             raise
+    except BaseException:
+        if isinstance(claimed, Claim):
+            claimed.release()
+        raise
     finally:
         Path(temp).unlink(missing_ok=True)
     return file_object(row)

@@ -7,20 +7,24 @@ import logging
 import secrets
 import tarfile
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
-from api.deps import CurrentOrg, SessionDep, SettingsDep, StorageDep
+from api import idempotency
+from api.deps import CurrentOrg, IdempotencyHeader, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, not_found
 from api.events import add_event
+from api.idempotency import Claim, request_hash
 from api.ids import new_id, now
 from api.orm import Checkpoint, File, Job, JobEvent
 from api.pagination import owned, paginate
 from api.queue import enqueue
 from api.schemas import Adapter, JobCreate, checkpoint_object, event_object, job_object, page
+from api.settings import Settings
 from neat_core.data.formats import DataFormat
 from neat_core.errors import InvalidHyperparameterError
 from neat_core.methods.specs import check_hyperparameters
@@ -47,7 +51,26 @@ def _file(session, org: str, file_id: str, param: str) -> File:
 
 
 @router.post("")
-def create_job(body: JobCreate, session: SessionDep, org: CurrentOrg, settings: SettingsDep) -> dict:
+def create_job(body: JobCreate, session: SessionDep, org: CurrentOrg, settings: SettingsDep,
+               idempotency_key: IdempotencyHeader = None) -> Any:  # fmt: skip
+    digest = request_hash(body.model_dump(mode="json"), body.model_extra)
+    claimed = idempotency.claim(settings.resolved_database_url, org, "fine_tuning.jobs", idempotency_key, digest)
+    if isinstance(claimed, JSONResponse):
+        return claimed  # a retry of a request that already created its job
+    try:
+        job = _create_job(body, session, org, settings, claimed)
+    except BaseException:
+        if claimed is not None:
+            claimed.release()
+        raise
+    try:  # after the commit: a worker that picks the message up must find the row
+        enqueue(job.id, settings)
+    except Exception:  # noqa: BLE001  (the row stays queued; see docs/operations.md)
+        log.exception("could not enqueue %s", job.id)
+    return job_object(job)
+
+
+def _create_job(body: JobCreate, session: Session, org: str, settings: Settings, claimed: Claim | None) -> Job:
     if entry(body.model) is None:  # the service trains catalog models only; local paths are a library feature
         available = ", ".join(e.id for e in catalog())
         raise APIError(400, f"Unknown base model '{body.model}'; available: {available}.", code="model_not_found",
@@ -89,12 +112,11 @@ def create_job(body: JobCreate, session: SessionDep, org: CurrentOrg, settings: 
     # Files were validated in full when uploaded; what is left is that they still exist, checked above.
     job.status = "queued"
     add_event(session, job.id, "Files validated; job queued")
+    if claimed is not None:
+        session.flush()
+        claimed.record(session, job_object(job))  # in the job's own transaction: both or neither
     session.commit()
-    try:  # after the commit: a worker that picks the message up must find the row
-        enqueue(job.id, settings)
-    except Exception:  # noqa: BLE001  (the row stays queued; requeueing it is the reaper's job)
-        log.exception("could not enqueue %s", job.id)
-    return job_object(job)
+    return job
 
 
 @router.get("")

@@ -1,0 +1,101 @@
+"""`Idempotency-Key` on the POSTs that create things (files, jobs): the stock openai client retries POSTs, and a
+retry must not create a second file or job.
+
+The same key (per organisation and endpoint) with the same request replays the first response; with a different
+request it answers 422; while the first request is still running it answers 409. The key is claimed in a short
+transaction of its own before the work starts (so a concurrent duplicate sees it at once), and its response is
+stored in the same transaction as the thing it created, so a crash leaves either both or neither: a claim whose
+request died without committing is taken over after `STALE_SECONDS`. A request that fails frees its key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.db import session_scope
+from api.errors import APIError
+from api.orm import IdempotencyKey
+
+MAX_KEY_LENGTH = 255
+STALE_SECONDS = 300.0  # an in-flight claim this old belongs to a request that died before committing
+
+
+def request_hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class Claim:
+    """This request holds the key: `record` its response with the work's own transaction, or `release` it."""
+
+    url: str
+    row_id: int
+
+    def record(self, session: Session, body: dict, status: int = 200) -> None:
+        session.execute(
+            update(IdempotencyKey)
+            .where(IdempotencyKey.seq == self.row_id)
+            .values(state="done", response_status=status, response_body=body)
+        )
+
+    def release(self) -> None:
+        with session_scope(self.url) as session:
+            session.execute(
+                delete(IdempotencyKey).where(IdempotencyKey.seq == self.row_id, IdempotencyKey.state == "in_flight")
+            )
+
+
+def claim(url: str, org: str, endpoint: str, key: str | None, digest: str) -> Claim | JSONResponse | None:
+    """None without a key; a Claim when this request goes ahead; the first response when it is a replay."""
+    if key is None:
+        return None
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise APIError(400, f"Idempotency-Key must be 1..{MAX_KEY_LENGTH} characters.", code="invalid_idempotency_key",
+                       param="Idempotency-Key")  # fmt: skip
+    try:
+        with session_scope(url) as session:
+            row = IdempotencyKey(organization_id=org, endpoint=endpoint, key=key, request_hash=digest,
+                                 state="in_flight", created_at=time.time())  # fmt: skip
+            session.add(row)
+            session.flush()
+            return Claim(url, row.seq)
+    except IntegrityError:
+        pass  # the key exists: decide from what it holds
+    with session_scope(url) as session:
+        row = session.scalar(
+            select(IdempotencyKey).where(
+                IdempotencyKey.organization_id == org, IdempotencyKey.endpoint == endpoint, IdempotencyKey.key == key
+            )
+        )
+        if row is None:  # released meanwhile: the caller may simply retry
+            raise _in_progress()
+        if row.request_hash != digest:
+            raise APIError(422, "This Idempotency-Key was used with a different request; use a new key.",
+                           code="idempotency_key_reused", param="Idempotency-Key")  # fmt: skip
+        if row.state == "done":
+            return JSONResponse(row.response_body, status_code=row.response_status,
+                                headers={"Idempotent-Replayed": "true"})  # fmt: skip
+        taken = session.execute(  # a claim whose request died before committing: take it over
+            update(IdempotencyKey)
+            .where(IdempotencyKey.seq == row.seq, IdempotencyKey.state == "in_flight")
+            .where(IdempotencyKey.created_at < time.time() - STALE_SECONDS)
+            .values(created_at=time.time())
+        ).rowcount
+        if taken:
+            return Claim(url, row.seq)
+    raise _in_progress()
+
+
+def _in_progress() -> APIError:
+    return APIError(409, "A request with this Idempotency-Key is still in progress; retry shortly.",
+                    code="idempotency_request_in_progress", param="Idempotency-Key",
+                    headers={"Retry-After": "1"})  # fmt: skip
