@@ -30,7 +30,9 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # Sync routes run in anyio's thread pool (40 threads): the pool must hold a connection for each, or a burst of
+    # requests waits on the pool instead of the database (and times out after pool_timeout).
+    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30, pool_timeout=10)
 
 
 @lru_cache(maxsize=8)

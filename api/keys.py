@@ -1,14 +1,15 @@
-"""Organisations and API keys. Keys are random, shown once, and stored only as a sha256 hash."""
+"""Organisations and API keys, shared by the admin CLI (`python -m api.admin`) and the admin API
+(`/v1/admin/...`). Keys are random, shown once, stored only as a sha256 hash, and revocable."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from api.ids import new_id
+from api.ids import new_id, now
 from api.orm import ApiKey, Organization
 
 
@@ -37,3 +38,47 @@ def add_key(session: Session, org_id: str, key: str | None = None) -> str:
 def key_is_active(session: Session, key: str) -> bool:
     row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
     return row is not None and row.revoked_at is None
+
+
+LIMITS = ("max_active_jobs", "max_storage_bytes", "inference_rpm")
+
+
+def create_org(session: Session, org_id: str, name: str | None = None) -> Organization:
+    """A new organisation; ValueError if the id is taken."""
+    if session.scalar(select(Organization).where(Organization.id == org_id)) is not None:
+        raise ValueError(f"organisation {org_id!r} already exists")
+    return ensure_org(session, org_id, name)
+
+
+def create_key(session: Session, org_id: str) -> tuple[ApiKey, str]:
+    """(the key's row, the key itself: shown this once, never stored). LookupError for an unknown organisation."""
+    if session.scalar(select(Organization).where(Organization.id == org_id)) is None:
+        raise LookupError(f"organisation {org_id!r} does not exist")
+    key = add_key(session, org_id)
+    session.flush()
+    return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key))), key
+
+
+def revoke_key(session: Session, key_id: str) -> bool:
+    """Revoke a key by its id; False if there is no such active key."""
+    return bool(
+        session.execute(
+            update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=now())
+        ).rowcount
+    )
+
+
+def list_keys(session: Session, org_id: str) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).where(ApiKey.organization_id == org_id).order_by(ApiKey.seq)))
+
+
+def set_limits(session: Session, org_id: str, **limits: int | None) -> Organization:
+    """Set an organisation's own limits (None: back to the deployment's default)."""
+    org = session.scalar(select(Organization).where(Organization.id == org_id))
+    if org is None:
+        raise LookupError(f"organisation {org_id!r} does not exist")
+    for name, value in limits.items():
+        if name not in LIMITS or (value is not None and value < 0):
+            raise ValueError(f"{name}={value!r}: limits are {', '.join(LIMITS)}, each >= 0 or unset")
+        setattr(org, name, value)
+    return org

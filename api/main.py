@@ -11,11 +11,12 @@ from fastapi import FastAPI
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
+from api import serving
 from api.db import session_scope, with_retries
 from api.errors import install_error_handlers
 from api.keys import add_key
-from api.routes import files, inference, jobs, models
-from api.serving import preload
+from api.quotas import RateLimiter
+from api.routes import admin, files, inference, jobs, models
 from api.settings import Settings, get_settings
 
 log = logging.getLogger("api.main")
@@ -32,8 +33,9 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
             # The database is away: start anyway (answering 503 until it is back) and add the key once it is.
             threading.Thread(target=_bootstrap_key, args=(settings,), name="bootstrap-key", daemon=True).start()
     if settings.serving and settings.serving_preload:  # in the background: the API answers meanwhile
-        threading.Thread(target=preload, args=(settings,), name="serving-preload", daemon=True).start()
+        threading.Thread(target=serving.preload, args=(settings,), name="serving-preload", daemon=True).start()
     yield
+    serving.shutdown()
 
 
 def _bootstrap_key(settings: Settings) -> None:
@@ -54,7 +56,8 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (files, jobs, models, inference):
+    app.state.inference_rate = RateLimiter()  # requests per minute per organisation, in this process
+    for module in (files, jobs, models, inference, admin):
         app.include_router(module.router)
 
     @app.get("/healthz", include_in_schema=False)

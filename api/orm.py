@@ -24,6 +24,10 @@ class Organization(Base):
     id: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    # Per-organisation limits; None: the deployment's default from settings (api.quotas).
+    max_active_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    inference_rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ApiKey(Base):

@@ -318,4 +318,13 @@ def get_engine(settings: SettingsDep) -> ServingEngine:
         return _engine
 
 
+def shutdown() -> None:
+    """Stop the process's batching engines (their scheduler threads), if any were started."""
+    global _engine
+    with _engine_lock:
+        if _engine is not None:
+            _engine.close()
+            _engine = None
+
+
 EngineDep = Annotated[ServingEngine, Depends(get_engine)]

@@ -26,8 +26,13 @@ class Settings(BaseSettings):
     port: int = 8000
     bootstrap_api_key: str | None = None  # ensured to exist (for org `bootstrap_org`) at start
     bootstrap_org: str = "org-default"
+    admin_api_key: str | None = None  # enables /v1/admin (organisations and keys); unset: those routes are 404
 
     max_upload_bytes: int = 512 * 1024 * 1024
+    # Default per-organisation limits (each organisation may have its own: `python -m api.admin set-limits`).
+    max_active_jobs: int = 20  # queued + running jobs
+    max_storage_bytes: int = 50 * 1024**3  # all files together
+    inference_rpm: int = 600  # inference requests per minute, per API process
     max_line_bytes: int = 4 * 1024 * 1024
     min_examples: int = 10
     max_job_seconds: int = 24 * 3600  # the broker's visibility timeout must exceed the longest job

@@ -64,34 +64,37 @@ def make_adapters(model_id: str, task: str, root: Path, n: int) -> list[Path]:
     return dirs
 
 
-def closed_loop(clients: int, seconds: float, request) -> dict:
-    """`clients` threads each calling request(client) back to back for `seconds`; request returns
-    (units produced, seconds to the first unit). Only requests that finish inside the window count."""
+def closed_loop(clients: int, seconds: float, warmup: float, request, window: dict) -> dict:
+    """`clients` threads calling request(client) back to back for `warmup + seconds`. request returns (the times at
+    which its units came out, seconds to the first one). Only the last `seconds` count (the first `warmup` lets the
+    clients fall out of step): throughput counts every unit produced inside that window, so a long request that
+    straddles an edge counts for what it produced there; latencies are those of the requests that started and
+    finished inside it. `window["stop"]` tells requests still queued at the end not to start."""
     latencies, firsts, units = [], [], [0]
     lock = threading.Lock()
-    stop_at = time.perf_counter() + seconds
+    count_from = time.perf_counter() + warmup
+    stop_at = window["stop"] = count_from + seconds
 
     def client(i: int) -> None:
+        time.sleep(i * warmup / clients / 2)  # staggered starts: no lockstep waves
         while time.perf_counter() < stop_at:
-            start = time.perf_counter()
-            n, first = request(i)
-            end = time.perf_counter()
-            if end <= stop_at:
-                with lock:
-                    latencies.append(end - start)
+            begun = time.perf_counter()
+            stamps, first = request(i)
+            with lock:
+                units[0] += sum(1 for t in stamps if count_from <= t <= stop_at)
+                if stamps and begun >= count_from and stamps[-1] <= stop_at:
+                    latencies.append(stamps[-1] - begun)
                     firsts.append(first)
-                    units[0] += n
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    elapsed = min(time.perf_counter(), stop_at) - start
+    window["stop"] = float("inf")
     qs = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
     return {
-        "throughput": units[0] / elapsed,
+        "throughput": units[0] / seconds,
         "requests": len(latencies),
         "p50": statistics.median(latencies) if latencies else float("nan"),
         "p95": qs[18] if qs else float("nan"),
@@ -102,7 +105,7 @@ def closed_loop(clients: int, seconds: float, request) -> dict:
 class Naive:
     """The baseline: one peft model holding every adapter, one request at a time, `set_adapter` before each."""
 
-    def __init__(self, model_id: str, task: str, dirs: list[Path], tokens: int):
+    def __init__(self, model_id: str, task: str, dirs: list[Path], tokens: int, window: dict):
         from neat_core.methods import get_method
         from neat_core.methods.neat import neat_layers
         from neat_core.models import load_base
@@ -114,6 +117,7 @@ class Naive:
                 self.model.load_adapter(str(d), adapter_name=f"a{i}")
         self.names = ["default"] + [f"a{i}" for i in range(1, len(dirs))]
         self.tokens = tokens
+        self.window = window  # a request still queued when the measuring window closes is not run
         self.lock = threading.Lock()
 
     def generate(self, adapter: int, ids: list[int]) -> tuple[int, float]:
@@ -121,6 +125,8 @@ class Naive:
 
         with self.lock, torch.inference_mode():
             start = time.perf_counter()
+            if start > self.window["stop"]:
+                return [], 0.0
             self.model.set_adapter(self.names[adapter])
             input_ids = torch.tensor([ids])
             out = self.model.generate(
@@ -131,17 +137,41 @@ class Naive:
                 do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
-            return out.shape[1] - len(ids), time.perf_counter() - start
+            done = time.perf_counter()  # generate gives every token at the end
+            return [done] * (out.shape[1] - len(ids)), done - start
 
     def classify(self, adapter: int, text: str) -> tuple[int, float]:
         import torch
 
         with self.lock, torch.inference_mode():
             start = time.perf_counter()
+            if start > self.window["stop"]:
+                return [], 0.0
             self.model.set_adapter(self.names[adapter])
             batch = self.tokenizer([text], truncation=True, max_length=128, return_tensors="pt")
             self.model(**batch).logits.softmax(-1)
-            return 1, time.perf_counter() - start
+            done = time.perf_counter()
+            return [done], done - start
+
+
+def decode_steps(engine, mixes: dict[str, list], prompt: list[int], rounds: int) -> dict[str, float]:
+    """Median seconds of one decode step of a full batch, per adapter mix (a list of AdapterRef | None per row),
+    the mixes taking turns step by step so that machine noise hits them alike. Drives the engine's own prefill and
+    decode on this thread while its scheduler is idle: the closed-loop figures include queueing and the clients'
+    rhythm, these isolate what the adapters cost per step."""
+    from neat_core.serving.engine import SamplingParams, TokenStream, _GenRequest
+
+    batches, states, times = {}, {}, {name: [] for name in mixes}
+    for name, refs in mixes.items():
+        rows = [_GenRequest(prompt, r and r.adapter_id, SamplingParams(10**6, ignore_eos=True), TokenStream(1))
+                for r in refs]  # fmt: skip
+        batches[name], states[name] = rows, engine._prefill(rows, None)
+    for _ in range(rounds):
+        for name, rows in batches.items():
+            start = time.perf_counter()
+            states[name] = engine._decode(rows, states[name])
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_model(key: str, args, root: Path) -> list[str]:
@@ -166,21 +196,20 @@ def bench_model(key: str, args, root: Path) -> list[str]:
         ]
         sampling = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
 
-        def served(adapter: AdapterRef | None, i: int) -> tuple[int, float]:
+        def served(adapter: AdapterRef | None, i: int) -> tuple[list[float], float]:
             start = time.perf_counter()
-            stream = engine.generate(prompts[i % len(prompts)], adapter, sampling)
-            first = None
-            for _ in stream:
-                first = first or time.perf_counter() - start
-            return stream.completion_tokens, first
+            stamps = [time.perf_counter() for _ in engine.generate(prompts[i % len(prompts)], adapter, sampling)]
+            return stamps, stamps[0] - start
     else:
 
-        def served(adapter: AdapterRef | None, i: int) -> tuple[int, float]:
+        def served(adapter: AdapterRef | None, i: int) -> tuple[list[float], float]:
             start = time.perf_counter()
             engine.classify([texts[i % len(texts)]], adapter)
-            return 1, time.perf_counter() - start
+            done = time.perf_counter()
+            return [done], done - start
 
-    naive = Naive(model_id, task, dirs[:8], args.tokens)
+    window = {"stop": float("inf")}
+    naive = Naive(model_id, task, dirs[:8], args.tokens, window)
     scenarios = {
         "(a) base model": lambda i: served(None, i),
         "(b) 1 NEAT adapter": lambda i: served(refs[0], i),
@@ -201,13 +230,23 @@ def bench_model(key: str, args, root: Path) -> list[str]:
     for _ in range(args.rounds):
         for name, run in scenarios.items():
             before = dict(engine.batch_sizes)
-            result = closed_loop(args.clients, args.seconds, run)
+            result = closed_loop(args.clients, args.seconds, args.warmup, run, window)
             after = engine.batch_sizes
             passes = {k: after[k] - before.get(k, 0) for k in after}
             total = sum(passes.values())
             result["mean_batch"] = sum(k * v for k, v in passes.items()) / total if total else 1.0
             results[name].append(result)
             print(f"  {key} {name}: {result['throughput']:.1f}/s over {result['requests']} requests", flush=True)
+
+    steps = {}
+    if task == "causal_lm":
+        mixes = {
+            "(a) base model": [None] * args.clients,
+            "(b) 1 NEAT adapter": [refs[0]] * args.clients,
+            "(c) 8 NEAT adapters": [refs[i % 8] for i in range(args.clients)],
+            "(c) 32 NEAT adapters": [refs[i % 32] for i in range(args.clients)],
+        }
+        steps = decode_steps(engine, mixes, prompts[0], args.step_rounds)
 
     # Cold adapters: not loaded before; one request alone, then the same request warm.
     cold, warm = [], []
@@ -222,7 +261,8 @@ def bench_model(key: str, args, root: Path) -> list[str]:
     lines = [
         f"### {model_id} ({task}; {args.clients} clients, "
         + (f"{args.tokens} tokens per request, " if task == "causal_lm" else "one text per request, ")
-        + f"{args.seconds:g} s × {args.rounds} rounds per scenario, torch threads {torch.get_num_threads()})",
+        + f"{args.warmup:g} s warm-up + {args.seconds:g} s measured × {args.rounds} rounds per scenario, "
+        + f"torch threads {torch.get_num_threads()})",
         "",
         f"| scenario | {unit} | p50 latency (s) | p95 latency (s) | p50 first token (s) | rows per pass |",
         "|---|---|---|---|---|---|",
@@ -239,7 +279,27 @@ def bench_model(key: str, args, root: Path) -> list[str]:
     b, a = tp["(b) 1 NEAT adapter"], tp["(a) base model"]
     c8, d = tp["(c) 8 NEAT adapters"], tp["(d) naive, 8 adapters"]
     extra = statistics.median(c - w for c, w in zip(cold, warm, strict=True)) * 1000
+    if steps:
+        lines += [
+            "",
+            f"Decode step of a full batch ({args.clients} rows), median of {args.step_rounds} taking turns:",
+            "",
+            "| scenario | step (ms) | tokens/s at that step |",
+            "|---|---|---|",
+            *[f"| {name} | {t * 1000:.1f} | {args.clients / t:.1f} |" for name, t in steps.items()],
+        ]
+        b_step = steps["(b) 1 NEAT adapter"]
+        lines += [
+            "",
+            "| ratio (decode step) | value | goal |",
+            "|---|---|---|",
+            f"| (b) / (a) throughput | {steps['(a) base model'] / b_step:.3f} | ≥ 0.95 |",
+            f"| (c, 8) / (b) throughput | {b_step / steps['(c) 8 NEAT adapters']:.3f} | ≥ 0.8 |",
+            f"| (c, 32) / (b) throughput | {b_step / steps['(c) 32 NEAT adapters']:.3f} | — |",
+        ]
     lines += [
+        "",
+        "End to end (closed loop, the table above):",
         "",
         "| ratio | value | goal |",
         "|---|---|---|",
@@ -258,9 +318,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32, help="generated per request (EOS ignored)")
-    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--seconds", type=float, default=40, help="measured, per scenario and round")
+    parser.add_argument("--warmup", type=float, default=10, help="run before measuring, per scenario and round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--window-ms", type=float, default=5)
+    parser.add_argument("--step-rounds", type=int, default=30, help="decode steps per mix (causal LM)")
     args = parser.parse_args()
 
     import torch

@@ -16,6 +16,7 @@ from api.idempotency import Claim, request_hash
 from api.ids import new_id
 from api.orm import File
 from api.pagination import owned, paginate
+from api.quotas import check_storage_quota
 from api.schemas import file_object, page
 from api.storage import TooLarge, file_key
 from neat_core.data.formats import validate_jsonl
@@ -27,6 +28,13 @@ CHUNK = 1 << 20
 def _chunks(upload: UploadFile):
     while chunk := upload.file.read(CHUNK):
         yield chunk
+
+
+def _plain_name(name: str | None) -> str:
+    """The client's file name as a plain display name: no directories, no control characters (NUL included)."""
+    name = os.path.basename((name or "").replace("\\", "/"))
+    name = "".join(c for c in name if c.isprintable())[:255]
+    return name if name not in ("", ".", "..") else "upload.jsonl"
 
 
 def _get(session, org: str, file_id: str) -> File:
@@ -54,6 +62,7 @@ def upload_file(
         raise APIError(413, f"File is {e}.", code="file_too_large", param="file") from e
     claimed: Claim | JSONResponse | None = None
     try:
+        check_storage_quota(session, org, size, settings)
         digest = request_hash(sha256, size, purpose, file.filename)
         claimed = idempotency.claim(settings.resolved_database_url, org, "files", idempotency_key, digest)
         if isinstance(claimed, JSONResponse):
@@ -62,7 +71,7 @@ def upload_file(
         if not report.ok:
             raise APIError(400, f"Invalid training file: {report.errors[0]['message']}", code="invalid_file",
                            param="file", extra={"errors": report.errors})  # fmt: skip
-        filename = os.path.basename((file.filename or "upload.jsonl").replace("\\", "/"))[:255] or "upload.jsonl"
+        filename = _plain_name(file.filename)
         file_id = new_id("file")
         row = File(
             id=file_id,

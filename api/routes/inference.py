@@ -22,6 +22,7 @@ from api.errors import APIError, error_body
 from api.ids import new_id, now
 from api.orm import Job
 from api.pagination import owned
+from api.quotas import InferenceRate
 from api.serving import EngineDep, Generation, ModelRef, PromptError, Sampling, ServingError, UnknownModel
 from api.storage import Storage
 from neat_core.models.catalog import CAUSAL_LM, CLASSIFICATION, entry
@@ -114,7 +115,9 @@ class ClassificationRequest(BaseModel):
 
 
 @router.post("/chat/completions")
-def chat_completions(body: ChatRequest, session: SessionDep, org: CurrentOrg, storage: StorageDep, engine: EngineDep):
+def chat_completions(
+    body: ChatRequest, session: SessionDep, org: CurrentOrg, storage: StorageDep, engine: EngineDep, _: InferenceRate
+):
     ref = _resolve(session, org, storage, body.model, CAUSAL_LM)
     with _engine_errors("messages"):
         messages = [m.plain() for m in body.messages]
@@ -126,7 +129,14 @@ def chat_completions(body: ChatRequest, session: SessionDep, org: CurrentOrg, st
 
 
 @router.post("/completions")
-def completions(body: CompletionRequest, session: SessionDep, org: CurrentOrg, storage: StorageDep, engine: EngineDep):
+def completions(
+    body: CompletionRequest,
+    session: SessionDep,
+    org: CurrentOrg,
+    storage: StorageDep,
+    engine: EngineDep,
+    _: InferenceRate,
+):
     ref = _resolve(session, org, storage, body.model, CAUSAL_LM)
     with _engine_errors("prompt"):
         generation = engine.generate(ref, body.prompt, body.sampling(), caller=org)
@@ -145,7 +155,12 @@ def serving_stats(org: CurrentOrg, engine: EngineDep) -> dict:
 
 @router.post("/classifications")
 def classifications(
-    body: ClassificationRequest, session: SessionDep, org: CurrentOrg, storage: StorageDep, engine: EngineDep
+    body: ClassificationRequest,
+    session: SessionDep,
+    org: CurrentOrg,
+    storage: StorageDep,
+    engine: EngineDep,
+    _: InferenceRate,
 ) -> dict:
     ref = _resolve(session, org, storage, body.model, CLASSIFICATION)
     texts = [body.input] if isinstance(body.input, str) else body.input

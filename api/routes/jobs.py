@@ -23,6 +23,7 @@ from api.ids import new_id, now
 from api.orm import Checkpoint, File, Job, JobEvent
 from api.pagination import owned, paginate
 from api.queue import enqueue
+from api.quotas import check_job_quota
 from api.schemas import Adapter, JobCreate, checkpoint_object, event_object, job_object, page
 from api.settings import Settings
 from neat_core.data.formats import DataFormat
@@ -86,6 +87,7 @@ def _create_job(body: JobCreate, session: Session, org: str, settings: Settings,
     if task not in tasks:
         raise APIError(400, f"{body.model} cannot be fine-tuned on {training.format} data ({task}); it supports: "
                        f"{', '.join(tasks)}.", code="incompatible_model", param="model")  # fmt: skip
+    check_job_quota(session, org, settings)
     adapter = body.adapter or Adapter()
     try:
         check_hyperparameters(adapter.type, adapter.model_extra or {})

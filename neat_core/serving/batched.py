@@ -59,8 +59,11 @@ class MultiAdapterLinear(nn.Module):
         self.occupied: set[int] = set()
 
     def reserve(self, n_slots: int, rank: int = 0) -> None:
-        """Grow the tables to `n_slots` slots and rank `rank` at least, zero-filled: existing slots are unchanged."""
-        n, r = max(n_slots, self.A.shape[0]), max(rank, self.A.shape[1])
+        """Grow the tables to `n_slots` slots and rank `rank` at least, zero-filled: existing slots are unchanged.
+        Slots grow by doubling, so loading the k-th adapter does not copy every table again (a cold load stays
+        cheap with hundreds loaded)."""
+        n = self.A.shape[0] if n_slots <= self.A.shape[0] else max(n_slots, 2 * self.A.shape[0])
+        r = max(rank, self.A.shape[1])
         if (n, r) == (self.A.shape[0], self.A.shape[1]):
             return
         a = self.A.new_zeros(n, r, self.in_features)
@@ -89,8 +92,12 @@ class MultiAdapterLinear(nn.Module):
         if not self.context.active_for(self.occupied):
             return y  # no row of this batch has an adapter on this layer: base speed
         only = self.context.only
-        if only is not None:  # one adapter for the whole batch: plain matmuls, no per-row gather
-            return y + ((x.to(self.A.dtype) @ self.A[only].t()) @ self.B[only].t()).to(y.dtype)
+        if only is not None and y.dtype == self.A.dtype:
+            # One adapter for the whole batch: two plain matmuls, the second accumulating into the base output in
+            # place (y is this forward's own fresh tensor). On CPU each op's dispatch costs as much as its math at
+            # these sizes, so fewer ops is what keeps an adapter near base speed.
+            h = x.reshape(-1, self.in_features) @ self.A[only].t()  # (B·T, r)
+            return y.view(-1, self.out_features).addmm_(h, self.B[only].t()).view(y.shape)
         idx = self.context.idx
         xs = x.reshape(idx.shape[0], -1, self.in_features).to(self.A.dtype)  # (B, T, d_in)
         h = torch.bmm(xs, self.A[idx].transpose(1, 2))  # (B, T, r_max)
@@ -116,7 +123,8 @@ class MultiAdapterHead(nn.Module):
         self.occupied: set[int] = set()
 
     def reserve(self, n_slots: int, width: int = 0) -> None:
-        n, w = max(n_slots, self.W.shape[0]), max(width, self.W.shape[1])
+        n = self.W.shape[0] if n_slots <= self.W.shape[0] else max(n_slots, 2 * self.W.shape[0])
+        w = max(width, self.W.shape[1])
         if (n, w) == tuple(self.W.shape[:2]):
             return
         weight, bias = self.W.new_zeros(n, w, self.W.shape[2]), self.b.new_zeros(n, w)

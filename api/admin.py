@@ -1,0 +1,65 @@
+"""The operator's command line for organisations and API keys (the admin API in api/routes/admin.py does the same
+over HTTP). Uses the deployment's settings (DATABASE_URL, ...):
+
+    python -m api.admin create-org acme --name "Acme Inc."
+    python -m api.admin create-key acme              # prints the key once; only its hash is stored
+    python -m api.admin list-keys acme
+    python -m api.admin revoke-key key-...
+    python -m api.admin set-limits acme --max-active-jobs 5 --inference-rpm 120
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from api.db import session_scope
+from api.keys import LIMITS, create_key, create_org, list_keys, revoke_key, set_limits
+from api.settings import get_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m api.admin", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True)
+    org = commands.add_parser("create-org", help="create an organisation")
+    org.add_argument("org_id")
+    org.add_argument("--name")
+    commands.add_parser("create-key", help="create an API key (printed once)").add_argument("org_id")
+    commands.add_parser("list-keys", help="an organisation's keys (ids and prefixes)").add_argument("org_id")
+    commands.add_parser("revoke-key", help="revoke a key by its id").add_argument("key_id")
+    limits = commands.add_parser("set-limits", help="an organisation's own limits (omit one to keep it)")
+    limits.add_argument("org_id")
+    for name in LIMITS:
+        limits.add_argument(f"--{name.replace('_', '-')}", type=int, help="-1: back to the deployment default")
+    args = parser.parse_args(argv)
+
+    try:
+        with session_scope(get_settings().resolved_database_url) as session:
+            if args.command == "create-org":
+                row = create_org(session, args.org_id, args.name)
+                out = {"id": row.id, "name": row.name}
+            elif args.command == "create-key":
+                row, key = create_key(session, args.org_id)
+                out = {"id": row.id, "organization": row.organization_id, "key": key}
+            elif args.command == "list-keys":
+                out = [{"id": k.id, "prefix": k.prefix, "created_at": k.created_at, "revoked_at": k.revoked_at}
+                       for k in list_keys(session, args.org_id)]  # fmt: skip
+            elif args.command == "revoke-key":
+                if not revoke_key(session, args.key_id):
+                    raise LookupError(f"no active key {args.key_id!r}")
+                out = {"id": args.key_id, "revoked": True}
+            else:
+                given = {n: getattr(args, n) for n in LIMITS if getattr(args, n) is not None}
+                row = set_limits(session, args.org_id, **{n: (None if v == -1 else v) for n, v in given.items()})
+                out = {"id": row.id, **{n: getattr(row, n) for n in LIMITS}}
+    except (LookupError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Per-organisation quotas and the inference rate limit. Over a limit the API answers 429 in OpenAI's error shape
+with `Retry-After`, before anything is stored.
+
+Limits come from the organisation's row, else from settings. Quotas (active jobs, stored bytes) are counted in the
+database, so they hold across API processes; the inference rate is a sliding one-minute window kept in each API
+process (with N API processes an organisation gets up to N × its rate; see docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import defaultdict, deque
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.deps import CurrentOrg, SessionDep, SettingsDep
+from api.errors import APIError
+from api.orm import File, Job, Organization
+from api.settings import Settings
+
+ACTIVE_STATUSES = ("validating_files", "queued", "running", "cancelling")
+
+
+def _limit(session: Session, org: str, field: str, default: int) -> int:
+    own = session.scalar(select(getattr(Organization, field)).where(Organization.id == org))
+    return default if own is None else int(own)
+
+
+def check_job_quota(session: Session, org: str, settings: Settings) -> None:
+    limit = _limit(session, org, "max_active_jobs", settings.max_active_jobs)
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.organization_id == org, Job.status.in_(ACTIVE_STATUSES))
+    )
+    if active >= limit:
+        message = f"Your organisation has {active} queued or running jobs; its limit is {limit}."
+        raise APIError(429, message, code="quota_exceeded", headers={"Retry-After": "60"})
+
+
+def check_storage_quota(session: Session, org: str, incoming: int, settings: Settings) -> None:
+    limit = _limit(session, org, "max_storage_bytes", settings.max_storage_bytes)
+    used = session.scalar(select(func.coalesce(func.sum(File.bytes), 0)).where(File.organization_id == org))
+    if used + incoming > limit:
+        raise APIError(429, f"This file ({incoming:,} bytes) would bring your organisation's files to "
+                       f"{used + incoming:,} bytes, over its limit of {limit:,}; delete files first.",
+                       code="quota_exceeded", param="file", headers={"Retry-After": "3600"})  # fmt: skip
+
+
+class RateLimiter:
+    """A sliding one-minute window of request times per organisation, in this process."""
+
+    def __init__(self) -> None:
+        self._seen: defaultdict[str, deque[float]] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    def admit(self, org: str, per_minute: int) -> float | None:
+        """None if the request may go ahead (and count it); else the seconds until it may."""
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen[org]
+            while seen and seen[0] <= now - 60:
+                seen.popleft()
+            if len(seen) >= per_minute:
+                return seen[0] + 60 - now
+            seen.append(now)
+            return None
+
+
+def inference_rate(request: Request, session: SessionDep, org: CurrentOrg, settings: SettingsDep) -> None:
+    """Dependency of the inference routes: 429 once the organisation is over its requests per minute. The window
+    lives on the app (`app.state.inference_rate`, set by create_app)."""
+    per_minute = _limit(session, org, "inference_rpm", settings.inference_rpm)
+    wait = request.app.state.inference_rate.admit(org, per_minute)
+    if wait is not None:
+        raise APIError(429, f"Rate limit reached: {per_minute} inference requests per minute for your organisation.",
+                       code="rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})  # fmt: skip
+
+
+InferenceRate = Annotated[None, Depends(inference_rate)]

@@ -1,0 +1,88 @@
+"""/v1/admin: organisations and API keys over HTTP, for the operator (the same operations as `python -m api.admin`).
+
+Authenticated by the deployment's admin key (NEAT_ADMIN_API_KEY, compared in constant time), never by a customer's
+key. Without an admin key configured the whole prefix answers 404, as if it did not exist.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import SessionDep, SettingsDep
+from api.errors import APIError
+from api.keys import LIMITS, create_key, create_org, list_keys, revoke_key, set_limits
+
+OrgId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+def require_admin(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    if not settings.admin_api_key:
+        raise APIError(404, "Not found.", code="not_found")
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), settings.admin_api_key.encode()):
+        raise APIError(401, "This endpoint needs the admin API key.", code="invalid_api_key")
+
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)], include_in_schema=False)
+
+
+class NewOrganization(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: OrgId
+    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_active_jobs: Annotated[int, Field(ge=0)] | None = None
+    max_storage_bytes: Annotated[int, Field(ge=0)] | None = None
+    inference_rpm: Annotated[int, Field(ge=0)] | None = None
+
+
+@router.post("/organizations")
+def new_organization(body: NewOrganization, session: SessionDep) -> dict:
+    try:
+        org = create_org(session, body.id, body.name)
+    except ValueError as e:
+        raise APIError(409, str(e), code="organization_exists", param="id") from e
+    session.commit()
+    return {"object": "organization", "id": org.id, "name": org.name}
+
+
+@router.post("/organizations/{org_id}/api_keys")
+def new_key(org_id: str, session: SessionDep) -> dict:
+    try:
+        row, key = create_key(session, org_id)
+    except LookupError as e:
+        raise APIError(404, str(e), code="organization_not_found") from e
+    session.commit()
+    return {"object": "api_key", "id": row.id, "organization": org_id, "key": key}  # the only time it is shown
+
+
+@router.get("/organizations/{org_id}/api_keys")
+def keys(org_id: str, session: SessionDep) -> dict:
+    data = [{"object": "api_key", "id": k.id, "prefix": k.prefix, "created_at": k.created_at,
+             "revoked_at": k.revoked_at} for k in list_keys(session, org_id)]  # fmt: skip
+    return {"object": "list", "data": data}
+
+
+@router.delete("/api_keys/{key_id}")
+def revoke(key_id: str, session: SessionDep) -> dict:
+    if not revoke_key(session, key_id):
+        raise APIError(404, f"No active API key '{key_id}'.", code="api_key_not_found")
+    session.commit()
+    return {"object": "api_key", "id": key_id, "revoked": True}
+
+
+@router.post("/organizations/{org_id}/limits")
+def limits(org_id: str, body: Limits, session: SessionDep) -> dict:
+    try:
+        org = set_limits(session, org_id, **{n: getattr(body, n) for n in body.model_fields_set})
+    except LookupError as e:
+        raise APIError(404, str(e), code="organization_not_found") from e
+    session.commit()
+    return {"object": "organization.limits", "id": org.id, **{n: getattr(org, n) for n in LIMITS}}

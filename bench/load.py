@@ -1,0 +1,168 @@
+"""Load test on loopback: many clients polling job status and listing events, against the real API (uvicorn) on a
+real Postgres (started here, like the test suite's).
+
+Each client is what an SDK's "wait for my job" loop does: every `--interval` seconds it retrieves its job and lists
+its latest events, for `--seconds`. Jobs have a few hundred events each (a training run's metrics). Printed:
+requests, errors (anything but 200), and latency percentiles per request kind and overall.
+
+    python bench/load.py                           # 100 clients, 1 s interval, 60 s, Postgres
+    python bench/load.py --clients 200 --interval 0.5 --api-workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+KEY = "sk-load-test"
+ORG = "org-load"
+OTHER_KEY = "sk-load-other"  # a second organisation, for the existence-timing check
+
+
+def seed(url: str, jobs: int, events: int) -> list[str]:
+    """Jobs with `events` events each, as training would have left them."""
+    from api.db import session_scope
+    from api.ids import new_id
+    from api.keys import add_key
+    from api.orm import File, Job, JobEvent
+
+    ids = []
+    with session_scope(url) as session:
+        add_key(session, ORG, KEY)
+        add_key(session, "org-other", OTHER_KEY)
+        session.add(File(id="file-load", organization_id=ORG, filename="t.jsonl", purpose="fine-tune", bytes=1,
+                         sha256="0" * 64, format="chat", num_examples=10, storage_key="x"))  # fmt: skip
+        for _ in range(jobs):
+            job = Job(id=new_id("ftjob"), organization_id=ORG, model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                      task="causal_lm", training_file="file-load", seed=0, hyperparameters={}, adapter={"type": "neat"},
+                      status="running")  # fmt: skip
+            session.add(job)
+            session.flush()
+            for step in range(events):
+                session.add(JobEvent(id=new_id("ftevent"), job_id=job.id, type="metrics", message=f"Step {step}",
+                                     data={"step": step, "train_loss": 1.0 / (step + 1)}))  # fmt: skip
+            ids.append(job.id)
+    return ids
+
+
+async def client(http, job_id: str, interval: float, stop_at: float, out: dict[str, list[float]], errors: list):
+    while time.perf_counter() < stop_at:
+        tick = time.perf_counter()
+        for kind, path in (("retrieve job", f"/v1/fine_tuning/jobs/{job_id}"),
+                           ("list events", f"/v1/fine_tuning/jobs/{job_id}/events?limit=20")):  # fmt: skip
+            start = time.perf_counter()
+            try:
+                r = await http.get(path)
+                ok = r.status_code == 200
+            except Exception as e:  # noqa: BLE001
+                ok, r = False, e
+            out[kind].append(time.perf_counter() - start)
+            if not ok:
+                errors.append(getattr(r, "status_code", repr(r)))
+        await asyncio.sleep(max(0.0, interval - (time.perf_counter() - tick)))
+
+
+async def run_clients(base: str, job_ids: list[str], args) -> tuple[dict[str, list[float]], list]:
+    import httpx
+
+    out: dict[str, list[float]] = {"retrieve job": [], "list events": []}
+    errors: list = []
+    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, limits=limits,
+                                 timeout=30) as http:  # fmt: skip
+        stop_at = time.perf_counter() + args.seconds
+        await asyncio.gather(*(client(http, job_ids[i % len(job_ids)], args.interval, stop_at, out, errors)
+                               for i in range(args.clients)))  # fmt: skip
+    return out, errors
+
+
+def existence_timing(base: str, foreign_job: str, n: int) -> tuple[float, float]:
+    """Median latency (ms) of a 404 for another organisation's job vs for an id that does not exist, requests
+    interleaved: equal medians mean the answer's timing does not tell a stranger the job exists."""
+    import httpx
+
+    missing = "ftjob-" + "0" * 24
+    times: dict[str, list[float]] = {foreign_job: [], missing: []}
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {OTHER_KEY}"}) as http:
+        for _ in range(n):
+            for job_id in times:
+                start = time.perf_counter()
+                r = http.get(f"/v1/fine_tuning/jobs/{job_id}")
+                times[job_id].append(time.perf_counter() - start)
+                assert r.status_code == 404, r.text
+    return statistics.median(times[foreign_job]) * 1000, statistics.median(times[missing]) * 1000
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000)[int(q * 10) - 1] * 1000 if len(values) > 1 else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--events", type=int, default=300)
+    parser.add_argument("--api-workers", type=int, default=1)
+    args = parser.parse_args()
+
+    import httpx
+
+    from api.migrate import upgrade
+    from tests.services import create_database, free_port, postgres
+
+    tmp = Path(tempfile.mkdtemp(prefix="neat-load-"))
+    with postgres(tmp) as server:
+        url = create_database(server, "load")
+        upgrade(url)
+        job_ids = seed(url, args.jobs, args.events)
+        port = free_port()
+        env = {**os.environ, "NEAT_DATABASE_URL": url, "NEAT_DATA_DIR": str(tmp / "data"), "NEAT_SERVING": "false",
+               "NEAT_INFERENCE_RPM": "1000000", "PYTHONPATH": str(ROOT)}  # fmt: skip
+        command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
+                   "--workers", str(args.api_workers), "--log-level", "warning"]  # fmt: skip
+        api = subprocess.Popen(command, cwd=ROOT, env=env)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            for _ in range(300):
+                try:
+                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            out, errors = asyncio.run(run_clients(base, job_ids, args))
+            foreign_ms, missing_ms = existence_timing(base, job_ids[0], 500)
+        finally:
+            api.terminate()
+            api.wait(timeout=30)
+
+    every = out["retrieve job"] + out["list events"]
+    print(f"# {args.clients} clients, each every {args.interval:g} s: retrieve its job + list 20 events; "
+          f"{args.seconds:g} s; Postgres; {args.api_workers} uvicorn worker(s); {os.cpu_count()} CPUs\n")  # fmt: skip
+    print("| requests | kind | errors | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) |")
+    print("|---|---|---|---|---|---|---|")
+    for kind, values in [*out.items(), ("all", every)]:
+        errs = len(errors) if kind == "all" else "—"
+        print(f"| {len(values)} | {kind} | {errs} | {pct(values, 50):.1f} | {pct(values, 95):.1f} | "
+              f"{pct(values, 99):.1f} | {max(values) * 1000:.1f} |")  # fmt: skip
+    print(f"\nthroughput: {len(every) / args.seconds:.0f} requests/s; errors: {sorted(set(map(str, errors)))}")
+    print(
+        f"404 for another organisation's job: median {foreign_ms:.2f} ms; for a job that does not exist: "
+        f"{missing_ms:.2f} ms (500 each, interleaved)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Hostile input the other API tests do not already cover (path traversal, invalid UTF-8, NUL bytes, deep nesting,
+long lines, oversize files and bad job specs are in test_files.py / test_jobs.py): wrong content types, millions of
+tiny lines, hostile file names. Each gets a clear 4xx in OpenAI's error shape and leaves nothing stored."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from api.orm import File
+from tests.api import assert_error, chat_rows, jsonl
+
+
+def nothing_stored(api) -> bool:
+    with api.session() as session:
+        rows = session.scalar(select(func.count()).select_from(File))
+    return rows == 0 and not [p for p in api.artifact_root.rglob("*") if p.is_file()]
+
+
+def test_json_body_where_a_multipart_upload_is_expected(api):
+    r = api.post("/v1/files", json={"file": "x", "purpose": "fine-tune"})
+    assert_error(r, 400)
+    assert nothing_stored(api)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "application/x-www-form-urlencoded"])
+def test_job_creation_with_a_body_that_is_not_json(api, content_type):
+    r = api.post("/v1/fine_tuning/jobs", content=b"model=x&training_file=y", headers={"Content-Type": content_type})
+    assert_error(r, 400)
+
+
+def test_a_million_tiny_lines(make_api):
+    api = make_api(max_upload_bytes=64 * 1024 * 1024)
+    body = b"{}\n" * 1_000_000  # 3 MB of lines that are JSON but no format's rows
+    error = assert_error(api.upload(body), 400, code="invalid_file", param="file")
+    assert 1 <= len(error["errors"]) <= 20  # reported once each, up to a bound, not a million times
+    assert nothing_stored(api)
+
+
+@pytest.mark.parametrize("filename", ["\x00.jsonl", "a\x00b/../../c.jsonl", "../", "..", "/", "\\..\\..\\x", ""])
+def test_hostile_file_names_are_stored_as_plain_names(api, filename):
+    r = api.post("/v1/files", files={"file": (filename, jsonl(chat_rows()), "application/jsonl")},
+                 data={"purpose": "fine-tune"})  # fmt: skip
+    if r.status_code == 200:
+        name = r.json()["filename"]
+        assert name and "/" not in name and "\\" not in name and "\x00" not in name and name not in (".", "..")
+        stored = [p for p in api.artifact_root.rglob("*") if p.is_file()]
+        assert len(stored) == 1 and api.artifact_root.resolve() in stored[0].resolve().parents
+    else:
+        assert_error(r, r.status_code)
+        assert 400 <= r.status_code < 500 and nothing_stored(api)
