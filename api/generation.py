@@ -116,8 +116,7 @@ class BatchedGeneration(Generation):
         from neat_core.serving import SamplingParams
 
         self.prompt_tokens = len(input_ids)
-        context = getattr(engine.model.model.config, "max_position_embeddings", None)
-        self.max_new_tokens = context_budget(self.prompt_tokens, sampling.max_tokens, context)
+        self.max_new_tokens = context_budget(self.prompt_tokens, sampling.max_tokens, engine.max_length)
         self.stop = sampling.stop
         self._engine = engine
         params = SamplingParams(

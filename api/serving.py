@@ -38,7 +38,9 @@ from api.generation import (
     UnknownModel,
     encode_prompt,
 )
+from api.orm import Job
 from api.settings import Settings
+from api.storage import Storage
 from neat_core.methods.specs import BATCHED_METHODS
 from neat_core.models.catalog import CLASSIFICATION
 
@@ -59,6 +61,18 @@ class ModelRef:
     artifact_dir: Path | None = None  # a fine-tuned adapter; None serves the base model itself
     owner: str | None = None  # the organisation that owns the adapter (checked again before it is batched)
     method: str | None = None  # the adapter's method, as the job recorded it
+
+    @classmethod
+    def of_job(cls, job: Job, storage: Storage) -> ModelRef:
+        """A succeeded job's fine-tuned model (its artifact, owner and method as the job recorded them)."""
+        return cls(
+            job.fine_tuned_model,
+            job.task,
+            job.model,
+            storage.path(job.artifact_key),
+            owner=job.organization_id,
+            method=(job.adapter or {}).get("type"),
+        )
 
 
 def load_model(ref: ModelRef, *, cache_dir: Path | None, device: str) -> LoadedModel:
@@ -267,8 +281,6 @@ def preload(settings: Settings) -> None:
     from sqlalchemy import select
 
     from api.db import session_scope
-    from api.orm import Job
-    from api.storage import Storage
     from neat_core.models.catalog import CAUSAL_LM, entry
 
     engine = get_engine(settings)
@@ -282,14 +294,7 @@ def preload(settings: Settings) -> None:
                 if job is None or job.artifact_key is None:
                     log.warning("cannot preload %s: no such succeeded fine-tuned model", name)
                     continue
-                ref = ModelRef(
-                    name,
-                    job.task,
-                    job.model,
-                    storage.path(job.artifact_key),
-                    owner=job.organization_id,
-                    method=(job.adapter or {}).get("type"),
-                )
+                ref = ModelRef.of_job(job, storage)
         try:
             engine.preload(ref)
             log.info("preloaded %s", name)

@@ -192,8 +192,7 @@ def _resolve(session: Session, org: str, storage: Storage, model_id: str, task: 
     if job.task != task:
         kind = "a classification model" if job.task == CLASSIFICATION else "a text-generation model"
         raise _wrong_endpoint(model_id, kind, task)
-    method = (job.adapter or {}).get("type")
-    return ModelRef(model_id, job.task, job.model, storage.path(job.artifact_key), owner=org, method=method)
+    return ModelRef.of_job(job, storage)
 
 
 def _model_not_found(model_id: str) -> APIError:

@@ -17,16 +17,16 @@ import pytest
 from api.queue import enqueue
 from tests.conftest import classification_rows
 from tests.faults.test_worker_crashes import (
-    ROOT,
     adapter,
     assert_never_held_twice,
     attempts,
     start_worker,
     stop,
     wait_for,
+    wait_until_finished,
 )
 from tests.services import free_port, postgres_ctl, restart_redis
-from tests.worker.conftest import ORG, get_events, get_job, insert_job, make_settings
+from tests.worker.conftest import ORG, ROOT, get_events, get_job, insert_job, make_settings
 from worker.runner import run_job
 
 EPOCHS = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": "auto"}  # 48 rows: 24 steps
@@ -104,12 +104,7 @@ def test_a_running_job_survives_redis_postgres_and_api_restarts(settings, tiny_m
 
         stop(api)  # the API restarted mid-job: the job is the worker's business
         api = start_api(settings, log, port)
-        status = wait_for(
-            lambda: get_job(settings, job_id).status in ("succeeded", "failed") and get_job(settings, job_id).status,
-            180,
-            "the job to finish",
-            log,
-        )
+        status = wait_until_finished(settings, job_id, log, timeout=180)
         r = httpx.get(
             f"http://127.0.0.1:{port}/v1/fine_tuning/jobs/{job_id}/events?limit=100",
             headers={"Authorization": f"Bearer {KEY}"},

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,9 +23,9 @@ from api.settings import Settings
 from api.storage import Storage
 from tests.conftest import classification_rows
 from tests.worker.conftest import get_events, get_job, insert_job, make_settings
+from tests.worker.conftest import start_worker as start_celery_worker
 from worker.runner import run_job
 
-ROOT = Path(__file__).resolve().parents[2]
 TWO_EPOCHS = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": "auto"}  # 16 rows: 8 steps
 # One job, killed at each point in turn (a fresh worker each time), then finished by a worker without a fault.
 KILL_POINTS = ["claimed", "loading", "step:3", "checkpoint:1", "artifact", "trained"]
@@ -34,24 +33,16 @@ LEASE = {"NEAT_LEASE_SECONDS": "3", "NEAT_HEARTBEAT_SECONDS": "0.5", "NEAT_REAPE
 
 
 def start_worker(settings: Settings, log: Path, **env: str) -> subprocess.Popen:
-    environment = {
-        **os.environ,
-        "NEAT_DATA_DIR": str(settings.data_dir),
-        "NEAT_DATABASE_URL": settings.resolved_database_url,
-        "NEAT_BROKER_URL": settings.resolved_broker_url,
-        "NEAT_QUEUE": settings.queue,
-        "NEAT_DEVICE": "cpu",
-        "NEAT_CHECKPOINT_EVERY": "2",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT),
-        **LEASE,
-        **env,
-    }
-    command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo", "--concurrency=1",
-               "-Q", settings.queue, "--loglevel=INFO", "--without-gossip", "--without-mingle",
-               "--without-heartbeat"]  # fmt: skip
-    with open(log, "ab") as out:
-        return subprocess.Popen(command, cwd=ROOT, env=environment, stdout=out, stderr=out, start_new_session=True)
+    """A worker with short leases, so that a dead one's job is picked up within seconds."""
+    return start_celery_worker(settings, log, **{**LEASE, **env})
+
+
+def wait_until_finished(settings: Settings, job_id: str, log: Path, timeout: float = 120) -> str:
+    def finished() -> str | None:
+        status = get_job(settings, job_id).status
+        return status if status in ("succeeded", "failed") else None
+
+    return wait_for(finished, timeout, "the job to finish", log)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -108,12 +99,7 @@ def test_a_job_survives_its_worker_being_killed_at_every_point(settings, tiny_mo
         assert get_job(settings, job_id).attempts == n, point
     worker = start_worker(settings, log, NEAT_MAX_ATTEMPTS="10")
     try:
-        status = wait_for(
-            lambda: get_job(settings, job_id).status in ("succeeded", "failed") and get_job(settings, job_id).status,
-            120,
-            "the job to finish",
-            log,
-        )
+        status = wait_until_finished(settings, job_id, log)
     finally:
         stop(worker)
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ from api.storage import Storage, file_key
 from neat_core.data.formats import DataFormat
 
 ORG = "org-test"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_settings(data_dir: Path, **kw) -> Settings:
@@ -92,3 +96,26 @@ def get_job(settings: Settings, job_id: str) -> Job:
 def get_events(settings: Settings, job_id: str) -> list[JobEvent]:
     with session_scope(settings.resolved_database_url) as session:
         return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)))
+
+
+def start_worker(settings: Settings, log: Path, **env: str) -> subprocess.Popen:
+    """A `celery worker` process (solo pool) on `settings`' database, broker and queue, logging to `log`; `env`
+    adds or overrides NEAT_* variables. It runs in a session of its own, so its whole process group can be
+    stopped."""
+    environment = {
+        **os.environ,
+        "NEAT_DATA_DIR": str(settings.data_dir),
+        "NEAT_DATABASE_URL": settings.resolved_database_url,
+        "NEAT_BROKER_URL": settings.resolved_broker_url,
+        "NEAT_QUEUE": settings.queue,
+        "NEAT_DEVICE": "cpu",
+        "NEAT_CHECKPOINT_EVERY": "2",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+        **env,
+    }
+    command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo", "--concurrency=1",
+               "-Q", settings.queue, "--loglevel=INFO", "--without-gossip", "--without-mingle",
+               "--without-heartbeat"]  # fmt: skip
+    with open(log, "ab") as out:
+        return subprocess.Popen(command, cwd=ROOT, env=environment, stdout=out, stderr=out, start_new_session=True)

@@ -16,7 +16,7 @@ from api import queue
 from api.settings import get_settings
 from api.storage import Storage
 from tests.conftest import chat_rows, classification_rows
-from tests.worker.conftest import get_events, get_job, insert_job, make_settings
+from tests.worker.conftest import get_events, get_job, insert_job, make_settings, start_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT = 120
@@ -32,21 +32,7 @@ def settings(tmp_path_factory):
 def worker_log(settings) -> Path:
     """One worker for the module (its start is most of the cost); stopped with its whole process group."""
     log_path = settings.data_dir / "worker.log"
-    env = {
-        **os.environ,
-        "NEAT_DATA_DIR": str(settings.data_dir),
-        "NEAT_DATABASE_URL": settings.resolved_database_url,
-        "NEAT_BROKER_URL": settings.resolved_broker_url,
-        "NEAT_DEVICE": "cpu",
-        "NEAT_CHECKPOINT_EVERY": "2",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT),
-    }
-    command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo", "--concurrency=1",
-               "-Q", settings.queue, "--loglevel=INFO", "--without-gossip", "--without-mingle",
-               "--without-heartbeat"]  # fmt: skip
-    with open(log_path, "wb") as log:  # a session of its own, so that its whole process group can be stopped
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
+    proc = start_worker(settings, log_path)
     try:
         # Wait until it is consuming: it declares the queue (creating the broker's tables) before we publish.
         wait_for(lambda: "ready." in log_path.read_text(), 60, "the worker to start", proc, log_path)
