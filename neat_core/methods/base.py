@@ -96,6 +96,28 @@ class AdapterMethod:
         """(lora_A [r, d_in], lora_B [d_out, r]) with the scale folded into B, for exact LoRA export."""
         raise NotImplementedError(f"{self.name} adapters cannot be exported to LoRA")
 
+    # ---- training hooks: the loop calls these; the defaults do nothing (NEAT, LoRA) ----
+    # A method's `state` is JSON: it goes into every checkpoint and the artifact's manifest, and on resume it is
+    # handed to `restore` rather than recomputed, so a resumed run makes the decisions the first run made.
+
+    def before_training(self, model: PeftModel, hp: dict[str, Any], batches: Iterator[dict]) -> dict[str, Any]:
+        """Data-dependent set-up once the adapter is attached and before the optimiser exists (HEAT scores heads
+        on `batches`: training batches on the model's device, epoch 0's order, as many as it takes). Returns the
+        method's state."""
+        return {}
+
+    def restore(self, model: PeftModel, hp: dict[str, Any], state: dict[str, Any]) -> None:
+        """Re-apply what `before_training` and `after_step` did, from `state`, to a freshly attached adapter
+        (resume); the optimiser is built afterwards."""
+
+    def after_backward(self, model: PeftModel, hp: dict[str, Any], state: dict[str, Any], step: int) -> None:
+        """Gradients are in `.grad` (before clipping and the optimiser step): accumulate importance into `state`."""
+
+    def after_step(self, model: PeftModel, hp: dict[str, Any], state: dict[str, Any], step: int) -> bool:
+        """After optimiser step `step` (1-based). True when the set of trainable parameters changed (Pear's
+        pruning): the loop rebuilds the optimiser over the new set, keeping surviving parameters' moments."""
+        return False
+
     def resolve(self, model: nn.Module, hyperparameters: dict[str, Any]) -> dict[str, Any]:
         """Validate user hyperparameters and fill in every "auto" one; the result is what gets reported back."""
         resolved = {**self.defaults(model), **check_hyperparameters(self.name, hyperparameters)}

@@ -88,6 +88,7 @@ def save_checkpoint(
     loop: LoopState,
     metrics: dict[str, float],
     fingerprint: dict[str, Any],
+    method_state: dict[str, Any] | None = None,
     keep_last: int | None = None,
 ) -> Path:
     """Write a checkpoint for `loop.step` under `root`; returns its final path."""
@@ -108,6 +109,7 @@ def save_checkpoint(
         "optimizer": opt_meta,
         "metrics": metrics,
         "fingerprint": fingerprint,
+        "method_state": method_state or {},
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     _fsync_tree(tmp)

@@ -1,5 +1,6 @@
-"""The training loop. It reads top to bottom: data → model → adapter → optimiser → (resume) → for each step:
-forward/backward → clip → step → log → evaluate/checkpoint → stop? → artifact.
+"""The training loop. It reads top to bottom: data → model → adapter → the method's set-up (or, resuming, its saved
+state) → optimiser → (resume) → for each step: forward/backward → method hook → clip → step → method hook
+(rebuild the optimiser if the trainable set changed) → log → evaluate/checkpoint → stop? → artifact.
 
 Determinism is what makes resume exact: the batch order of epoch e is a permutation drawn from a generator
 seeded with (seed, e), and the global RNG (dropout) is checkpointed, so a run continued from step k replays
@@ -25,7 +26,7 @@ from neat_core.errors import DataFormatError
 from neat_core.methods import get_method
 from neat_core.models.loading import load_base
 from neat_core.train.callbacks import Callback
-from neat_core.train.checkpoint import LoopState, load_checkpoint, save_checkpoint
+from neat_core.train.checkpoint import LoopState, load_checkpoint, read_checkpoint_state, save_checkpoint
 from neat_core.train.spec import Schedule, TrainSpec, resolve_schedule
 
 
@@ -53,6 +54,26 @@ def _linear_warmup_decay(warmup: int, total: int):
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return factor
+
+
+def _optimiser(model, schedule: Schedule, previous=None) -> tuple[list, torch.optim.Optimizer, Any]:
+    """AdamW over the trainable parameters (adapter, and head: fp32 master weights) with the warm-up/decay
+    schedule. With `previous` (optimiser, scheduler), a rebuild mid-run: surviving parameters keep their moments
+    and the schedule continues from the step it had reached."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=schedule.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _linear_warmup_decay(schedule.warmup_steps, schedule.total_steps)
+    )
+    if previous is not None:
+        old_optimizer, old_scheduler = previous
+        for p in params:
+            if p in old_optimizer.state:
+                optimizer.state[p] = old_optimizer.state[p]
+        scheduler.load_state_dict(old_scheduler.state_dict())
+        for group in optimizer.param_groups:
+            group["lr"] = old_scheduler.get_last_lr()[0]
+    return params, optimizer, scheduler
 
 
 def _correct(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[int, int]:
@@ -124,11 +145,21 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
     valid_set = encode_examples(valid_examples, fmt, tokenizer, max_length=schedule.max_seq_len, label2id=label2id)
     collate = Collator(tokenizer.pad_token_id)
 
-    params = [p for p in model.parameters() if p.requires_grad]  # adapter (+ head): fp32 master weights
-    optimizer = torch.optim.AdamW(params, lr=schedule.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _linear_warmup_decay(schedule.warmup_steps, schedule.total_steps)
-    )
+    # The method's data-dependent set-up (HEAT's head selection), or on resume the state the first run saved.
+    if spec.resume_from is not None:
+        method_state = read_checkpoint_state(spec.resume_from).get("method_state", {})
+        method.restore(model, adapter_hp, method_state)
+    else:
+        first_epoch = _batches_of_epoch(len(train_set), schedule.batch_size, spec.seed, 0)
+        method_state = method.before_training(
+            model,
+            adapter_hp,
+            (
+                {k: v.to(device) for k, v in collate([train_set[i] for i in b]).items()} for b in first_epoch
+            ),  # fmt: skip
+        )
+
+    params, optimizer, scheduler = _optimiser(model, schedule)
     hyperparameters = {"method": method.name, **asdict(schedule), "seed": spec.seed, "adapter": adapter_hp}
     fingerprint = {  # a checkpoint only resumes into the run that wrote it
         "base_model": spec.base_model,
@@ -153,6 +184,7 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
             loop=loop,
             metrics=metrics,
             fingerprint=fingerprint,
+            method_state=method_state,
             keep_last=spec.keep_checkpoints,
         )
         for cb in callbacks:
@@ -175,10 +207,13 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
             with _autocast(device, amp):
                 out = model(**batch)
             out.loss.backward()
+            method.after_backward(model, adapter_hp, method_state, loop.step + 1)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if method.after_step(model, adapter_hp, method_state, loop.step + 1):  # trainable set changed (Pear)
+                params, optimizer, scheduler = _optimiser(model, schedule, previous=(optimizer, scheduler))
 
             loop.step += 1
             loop.batch_in_epoch += 1
@@ -228,6 +263,7 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
         "training_file_sha256": fingerprint["training_file_sha256"],
         "validation_file_sha256": file_sha256(spec.validation_file) if spec.validation_file else None,
         "data_format": fmt.value,
+        "method_state": method_state,
     }
     adapter_dir = save_artifact(model, spec.output_dir / "adapter", base_model=spec.base_model, manifest=manifest)
     return TrainResult(

@@ -5,6 +5,7 @@ fixtures are in `conftest.py`."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -97,3 +98,20 @@ ROWS = {
     "prompt_completion": prompt_completion_rows,
     "text": text_rows,
 }
+
+
+@dataclass
+class Owned:
+    """Organisation A's resources: a file, a finished job with an event and a checkpoint, and its model."""
+
+    file: str
+    job: str
+    event: str
+    model: str
+
+
+def assert_same_as_missing(theirs: httpx.Response, missing: httpx.Response, real_id: str, fake_id: str) -> None:
+    """Another organisation's id answers exactly like an id that does not exist (the id itself aside)."""
+    assert theirs.status_code == missing.status_code, (theirs.text, missing.text)
+    assert theirs.json() == json.loads(missing.text.replace(fake_id, real_id)), (theirs.text, missing.text)
+    assert dict(theirs.headers).keys() == dict(missing.headers).keys()

@@ -24,12 +24,14 @@ from sqlalchemy.orm import Session
 
 from api.db import session_factory
 from api.deps import hash_key
+from api.ids import new_id
 from api.main import create_app
 from api.migrate import upgrade
-from api.orm import ApiKey, Job, Organization
+from api.orm import ApiKey, Checkpoint, Job, Organization
 from api.settings import Settings, get_settings
+from api.storage import job_key
 from tests import services
-from tests.api import MIN_EXAMPLES, SMOLLM2, jsonl
+from tests.api import MIN_EXAMPLES, SMOLLM2, Owned, chat_rows, finish_job, jsonl
 
 DB_PARAMS = [
     "sqlite",
@@ -198,3 +200,16 @@ def make_api(db_url, orgs, tmp_path, broker_url):
 @pytest.fixture
 def api(make_api) -> Api:
     return make_api()
+
+
+@pytest.fixture
+def owned_by_a(api) -> Owned:
+    """Organisation A owns one of each resource; B owns none yet."""
+    file_id = api.upload_ok(chat_rows())["id"]
+    job_id = api.create_job_ok(file_id)["id"]
+    model = finish_job(api, job_id)
+    with api.session() as session:
+        session.add(Checkpoint(id=new_id("ftckpt"), job_id=job_id, step_number=5, metrics={"train_loss": 1.0},
+                               storage_key=f"{job_key(api.a.id, job_id)}/checkpoints/step-5"))  # fmt: skip
+    event = api.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"][0]["id"]
+    return Owned(file_id, job_id, event, model)

@@ -3,17 +3,11 @@ on every endpoint, and never show up in lists."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-
-import httpx
 import pytest
 
 from api.deps import hash_key
-from api.ids import new_id
-from api.orm import ApiKey, Checkpoint
-from api.storage import job_key
-from tests.api import MINILM, SMOLLM2, assert_error, chat_rows, finish_job, sqlite_only
+from api.orm import ApiKey
+from tests.api import MINILM, SMOLLM2, Owned, assert_error, assert_same_as_missing, chat_rows, finish_job, sqlite_only
 
 # ---------------------------------------------------------------------------------------------------- models
 
@@ -146,28 +140,6 @@ def test_wrong_method_is_an_invalid_request(api):
 # ---------------------------------------------------------------------------------------------------- tenancy
 
 
-@dataclass
-class Owned:
-    """Organisation A's resources: a file, a finished job with an event and a checkpoint, and its model."""
-
-    file: str
-    job: str
-    event: str
-    model: str
-
-
-@pytest.fixture
-def owned_by_a(api) -> Owned:
-    file_id = api.upload_ok(chat_rows())["id"]
-    job_id = api.create_job_ok(file_id)["id"]
-    model = finish_job(api, job_id)
-    with api.session() as session:
-        session.add(Checkpoint(id=new_id("ftckpt"), job_id=job_id, step_number=5, metrics={"train_loss": 1.0},
-                               storage_key=f"{job_key(api.a.id, job_id)}/checkpoints/step-5"))  # fmt: skip
-    event = api.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"][0]["id"]
-    return Owned(file_id, job_id, event, model)
-
-
 RESOURCE_ENDPOINTS = [
     ("GET", "/v1/files/{file}"),
     ("GET", "/v1/files/{file}/content"),
@@ -180,13 +152,6 @@ RESOURCE_ENDPOINTS = [
     ("GET", "/v1/fine_tuning/jobs/{job}/adapter?format=lora"),
     ("GET", "/v1/models/{model}"),
 ]
-
-
-def assert_same_as_missing(theirs: httpx.Response, missing: httpx.Response, real_id: str, fake_id: str) -> None:
-    """Another organisation's id answers exactly like an id that does not exist (the id itself aside)."""
-    assert theirs.status_code == missing.status_code, (theirs.text, missing.text)
-    assert theirs.json() == json.loads(missing.text.replace(fake_id, real_id)), (theirs.text, missing.text)
-    assert dict(theirs.headers).keys() == dict(missing.headers).keys()
 
 
 def test_other_organisations_resources_are_404(api, owned_by_a):

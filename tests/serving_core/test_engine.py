@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from neat_core.serving import AdapterAccessError, AdapterRef, BatchEngine, SamplingParams, load_factors
+from neat_core.serving.engine import length_buckets
 from tests.serving_core.adapters import fresh_base, reference
 
 # (adapter or None, prompt length, tokens to generate): different lengths, so rows join and leave at different steps
@@ -123,7 +124,12 @@ def test_cancelled_stream_leaves_the_batch_and_unpins_its_adapter(tiny_models, s
 def test_classification_requests_batch_across_adapters(tiny_models, saved):
     engine = make_engine("bert", tiny_models, window_s=0.2, max_batch=32)
     adapters = refs(saved, "bert")
-    texts = {"neat-a": ["good day", "awful"], "neat-b": ["a b c d e f g"], "lora-c": ["x", "yes indeed", "no"]}
+    # one long text: it gets a pass of its own (length buckets) and must still come back to its own request
+    texts = {
+        "neat-a": ["good day", "awful"],
+        "neat-b": ["a b c d e f g", "on " * 90],
+        "lora-c": ["x", "yes indeed", "no"],
+    }
     results: dict[str, list[dict]] = {}
     try:
         threads = [
@@ -139,6 +145,7 @@ def test_classification_requests_batch_across_adapters(tiny_models, saved):
         engine.close()
 
     assert stats["max_batch_size"] > 3, "the three requests' texts should have shared a forward pass"
+    assert stats["forward_passes"] == 2, "the long text should have had a pass of its own"
     for adapter_id, rows in results.items():
         model = reference("bert", tiny_models, saved, adapter_id)
         _, _, labels = saved["bert"][adapter_id]
@@ -213,3 +220,12 @@ def test_another_organisations_adapter_is_refused_before_it_is_batched(tiny_mode
         assert engine.stats()["forward_passes"] == passes
     finally:
         engine.close()
+
+
+def test_length_buckets_cut_only_where_the_padding_saved_pays_for_a_pass():
+    lengths = [30, 7, 58, 8, 31, 9, 57, 29]
+    chunks = length_buckets(lengths, pass_overhead=48)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    assert [sorted(lengths[i] for i in c) for c in chunks] == [[7, 8, 9], [29, 30, 31], [57, 58]]
+    assert length_buckets(lengths, pass_overhead=10_000) == [sorted(range(8), key=lengths.__getitem__)]
+    assert len(length_buckets(lengths, pass_overhead=0)) == len(set(lengths))
