@@ -30,9 +30,9 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    # Sync routes run in anyio's thread pool (40 threads): the pool must hold a connection for each, or a burst of
-    # requests waits on the pool instead of the database (and times out after pool_timeout).
-    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30, pool_timeout=10)
+    # Sync routes run in anyio's thread pool (40 threads): the pool keeps a connection for each, so that a burst of
+    # requests waits on the database rather than on opening connections (Postgres forks a process per connection).
+    return create_engine(url, pool_pre_ping=True, pool_size=40, max_overflow=10, pool_timeout=10)
 
 
 @lru_cache(maxsize=8)

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("api")
@@ -87,6 +88,13 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("database unavailable: %s", exc)
         body = error_body(503, "The database is unavailable; retry shortly.", "database_unavailable", None)
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(PoolTimeout)
+    async def _overloaded(_: Request, exc: Exception) -> JSONResponse:
+        # every pooled connection stayed busy for pool_timeout: overload, which a retry a moment later resolves
+        log.warning("database connection pool exhausted: %s", exc)
+        body = error_body(503, "The service is overloaded; retry shortly.", "service_overloaded", None)
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

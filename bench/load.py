@@ -63,24 +63,27 @@ async def client(http, job_id: str, interval: float, stop_at: float, out: dict[s
                            ("list events", f"/v1/fine_tuning/jobs/{job_id}/events?limit=20")):  # fmt: skip
             start = time.perf_counter()
             try:
-                r = await http.get(path)
-                ok = r.status_code == 200
+                async with http.get(path) as r:
+                    await r.read()
+                    status = r.status
             except Exception as e:  # noqa: BLE001
-                ok, r = False, e
+                status = repr(e)
             out[kind].append(time.perf_counter() - start)
-            if not ok:
-                errors.append(getattr(r, "status_code", repr(r)))
+            if status != 200:
+                errors.append(status)
         await asyncio.sleep(max(0.0, interval - (time.perf_counter() - tick)))
 
 
 async def run_clients(base: str, job_ids: list[str], args) -> tuple[dict[str, list[float]], list]:
-    import httpx
+    # aiohttp rather than httpx: the load generator shares the two cores with the API and Postgres, so the
+    # lighter the client, the less of the measured latency is the generator's own.
+    import aiohttp
 
     out: dict[str, list[float]] = {"retrieve job": [], "list events": []}
     errors: list = []
-    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
-    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, limits=limits,
-                                 timeout=30) as http:  # fmt: skip
+    connector = aiohttp.TCPConnector(limit=args.clients)
+    async with aiohttp.ClientSession(base, headers={"Authorization": f"Bearer {KEY}"}, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=30)) as http:  # fmt: skip
         stop_at = time.perf_counter() + args.seconds
         await asyncio.gather(*(client(http, job_ids[i % len(job_ids)], args.interval, stop_at, out, errors)
                                for i in range(args.clients)))  # fmt: skip
@@ -102,6 +105,43 @@ def existence_timing(base: str, foreign_job: str, n: int) -> tuple[float, float]
                 times[job_id].append(time.perf_counter() - start)
                 assert r.status_code == 404, r.text
     return statistics.median(times[foreign_job]) * 1000, statistics.median(times[missing]) * 1000
+
+
+def postmaster_of(url: str) -> int:
+    """The pid of the Postgres server listening on `url`'s port (its command line names the port)."""
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"postgres") and f"-p {port}".encode() in b" ".join(argv):
+            return int(entry.name)
+    raise RuntimeError(f"no postgres process for port {port}")
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) used by process `root` and every live descendant, plus what its reaped
+    children used: sampled before and after a run, the difference is what that process tree spent on it."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            f = stats[pid]  # after the ")": state ppid ... utime(11) stime(12) cutime(13) cstime(14)
+            total += sum(int(x) for x in f[11 : 15 if pid == root else 13]) / ticks
+        todo += children.get(pid, [])
+    return total
 
 
 def pct(values: list[float], q: float) -> float:
@@ -142,7 +182,13 @@ def main() -> None:
                         break
                 except httpx.HTTPError:
                     time.sleep(0.1)
+            postmaster = postmaster_of(url)
+            trees = {"API": api.pid, "Postgres": postmaster}
+            before = {name: tree_cpu(pid) for name, pid in trees.items()}
+            own = time.process_time()  # this process alone: its children are the API and Postgres
             out, errors = asyncio.run(run_clients(base, job_ids, args))
+            cpu = {name: tree_cpu(pid) - before[name] for name, pid in trees.items()}
+            cpu["load generator"] = time.process_time() - own
             foreign_ms, missing_ms = existence_timing(base, job_ids[0], 500)
         finally:
             api.terminate()
@@ -158,6 +204,7 @@ def main() -> None:
         print(f"| {len(values)} | {kind} | {errs} | {pct(values, 50):.1f} | {pct(values, 95):.1f} | "
               f"{pct(values, 99):.1f} | {max(values) * 1000:.1f} |")  # fmt: skip
     print(f"\nthroughput: {len(every) / args.seconds:.0f} requests/s; errors: {sorted(set(map(str, errors)))}")
+    print("CPU per request (ms): " + ", ".join(f"{name} {1000 * t / len(every):.2f}" for name, t in cpu.items()))
     print(
         f"404 for another organisation's job: median {foreign_ms:.2f} ms; for a job that does not exist: "
         f"{missing_ms:.2f} ms (500 each, interleaved)"
