@@ -83,6 +83,10 @@ class Job(Base):
     # The worker training the job holds a lease it renews by heartbeat; once it expires a reaper requeues the job.
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # unix time, seconds
+    # When the job's task message was last sent. A queued job whose message is older than `redeliver_seconds` is
+    # sent again (the broker may have lost it, or the API could not send it): a duplicate is harmless, the claim is
+    # conditional, so the job still runs once.
+    sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # unix time, seconds
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = 10.0
     reaper_seconds: float = 15.0
     max_attempts: int = 3
+    redeliver_seconds: float = 600.0  # a job queued this long since its message was sent gets it sent again
     fault_point: str | None = None  # crash tests only: "<point>[:<n>]" SIGKILLs the worker there (worker.faults)
 
     @property

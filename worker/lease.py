@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from api.db import session_scope
@@ -109,7 +109,8 @@ def end_attempt(session: Any, job_id: str, owner: str, outcome: str, at: float |
 
 
 def reap(settings: Settings) -> list[str]:
-    """Requeue (or fail, past `max_attempts`) every active job whose lease has expired; returns their ids."""
+    """Requeue (or fail, past `max_attempts`) every active job whose lease has expired, and send again the
+    message of every job left queued too long (`redeliver`); returns the ids sent."""
     url = settings.resolved_database_url
     now = time.time()
     with session_scope(url) as session:
@@ -131,7 +132,7 @@ def reap(settings: Settings) -> list[str]:
                 }
                 values = {"status": "failed", "error": error, "finished_at": int(now)}
             else:
-                values = {"status": "queued"}
+                values = {"status": "queued", "sent_at": now}
             # Conditional on the same expired lease: of several reapers, one acts; a renewed lease is left alone.
             won = session.execute(
                 update(Job)
@@ -159,7 +160,35 @@ def reap(settings: Settings) -> list[str]:
             enqueue(job_id, settings)  # after the commit, so the delivery finds the row queued
             requeued.append(job_id)
         log.warning("job %s: lease of %s expired; now %s", job_id, owner, values["status"])
-    return requeued
+    return requeued + redeliver(settings, now)
+
+
+def redeliver(settings: Settings, now: float) -> list[str]:
+    """Send again the message of every job queued for `redeliver_seconds` since its message was sent: Redis may
+    have lost it (restarted without persistence), or the API could not reach the broker when it created the job.
+    A queued job in a long queue gets a duplicate too, which is harmless: the claim is conditional, and a delivery
+    that finds the job no longer queued does nothing. Returns the ids sent."""
+    url = settings.resolved_database_url
+    cutoff = now - settings.redeliver_seconds
+    with session_scope(url) as session:
+        stale = session.execute(
+            # rows from before sent_at existed count as sent when created
+            select(Job.id, Job.sent_at).where(
+                Job.status == "queued", func.coalesce(Job.sent_at, Job.created_at) < cutoff
+            )
+        ).all()
+    sent = []
+    for job_id, sent_at in stale:
+        with session_scope(url) as session:  # of several reapers, the one whose conditional update wins sends
+            same = Job.sent_at.is_(None) if sent_at is None else Job.sent_at == sent_at
+            won = session.execute(
+                update(Job).where(Job.id == job_id, Job.status == "queued", same).values(sent_at=now)
+            ).rowcount
+        if won:
+            enqueue(job_id, settings)
+            sent.append(job_id)
+            log.warning("job %s: queued and not claimed since its message was sent; sent it again", job_id)
+    return sent
 
 
 class Reaper:

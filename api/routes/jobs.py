@@ -6,6 +6,7 @@ import io
 import logging
 import secrets
 import tarfile
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -66,7 +67,7 @@ def create_job(body: JobCreate, session: SessionDep, org: CurrentOrg, settings: 
         raise
     try:  # after the commit: a worker that picks the message up must find the row
         enqueue(job.id, settings)
-    except Exception:  # noqa: BLE001  (the row stays queued; see docs/operations.md)
+    except Exception:  # noqa: BLE001  (the row stays queued; a worker's reaper sends it after redeliver_seconds)
         log.exception("could not enqueue %s", job.id)
     return job_object(job)
 
@@ -112,7 +113,7 @@ def _create_job(body: JobCreate, session: Session, org: str, settings: Settings,
     session.add(job)
     add_event(session, job.id, f"Created fine-tuning job: {job.id}")
     # Files were validated in full when uploaded; what is left is that they still exist, checked above.
-    job.status = "queued"
+    job.status, job.sent_at = "queued", time.time()  # the message goes out right after the commit
     add_event(session, job.id, "Files validated; job queued")
     if claimed is not None:
         session.flush()

@@ -22,6 +22,7 @@ from api.queue import enqueue
 from api.settings import Settings
 from api.storage import Storage
 from tests.conftest import classification_rows
+from tests.services import restart_redis
 from tests.worker.conftest import get_events, get_job, insert_job, make_settings
 from tests.worker.conftest import start_worker as start_celery_worker
 from worker.runner import run_job
@@ -136,3 +137,22 @@ def test_a_job_whose_workers_keep_dying_fails_after_max_attempts(settings, tiny_
     assert job.attempts == 2 and job.error["code"] == "worker_lost" and "2 times" in job.error["message"]
     assert get_events(settings, job_id)[-1].level == "error"
     assert_never_held_twice(attempts(settings, job_id))
+
+
+def test_a_queued_job_whose_message_redis_lost_is_sent_again_and_runs_once(settings, tiny_models, tmp_path):
+    """Redis restarts (without persistence, as after a crash) while a job waits in the queue: its message is
+    gone. A worker's reaper sends it again once the job has waited `redeliver_seconds` since its message went
+    out, and the job runs, once."""
+    job_id = insert_job(settings, tiny_models["bert"], classification_rows(16), sent_at=time.time())
+    enqueue(job_id, settings)
+    restart_redis(settings.resolved_broker_url)  # the message is lost before any worker took it
+    log = tmp_path / "worker.log"
+    worker = start_worker(settings, log, NEAT_REDELIVER_SECONDS="3")
+    try:
+        assert wait_until_finished(settings, job_id, log) == "succeeded"
+        time.sleep(2)  # a few more reaper rounds: a succeeded job is never sent again
+    finally:
+        stop(worker)
+    history = attempts(settings, job_id)
+    assert len(history) == 1 and history[0].outcome == "succeeded"
+    assert "sent it again" in log.read_text()
