@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Header
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.db import session_factory
 from api.errors import APIError
-from api.keys import hash_key
+from api.keys import RECENT_KEYS, hash_key
 from api.orm import ApiKey
 from api.settings import Settings, get_settings
 from api.storage import Storage
@@ -36,22 +37,34 @@ async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def current_org(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> str:
+async def current_org(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> str:
     """The organisation owning the bearer key. The key is looked up by its hash (the raw key is never stored) and
-    the stored hash compared in constant time."""
+    the stored hash compared in constant time.
+
+    A key found valid is remembered for `key_cache_seconds` (5) in this process, so that a client polling its job
+    costs one query, not two, and no extra trip through the thread pool (auth and route each took one, and under
+    load every request queued twice). The price: a key revoked by another process keeps working here for up to
+    that long; one revoked through this process's admin API stops at once (docs/operations.md)."""
     scheme, _, key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
-    digest = hash_key(key.strip())
-    row = session.execute(
-        select(ApiKey.key_hash, ApiKey.organization_id).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
-    ).first()
-    # End the read transaction now: it hands the connection back to the pool, since the route runs in another
-    # worker thread and, under load, waits for one while this request would otherwise hold its connection.
-    session.rollback()
-    if row is None or not hmac.compare_digest(row.key_hash, digest):
-        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-    return row.organization_id
+    digest, url = hash_key(key.strip()), settings.resolved_database_url
+    org = RECENT_KEYS.get((url, digest), settings.key_cache_seconds)
+    if org is None:
+        org = await run_in_threadpool(_lookup, url, digest)
+        if org is None:
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        RECENT_KEYS.put((url, digest), org)
+    return org
+
+
+def _lookup(url: str, digest: str) -> str | None:
+    with session_factory(url)() as session:
+        row = session.execute(
+            select(ApiKey.key_hash, ApiKey.organization_id)
+            .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+        ).first()  # fmt: skip
+    return row.organization_id if row is not None and hmac.compare_digest(row.key_hash, digest) else None
 
 
 CurrentOrg = Annotated[str, Depends(current_org)]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
+from collections import OrderedDict
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -15,6 +18,40 @@ from api.orm import ApiKey, Organization
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+class RecentKeys:
+    """(database URL, digest) of keys found valid in the last few seconds → their organisation: a bounded LRU,
+    per process.
+    Only valid keys are remembered (a wrong key always costs a lookup), and any revocation in this process forgets
+    them all."""
+
+    def __init__(self, size: int = 10_000):
+        self._size = size
+        self._seen: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()  # -> (organisation, when found)
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str], ttl: float) -> str | None:
+        with self._lock:
+            hit = self._seen.get(key)
+            if hit is None or time.monotonic() - hit[1] > ttl:
+                return None
+            self._seen.move_to_end(key)
+            return hit[0]
+
+    def put(self, key: tuple[str, str], org: str) -> None:
+        with self._lock:
+            self._seen[key] = (org, time.monotonic())
+            self._seen.move_to_end(key)
+            while len(self._seen) > self._size:
+                self._seen.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._seen.clear()
+
+
+RECENT_KEYS = RecentKeys()
 
 
 def ensure_org(session: Session, org_id: str, name: str | None = None) -> Organization:
@@ -60,7 +97,10 @@ def create_key(session: Session, org_id: str) -> tuple[ApiKey, str]:
 
 
 def revoke_key(session: Session, key_id: str) -> bool:
-    """Revoke a key by its id; False if there is no such active key."""
+    """Revoke a key by its id; False if there is no such active key. This process forgets every remembered key at
+    once (a request racing the revocation may remember it again, for at most `key_cache_seconds`, as other API
+    processes do)."""
+    RECENT_KEYS.clear()
     return bool(
         session.execute(
             update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=now())

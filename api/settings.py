@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     # Default per-organisation limits (each organisation may have its own: `python -m api.admin set-limits`).
     max_active_jobs: int = 20  # queued + running jobs
     max_storage_bytes: int = 50 * 1024**3  # all files together
+    key_cache_seconds: float = 5.0  # how long a valid key is remembered per API process (0: look up every time)
     inference_rpm: int = 600  # inference requests per minute, per API process
     max_line_bytes: int = 4 * 1024 * 1024
     min_examples: int = 10

@@ -3,6 +3,8 @@ on every endpoint, and never show up in lists."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from api.deps import hash_key
@@ -211,16 +213,41 @@ def test_lists_never_show_other_organisations_resources(api, owned_by_a):
     assert [j["id"] for j in api.get("/v1/fine_tuning/jobs").json()["data"]] == [owned_by_a.job]
 
 
-def test_authentication_hands_its_connection_back_before_the_route_runs(api):
-    """Auth and the route run in different worker threads; under load a request waits for the second one, and
-    must not hold a pooled connection meanwhile (the pool ran dry under 200 requests/s before this)."""
-    from api.db import session_factory
-    from api.deps import current_org
+def test_valid_keys_are_remembered_briefly_and_revocation_here_is_immediate(make_api):
+    """A valid key costs one lookup per `key_cache_seconds`; a wrong key is never remembered; a key revoked by
+    another process works here until the entry expires; one revoked through this process stops at once."""
+    from sqlalchemy import event, update
 
-    factory = session_factory(api.settings.resolved_database_url)
-    pool = factory.kw["bind"].pool
-    with factory() as session:
-        assert current_org(session, api.a.headers["Authorization"]) == api.a.id
-        assert not session.in_transaction()
-        if hasattr(pool, "checkedout"):  # QueuePool (Postgres); SQLite's pool does not count
-            assert pool.checkedout() == 0
+    from api.db import session_factory
+    from api.keys import RECENT_KEYS, revoke_key
+
+    api = make_api(key_cache_seconds=1.0)
+    RECENT_KEYS.clear()
+    engine = session_factory(api.settings.resolved_database_url).kw["bind"]
+    lookups = []
+
+    def count(conn, cursor, statement, *args):
+        if "FROM api_keys" in statement:
+            lookups.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        for _ in range(5):
+            assert api.get("/v1/files").status_code == 200
+        assert len(lookups) == 1
+        for _ in range(3):
+            assert_error(api.get("/v1/files", headers={"Authorization": "Bearer sk-wrong"}), 401)
+        assert len(lookups) == 4
+
+        with api.session() as session:  # revoked behind this process's back (another API process, the CLI)
+            session.execute(update(ApiKey).where(ApiKey.id == f"key-{api.a.id}").values(revoked_at=1))
+        assert api.get("/v1/files").status_code == 200  # still remembered...
+        time.sleep(1.1)
+        assert_error(api.get("/v1/files"), 401, code="invalid_api_key")  # ...for at most key_cache_seconds
+
+        assert api.get("/v1/files", org=api.b).status_code == 200  # B's key is remembered now
+        with api.session() as session:
+            assert revoke_key(session, f"key-{api.b.id}")
+        assert_error(api.get("/v1/files", org=api.b), 401, code="invalid_api_key")  # at once
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
