@@ -38,6 +38,9 @@ class LoadedModel:
     task: str
     max_length: int | None  # causal LM: the context window; classification: the length it was trained on
     lock: threading.Lock = field(default_factory=threading.Lock)  # one forward pass or generation at a time
+    # Classification requests waiting for `lock`; whichever holds it runs them all together (api.serving).
+    waiting: list = field(default_factory=list)
+    waiting_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ Every NEAT or LoRA adapter is served by the `BatchEngine` (neat_core.serving) of
 of each base model per process, adapters kept as low-rank factors in a byte-bounded cache, and concurrent requests
 for any mix of adapters and the bare base model batched together, token by token. An artifact the batched path
 cannot express (another method, or LoRA options such as DoRA) is served on its own: a whole model per adapter in
-a small LRU (`serving_max_models`), one request at a time per model.
+a small LRU (`serving_max_models`). There, concurrent classification requests run together in one batch (each
+row's answer is its own: static adapters, and Lily, which neat_core loads with its per-sample router), and
+generations run one at a time per model.
 
 The web tier imports this module without torch: torch, transformers and neat_core's loaders are imported inside the
 functions that need them, on the first request served.
@@ -163,20 +165,18 @@ class ServingEngine:
             with _adapter_errors(ref):
                 return engine.classify(texts, _adapter(ref), caller)
         loaded = self.model(ref)
-        from neat_core.inference import classify
-
-        results, tokens = [], 0
-        try:
-            with loaded.lock:
-                for start in range(0, len(texts), CLASSIFY_BATCH):
-                    batch = texts[start : start + CLASSIFY_BATCH]
-                    results += classify(loaded.model, loaded.tokenizer, batch, max_length=loaded.max_length)
-                    encoded = loaded.tokenizer(batch, truncation=True, max_length=loaded.max_length)
-                    tokens += sum(len(ids) for ids in encoded["input_ids"])
-        except Exception as e:
-            log.exception("classification failed on %s", ref.name)
-            raise ServingError(f"The model '{ref.name}' failed to classify the input.") from e
-        return results, tokens
+        request = _Waiting(texts)
+        with loaded.waiting_lock:
+            loaded.waiting.append(request)
+        with loaded.lock:  # whoever holds the model serves every request queued by then, this one included
+            if not request.done:
+                with loaded.waiting_lock:
+                    queued, loaded.waiting[:] = list(loaded.waiting), []
+                _classify_together(loaded, queued)
+        if request.error is not None:
+            log.error("classification failed on %s", ref.name, exc_info=request.error)
+            raise ServingError(f"The model '{ref.name}' failed to classify the input.") from request.error
+        return request.results, request.tokens
 
     def preload(self, ref: ModelRef) -> None:
         """Load `ref` now (at start-up), so its first request finds it warm."""
@@ -230,6 +230,43 @@ class ServingEngine:
                     evicted, _ = table.popitem(last=False)
                     log.info("evicted model %s", evicted)
             return value
+
+
+@dataclass
+class _Waiting:
+    """One classification request queued on a solo model."""
+
+    texts: list[str]
+    done: bool = False
+    results: list[dict] | None = None
+    tokens: int = 0
+    error: BaseException | None = None
+
+
+def _classify_together(loaded: LoadedModel, requests: list[_Waiting]) -> None:
+    """Classify the texts of all `requests` in forward passes of up to CLASSIFY_BATCH texts (which may mix
+    requests), and hand each request its own results; the caller holds `loaded.lock`."""
+    from neat_core.inference import classify
+
+    texts = [text for request in requests for text in request.texts]
+    try:
+        results: list[dict] = []
+        for start in range(0, len(texts), CLASSIFY_BATCH):
+            results += classify(
+                loaded.model, loaded.tokenizer, texts[start : start + CLASSIFY_BATCH], max_length=loaded.max_length
+            )
+        at = 0
+        for request in requests:
+            encoded = loaded.tokenizer(request.texts, truncation=True, max_length=loaded.max_length)
+            request.results = results[at : at + len(request.texts)]
+            request.tokens = sum(len(ids) for ids in encoded["input_ids"])
+            at += len(request.texts)
+    except Exception as e:
+        for request in requests:
+            request.error = e
+    finally:
+        for request in requests:
+            request.done = True
 
 
 def _adapter(ref: ModelRef) -> Any:

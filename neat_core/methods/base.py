@@ -71,6 +71,8 @@ class AdapterMethod:
     peft_type: ClassVar[str]  # the peft_type its artifacts are saved with
     prefix: ClassVar[str]  # every adapter parameter name contains this; save/load and freezing rely on it
     exportable_to_lora: ClassVar[bool] = False
+    # False when the update depends on the input (Lily's router): merge raises NotImplementedError, never merges.
+    mergeable: ClassVar[bool] = True
     # True when unmerge restores a saved copy of the original weight (bit-for-bit); False when it subtracts the
     # recomputed update (peft's LoRA), which is exact only up to float rounding.
     exact_unmerge: ClassVar[bool] = False

@@ -13,7 +13,7 @@ from neat_core.methods.base import AdapterMethod
 
 # One module per method; each calls `register` when imported. Imported on first use of the registry, so that
 # importing `neat_core.methods.specs` (torch-free) does not pull them in.
-BUILTIN_METHODS = ("neat_core.methods.neat", "neat_core.methods.lora")
+BUILTIN_METHODS = ("neat_core.methods.neat", "neat_core.methods.lora", "neat_core.methods.lily")
 
 _REGISTRY: dict[str, AdapterMethod] = {}
 

@@ -73,11 +73,19 @@ METHOD_PARAMS: dict[str, dict[str, Param]] = {
         "lora_dropout": probability(),
         "target_modules": module_names(),
     },
+    "lily": {  # peft's LilyConfig names, plus the router mode (ours; see neat_core/methods/lily.py)
+        "r": positive_int(),
+        "stride_A": positive_int(),
+        "num_B": Param(lambda v: isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= 256, "an integer 2..256"),
+        "scaling": positive_float(),
+        "router_mode": one_of(["batch", "per_sample"]),
+        "target_modules": module_names(),
+    },
 }
 
 
 # Methods whose adapters are low-rank factors per layer, so the serving engine batches them together over one base
-# model (neat_core.serving); the others are served alone.
+# model (neat_core.serving); the others are served alone (Lily: its router is input-dependent, not low-rank factors).
 BATCHED_METHODS = frozenset({"neat", "lora"})
 
 

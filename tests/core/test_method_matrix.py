@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from neat_core.errors import InvalidHyperparameterError
+from neat_core.errors import ArtifactError, InvalidHyperparameterError
 from neat_core.export import base_weights_sha256, check_base, export_lora
 from neat_core.methods import attach, get_method, method_names
 from neat_core.models import load_base
@@ -24,9 +24,12 @@ CASES = [(method, kind) for method in method_names() for kind in TINY_KINDS]
 IDS = [f"{m}-{k}" for m, k in CASES]
 PROBE = Path(__file__).with_name("stock_peft_probe.py")
 
-# Stock peft's PEANuT layer handles nn.Linear only; GPT-2's Conv1D NEAT adapters load through neat_core, and
-# their exact LoRA export (below) loads in stock peft.
-STOCK_PEFT_CANNOT_LOAD = {("neat", "gpt2")}
+# Stock peft's PEANuT and Lily layers handle nn.Linear only; GPT-2's Conv1D NEAT and Lily adapters load through
+# neat_core, and NEAT's exact LoRA export (below) loads in stock peft.
+STOCK_PEFT_CANNOT_LOAD = {("neat", "gpt2"), ("lily", "gpt2")}
+# How neat_core.load must reload an adapter to reproduce the training-time forward (Lily loads with its serving
+# router by default; the comparison below is against the batch-mean router it was attached with).
+RELOAD_AS_TRAINED = {"lily": {"router": "batch"}}
 
 
 def task_of(kind: str) -> str:
@@ -101,25 +104,37 @@ def test_save_and_export_reload_in_stock_peft(method, kind, tiny_models, tmp_pat
     assert changed_by > 0.05, "the adapter must change the output for this test to mean anything"
 
     model.save_pretrained(tmp_path / "native")
-    export_lora(model, tmp_path / "lora", base_model_id="tiny")
-    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    adapters = {"native": str(tmp_path / "native")}
+    if get_method(method).exportable_to_lora:
+        export_lora(model, tmp_path / "lora", base_model_id="tiny")
+        assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        adapters["lora"] = str(tmp_path / "lora")
+    else:
+        with pytest.raises(ArtifactError, match="no exact LoRA form"):
+            export_lora(model, tmp_path / "lora", base_model_id="tiny")
+        assert not (tmp_path / "lora").exists()
     spec = {
         "base_dir": str(base_dir),
         "task": task_of(kind),
         "num_labels": len(LABELS),
         "input_ids": ids.tolist(),
         "out": str(tmp_path / "probe"),
-        "adapters": {"native": str(tmp_path / "native"), "lora": str(tmp_path / "lora")},
+        "adapters": adapters,
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     subprocess.run([sys.executable, str(PROBE), str(tmp_path / "spec.json")], check=True, timeout=300)
     logits = load_file(tmp_path / "probe.safetensors")
     errors = json.loads((tmp_path / "probe.json").read_text())
 
-    assert (logits["lora"] - expected).abs().max() <= 1e-5
+    if "lora" in adapters:
+        assert (logits["lora"] - expected).abs().max() <= 1e-5
     if (method, kind) in STOCK_PEFT_CANNOT_LOAD:
         assert "native" in errors and "NotImplementedError" in errors["native"]
-        reloaded = get_method(method).load(build(kind, tiny_models), str(tmp_path / "native")).eval()
+        reloaded = (
+            get_method(method)
+            .load(build(kind, tiny_models), str(tmp_path / "native"), **RELOAD_AS_TRAINED.get(method, {}))
+            .eval()
+        )
         with torch.no_grad():
             assert (reloaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
     else:
@@ -133,6 +148,16 @@ def test_merge_is_exact_and_unmerge_restores_bit_for_bit(method, kind, tiny_mode
     randomise_adapter(model, method)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     ids = sample_ids(kind)
+    if not get_method(method).mergeable:  # an input-dependent update: merging must refuse, and change nothing
+        with torch.no_grad():
+            before = model(input_ids=ids).logits
+            with pytest.raises(NotImplementedError, match="cannot be merged"):
+                model.merge_adapter()
+            with pytest.raises(NotImplementedError, match="cannot be merged"):
+                model.merge_and_unload()
+            assert torch.equal(model(input_ids=ids).logits, before)
+        assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+        return
     with torch.no_grad():
         unmerged = model(input_ids=ids).logits
         model.merge_adapter()
@@ -157,6 +182,11 @@ def test_lora_export_is_exact_and_tied_to_its_base_weights(method, kind, tiny_mo
     model = build(kind, tiny_models, method)
     randomise_adapter(model, method)
     ids = sample_ids(kind)
+    if not get_method(method).exportable_to_lora:
+        with pytest.raises(ArtifactError, match="no exact LoRA form"):
+            export_lora(model, tmp_path / "lora")
+        assert not (tmp_path / "lora").exists()
+        return
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     out = export_lora(model, tmp_path / "lora")
@@ -244,6 +274,11 @@ def test_bad_hyperparameters_are_rejected_naming_the_field(method, kind, hp, fie
         ("neat", {"lora_alpha": 8}, "lora_alpha"),
         ("lora", {"lora_dropout": 1.5}, "lora_dropout"),
         ("lora", {"depth": 1}, "depth"),
+        ("lily", {"num_B": 1}, "num_B"),
+        ("lily", {"stride_A": 0}, "stride_A"),
+        ("lily", {"scaling": -1.0}, "scaling"),
+        ("lily", {"router_mode": "per_token"}, "router_mode"),
+        ("lily", {"lora_alpha": 8}, "lora_alpha"),
     ],
 )
 def test_method_specific_hyperparameters_are_checked(method, hp, field, tiny_models):
