@@ -111,6 +111,7 @@ def test_method_hyperparameters_win_over_legacy_ones(api, chat_file):
         {"type": "lora", "r": 4},
         {"type": "neat", "r": 8, "depth": 2, "act_fn": "relu"},
         {"type": "lora", "r": "auto", "target_modules": ["q_proj", "v_proj"]},
+        {"type": "pear", "r": 8, "warmup_steps": 50, "sharing": "nearest", "knowledge": "none"},
     ],
 )
 def test_create_with_adapter(api, chat_file, adapter):
@@ -141,6 +142,7 @@ def test_create_for_each_compatible_format(api, rows, model):
         ({"adapter": {"type": "neat", "act_fn": "nope"}}, 400, "invalid_hyperparameter", "adapter.act_fn"),
         ({"adapter": {"type": "neat", "target_modules": []}}, 400, "invalid_hyperparameter", "adapter.target_modules"),
         ({"adapter": {"type": "dora"}}, 400, "invalid_hyperparameter", "adapter.type"),
+        ({"adapter": {"type": "pear", "sharing": "random"}}, 400, "invalid_hyperparameter", "adapter.sharing"),
         ({"frobnicate": True}, 400, "invalid_request", "frobnicate"),
         ({"suffix": "support bot"}, 400, "invalid_request", "suffix"),
         ({"suffix": "x" * 41}, 400, "invalid_request", "suffix"),

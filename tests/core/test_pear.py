@@ -38,8 +38,14 @@ def warm_up_and_prune(kind: str, tiny_models, **hp):
     torch.manual_seed(0)
     model = attach(base(kind, tiny_models), "pear", r=4, warmup_steps=3, **hp)
     schedule = Schedule(
-        n_epochs=1, batch_size=2, learning_rate=2e-2, learning_rate_multiplier=1.0, max_seq_len=16, warmup_steps=1,
-        total_steps=10, steps_per_epoch=10,
+        n_epochs=1,
+        batch_size=2,
+        learning_rate=2e-2,
+        learning_rate_multiplier=1.0,
+        max_seq_len=16,
+        warmup_steps=1,
+        total_steps=10,
+        steps_per_epoch=10,
     )
     params, optimizer, scheduler = _optimiser(model, schedule)
     state = pear.before_training(model, resolved, iter(()))
