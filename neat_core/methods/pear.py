@@ -245,11 +245,8 @@ class Pear(AdapterMethod):
         """Attach a fresh Pear adapter with the saved config, re-apply the saved pruning, load the weights."""
         directory = Path(adapter_dir)
         saved = json.loads((directory / "adapter_config.json").read_text())
-        fields = {f.name for f in dataclasses.fields(PearConfig) if f.init} - {
-            "peft_type",
-            "runtime_config",
-            "inference_mode",
-        }
+        ours = {"peft_type", "runtime_config", "inference_mode"}  # set by PearConfig / by this call
+        fields = {f.name for f in dataclasses.fields(PearConfig) if f.init} - ours
         config = PearConfig(**{k: v for k, v in saved.items() if k in fields}, inference_mode=not is_trainable)
         record = config.pear
         peft_model = get_peft_model(model, config)
@@ -307,10 +304,7 @@ class Pear(AdapterMethod):
         if state["prune"] is not None or step != hp["warmup_steps"] or hp["prune_fraction"] == 0:
             return False
         adapter = model.active_adapter
-        shapes = {
-            name: tuple(layer.lora_B[adapter].weight.shape[:1]) + (layer.in_features,)
-            for name, layer in pear_layers(model)
-        }
+        shapes = {name: (layer.out_features, layer.in_features) for name, layer in pear_layers(model)}
         shares = choose_pruning(state["importance"], shapes, hp["prune_fraction"], hp["sharing"])
         before = _adapter_parameters(model)
         state["prune"] = {"step": step, "shares": shares, "knowledge": hp["knowledge"]}
