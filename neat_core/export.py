@@ -63,11 +63,14 @@ def export_lora(
     r = config.r
 
     tensors: dict[str, torch.Tensor] = {}
+    rank_pattern: dict[str, int] = {}  # modules whose exported rank is not r (Pear's pruned positions: 3r)
     with torch.no_grad():
         for name, layer in adapted_layers(model):
             lora_a, lora_b = method.lora_factors(layer, adapter)  # (r, d_in), (d_out, r)
             tensors[f"{name}.lora_A.weight"] = lora_a.detach().float().cpu().contiguous()
             tensors[f"{name}.lora_B.weight"] = lora_b.detach().float().cpu().contiguous()
+            if lora_a.shape[0] != r:
+                rank_pattern[name.removeprefix("base_model.model.")] = lora_a.shape[0]
     # Non-adapter trainables (a classification head) travel unchanged, under peft's own saved names.
     for key, value in get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False).items():
         if method.prefix not in key:
@@ -77,6 +80,8 @@ def export_lora(
     lora_config = LoraConfig(
         r=r,
         lora_alpha=r,  # scale 1: s is already folded into lora_B
+        rank_pattern=rank_pattern,  # keys are full module names: peft matches them as `(.*\.)?name$`
+        alpha_pattern=rank_pattern,  # scale 1 there too
         target_modules=sorted(config.target_modules) if config.target_modules else None,
         modules_to_save=config.modules_to_save,
         fan_in_fan_out=fan_in_fan_out,

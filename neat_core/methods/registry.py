@@ -13,7 +13,12 @@ from neat_core.methods.base import AdapterMethod
 
 # One module per method; each calls `register` when imported. Imported on first use of the registry, so that
 # importing `neat_core.methods.specs` (torch-free) does not pull them in.
-BUILTIN_METHODS = ("neat_core.methods.neat", "neat_core.methods.lora", "neat_core.methods.lily")
+BUILTIN_METHODS = (
+    "neat_core.methods.neat",
+    "neat_core.methods.lora",
+    "neat_core.methods.lily",
+    "neat_core.methods.pear",
+)
 
 _REGISTRY: dict[str, AdapterMethod] = {}
 
@@ -49,8 +54,14 @@ def attach(model: nn.Module, method: str = "neat", **hyperparameters: Any) -> Pe
 
 
 def method_of(model: PeftModel) -> AdapterMethod:
-    """The registered method behind a wrapped model, from its peft config."""
-    peft_type = str(model.peft_config[model.active_adapter].peft_type.value)
+    """The registered method behind a wrapped model, from its peft config: the method the config names
+    (`neat_method`, for methods that save under another method's peft_type, e.g. Pear as "LORA"), else the one
+    that owns its peft_type."""
+    config = model.peft_config[model.active_adapter]
+    named = getattr(config, "neat_method", None)
+    if named is not None:
+        return get_method(named)
+    peft_type = str(config.peft_type.value)
     for method in _registry().values():
         if method.peft_type == peft_type:
             return method

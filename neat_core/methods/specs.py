@@ -81,12 +81,24 @@ METHOD_PARAMS: dict[str, dict[str, Param]] = {
         "router_mode": one_of(["batch", "per_sample"]),
         "target_modules": module_names(),
     },
+    "pear": {  # LoRA's, plus the prune-and-share schedule (neat_core/methods/pear.py, docs/method-pear.md)
+        "r": positive_int(),
+        "lora_alpha": positive_float(),
+        "lora_dropout": probability(),
+        "target_modules": module_names(),
+        "warmup_steps": Param(
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 10_000_000, "an integer >= 1"
+        ),
+        "prune_fraction": probability(),
+        "sharing": one_of(["same_type_best", "nearest"]),  # reconstruction
+        "knowledge": one_of(["residual", "none"]),  # reconstruction
+    },
 }
 
 
 # Methods whose adapters are low-rank factors per layer, so the serving engine batches them together over one base
 # model (neat_core.serving); the others are served alone (Lily: its router is input-dependent, not low-rank factors).
-BATCHED_METHODS = frozenset({"neat", "lora"})
+BATCHED_METHODS = frozenset({"neat", "lora", "pear"})  # Pear: through its exact LoRA export
 
 
 def check_hyperparameters(method: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:

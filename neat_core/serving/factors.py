@@ -3,7 +3,10 @@
     LoRA:  A = lora_A   (r, d_in)     B = s · lora_B   (d_out, r)     s = lora_alpha / r   (rsLoRA: / √r)
     NEAT:  A = Hᵀ       (r, d_in)     B = s · B_w      (d_out, r)     H = stack(W0ᵀ A_wᵀ)  from the base weight W0
 
-so both compute `y = base(x) + (x Aᵀ) Bᵀ`, and a batch whose rows use different adapters runs through one base
+    Pear:  its exact LoRA export (the artifact's `lora/`): shared factors, plus the frozen residual's at pruned
+           positions (rank 3r there, given in `rank_pattern`)
+
+so all compute `y = base(x) + (x Aᵀ) Bᵀ`, and a batch whose rows use different adapters runs through one base
 model (see `neat_core.serving.batched`). A NEAT adapter's factors are exact only for the base weights they were
 computed from, which is why `load_factors` takes the serving base model itself.
 
@@ -47,8 +50,6 @@ LORA_PLAIN = {
     "bias": "none",
     "lora_bias": False,
     "use_qalora": False,
-    "rank_pattern": {},
-    "alpha_pattern": {},
     "layer_replication": None,
     "trainable_token_indices": None,
     "target_parameters": None,
@@ -82,6 +83,10 @@ def load_factors(adapter_dir: str | Path, base_model: nn.Module, adapter_id: str
     """
     adapter_dir = Path(adapter_dir)
     config, tensors, manifest = _read(adapter_dir)
+    if manifest.get("method") == "pear" or config.get("pear") is not None:
+        # Pear's own weights share tensors between positions and carry residuals; its exact LoRA export, written
+        # beside them, is plain LoRA (per-module ranks in rank_pattern).
+        config, tensors, _ = _read(adapter_dir / "lora")
     peft_type = str(config.get("peft_type"))
     method = next((m for m in map(get_method, SERVABLE) if m.peft_type == peft_type), None)
     if method is None:
@@ -124,8 +129,8 @@ def load_factors(adapter_dir: str | Path, base_model: nn.Module, adapter_id: str
     to_factors = _neat_module if method.name == "neat" else _lora_module
     try:
         with torch.no_grad():
-            factors = {m: to_factors(modules[m], p, config) for m, p in parts.items()}
-        rank = int(config["r"])
+            factors = {m: to_factors(modules[m], p, config, m) for m, p in parts.items()}
+        rank = max([int(config["r"]), *(a.shape[0] for a, _ in factors.values())])
     except (KeyError, RuntimeError, ValueError) as e:  # missing parts, shapes of another base model
         raise ArtifactError(f"{adapter_dir}: adapter does not fit this base model: {e}") from e
 
@@ -186,7 +191,9 @@ def _linear_view(layer: nn.Module) -> Tensor:
     return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
 
 
-def _neat_module(layer: nn.Module, parts: dict[str, Tensor], config: dict[str, Any]) -> tuple[Tensor, Tensor]:
+def _neat_module(
+    layer: nn.Module, parts: dict[str, Tensor], config: dict[str, Any], module: str
+) -> tuple[Tensor, Tensor]:
     w0 = _linear_view(layer)  # (d_out, d_in)
     depth = int(config.get("depth", 0))
     device = w0.device
@@ -204,13 +211,23 @@ def _neat_module(layer: nn.Module, parts: dict[str, Tensor], config: dict[str, A
     return h.t().contiguous(), b.contiguous()
 
 
-def _lora_module(layer: nn.Module, parts: dict[str, Tensor], config: dict[str, Any]) -> tuple[Tensor, Tensor]:
+def _pattern(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
+    """peft's rank_pattern / alpha_pattern lookup: the first key that matches the module name as `(.*\.)?key$`."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _lora_module(
+    layer: nn.Module, parts: dict[str, Tensor], config: dict[str, Any], module: str
+) -> tuple[Tensor, Tensor]:
     d_out, d_in = _linear_view(layer).shape
     device = layer.weight.device
     a, b = parts["A"].to(device, torch.float32), parts["B"].to(device, torch.float32)  # (r, d_in), (d_out, r)
-    r = int(config["r"])
+    r = int(_pattern(config.get("rank_pattern"), module, config["r"]))
     if a.shape != (r, d_in) or b.shape != (d_out, r):
         raise ValueError(f"lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit ({d_out}, {d_in}) at r={r}")
-    alpha = float(config.get("lora_alpha", 8))
+    alpha = float(_pattern(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return a.contiguous(), (scale * b).contiguous()

@@ -112,6 +112,7 @@ def test_method_hyperparameters_win_over_legacy_ones(api, chat_file):
         {"type": "neat", "r": 8, "depth": 2, "act_fn": "relu"},
         {"type": "lora", "r": "auto", "target_modules": ["q_proj", "v_proj"]},
         {"type": "lily", "r": 16, "stride_A": 2, "num_B": 3, "router_mode": "per_sample"},
+        {"type": "pear", "r": 8, "warmup_steps": 50, "sharing": "nearest", "knowledge": "none"},
     ],
 )
 def test_create_with_adapter(api, chat_file, adapter):
@@ -144,6 +145,7 @@ def test_create_for_each_compatible_format(api, rows, model):
         ({"adapter": {"type": "dora"}}, 400, "invalid_hyperparameter", "adapter.type"),
         ({"adapter": {"type": "lily", "num_B": 1}}, 400, "invalid_hyperparameter", "adapter.num_B"),
         ({"adapter": {"type": "lily", "router_mode": "x"}}, 400, "invalid_hyperparameter", "adapter.router_mode"),
+        ({"adapter": {"type": "pear", "sharing": "random"}}, 400, "invalid_hyperparameter", "adapter.sharing"),
         ({"frobnicate": True}, 400, "invalid_request", "frobnicate"),
         ({"suffix": "support bot"}, 400, "invalid_request", "suffix"),
         ({"suffix": "x" * 41}, 400, "invalid_request", "suffix"),

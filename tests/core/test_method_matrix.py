@@ -279,6 +279,11 @@ def test_bad_hyperparameters_are_rejected_naming_the_field(method, kind, hp, fie
         ("lily", {"scaling": -1.0}, "scaling"),
         ("lily", {"router_mode": "per_token"}, "router_mode"),
         ("lily", {"lora_alpha": 8}, "lora_alpha"),
+        ("pear", {"sharing": "random"}, "sharing"),
+        ("pear", {"knowledge": "merge"}, "knowledge"),
+        ("pear", {"prune_fraction": 1}, "prune_fraction"),
+        ("pear", {"warmup_steps": 0}, "warmup_steps"),
+        ("lora", {"warmup_steps": 10}, "warmup_steps"),
     ],
 )
 def test_method_specific_hyperparameters_are_checked(method, hp, field, tiny_models):

@@ -86,3 +86,43 @@ def test_neat_on_smollm2_trains_and_generates(tmp_path, model_cache):
     assert isinstance(text, str) and prompt_tokens > 5 and 1 <= completion_tokens <= 6
     with torch.no_grad():
         assert any(w.abs().max() > 0 for n, w in loaded.model.state_dict().items() if "peanut_B" in n)
+
+
+@pytest.mark.parametrize("model", [MINILM, SMOLLM2])
+def test_pear_prunes_and_serves_on_the_real_models(model, tmp_path, model_cache):
+    """Default Pear (r=8, q/v, half the positions pruned) past its prune step on each real model; the parameter
+    counts before and after pruning are recorded in the manifest."""
+    classification = model == MINILM
+    rows = classification_rows(32) if classification else chat_rows(8)
+    result = train(
+        TrainSpec(
+            base_model=model,
+            training_file=write_jsonl(tmp_path / "train.jsonl", rows),
+            output_dir=tmp_path / "run",
+            method="pear",
+            adapter={"warmup_steps": 2},
+            batch_size=8 if classification else 2,
+            max_steps=3,
+            max_seq_len=64,
+            seed=0,
+            cache_dir=model_cache,
+        )
+    )
+    manifest = json.loads((result.adapter_dir / "manifest.json").read_text())
+    prune = manifest["method_state"]["prune"]
+    positions = 12 if classification else 60
+    assert prune["step"] == 2 and len(prune["shares"]) == positions // 2
+    counts = prune["adapter_parameters"]
+    print(f"\n{model}: Pear adapter parameters {counts['before']} before pruning, {counts['after']} after")
+    assert counts["before"] == (73_728 if classification else 460_800) and counts["after"] < counts["before"]
+    assert manifest["adapter_parameters"] == counts["after"]
+
+    loaded = load_artifact(result.adapter_dir, cache_dir=model_cache)
+    if classification:
+        predictions = classify(loaded.model, loaded.tokenizer, ["love it", "awful support"])
+        assert all(sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-5) for p in predictions)
+    else:
+        text, _, completion_tokens = generate(
+            loaded.model, loaded.tokenizer, [{"role": "user", "content": "What colour is item 3?"}], max_new_tokens=4
+        )
+        assert isinstance(text, str) and 1 <= completion_tokens <= 4
