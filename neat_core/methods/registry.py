@@ -9,11 +9,11 @@ from peft import PeftModel
 from torch import nn
 
 from neat_core.errors import InvalidHyperparameterError
-from neat_core.methods.base import AdapterMethod
+from neat_core.methods.base import METHOD_TAG, AdapterMethod
 
 # One module per method; each calls `register` when imported. Imported on first use of the registry, so that
 # importing `neat_core.methods.specs` (torch-free) does not pull them in.
-BUILTIN_METHODS = ("neat_core.methods.neat", "neat_core.methods.lora")
+BUILTIN_METHODS = ("neat_core.methods.neat", "neat_core.methods.lora", "neat_core.methods.heat")
 
 _REGISTRY: dict[str, AdapterMethod] = {}
 
@@ -49,9 +49,15 @@ def attach(model: nn.Module, method: str = "neat", **hyperparameters: Any) -> Pe
 
 
 def method_of(model: PeftModel) -> AdapterMethod:
-    """The registered method behind a wrapped model, from its peft config."""
+    """The registered method behind a wrapped model: the tag `AdapterMethod.wrap`/`load` put on it, else (a model
+    wrapped or loaded by stock peft) the method that owns its peft_type. Several methods may save the same format
+    (HEAT's artifacts are plain LoRA), so the artifact's manifest, not its peft_type, names the method; a HEAT
+    adapter loaded by stock peft is a LoRA adapter, which is exactly what it is."""
+    tagged = getattr(model, METHOD_TAG, None)
+    if tagged is not None:
+        return get_method(tagged)
     peft_type = str(model.peft_config[model.active_adapter].peft_type.value)
     for method in _registry().values():
-        if method.peft_type == peft_type:
+        if method.peft_type == peft_type and method.owns_peft_type:
             return method
     raise InvalidHyperparameterError("peft_type", f"no registered method handles {peft_type}", method_names())
