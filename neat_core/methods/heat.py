@@ -206,7 +206,7 @@ def weight_scores(model: nn.Module, batches, blocks, shape) -> torch.Tensor:
     """Over the frozen q/k/v weights; they get requires_grad only for the duration."""
     named, weights = [], []
     for b in blocks:
-        for name, role in ([(b.q, "qkv")] if b.fused else [(b.q, "q"), (b.k, "k"), (b.v, "v")]):
+        for name, role in [(b.q, "qkv")] if b.fused else [(b.q, "q"), (b.k, "k"), (b.v, "v")]:
             base = _base(model.get_submodule(name))
             named.append((name, base, role))
             weights.append(base.weight)
