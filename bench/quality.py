@@ -36,8 +36,9 @@ MODELS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "Huggin
 
 # Equal trainable-parameter budgets where the method allows, merged under --adapter. HEAT trains A whole and only
 # the kept heads' rows of B: per square d × d module r·d + r·d·f for a kept fraction f, so r = 12 with a third of
-# the heads kept trains 16·d, LoRA's count at its r = 8 (MiniLM q/v: 73,728 both, if every layer keeps a head).
-EQUAL_BUDGET: dict[str, dict] = {"heat": {"r": 12, "keep_fraction": 1 / 3}}
+# the heads kept trains 16·d, LoRA's count at its r = 8 (MiniLM q/v: 73,728 both). Per layer, because a global
+# selection may leave a layer without heads, whose frozen A would drop the count below LoRA's.
+EQUAL_BUDGET: dict[str, dict] = {"heat": {"r": 12, "keep_fraction": 1 / 3, "selection": "per_layer"}}
 
 
 def as_completions(rows: list[dict]) -> list[dict]:
