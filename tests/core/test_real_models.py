@@ -14,6 +14,7 @@ from neat_core.artifacts import load_artifact
 from neat_core.inference import classify, generate
 from neat_core.train import TrainSpec, train
 from tests.conftest import MINILM, SMOLLM2, chat_rows, classification_rows, write_jsonl
+from tests.core.test_heat import expected_rows
 
 pytestmark = pytest.mark.real_model
 
@@ -89,14 +90,6 @@ def test_neat_on_smollm2_trains_and_generates(tmp_path, model_cache):
         assert any(w.abs().max() > 0 for n, w in loaded.model.state_dict().items() if "peanut_B" in n)
 
 
-def _kept_rows(kept: list[int], heads: int, kv_heads: int, head_dim: int, kv: bool) -> torch.Tensor:
-    group = heads // kv_heads
-    units = [any(h in kept for h in range(j * group, (j + 1) * group)) for j in range(kv_heads)] if kv else [
-        h in kept for h in range(heads)
-    ]  # fmt: skip
-    return torch.tensor([u for u in units for _ in range(head_dim)])
-
-
 def test_heat_on_minilm_scores_heads_trains_and_classifies(tmp_path, model_cache):
     data = write_jsonl(tmp_path / "train.jsonl", classification_rows(32))
     result = train(
@@ -122,7 +115,7 @@ def test_heat_on_minilm_scores_heads_trains_and_classifies(tmp_path, model_cache
     weights = load_file(result.adapter_dir / "adapter_model.safetensors")
     for layer, heads in enumerate(kept):
         b = weights[f"base_model.model.bert.encoder.layer.{layer}.attention.self.query.lora_B.weight"]
-        rows = _kept_rows(heads, 12, 12, 32, kv=False)
+        rows = expected_rows(heads, "q", 12, 12, 32)
         assert not b[~rows].any() and (b[rows].abs().sum(1) > 0).all()
 
     loaded = load_artifact(result.adapter_dir, cache_dir=model_cache)
@@ -154,9 +147,9 @@ def test_heat_on_smollm2_keeps_kv_heads_of_kept_query_heads_and_generates(tmp_pa
     weights = load_file(result.adapter_dir / "adapter_model.safetensors")
     for layer, heads in enumerate(state["kept_heads"]):
         prefix = f"base_model.model.model.layers.{layer}.self_attn"
-        for role, kv in (("q", False), ("v", True)):
+        for role in ("q", "v"):
             b = weights[f"{prefix}.{role}_proj.lora_B.weight"]
-            rows = _kept_rows(heads, 9, 3, 64, kv=kv)
+            rows = expected_rows(heads, role, 9, 3, 64)
             assert not b[~rows].any() and (b[rows].abs().sum(1) > 0).all()
     lora_config = json.loads((result.adapter_dir / "lora" / "adapter_config.json").read_text())
     assert lora_config["peft_type"] == "LORA"
