@@ -34,6 +34,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MODELS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
+# Equal trainable-parameter budgets where the method allows, merged under --adapter. HEAT trains A whole and only
+# the kept heads' rows of B: per square d × d module r·d + r·d·f for a kept fraction f, so r = 12 with a third of
+# the heads kept trains 16·d, LoRA's count at its r = 8 (MiniLM q/v: 73,728 both). Per layer, because a global
+# selection may leave a layer without heads, whose frozen A would drop the count below LoRA's.
+EQUAL_BUDGET: dict[str, dict] = {"heat": {"r": 12, "keep_fraction": 1 / 3, "selection": "per_layer"}}
+
+
 def as_completions(rows: list[dict]) -> list[dict]:
     return [{"prompt": f"Tweet: {r['text']}\nSentiment:", "completion": f" {r['label']}"} for r in rows]
 
@@ -99,7 +106,7 @@ def main() -> None:
                         validation_file=heldout_file,
                         output_dir=work / f"{method}-{mult}-{seed}",
                         method=method,
-                        adapter=json.loads(args.adapter),
+                        adapter={**EQUAL_BUDGET.get(method, {}), **json.loads(args.adapter)},
                         n_epochs=args.epochs if args.epochs == "auto" else int(args.epochs),
                         learning_rate_multiplier=mult if mult == "auto" else float(mult),
                         seed=seed,

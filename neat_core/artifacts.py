@@ -44,9 +44,10 @@ def file_sha256(path: Path) -> str:
 
 def parameter_counts(model: PeftModel) -> dict[str, int]:
     """Adapter parameters alone, and everything trainable (adapter + a classification head)."""
-    prefix = method_of(model).prefix
-    adapter = sum(p.numel() for n, p in model.named_parameters() if prefix in n and p.requires_grad)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    method = method_of(model)
+    held = method.held_at_zero(model)  # masked entries (HEAT): they require grad but never change
+    adapter = sum(p.numel() for n, p in model.named_parameters() if method.prefix in n and p.requires_grad) - held
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) - held
     return {"adapter_parameters": adapter, "trainable_parameters": trainable}
 
 

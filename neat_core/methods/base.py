@@ -17,6 +17,8 @@ from transformers.pytorch_utils import Conv1D
 from neat_core.errors import InvalidHyperparameterError
 from neat_core.methods.specs import check_hyperparameters
 
+METHOD_TAG = "neat_adapter_method"  # attribute on a wrapped PeftModel: the registered method's name
+
 # Which projections "auto" targets, per architecture family: the attention query and value projections, the
 # setting the NEAT and LoRA papers report for their main results. Keyed by a module-name suffix that identifies
 # the family (see shared/design/methods.md, "Where adapters go").
@@ -69,6 +71,9 @@ class AdapterMethod:
 
     name: ClassVar[str]
     peft_type: ClassVar[str]  # the peft_type its artifacts are saved with
+    # False for a method whose artifacts are another method's format (HEAT saves plain LoRA): a wrapped model is
+    # then recognised as this method only by the tag `wrap`/`load` put on it (see `registry.method_of`).
+    owns_peft_type: ClassVar[bool] = True
     prefix: ClassVar[str]  # every adapter parameter name contains this; save/load and freezing rely on it
     exportable_to_lora: ClassVar[bool] = False
     # False when the update depends on the input (Lily's router): merge raises NotImplementedError, never merges.
@@ -89,10 +94,21 @@ class AdapterMethod:
         raise NotImplementedError
 
     def wrap(self, model: nn.Module, config: PeftConfig) -> PeftModel:
-        return get_peft_model(model, config)
+        return self.tag(get_peft_model(model, config))
 
     def load(self, model: nn.Module, adapter_dir: str, is_trainable: bool = False) -> PeftModel:
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
+        return self.tag(PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable))
+
+    def tag(self, model: PeftModel) -> PeftModel:
+        """Record on the wrapped model which method made it: `registry.method_of` reads it first, since a peft_type
+        alone does not say (HEAT and LoRA both save "LORA")."""
+        setattr(model, METHOD_TAG, self.name)
+        return model
+
+    def held_at_zero(self, model: PeftModel) -> int:
+        """Adapter entries that require grad but a gradient mask keeps at exactly zero (HEAT's unselected heads):
+        never trained, so `parameter_counts` does not count them."""
+        return 0
 
     def lora_factors(self, layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(lora_A [r, d_in], lora_B [d_out, r]) with the scale folded into B, for exact LoRA export."""

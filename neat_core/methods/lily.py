@@ -234,7 +234,7 @@ class Lily(AdapterMethod):
         with lily_layers():
             peft_model = get_peft_model(model, config)
         install_routing(peft_model, getattr(config, "neat_router_mode", TRAINING_ROUTER_MODE))
-        return peft_model
+        return self.tag(peft_model)
 
     def load(
         self, model: nn.Module, adapter_dir: str, is_trainable: bool = False, router: str = SERVING_ROUTER_MODE
@@ -243,7 +243,7 @@ class Lily(AdapterMethod):
         with lily_layers():
             peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
         install_routing(peft_model, router)
-        return peft_model
+        return self.tag(peft_model)
 
     def before_training(self, model: PeftModel, hp: dict[str, Any], batches: Iterator[dict]) -> dict[str, Any]:
         # Nothing is computed from data; the state records the modes in checkpoints and the manifest.

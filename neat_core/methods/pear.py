@@ -193,6 +193,7 @@ def apply_pruning(model: PeftModel, adapter: str, record: dict[str, Any], fresh:
 class Pear(AdapterMethod):
     name = "pear"
     peft_type = "LORA"
+    owns_peft_type = False  # peft_type "LORA" stays LoRA's; a Pear model is known by its tag, config or manifest
     prefix = "lora_"
     exportable_to_lora = True
 
@@ -268,7 +269,7 @@ class Pear(AdapterMethod):
         if not is_trainable:
             for p in peft_model.parameters():
                 p.requires_grad_(False)
-        return peft_model
+        return self.tag(peft_model)
 
     def lora_factors(self, layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = layer.lora_A[adapter].weight, layer.scaling[adapter] * layer.lora_B[adapter].weight

@@ -9,7 +9,7 @@ from peft import PeftModel
 from torch import nn
 
 from neat_core.errors import InvalidHyperparameterError
-from neat_core.methods.base import AdapterMethod
+from neat_core.methods.base import METHOD_TAG, AdapterMethod
 
 # One module per method; each calls `register` when imported. Imported on first use of the registry, so that
 # importing `neat_core.methods.specs` (torch-free) does not pull them in.
@@ -17,6 +17,7 @@ BUILTIN_METHODS = (
     "neat_core.methods.neat",
     "neat_core.methods.lora",
     "neat_core.methods.lily",
+    "neat_core.methods.heat",
     "neat_core.methods.pear",
 )
 
@@ -54,15 +55,20 @@ def attach(model: nn.Module, method: str = "neat", **hyperparameters: Any) -> Pe
 
 
 def method_of(model: PeftModel) -> AdapterMethod:
-    """The registered method behind a wrapped model, from its peft config: the method the config names
-    (`neat_method`, for methods that save under another method's peft_type, e.g. Pear as "LORA"), else the one
-    that owns its peft_type."""
+    """The registered method behind a wrapped model: the tag `AdapterMethod.wrap`/`load` put on it; else the
+    method its peft config names (`neat_method`: Pear's config class carries it); else (a model wrapped or loaded
+    by stock peft) the method that owns its peft_type. Several methods save the same format (HEAT's and Pear's
+    artifacts are peft LoRA), so the artifact's manifest, not its peft_type, names the method; a HEAT adapter
+    loaded by stock peft is a LoRA adapter, which is exactly what it is."""
+    tagged = getattr(model, METHOD_TAG, None)
+    if tagged is not None:
+        return get_method(tagged)
     config = model.peft_config[model.active_adapter]
     named = getattr(config, "neat_method", None)
     if named is not None:
         return get_method(named)
     peft_type = str(config.peft_type.value)
     for method in _registry().values():
-        if method.peft_type == peft_type:
+        if method.peft_type == peft_type and method.owns_peft_type:
             return method
     raise InvalidHyperparameterError("peft_type", f"no registered method handles {peft_type}", method_names())

@@ -48,6 +48,10 @@ def probability() -> Param:
     return Param(lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)")
 
 
+def fraction() -> Param:
+    return Param(lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1, "a number in (0, 1]")
+
+
 def one_of(choices: list[str]) -> Param:
     return Param(lambda v: v in choices, ", ".join(choices) if len(choices) < 12 else f"one of {len(choices)} names")
 
@@ -81,6 +85,18 @@ METHOD_PARAMS: dict[str, dict[str, Param]] = {
         "router_mode": one_of(["batch", "per_sample"]),
         "target_modules": module_names(),
     },
+    "heat": {  # LoRA's, plus how heads are scored and selected (neat_core.methods.heat)
+        "r": positive_int(),
+        "lora_alpha": positive_float(),
+        "lora_dropout": probability(),
+        "target_modules": module_names(),
+        "score": one_of(["gate", "weight", "adapter"]),
+        "selection": one_of(["global", "per_layer"]),
+        "top_k": positive_int(),
+        "keep_fraction": fraction(),
+        "score_batches": positive_int(),
+        "warmup_learning_rate": positive_float(1.0),
+    },
     "pear": {  # LoRA's, plus the prune-and-share schedule (neat_core/methods/pear.py, docs/method-pear.md)
         "r": positive_int(),
         "lora_alpha": positive_float(),
@@ -96,9 +112,19 @@ METHOD_PARAMS: dict[str, dict[str, Param]] = {
 }
 
 
+def _heat_rules(explicit: dict[str, Any]) -> None:
+    if "top_k" in explicit and "keep_fraction" in explicit:
+        raise InvalidHyperparameterError("top_k", "give top_k or keep_fraction, not both", "one of the two")
+
+
+# Checks across fields of one method, on the explicitly given values.
+METHOD_RULES: dict[str, Callable[[dict[str, Any]], None]] = {"heat": _heat_rules}
+
+
 # Methods whose adapters are low-rank factors per layer, so the serving engine batches them together over one base
 # model (neat_core.serving); the others are served alone (Lily: its router is input-dependent, not low-rank factors).
-BATCHED_METHODS = frozenset({"neat", "lora", "pear"})  # Pear: through its exact LoRA export
+# HEAT saves plain LoRA; Pear is served through its exact LoRA export.
+BATCHED_METHODS = frozenset({"neat", "lora", "heat", "pear"})
 
 
 def check_hyperparameters(method: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
@@ -118,4 +144,6 @@ def check_hyperparameters(method: str, hyperparameters: dict[str, Any]) -> dict[
         if not params[key].check(value):
             raise InvalidHyperparameterError(key, f"invalid value {value!r}", params[key].allowed)
         explicit[key] = value
+    if method in METHOD_RULES:
+        METHOD_RULES[method](explicit)
     return explicit

@@ -113,6 +113,7 @@ def test_method_hyperparameters_win_over_legacy_ones(api, chat_file):
         {"type": "lora", "r": "auto", "target_modules": ["q_proj", "v_proj"]},
         {"type": "lily", "r": 16, "stride_A": 2, "num_B": 3, "router_mode": "per_sample"},
         {"type": "pear", "r": 8, "warmup_steps": 50, "sharing": "nearest", "knowledge": "none"},
+        {"type": "heat", "r": 12, "score": "weight", "selection": "per_layer", "top_k": 3},
     ],
 )
 def test_create_with_adapter(api, chat_file, adapter):
@@ -140,6 +141,13 @@ def test_create_for_each_compatible_format(api, rows, model):
         ({"adapter": {"type": "neat", "rank": 4}}, 400, "invalid_hyperparameter", "adapter.rank"),
         ({"adapter": {"type": "lora", "depth": 1}}, 400, "invalid_hyperparameter", "adapter.depth"),
         ({"adapter": {"type": "lora", "lora_dropout": 1.0}}, 400, "invalid_hyperparameter", "adapter.lora_dropout"),
+        ({"adapter": {"type": "heat", "keep_fraction": 0}}, 400, "invalid_hyperparameter", "adapter.keep_fraction"),
+        (
+            {"adapter": {"type": "heat", "top_k": 2, "keep_fraction": 0.5}},
+            400,
+            "invalid_hyperparameter",
+            "adapter.top_k",
+        ),
         ({"adapter": {"type": "neat", "act_fn": "nope"}}, 400, "invalid_hyperparameter", "adapter.act_fn"),
         ({"adapter": {"type": "neat", "target_modules": []}}, 400, "invalid_hyperparameter", "adapter.target_modules"),
         ({"adapter": {"type": "dora"}}, 400, "invalid_hyperparameter", "adapter.type"),

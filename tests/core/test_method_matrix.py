@@ -243,6 +243,12 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(method, kind, tiny_mode
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert full.metrics["train_loss"] == pytest.approx(resumed.metrics["train_loss"], abs=1e-6)
     assert full.trained_tokens == resumed.trained_tokens
+    # The artifact names its method (HEAT saves peft_type "LORA", like LoRA), and so does its LoRA export.
+    manifest = json.loads((resumed.adapter_dir / "manifest.json").read_text())
+    assert manifest["method"] == method
+    assert manifest["method_state"] == json.loads((full.adapter_dir / "manifest.json").read_text())["method_state"]
+    if get_method(method).exportable_to_lora:
+        assert json.loads((resumed.adapter_dir / "lora" / "export.json").read_text())["source_method"] == method
 
 
 @pytest.mark.parametrize(("method", "kind"), CASES, ids=IDS)
@@ -284,6 +290,11 @@ def test_bad_hyperparameters_are_rejected_naming_the_field(method, kind, hp, fie
         ("pear", {"prune_fraction": 1}, "prune_fraction"),
         ("pear", {"warmup_steps": 0}, "warmup_steps"),
         ("lora", {"warmup_steps": 10}, "warmup_steps"),
+        ("lora", {"score": "gate"}, "score"),
+        ("heat", {"score": "taylor"}, "score"),
+        ("heat", {"top_k": 2, "keep_fraction": 0.5}, "top_k"),
+        ("heat", {"target_modules": ["up_proj"]}, "target_modules"),  # HEAT adapts attention projections only
+        ("heat", {"depth": 1}, "depth"),
     ],
 )
 def test_method_specific_hyperparameters_are_checked(method, hp, field, tiny_models):
