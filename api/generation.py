@@ -38,9 +38,9 @@ class LoadedModel:
     task: str
     max_length: int | None  # causal LM: the context window; classification: the length it was trained on
     lock: threading.Lock = field(default_factory=threading.Lock)  # one forward pass or generation at a time
-    # Classification requests waiting for `lock`; whichever holds it runs them all together (api.serving).
-    waiting: list = field(default_factory=list)
-    waiting_lock: threading.Lock = field(default_factory=threading.Lock)
+    # A BatchEngine running this whole model as its "base" (api.serving): concurrent requests for this model
+    # batch together. None where the serving process has no batching engines (then requests take turns on `lock`).
+    engine: Any = None
 
 
 @dataclass(frozen=True)

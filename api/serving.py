@@ -5,9 +5,9 @@ Every NEAT or LoRA adapter is served by the `BatchEngine` (neat_core.serving) of
 of each base model per process, adapters kept as low-rank factors in a byte-bounded cache, and concurrent requests
 for any mix of adapters and the bare base model batched together, token by token. An artifact the batched path
 cannot express (another method, or LoRA options such as DoRA) is served on its own: a whole model per adapter in
-a small LRU (`serving_max_models`). There, concurrent classification requests run together in one batch (each
-row's answer is its own: static adapters, and Lily, which neat_core loads with its per-sample router), and
-generations run one at a time per model.
+a small LRU (`serving_max_models`), each with a `BatchEngine` of its own that runs the whole model as its "base":
+concurrent requests for that one model batch together, generation step by step (each row's answer is its own:
+static adapters, and Lily, which neat_core loads with its per-sample, padding-masked router).
 
 The web tier imports this module without torch: torch, transformers and neat_core's loaders are imported inside the
 functions that need them, on the first request served.
@@ -112,10 +112,12 @@ class ServingEngine:
         capacity: int,
         loader: Callable[[ModelRef], LoadedModel],
         engine_factory: Callable[[str, str], Any] | None = None,
+        solo_engine_factory: Callable[[LoadedModel], Any] | None = None,
     ):
         self.capacity = max(1, capacity)
         self._loader = loader
         self._engine_factory = engine_factory
+        self._solo_engine_factory = solo_engine_factory
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._engines: dict[tuple[str, str], Any] = {}  # (base model, task) -> neat_core BatchEngine
         self._loading: dict[Any, threading.Lock] = {}  # per model / engine: concurrent first requests load once
@@ -131,7 +133,23 @@ class ServingEngine:
             return list(self._models)
 
     def model(self, ref: ModelRef) -> LoadedModel:
-        return self._once(self._models, ref.name, lambda: self._loader(ref), lru=True)
+        def load() -> LoadedModel:
+            loaded = self._loader(ref)
+            if self._solo_engine_factory is not None:
+                loaded.engine = self._solo_engine_factory(loaded)
+            return loaded
+
+        return self._once(self._models, ref.name, load, lru=True)
+
+    def _solo(self, ref: ModelRef, run: Callable[[LoadedModel], Any]) -> Any:
+        """run(the loaded model of `ref`); once more on a fresh load if its engine retired in between (evicted
+        from the LRU while this request was on its way)."""
+        from neat_core.serving import EngineClosed
+
+        try:
+            return run(self.model(ref))
+        except EngineClosed:
+            return run(self.model(ref))
 
     def engine(self, base_model: str, task: str) -> Any:
         """The batching engine of a base model, loading the base model on first use."""
@@ -151,7 +169,15 @@ class ServingEngine:
         """Start generating: a chat (`messages`, rendered with the model's chat template) or a raw prompt.
         Raises PromptError, UnknownModel or ServingError at once; iterate the result for the text."""
         if not self.batched(ref):
-            return SoloGeneration(self.model(ref), prompt, sampling)
+
+            def start(loaded: LoadedModel) -> Generation:
+                if loaded.engine is None:
+                    return SoloGeneration(loaded, prompt, sampling)
+                with loaded.engine.tokenizer_lock:
+                    input_ids = encode_prompt(loaded.engine.tokenizer, prompt)
+                return BatchedGeneration(loaded.engine, input_ids, None, sampling, caller)
+
+            return self._solo(ref, start)
         engine = self.engine(ref.base_model, ref.task)
         with engine.tokenizer_lock:
             input_ids = encode_prompt(engine.tokenizer, prompt)
@@ -164,19 +190,21 @@ class ServingEngine:
             engine = self.engine(ref.base_model, ref.task)
             with _adapter_errors(ref):
                 return engine.classify(texts, _adapter(ref), caller)
-        loaded = self.model(ref)
-        request = _Waiting(texts)
-        with loaded.waiting_lock:
-            loaded.waiting.append(request)
-        with loaded.lock:  # whoever holds the model serves every request queued by then, this one included
-            if not request.done:
-                with loaded.waiting_lock:
-                    queued, loaded.waiting[:] = list(loaded.waiting), []
-                _classify_together(loaded, queued)
-        if request.error is not None:
-            log.error("classification failed on %s", ref.name, exc_info=request.error)
-            raise ServingError(f"The model '{ref.name}' failed to classify the input.") from request.error
-        return request.results, request.tokens
+
+        from neat_core.serving import EngineClosed
+
+        def run(loaded: LoadedModel) -> tuple[list[dict], int]:
+            try:
+                if loaded.engine is not None:
+                    return loaded.engine.classify(texts, None)
+                return _classify_alone(loaded, texts)
+            except EngineClosed:
+                raise
+            except Exception as e:
+                log.exception("classification failed on %s", ref.name)
+                raise ServingError(f"The model '{ref.name}' failed to classify the input.") from e
+
+        return self._solo(ref, run)
 
     def preload(self, ref: ModelRef) -> None:
         """Load `ref` now (at start-up), so its first request finds it warm."""
@@ -202,6 +230,7 @@ class ServingEngine:
     def close(self) -> None:
         with self._lock:
             engines, self._engines = list(self._engines.values()), {}
+            engines += [m.engine for m in self._models.values() if m.engine is not None]
         for engine in engines:
             engine.close()
 
@@ -227,46 +256,25 @@ class ServingEngine:
             with self._lock:
                 table[key] = value
                 while lru and len(table) > self.capacity:  # an evicted model still in use lives until it is done
-                    evicted, _ = table.popitem(last=False)
+                    evicted, old = table.popitem(last=False)
+                    if getattr(old, "engine", None) is not None:
+                        old.engine.retire()  # its requests in flight finish; its thread then stops
                     log.info("evicted model %s", evicted)
             return value
 
 
-@dataclass
-class _Waiting:
-    """One classification request queued on a solo model."""
-
-    texts: list[str]
-    done: bool = False
-    results: list[dict] | None = None
-    tokens: int = 0
-    error: BaseException | None = None
-
-
-def _classify_together(loaded: LoadedModel, requests: list[_Waiting]) -> None:
-    """Classify the texts of all `requests` in forward passes of up to CLASSIFY_BATCH texts (which may mix
-    requests), and hand each request its own results; the caller holds `loaded.lock`."""
+def _classify_alone(loaded: LoadedModel, texts: list[str]) -> tuple[list[dict], int]:
+    """Without a batching engine: the request's texts in passes of up to CLASSIFY_BATCH, the model to itself."""
     from neat_core.inference import classify
 
-    texts = [text for request in requests for text in request.texts]
-    try:
-        results: list[dict] = []
+    results, tokens = [], 0
+    with loaded.lock:
         for start in range(0, len(texts), CLASSIFY_BATCH):
-            results += classify(
-                loaded.model, loaded.tokenizer, texts[start : start + CLASSIFY_BATCH], max_length=loaded.max_length
-            )
-        at = 0
-        for request in requests:
-            encoded = loaded.tokenizer(request.texts, truncation=True, max_length=loaded.max_length)
-            request.results = results[at : at + len(request.texts)]
-            request.tokens = sum(len(ids) for ids in encoded["input_ids"])
-            at += len(request.texts)
-    except Exception as e:
-        for request in requests:
-            request.error = e
-    finally:
-        for request in requests:
-            request.done = True
+            batch = texts[start : start + CLASSIFY_BATCH]
+            results += classify(loaded.model, loaded.tokenizer, batch, max_length=loaded.max_length)
+            encoded = loaded.tokenizer(batch, truncation=True, max_length=loaded.max_length)
+            tokens += sum(len(ids) for ids in encoded["input_ids"])
+    return results, tokens
 
 
 def _adapter(ref: ModelRef) -> Any:
@@ -309,6 +317,21 @@ def load_batch_engine(base_model: str, task: str, *, settings: Settings) -> Any:
         max_batch=settings.serving_max_batch,
         window_s=settings.serving_batch_window_ms / 1000,
         max_length=min(context, 512) if task == CLASSIFICATION else context,
+    )
+
+
+def solo_batch_engine(loaded: LoadedModel, *, settings: Settings) -> Any:
+    """A batching engine over one whole loaded model (its adapter inside), for a model served on its own."""
+    from neat_core.serving import BatchEngine
+
+    return BatchEngine(
+        loaded.model,
+        loaded.tokenizer,
+        loaded.task,
+        cache_bytes=0,  # no adapters join: the model is the adapter
+        max_batch=settings.serving_max_batch,
+        window_s=settings.serving_batch_window_ms / 1000,
+        max_length=loaded.max_length,
     )
 
 
@@ -356,7 +379,12 @@ def get_engine(settings: SettingsDep) -> ServingEngine:
     with _engine_lock:
         if _engine is None:
             loader = partial(load_model, cache_dir=settings.model_cache_dir, device=settings.device)
-            _engine = ServingEngine(settings.serving_max_models, loader, partial(load_batch_engine, settings=settings))
+            _engine = ServingEngine(
+                settings.serving_max_models,
+                loader,
+                partial(load_batch_engine, settings=settings),
+                partial(solo_batch_engine, settings=settings),
+            )
         return _engine
 
 

@@ -4,7 +4,7 @@ adapter cache (`cache`), and the scheduler that batches concurrent requests and 
 
 from neat_core.serving.batched import MultiAdapterLinear, MultiAdapterModel
 from neat_core.serving.cache import AdapterAccessError, AdapterCache, AdapterRef
-from neat_core.serving.engine import BatchEngine, SamplingParams, TokenStream
+from neat_core.serving.engine import BatchEngine, EngineClosed, SamplingParams, TokenStream
 from neat_core.serving.factors import AdapterFactors, load_factors
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "AdapterFactors",
     "AdapterRef",
     "BatchEngine",
+    "EngineClosed",
     "MultiAdapterLinear",
     "MultiAdapterModel",
     "SamplingParams",

@@ -65,6 +65,10 @@ def length_buckets(lengths: list[int], pass_overhead: int) -> list[list[int]]:
     return chunks[::-1]
 
 
+class EngineClosed(RuntimeError):
+    """The engine has shut down (or retired) and takes no more requests."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
@@ -163,6 +167,8 @@ class BatchEngine:
         self._eos = self._eos_ids(model, tokenizer)
         self._inbox: queue.Queue = queue.Queue()
         self._closed = threading.Event()
+        self._retiring = False  # `retire()`: stop once idle
+        self._submit_lock = threading.Lock()  # orders submissions against the scheduler's decision to stop
         self.batch_sizes: Counter[int] = Counter()  # rows per forward pass -> how many passes
         self.running = 0
         self._thread = threading.Thread(target=self._loop, name=f"batch-engine-{task}", daemon=True)
@@ -202,7 +208,12 @@ class BatchEngine:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(sampling.seed % 2**63 if sampling.seed is not None else torch.seed())
         request = _GenRequest(list(input_ids), adapter and adapter.adapter_id, sampling, stream, generator)
-        self._inbox.put(request)
+        try:
+            self._submit([request])
+        except EngineClosed:
+            if adapter is not None:
+                self.cache.release(adapter.adapter_id)
+            raise
         return stream
 
     def classify(
@@ -215,8 +226,7 @@ class BatchEngine:
             self.cache.acquire(adapter, caller)
         try:
             rows = [_ClassifyRow(text, adapter and adapter.adapter_id) for text in texts]
-            for row in rows:
-                self._inbox.put(row)
+            self._submit(rows)
             for row in rows:
                 row.done.wait()
                 if row.error is not None:
@@ -244,12 +254,37 @@ class BatchEngine:
         self._inbox.put(None)
         self._thread.join(timeout=30)
 
+    def retire(self) -> None:
+        """Stop once idle: requests already queued or running finish, later ones get `EngineClosed` (the caller
+        loads a fresh engine). For an engine dropped from a cache while requests may still be using it."""
+        with self._submit_lock:
+            self._retiring = True
+        self._inbox.put(None)  # wakes an idle scheduler to notice
+
+    def _submit(self, items: list) -> None:
+        with self._submit_lock:
+            if self._closed.is_set():
+                raise EngineClosed("this engine has shut down")
+            for item in items:
+                self._inbox.put(item)
+
+    def _idle_and_retired(self, running: list) -> bool:
+        if running or not self._retiring:
+            return False
+        with self._submit_lock:  # nothing can be queued between this look and the stop
+            if self._inbox.qsize() == 0 or all(item is None for item in list(self._inbox.queue)):
+                self._closed.set()
+                return True
+        return False
+
     # ---- the scheduler thread ----
 
     def _loop(self) -> None:
         running: list[_GenRequest] = []
         state: _DecodeState | None = None
         while not self._closed.is_set():
+            if self._idle_and_retired(running):
+                break
             new: list = []
             try:
                 new = self._gather(block=not running, room=self.max_batch - len(running))

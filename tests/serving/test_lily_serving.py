@@ -1,6 +1,7 @@
-"""Lily through the serving path: never the low-rank factor engine (its router is input-dependent), but whole peft
-models in per-sample router mode, where concurrent classification requests run in one batch and each gets exactly
-what it gets alone; its chat adapters generate on the solo path; its artifact downloads (no LoRA form)."""
+"""Lily through the serving path: never the low-rank factor engine (its router is input-dependent), but a whole peft
+model in per-sample router mode with a batching engine of its own, where concurrent requests (classification, and
+generation step by step) run in one batch and each gets exactly what it gets alone; its artifact downloads (no
+LoRA form)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import json
 import shutil
 import tarfile
 import threading
-import time
 from functools import partial
 
 import pytest
@@ -27,6 +27,7 @@ from neat_core.inference import generate
 from neat_core.methods import attach
 from neat_core.methods.lily import install_routing
 from neat_core.models import load_base
+from neat_core.serving import BatchEngine
 from tests.serving.conftest import KEY_A, ORG_A, make_client
 
 LABELS = ["negative", "positive"]
@@ -63,8 +64,15 @@ def no_factor_engine(base_model: str, task: str):
     raise AssertionError("a Lily adapter was sent to the low-rank factor engine")
 
 
+def own_batches(loaded):
+    """The solo models' batching engine, with a long gathering window (threads started together share a batch)
+    and no length buckets (texts of different lengths share one padded pass: what per-sample mode must survive)."""
+    return BatchEngine(loaded.model, loaded.tokenizer, loaded.task, cache_bytes=0, window_s=0.5,
+                       max_length=loaded.max_length, pass_overhead=10**6)  # fmt: skip
+
+
 def engine() -> ServingEngine:
-    return ServingEngine(2, partial(load_model, cache_dir=None, device="cpu"), no_factor_engine)
+    return ServingEngine(2, partial(load_model, cache_dir=None, device="cpu"), no_factor_engine, own_batches)
 
 
 def classification_ref(tiny_models, artifacts) -> ModelRef:
@@ -84,13 +92,8 @@ def classify_concurrently(serving: ServingEngine, ref: ModelRef) -> tuple[list[d
         answers[i] = serving.classify(ref, [TEXTS[i]])[0][0]
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(TEXTS))]
-    with loaded.lock:  # the model is busy: every request queues behind it
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30
-        while len(loaded.waiting) < len(TEXTS) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(loaded.waiting) == len(TEXTS)
+    for t in threads:  # all inside the engine's gathering window
+        t.start()
     for t in threads:
         t.join(timeout=60)
     hook.remove()
@@ -118,18 +121,42 @@ def test_concurrent_lily_requests_share_a_batch_and_each_gets_its_answer_alone(t
     assert max_difference(alone, faithful) > 1e-3
 
 
-def test_a_lily_chat_adapter_generates_on_the_solo_path(tiny_models, artifacts):
+def test_concurrent_lily_generations_share_batches_and_each_gets_its_answer_alone(tiny_models, artifacts):
     serving = engine()
     ref = ModelRef("ft:lily-chat", "causal_lm", str(tiny_models["llama"]), artifacts["llama"], "org", "lily")
-    messages = [{"role": "user", "content": "What colour is item 3?"}]
-    gen = serving.generate(ref, messages, Sampling(max_tokens=8, temperature=0.0))
-    text = gen.text()
+    chats = [[{"role": "user", "content": text}] for text in TEXTS]  # prompts of different lengths: left padding
+    generations: list = [None] * len(chats)
+
+    def ask(i: int) -> None:
+        gen = serving.generate(ref, chats[i], Sampling(max_tokens=8, temperature=0.0))
+        generations[i] = (gen.text(), gen.completion_tokens)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(chats))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
     loaded = serving.model(ref)
-    expected, _, completion_tokens = generate(loaded.model, loaded.tokenizer, messages, max_new_tokens=8)
-    assert text == expected and gen.completion_tokens == completion_tokens > 0
+    assert max(loaded.engine.batch_sizes) == len(chats), "the generations should have run as one batch"
+    for chat, (text, completion_tokens) in zip(chats, generations, strict=True):
+        expected, _, tokens = generate(loaded.model, loaded.tokenizer, chat, max_new_tokens=8)  # alone
+        assert (text, completion_tokens) == (expected, tokens) and tokens > 0
     with loaded.model.disable_adapter():  # the adapter is really applied
-        bare, _, _ = generate(loaded.model, loaded.tokenizer, messages, max_new_tokens=8)
-    assert bare != expected
+        bare, _, _ = generate(loaded.model, loaded.tokenizer, chats[0], max_new_tokens=8)
+    assert bare != generations[0][0]
+
+
+def test_an_evicted_solo_model_finishes_its_requests_and_its_engine_stops(tiny_models, artifacts):
+    serving = ServingEngine(1, partial(load_model, cache_dir=None, device="cpu"), no_factor_engine, own_batches)
+    chat = ModelRef("ft:lily-chat", "causal_lm", str(tiny_models["llama"]), artifacts["llama"], "org", "lily")
+    gen = serving.generate(chat, [{"role": "user", "content": "hi"}], Sampling(max_tokens=6, temperature=0.0))
+    first = serving.model(chat).engine
+    serving.classify(classification_ref(tiny_models, artifacts), ["ok"])  # capacity 1: evicts the chat model
+    assert gen.text() is not None and gen.completion_tokens > 0  # the request in flight still finished
+    first._thread.join(timeout=10)
+    assert not first._thread.is_alive(), "the evicted model's engine should stop once idle"
+    again = serving.generate(chat, [{"role": "user", "content": "hi"}], Sampling(max_tokens=6, temperature=0.0))
+    assert again.text() and serving.model(chat).engine is not first  # a fresh load serves the next request
 
 
 def test_lily_job_classifies_and_downloads_over_http(tiny_models, artifacts, tmp_path):
