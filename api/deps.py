@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
-from collections.abc import AsyncIterator
-from typing import Annotated
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, Header
 from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -22,11 +25,10 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]  # tests override get_s
 
 
 async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
-    """A session for one request. Async on purpose, though the routes using it are sync: FastAPI runs a sync
-    dependency's set-up and tear-down each in a worker thread, so under load the tear-down (which hands the
-    connection back) queued behind requests waiting for threads while holding its connection, and the pool ran
-    dry. Here the close runs on the event loop as soon as the response is sent: one rollback on a pooled
-    connection (no I/O before the first query, none after a commit)."""
+    """A session for one request. It connects on its first query, in the route's worker thread, and
+    `SessionClosingRoute` closes it as the route returns, in that same thread; this tear-down (on the event loop)
+    is only the backstop for a route that queried again afterwards (a streamed response). A tear-down that must
+    wait for a thread, or for a busy event loop, held its connection meanwhile: under load the pool ran dry."""
     session = session_factory(settings.resolved_database_url)()
     try:
         yield session
@@ -35,6 +37,30 @@ async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+class SessionClosingRoute(APIRoute):
+    """Routes whose sync endpoint closes its database session (handing the connection back to the pool) in its
+    own worker thread, the moment it returns: not after the response is sent, when the connection would wait for
+    the event loop."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any):
+        if not inspect.iscoroutinefunction(endpoint):
+            endpoint = _closing_sessions(endpoint)
+        super().__init__(path, endpoint, **kwargs)
+
+
+def _closing_sessions(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(endpoint)  # FastAPI reads the parameters through __wrapped__
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return endpoint(*args, **kwargs)
+        finally:
+            for value in kwargs.values():
+                if isinstance(value, Session):
+                    value.close()
+
+    return call
 
 
 async def current_org(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> str:

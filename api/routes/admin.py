@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import SessionClosingRoute, SessionDep, SettingsDep
 from api.errors import APIError
 from api.keys import LIMITS, create_key, create_org, list_keys, revoke_key, set_limits
 
@@ -27,7 +27,13 @@ def require_admin(settings: SettingsDep, authorization: Annotated[str | None, He
         raise APIError(401, "This endpoint needs the admin API key.", code="invalid_api_key")
 
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)], include_in_schema=False)
+router = APIRouter(
+    route_class=SessionClosingRoute,
+    prefix="/v1/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    include_in_schema=False,
+)
 
 
 class NewOrganization(BaseModel):

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 
 from api import idempotency
-from api.deps import CurrentOrg, IdempotencyHeader, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentOrg, IdempotencyHeader, SessionClosingRoute, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, not_found
 from api.idempotency import Claim, request_hash
 from api.ids import new_id
@@ -21,7 +21,7 @@ from api.schemas import file_object, page
 from api.storage import TooLarge, file_key
 from neat_core.data.formats import validate_jsonl
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(route_class=SessionClosingRoute, prefix="/v1/files", tags=["files"])
 CHUNK = 1 << 20
 
 

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.orm import Session
 
-from api.deps import CurrentOrg, SessionDep, StorageDep
+from api.deps import CurrentOrg, SessionClosingRoute, SessionDep, StorageDep
 from api.errors import APIError, error_body
 from api.ids import new_id, now
 from api.orm import Job
@@ -28,7 +28,7 @@ from api.storage import Storage
 from neat_core.models.catalog import CAUSAL_LM, CLASSIFICATION, entry
 
 log = logging.getLogger("api.inference")
-router = APIRouter(prefix="/v1", tags=["inference"])
+router = APIRouter(route_class=SessionClosingRoute, prefix="/v1", tags=["inference"])
 
 MAX_TOKENS = 2048
 MAX_INPUTS = 2048  # texts in one classification request

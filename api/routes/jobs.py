@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from api import idempotency
-from api.deps import CurrentOrg, IdempotencyHeader, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentOrg, IdempotencyHeader, SessionClosingRoute, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, not_found
 from api.events import add_event
 from api.idempotency import Claim, request_hash
@@ -32,7 +32,7 @@ from neat_core.errors import InvalidHyperparameterError
 from neat_core.methods.specs import check_hyperparameters
 from neat_core.models.catalog import catalog, entry, supported_tasks
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(route_class=SessionClosingRoute, prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 log = logging.getLogger("api")
 
 TERMINAL = ("succeeded", "failed", "cancelled")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.deps import CurrentOrg, SessionDep
+from api.deps import CurrentOrg, SessionClosingRoute, SessionDep
 from api.errors import APIError
 from api.orm import Job
 from api.pagination import owned
 from neat_core.models.catalog import catalog
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(route_class=SessionClosingRoute, prefix="/v1/models", tags=["models"])
 
 
 def _base(entry) -> dict:

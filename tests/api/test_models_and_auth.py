@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from sqlalchemy import select
 
 from api.deps import hash_key
 from api.orm import ApiKey
@@ -251,3 +252,31 @@ def test_valid_keys_are_remembered_briefly_and_revocation_here_is_immediate(make
         assert_error(api.get("/v1/files", org=api.b), 401, code="invalid_api_key")  # at once
     finally:
         event.remove(engine, "before_cursor_execute", count)
+
+
+@sqlite_only
+def test_routes_hand_their_connection_back_as_they_return(api):
+    """Under load the response (and so the session's tear-down) waits for a busy event loop; a session still
+    holding its connection meanwhile ran the pool dry at 200 requests/s. Every sync route closes its session in its
+    own thread as it returns."""
+    import inspect
+
+    from api.db import session_factory
+    from api.deps import SessionClosingRoute, _closing_sessions
+    from api.routes import admin, files, inference, jobs, models
+
+    for module in (files, jobs, models, inference, admin):
+        assert module.router.route_class is SessionClosingRoute, module.__name__
+
+    seen = {}
+
+    def endpoint(session, job_id: str) -> dict:
+        session.execute(select(ApiKey.id)).all()
+        seen["during"] = session.in_transaction()
+        return {"id": job_id}
+
+    wrapped = _closing_sessions(endpoint)
+    assert inspect.signature(wrapped) == inspect.signature(endpoint)  # what FastAPI reads for dependencies
+    with session_factory(api.settings.resolved_database_url)() as session:
+        assert wrapped(session=session, job_id="x") == {"id": "x"}
+        assert seen["during"] and not session.in_transaction()
