@@ -119,3 +119,37 @@ def test_pear_chat_is_batched_and_equals_neat_core_greedy(pear_service):
     assert r.json()["choices"][0]["message"]["content"] == text
     engines = client.get("/v1/serving/stats").json()["engines"]
     assert any(job.fine_tuned_model in e["your_adapters"] for e in engines if e["task"] == "causal_lm")
+
+
+def test_pear_artifact_downloads_and_its_lora_form_loads_in_stock_peft(pear_service, tiny_models, tmp_path):
+    """The native download carries the prune record (loadable through neat_core); the LoRA download is plain
+    LoRA that stock peft loads and that answers what neat_core's Pear model answers."""
+    import io
+    import tarfile
+
+    import torch
+    from peft import PeftModel
+
+    from neat_core.artifacts import load_artifact
+    from neat_core.models import load_base
+
+    settings, storage, jobs = pear_service
+    job = jobs["classification"]
+    client = make_client(settings, KEY)
+    unpacked = {}
+    for form in ("native", "lora"):
+        r = client.get(f"/v1/fine_tuning/jobs/{job.id}/adapter", params={"format": form})
+        assert r.status_code == 200, r.text
+        with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+            tar.extractall(tmp_path / form, filter="data")
+        (unpacked[form],) = (p.parent for p in (tmp_path / form).rglob("adapter_config.json"))
+    native = json.loads((unpacked["native"] / "adapter_config.json").read_text())
+    assert native["pear"]["shares"], "the native artifact records which positions share which adapter"
+
+    labels = json.loads((unpacked["native"] / "manifest.json").read_text())["labels"]
+    base, tokenizer = load_base(str(tiny_models["bert"]), task="classification", labels=labels)
+    stock = PeftModel.from_pretrained(base, str(unpacked["lora"])).eval()
+    ours = load_artifact(unpacked["native"], device="cpu").model.eval()
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(stock(**batch).logits, ours(**batch).logits, atol=1e-5)
