@@ -23,6 +23,7 @@ class Lora(AdapterMethod):
     peft_type = "LORA"
     prefix = "lora_"
     exportable_to_lora = True
+    config_class: type[LoraConfig] = LoraConfig  # methods that train LoRA modules of their own (Pear) swap it
 
     def defaults(self, model: nn.Module) -> dict[str, Any]:
         return {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": auto_target_modules(model)}
@@ -36,7 +37,7 @@ class Lora(AdapterMethod):
             isinstance(m, Conv1D) and any(n == t or n.endswith("." + t) for t in targets)
             for n, m in adaptable_modules(model)
         )
-        return LoraConfig(
+        return self.config_class(
             r=hp["r"],
             lora_alpha=hp["lora_alpha"],
             lora_dropout=hp["lora_dropout"],

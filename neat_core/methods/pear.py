@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import transpose
@@ -47,7 +47,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from neat_core.errors import InvalidHyperparameterError
-from neat_core.methods.base import AdapterMethod, adaptable_modules, auto_target_modules, task_type_of
+from neat_core.methods.base import adaptable_modules
+from neat_core.methods.lora import Lora
 from neat_core.methods.registry import register
 
 
@@ -190,19 +191,16 @@ def apply_pruning(model: PeftModel, adapter: str, record: dict[str, Any], fresh:
     model.peft_config[adapter].pear = {"shares": dict(record["shares"]), "knowledge": record["knowledge"]}
 
 
-class Pear(AdapterMethod):
+class Pear(Lora):
+    """LoRA's config, defaults and learning rates, with Pear's layers and its prune-and-share schedule."""
+
     name = "pear"
-    peft_type = "LORA"
     owns_peft_type = False  # peft_type "LORA" stays LoRA's; a Pear model is known by its tag, config or manifest
-    prefix = "lora_"
-    exportable_to_lora = True
+    config_class = PearConfig
 
     def defaults(self, model: nn.Module) -> dict[str, Any]:
         return {
-            "r": 8,
-            "lora_alpha": 16,
-            "lora_dropout": 0.0,
-            "target_modules": auto_target_modules(model),
+            **super().defaults(model),
             # A step count, not a fraction: the method's hooks do not know the run's length. 100 steps of batch 16
             # is most of one epoch of the 2,000-tweet benchmark (bench/quality.py).
             "warmup_steps": 100,
@@ -210,9 +208,6 @@ class Pear(AdapterMethod):
             "sharing": "same_type_best",
             "knowledge": "residual",
         }
-
-    def learning_rate(self, task: str) -> float:
-        return 1e-3 if task == "classification" else 5e-4  # LoRA's: Pear trains LoRA modules
 
     def resolve(self, model: nn.Module, hyperparameters: dict[str, Any]) -> dict[str, Any]:
         resolved = super().resolve(model, hyperparameters)
@@ -226,21 +221,6 @@ class Pear(AdapterMethod):
                 "target_modules", f"Pear needs at least two adapter positions to prune, got {positions}", ">= 2"
             )
         return resolved
-
-    def peft_config(self, model: nn.Module, hp: dict[str, Any]) -> PeftConfig:
-        targets = list(hp["target_modules"])
-        conv1d = any(
-            isinstance(m, Conv1D) and any(n == t or n.endswith("." + t) for t in targets)
-            for n, m in adaptable_modules(model)
-        )
-        return PearConfig(
-            r=hp["r"],
-            lora_alpha=hp["lora_alpha"],
-            lora_dropout=hp["lora_dropout"],
-            target_modules=targets,
-            fan_in_fan_out=conv1d,  # GPT-2's Conv1D stores its weight transposed
-            task_type=task_type_of(model),
-        )
 
     def load(self, model: nn.Module, adapter_dir: str, is_trainable: bool = False) -> PeftModel:
         """Attach a fresh Pear adapter with the saved config, re-apply the saved pruning, load the weights."""
