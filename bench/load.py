@@ -56,7 +56,9 @@ def seed(url: str, jobs: int, events: int) -> list[str]:
     return ids
 
 
-async def client(http, job_id: str, interval: float, stop_at: float, out: dict[str, list[float]], errors: list):
+async def client(http, job_id: str, interval: float, stop_at: float, out: dict[str, list[float]], errors: list,
+                 phase: float = 0.0):  # fmt: skip
+    await asyncio.sleep(phase)  # where in the interval this client polls: real clients did not all start at once
     while time.perf_counter() < stop_at:
         tick = time.perf_counter()
         for kind, path in (("retrieve job", f"/v1/fine_tuning/jobs/{job_id}"),
@@ -85,7 +87,9 @@ async def run_clients(base: str, job_ids: list[str], args) -> tuple[dict[str, li
     async with aiohttp.ClientSession(base, headers={"Authorization": f"Bearer {KEY}"}, connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=30)) as http:  # fmt: skip
         stop_at = time.perf_counter() + args.seconds
-        await asyncio.gather(*(client(http, job_ids[i % len(job_ids)], args.interval, stop_at, out, errors)
+        # Phases spread evenly over one interval (--in-step: all at 0, every client polling at the same instant)
+        phases = [0.0 if args.in_step else args.interval * i / args.clients for i in range(args.clients)]
+        await asyncio.gather(*(client(http, job_ids[i % len(job_ids)], args.interval, stop_at, out, errors, phases[i])
                                for i in range(args.clients)))  # fmt: skip
     return out, errors
 
@@ -156,6 +160,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--events", type=int, default=300)
     parser.add_argument("--api-workers", type=int, default=1)
+    parser.add_argument("--in-step", action="store_true", help="every client polls at the same instant (bursts)")
     args = parser.parse_args()
 
     import httpx
@@ -195,7 +200,8 @@ def main() -> None:
             api.wait(timeout=30)
 
     every = out["retrieve job"] + out["list events"]
-    print(f"# {args.clients} clients, each every {args.interval:g} s: retrieve its job + list 20 events; "
+    phasing = "all in step" if args.in_step else "phases spread over the interval"
+    print(f"# {args.clients} clients, each every {args.interval:g} s ({phasing}): retrieve its job + list 20 events; "
           f"{args.seconds:g} s; Postgres; {args.api_workers} uvicorn worker(s); {os.cpu_count()} CPUs\n")  # fmt: skip
     print("| requests | kind | errors | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) |")
     print("|---|---|---|---|---|---|---|")
