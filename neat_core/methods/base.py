@@ -6,11 +6,14 @@ A new method is one module that defines an `AdapterMethod` subclass and calls `r
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
-from peft import PeftConfig, PeftModel, TaskType, get_peft_model
+from peft import PeftConfig, PeftModel, PeftType, TaskType, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -27,6 +30,24 @@ AUTO_TARGETS: dict[str, list[str]] = {
     "query": ["query", "value"],  # BERT / RoBERTa / MiniLM / ViT
     "c_attn": ["c_attn"],  # GPT-2 (fused q,k,v Conv1D)
 }
+
+
+_TUNER_SWAP = threading.Lock()  # one lock: every swap edits the same global map
+
+
+@contextmanager
+def tuner_swapped(peft_type: PeftType, tuner: type) -> Iterator[None]:
+    """Make peft build `tuner`'s layers for `peft_type` adapters while a model is wrapped or loaded. peft picks the
+    tuner class from a global map keyed by `peft_type`, and PEANuT and Lily have no hook for custom layers (unlike
+    LoRA): swapping our subclass in for the duration of the call keeps the artifact's `peft_type` (and so stock-peft
+    loading) while the layers in memory are ours. The lock keeps concurrent wraps from interleaving."""
+    with _TUNER_SWAP:
+        original = PEFT_TYPE_TO_TUNER_MAPPING[peft_type]
+        PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = tuner
+        try:
+            yield
+        finally:
+            PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = original
 
 
 def adaptable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

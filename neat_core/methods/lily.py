@@ -27,16 +27,14 @@ GPT-2 Lily artifacts load through neat_core only.
 
 from __future__ import annotations
 
-import threading
+import contextlib
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from peft import LilyConfig, PeftConfig, PeftModel, get_peft_model
-from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.lily.layer import LilyLayer
 from peft.tuners.lily.layer import Linear as PeftLilyLinear
 from peft.tuners.lily.model import LilyModel
@@ -46,7 +44,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from neat_core.errors import InvalidHyperparameterError
-from neat_core.methods.base import AdapterMethod, auto_target_modules, task_type_of
+from neat_core.methods.base import AdapterMethod, auto_target_modules, task_type_of, tuner_swapped
 from neat_core.methods.registry import register
 
 ROUTER_MODES = ("batch", "per_sample")
@@ -150,20 +148,9 @@ class LilyTuner(LilyModel):
         raise NotImplementedError(f"Lily supports nn.Linear and Conv1D layers, not {type(base).__name__}")
 
 
-_TUNER_SWAP = threading.Lock()
-
-
-@contextmanager
-def lily_layers() -> Iterator[None]:
-    """Make peft build `LilyLinear` for LILY adapters while a model is wrapped or loaded (peft picks the tuner from
-    a global map by `peft_type` and has no hook for custom Lily layers; see neat.neat_layers for the same trick)."""
-    with _TUNER_SWAP:
-        original = PEFT_TYPE_TO_TUNER_MAPPING[PeftType.LILY]
-        PEFT_TYPE_TO_TUNER_MAPPING[PeftType.LILY] = LilyTuner
-        try:
-            yield
-        finally:
-            PEFT_TYPE_TO_TUNER_MAPPING[PeftType.LILY] = original
+def lily_layers() -> contextlib.AbstractContextManager[None]:
+    """peft builds `LilyLinear` for LILY adapters inside this block (`tuner_swapped`)."""
+    return tuner_swapped(PeftType.LILY, LilyTuner)
 
 
 def _check_mode(mode: str) -> str:

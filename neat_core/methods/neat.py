@@ -13,16 +13,13 @@ supports GPT-2's `Conv1D` (weight stored as [d_in, d_out]), which peft's PEANuT 
 
 from __future__ import annotations
 
-import threading
+import contextlib
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from peft import PeanutConfig, PeftConfig, PeftModel, TaskType, get_peft_model
-from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.peanut.layer import Linear as PeanutLinear
 from peft.tuners.peanut.layer import PeanutLayer
 from peft.tuners.peanut.model import PeanutModel
@@ -36,6 +33,7 @@ from neat_core.methods.base import (
     AdapterMethod,
     auto_target_modules,
     task_type_of,
+    tuner_swapped,
 )
 from neat_core.methods.registry import register
 
@@ -119,24 +117,9 @@ class NeatTuner(PeanutModel):
         raise NotImplementedError(f"NEAT supports nn.Linear and Conv1D layers, not {type(base).__name__}")
 
 
-_TUNER_SWAP = threading.Lock()
-
-
-@contextmanager
-def neat_layers() -> Iterator[None]:
-    """Make peft build `NeatLinear` for PEANuT adapters while a model is wrapped or loaded.
-
-    peft picks the tuner class from a global map keyed by `peft_type` and, unlike LoRA, PEANuT has no hook for
-    custom layers. Swapping our subclass in for the duration of the call keeps `peft_type: "PEANUT"` (and so
-    stock-peft loading) while the layers in memory are ours. The lock keeps concurrent wraps from interleaving.
-    """
-    with _TUNER_SWAP:
-        original = PEFT_TYPE_TO_TUNER_MAPPING[PeftType.PEANUT]
-        PEFT_TYPE_TO_TUNER_MAPPING[PeftType.PEANUT] = NeatTuner
-        try:
-            yield
-        finally:
-            PEFT_TYPE_TO_TUNER_MAPPING[PeftType.PEANUT] = original
+def neat_layers() -> contextlib.AbstractContextManager[None]:
+    """peft builds `NeatLinear` for PEANuT adapters inside this block (`tuner_swapped`)."""
+    return tuner_swapped(PeftType.PEANUT, NeatTuner)
 
 
 class Neat(AdapterMethod):
