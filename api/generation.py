@@ -7,8 +7,9 @@ adapters the batched path cannot express). Imports torch only inside the functio
 from __future__ import annotations
 
 import logging
+import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,21 +132,10 @@ class BatchedGeneration(Generation):
         self._stream = engine.generate(input_ids, adapter, params, caller)
 
     def _pieces(self) -> Iterator[str]:
-        ids: list[int] = []
-        sent = ""
         try:
-            for token in self._stream:
-                ids.append(token)
-                text = self._engine.decode(ids)
-                # Wait while the text ends inside a multi-byte character, or re-reads an earlier piece differently.
-                if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
-                    yield text[len(sent) :]
-                    sent = text
+            yield from _decoded(self._stream, self._engine.decode)
         except Exception as e:
             raise ServingError("The model failed while generating.") from e
-        text = self._engine.decode(ids)
-        if text.startswith(sent) and len(text) > len(sent):
-            yield text[len(sent) :]
 
     def _cancel_and_wait(self) -> None:
         self._stream.cancel()
@@ -156,13 +146,13 @@ class BatchedGeneration(Generation):
 
 
 class SoloGeneration(Generation):
-    """A request alone on a whole model: `model.generate` runs in a thread and feeds a TextIteratorStreamer, so
-    the first words reach the caller before the generation ends. Cancelling works through a stopping criterion.
-    """
+    """A request alone on a whole model: `model.generate` runs in a thread and streams its token ids, decoded here
+    exactly as `BatchedGeneration` decodes them, so the first words reach the caller before the generation ends.
+    Cancelling works through a stopping criterion."""
 
     def __init__(self, loaded: LoadedModel, prompt: str | list[dict], sampling: Sampling):
         import torch
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+        from transformers import StoppingCriteriaList
 
         tokenizer = loaded.tokenizer
         input_ids = encode_prompt(tokenizer, prompt)
@@ -174,7 +164,8 @@ class SoloGeneration(Generation):
         self._output = None  # (1, prompt + completion) token ids, once generate returns
         self._error: BaseException | None = None
 
-        self._streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._tokenizer = tokenizer
+        self._streamer = _TokenQueue()
         device = next(loaded.model.parameters()).device
         ids = torch.tensor([input_ids], device=device)  # (1, T)
 
@@ -217,7 +208,7 @@ class SoloGeneration(Generation):
             self._streamer.end()
 
     def _pieces(self) -> Iterator[str]:
-        yield from self._streamer
+        yield from _decoded(self._streamer, lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True))
         self._thread.join()
         if self._error is not None:
             raise ServingError("The model failed while generating.") from self._error
@@ -232,6 +223,47 @@ class SoloGeneration(Generation):
         hit_eos = bool(new) and new[-1] in self._eos
         ran_out = self.completion_tokens >= self.max_new_tokens
         self.finish_reason = "length" if ran_out and not hit_eos and not self._stopped_by_string else "stop"
+
+
+class _TokenQueue:
+    """`generate`'s streamer (its put/end protocol): hands on the new token ids as they are produced. Ours rather
+    than transformers' TextIteratorStreamer, whose choice of when to release text changed between releases (5.24
+    releases letters at once, earlier ones whole words): decoding is `_decoded`'s, one policy for every path."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:  # first the prompt (1, T), which is skipped; then each step's token (1,)
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self._queue.put(token)
+
+    def end(self) -> None:
+        self._queue.put(None)
+
+    def __iter__(self) -> Iterator[int]:
+        while (token := self._queue.get()) is not None:
+            yield token
+
+
+def _decoded(tokens: Iterable[int], decode: Callable[[list[int]], str]) -> Iterator[str]:
+    """Text pieces as the token ids come: each piece as soon as it is decoded, the text so far re-decoded whole so
+    that tokens which merge (a multi-byte character split over two) come out right."""
+    ids: list[int] = []
+    sent = ""
+    for token in tokens:
+        ids.append(token)
+        text = decode(ids)
+        # Wait while the text ends inside a multi-byte character, or re-reads an earlier piece differently.
+        if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
+            yield text[len(sent) :]
+            sent = text
+    text = decode(ids)
+    if text.startswith(sent) and len(text) > len(sent):
+        yield text[len(sent) :]
 
 
 def encode_prompt(tokenizer: Any, prompt: str | list[dict]) -> list[int]:

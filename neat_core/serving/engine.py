@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from neat_core.serving.batched import MultiAdapterModel
 from neat_core.serving.cache import AdapterCache, AdapterRef
@@ -41,6 +42,10 @@ from neat_core.serving.cache import AdapterCache, AdapterRef
 log = logging.getLogger("neat_core.serving")
 
 _DONE = object()  # end-of-stream marker in a generation's token queue
+
+# transformers 5.24 renamed the key/value cache, as a forward keyword and as an output field, from `past_key_values`
+# to `cache`; the old names only warn until 5.40, then they go. The installed release decides which name we use.
+KV_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def length_buckets(lengths: list[int], pass_overhead: int) -> list[list[int]]:
@@ -359,12 +364,12 @@ class BatchEngine:
             input_ids=ids,
             attention_mask=mask,
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=DynamicCache(),
             use_cache=True,
             logits_to_keep=1,  # only the last position's logits: (B, 1, V), not (B, T, V)
+            **{KV_CACHE: DynamicCache()},
         )
         self._emit(new, out.logits[:, -1])  # (B_new, V)
-        fresh = _DecodeState.from_cache(out.past_key_values, mask)
+        fresh = _DecodeState.from_cache(getattr(out, KV_CACHE), mask)
         return fresh if state is None else state.concat(fresh)
 
     def _decode(self, running: list[_GenRequest], state: _DecodeState) -> _DecodeState:
@@ -376,11 +381,11 @@ class BatchEngine:
             input_ids=last,
             attention_mask=mask,
             position_ids=mask.sum(-1, keepdim=True) - 1,
-            past_key_values=state.cache(),
             use_cache=True,
+            **{KV_CACHE: state.cache()},
         )
         self._emit(running, out.logits[:, -1])
-        return _DecodeState.from_cache(out.past_key_values, mask)
+        return _DecodeState.from_cache(getattr(out, KV_CACHE), mask)
 
     def _emit(self, requests: list[_GenRequest], logits: Tensor) -> None:
         """Pick each row's next token (logits: (B, V)) and stream it; end the rows that are done."""

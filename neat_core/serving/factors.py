@@ -212,7 +212,7 @@ def _neat_module(
 
 
 def _pattern(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
-    """peft's rank_pattern / alpha_pattern lookup: the first key that matches the module name as `(.*\.)?key$`."""
+    r"""peft's rank_pattern / alpha_pattern lookup: the first key that matches the module name as `(.*\.)?key$`."""
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", module):
             return value

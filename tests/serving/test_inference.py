@@ -350,9 +350,11 @@ def test_stream_yields_words_before_the_generation_ends_and_closing_it_cancels(t
     model = _ScriptedModel(tokenizer("one two three four five six", add_special_tokens=False)["input_ids"])
     generation = SoloGeneration(LoadedModel(model, tokenizer, "causal_lm", 256), "Count:", Sampling(max_tokens=64))
     stream = iter(generation)
-    model.allowed.release(2)  # "one", " two": the streamer hands "one " on once the next word has begun
-    assert next(stream) == "one "
-    assert model.produced == 2  # the first word came out while the rest was still to be generated
+    model.allowed.release(1)  # one token: "one"
+    assert next(stream) == "one"
+    assert model.produced == 1  # the first word came out while the rest was still to be generated
+    model.allowed.release(1)  # " two"
+    assert next(stream) == " two" and model.produced == 2
     stream.close()  # the client went away: the generation is cancelled, and has ended when close returns
     assert model.produced == 2 and not generation._thread.is_alive()
 

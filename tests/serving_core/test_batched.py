@@ -15,6 +15,7 @@ from neat_core.export import adapted_layers
 from neat_core.methods import attach, get_method
 from neat_core.models import load_base
 from neat_core.serving import MultiAdapterLinear, MultiAdapterModel, load_factors
+from neat_core.serving.engine import KV_CACHE
 from tests.serving_core.adapters import BASE_LABELS, fresh_base, randomise, reference
 
 ROWS = ["neat-a", "neat-b", None, "lora-c", "neat-a", "neat-b"]  # two rows per NEAT adapter, one base row
@@ -95,7 +96,8 @@ def test_greedy_generation_with_kv_cache_equals_peft_generate(kind, tiny_models,
         for _ in range(steps - 1):  # one token per step; the same rows every step
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             token = logits[-1].argmax(-1)[:, None]  # (N, 1)
-            out = served(token, mask, adapter_ids=rows, past_key_values=out.past_key_values, use_cache=True)
+            cache = {KV_CACHE: getattr(out, KV_CACHE)}  # the name depends on the transformers release
+            out = served(token, mask, adapter_ids=rows, use_cache=True, **cache)
             logits.append(out.logits[:, -1])
         generated = torch.stack([step.argmax(-1) for step in logits], dim=1)  # (N, steps)
 

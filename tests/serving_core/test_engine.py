@@ -4,13 +4,14 @@ with its own adapter. Plus the adapter cache: bounded by bytes, loads once, relo
 
 from __future__ import annotations
 
+import inspect
 import threading
 
 import pytest
 import torch
 
 from neat_core.serving import AdapterAccessError, AdapterRef, BatchEngine, SamplingParams, load_factors
-from neat_core.serving.engine import length_buckets
+from neat_core.serving.engine import KV_CACHE, length_buckets
 from tests.serving_core.adapters import fresh_base, reference
 
 # (adapter or None, prompt length, tokens to generate): different lengths, so rows join and leave at different steps
@@ -20,6 +21,19 @@ SECOND_WAVE = [("neat-b", 6, 5), ("neat-a", 9, 3), (None, 4, 6), ("lora-c", 7, 8
 
 def prompt(i: int, n: int) -> list[int]:
     return torch.randint(5, 200, (n,), generator=torch.Generator().manual_seed(100 + i)).tolist()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_the_key_value_cache_goes_by_the_name_the_installed_transformers_takes(kind, tiny_models):
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns until 5.40, then goes): the engine
+    must pass and read the current name, or the next release breaks generation."""
+    model = fresh_base(kind, tiny_models)
+    assert KV_CACHE in inspect.signature(type(model).forward).parameters
+    ids = torch.tensor([[5, 6, 7]])
+    out = model(input_ids=ids, use_cache=True)
+    assert KV_CACHE in type(out).__dataclass_fields__ and getattr(out, KV_CACHE) is not None
+    step = model(input_ids=ids[:, -1:], use_cache=True, **{KV_CACHE: getattr(out, KV_CACHE)})
+    assert getattr(step, KV_CACHE).get_seq_length() == 4  # the cache was used, not silently dropped
 
 
 def make_engine(kind, tiny_models, **kwargs) -> BatchEngine:
