@@ -8,6 +8,7 @@ WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY requirements requirements
 COPY neat_core neat_core
+COPY control control
 COPY api api
 COPY worker worker
 COPY migrations migrations

@@ -1,2 +1,2 @@
-"""The service's web tier (FastAPI) and the database layer the worker shares (`settings`, `db`, `orm`, `storage`:
-these four import no FastAPI, so the worker can use them)."""
+"""The service's web tier (FastAPI): routes, request/response schemas, auth, quotas, idempotency and the HTTP error
+shape. What it shares with the workers (settings, database, job states, storage, queue) lives in `control`."""

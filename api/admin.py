@@ -14,9 +14,9 @@ import argparse
 import json
 import sys
 
-from api.db import session_scope
-from api.keys import LIMITS, create_key, create_org, list_keys, revoke_key, set_limits
-from api.settings import get_settings
+from control.db import session_scope
+from control.keys import LIMITS, create_key, create_org, list_keys, revoke_key, set_limits
+from control.settings import get_settings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,12 +14,12 @@ from fastapi.routing import APIRoute
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.db import session_factory
 from api.errors import APIError
-from api.keys import RECENT_KEYS, hash_key
-from api.orm import ApiKey
-from api.settings import Settings, get_settings
-from api.storage import Storage
+from control.db import session_factory
+from control.keys import RECENT_KEYS, hash_key
+from control.orm import ApiKey
+from control.settings import Settings, get_settings
+from control.storage import Storage
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]  # tests override get_settings to point at their database
 

@@ -21,9 +21,9 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.db import session_scope
 from api.errors import APIError
-from api.orm import IdempotencyKey
+from control.db import session_scope
+from control.orm import IdempotencyKey
 
 MAX_KEY_LENGTH = 255
 STALE_SECONDS = 300.0  # an in-flight claim this old belongs to a request that died before committing

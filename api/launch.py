@@ -14,10 +14,10 @@ import sys
 
 import uvicorn
 
-from api.db import session_scope
-from api.keys import add_key, key_is_active
-from api.migrate import upgrade
-from api.settings import Settings, get_settings
+from control.db import session_scope
+from control.keys import add_key, key_is_active
+from control.migrate import upgrade
+from control.settings import Settings, get_settings
 
 
 def bootstrap_key(settings: Settings) -> str:

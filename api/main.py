@@ -12,12 +12,12 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from api import serving
-from api.db import session_scope, with_retries
 from api.errors import install_error_handlers
-from api.keys import add_key
 from api.quotas import RateLimiter
 from api.routes import admin, files, inference, jobs, models
-from api.settings import Settings, get_settings
+from control.db import session_scope, with_retries
+from control.keys import add_key
+from control.settings import Settings, get_settings
 
 log = logging.getLogger("api.main")
 

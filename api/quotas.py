@@ -20,10 +20,9 @@ from sqlalchemy.orm import Session
 
 from api.deps import CurrentOrg, SessionDep, SettingsDep
 from api.errors import APIError
-from api.orm import File, Job, Organization
-from api.settings import Settings
-
-ACTIVE_STATUSES = ("validating_files", "queued", "running", "cancelling")
+from control.jobs import UNFINISHED
+from control.orm import File, Job, Organization
+from control.settings import Settings
 
 
 def _limit(session: Session, org: str, field: str, default: int) -> int:
@@ -34,7 +33,7 @@ def _limit(session: Session, org: str, field: str, default: int) -> int:
 def check_job_quota(session: Session, org: str, settings: Settings) -> None:
     limit = _limit(session, org, "max_active_jobs", settings.max_active_jobs)
     active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.organization_id == org, Job.status.in_(ACTIVE_STATUSES))
+        select(func.count()).select_from(Job).where(Job.organization_id == org, Job.status.in_(UNFINISHED))
     )
     if active >= limit:
         message = f"Your organisation has {active} queued or running jobs; its limit is {limit}."

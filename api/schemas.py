@@ -6,7 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.orm import Checkpoint, File, Job, JobEvent
+from control.jobs import fine_tuned_model_name
+from control.orm import Checkpoint, File, Job, JobEvent
 
 Auto = Literal["auto"]
 
@@ -124,7 +125,3 @@ def checkpoint_object(row: Checkpoint, job: Job) -> dict[str, Any]:
         "step_number": row.step_number,
         "metrics": row.metrics,
     }
-
-
-def fine_tuned_model_name(job: Job) -> str:
-    return f"ft:{job.model}:{job.organization_id}:{job.suffix or ''}:{job.id}"

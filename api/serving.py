@@ -40,9 +40,10 @@ from api.generation import (
     UnknownModel,
     encode_prompt,
 )
-from api.orm import Job
-from api.settings import Settings
-from api.storage import Storage
+from control.jobs import JobStatus
+from control.orm import Job
+from control.settings import Settings
+from control.storage import Storage
 from neat_core.methods.specs import BATCHED_METHODS
 from neat_core.models.catalog import CLASSIFICATION
 
@@ -340,7 +341,7 @@ def preload(settings: Settings) -> None:
     background thread. A name that does not resolve or load is logged and skipped."""
     from sqlalchemy import select
 
-    from api.db import session_scope
+    from control.db import session_scope
     from neat_core.models.catalog import CAUSAL_LM, entry
 
     engine = get_engine(settings)
@@ -350,7 +351,7 @@ def preload(settings: Settings) -> None:
             ref = ModelRef(name, CAUSAL_LM, name)
         else:
             with session_scope(settings.resolved_database_url) as session:
-                job = session.scalar(select(Job).where(Job.fine_tuned_model == name, Job.status == "succeeded"))
+                job = session.scalar(select(Job).where(Job.fine_tuned_model == name, Job.status == JobStatus.SUCCEEDED))
                 if job is None or job.artifact_key is None:
                     log.warning("cannot preload %s: no such succeeded fine-tuned model", name)
                     continue

@@ -32,10 +32,11 @@ OTHER_KEY = "sk-load-other"  # a second organisation, for the existence-timing c
 
 def seed(url: str, jobs: int, events: int) -> list[str]:
     """Jobs with `events` events each, as training would have left them."""
-    from api.db import session_scope
-    from api.ids import new_id
-    from api.keys import add_key
-    from api.orm import File, Job, JobEvent
+    from control.db import session_scope
+    from control.ids import new_id
+    from control.jobs import JobStatus
+    from control.keys import add_key
+    from control.orm import File, Job, JobEvent
 
     ids = []
     with session_scope(url) as session:
@@ -46,7 +47,7 @@ def seed(url: str, jobs: int, events: int) -> list[str]:
         for _ in range(jobs):
             job = Job(id=new_id("ftjob"), organization_id=ORG, model="HuggingFaceTB/SmolLM2-135M-Instruct",
                       task="causal_lm", training_file="file-load", seed=0, hyperparameters={}, adapter={"type": "neat"},
-                      status="running")  # fmt: skip
+                      status=JobStatus.RUNNING)  # fmt: skip
             session.add(job)
             session.flush()
             for step in range(events):
@@ -165,7 +166,7 @@ def main() -> None:
 
     import httpx
 
-    from api.migrate import upgrade
+    from control.migrate import upgrade
     from tests.services import create_database, free_port, postgres
 
     tmp = Path(tempfile.mkdtemp(prefix="neat-load-"))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from api.db import make_engine
-from api.orm import Base
-from api.settings import get_settings
+from control.db import make_engine
+from control.orm import Base
+from control.settings import get_settings
 
 config = context.config
 url = config.attributes.get("url") or context.get_x_argument(as_dictionary=True).get("url")

@@ -1,6 +1,6 @@
 """The worker's Celery app: `celery -A worker.app worker ...`.
 
-The configuration is the one the API sends with (`api.queue.make_celery`), so both sides agree on the broker, the
+The configuration is the one the API sends with (`control.queue.make_celery`), so both sides agree on the broker, the
 queue and the ack policy. Importing this module must not import torch: a prefork pool forks its children after
 importing the task modules, and children that inherit torch's thread pools can deadlock. The runner imports
 neat_core inside the task instead.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from celery import signals
 
-from api.queue import make_celery
-from api.settings import get_settings
+from control.queue import make_celery
+from control.settings import get_settings
 from worker.lease import Reaper
 
 app = make_celery(get_settings())

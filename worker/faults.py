@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from api.settings import Settings
+from control.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -21,18 +21,15 @@ import time
 import uuid
 from typing import Any
 
-from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
-from api.db import session_scope
-from api.events import add_event
-from api.orm import Job, JobAttempt
-from api.queue import enqueue
-from api.settings import Settings
+from control import jobs
+from control.db import session_scope
+from control.queue import enqueue
+from control.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ACTIVE = ("running", "cancelling")  # a claimed job stays in one of these until its outcome is recorded
 _RUN = uuid.uuid4().hex[:8]  # tells apart two runs that reuse a pid
 
 
@@ -63,11 +60,7 @@ class Heartbeat:
         while not self._stop.wait(self.settings.heartbeat_seconds):
             try:
                 with session_scope(self.settings.resolved_database_url) as session:
-                    renewed = session.execute(
-                        update(Job)
-                        .where(Job.id == self.job_id, Job.lease_owner == self.owner, Job.status.in_(ACTIVE))
-                        .values(lease_expires_at=time.time() + self.settings.lease_seconds)
-                    ).rowcount
+                    renewed = jobs.renew_lease(session, self.job_id, self.owner, self.settings.lease_seconds)
             except SQLAlchemyError:  # the database is away: keep training, try again next beat
                 log.warning("job %s: cannot renew the lease (database unavailable); retrying", self.job_id)
                 continue
@@ -77,89 +70,23 @@ class Heartbeat:
                 return
 
 
-def claim(session: Any, job_id: str, owner: str, settings: Settings) -> int | None:
-    """Claim a queued job for `owner`: one conditional UPDATE decides between racing deliveries. Returns the
-    attempt number, or None if the job was not queued."""
-    t = time.time()
-    claimed = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
-        .values(
-            status="running",
-            attempts=Job.attempts + 1,
-            lease_owner=owner,
-            lease_expires_at=t + settings.lease_seconds,
-        )
-    ).rowcount
-    if not claimed:
-        return None
-    job = session.scalar(select(Job).where(Job.id == job_id))
-    if job.started_at is None:
-        job.started_at = int(t)
-    session.add(JobAttempt(job_id=job_id, attempt=job.attempts, worker=owner, started_at=t))
-    return job.attempts
-
-
-def end_attempt(session: Any, job_id: str, owner: str, outcome: str, at: float | None = None) -> None:
-    session.execute(
-        update(JobAttempt)
-        .where(JobAttempt.job_id == job_id, JobAttempt.worker == owner, JobAttempt.ended_at.is_(None))
-        .values(ended_at=at or time.time(), outcome=outcome)
-    )
-
-
 def reap(settings: Settings) -> list[str]:
-    """Requeue (or fail, past `max_attempts`) every active job whose lease has expired, and send again the
+    """Requeue (or fail, past `max_attempts`) every leased job whose lease has expired, and send again the
     message of every job left queued too long (`redeliver`); returns the ids sent."""
     url = settings.resolved_database_url
     now = time.time()
     with session_scope(url) as session:
-        expired = session.execute(
-            select(Job.id, Job.lease_owner, Job.lease_expires_at, Job.attempts, Job.status).where(
-                Job.status.in_(ACTIVE), Job.lease_expires_at < now
-            )
-        ).all()
+        expired = jobs.expired_leases(session, now)
     requeued = []
-    for job_id, owner, expires_at, attempts, status in expired:
+    for lease in expired:
         with session_scope(url) as session:
-            if status == "cancelling":
-                values: dict[str, Any] = {"status": "cancelled", "finished_at": int(now)}
-            elif attempts >= settings.max_attempts:
-                error = {
-                    "code": "worker_lost",
-                    "message": f"The job's worker stopped unexpectedly {attempts} times; it was not retried again.",
-                    "param": None,
-                }
-                values = {"status": "failed", "error": error, "finished_at": int(now)}
-            else:
-                values = {"status": "queued", "sent_at": now}
-            # Conditional on the same expired lease: of several reapers, one acts; a renewed lease is left alone.
-            won = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.lease_owner == owner, Job.lease_expires_at == expires_at)
-                .where(Job.status.in_(ACTIVE))
-                .values(lease_owner=None, lease_expires_at=None, estimated_finish=None, **values)
-            ).rowcount
-            if not won:
-                continue
-            end_attempt(session, job_id, owner, "lost", at=expires_at)
-            if values["status"] == "queued":
-                add_event(
-                    session,
-                    job_id,
-                    f"Job restarted: its worker stopped unexpectedly (attempt {attempts} of {settings.max_attempts}); "
-                    "resuming from the last complete checkpoint",
-                    level="warn",
-                    data={"type": "job_restarted", "attempt": attempts},
-                )
-            elif values["status"] == "failed":
-                add_event(session, job_id, f"Fine-tuning job failed: {values['error']['message']}", level="error")
-            else:
-                add_event(session, job_id, "Job cancelled; last checkpoint kept")
-        if values["status"] == "queued":
-            enqueue(job_id, settings)  # after the commit, so the delivery finds the row queued
-            requeued.append(job_id)
-        log.warning("job %s: lease of %s expired; now %s", job_id, owner, values["status"])
+            status = jobs.expire(session, lease, settings.max_attempts, now)
+        if status is None:  # another reaper acted, or the lease was renewed meanwhile
+            continue
+        if status == jobs.JobStatus.QUEUED:
+            enqueue(lease.job_id, settings)  # after the commit, so the delivery finds the row queued
+            requeued.append(lease.job_id)
+        log.warning("job %s: lease of %s expired; now %s", lease.job_id, lease.owner, status)
     return requeued + redeliver(settings, now)
 
 
@@ -169,21 +96,12 @@ def redeliver(settings: Settings, now: float) -> list[str]:
     A queued job in a long queue gets a duplicate too, which is harmless: the claim is conditional, and a delivery
     that finds the job no longer queued does nothing. Returns the ids sent."""
     url = settings.resolved_database_url
-    cutoff = now - settings.redeliver_seconds
     with session_scope(url) as session:
-        stale = session.execute(
-            # rows from before sent_at existed count as sent when created
-            select(Job.id, Job.sent_at).where(
-                Job.status == "queued", func.coalesce(Job.sent_at, Job.created_at) < cutoff
-            )
-        ).all()
+        stale = jobs.unsent_queued(session, now - settings.redeliver_seconds)
     sent = []
     for job_id, sent_at in stale:
         with session_scope(url) as session:  # of several reapers, the one whose conditional update wins sends
-            same = Job.sent_at.is_(None) if sent_at is None else Job.sent_at == sent_at
-            won = session.execute(
-                update(Job).where(Job.id == job_id, Job.status == "queued", same).values(sent_at=now)
-            ).rowcount
+            won = jobs.mark_resent(session, job_id, sent_at, now)
         if won:
             enqueue(job_id, settings)
             sent.append(job_id)

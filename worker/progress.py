@@ -17,13 +17,15 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from api.db import session_scope, with_retries
-from api.ids import new_id, now
-from api.orm import Checkpoint, Job
-from api.storage import Storage
+from control import jobs
+from control.db import session_scope, with_retries
+from control.events import add_event
+from control.ids import new_id, now
+from control.orm import Checkpoint, Job
+from control.storage import Storage
 from neat_core.train import Callback, list_checkpoints
 from neat_core.train.checkpoint import LoopState
-from worker.runner import SCHEDULE_FIELDS, add_event
+from worker.trainspec import SCHEDULE_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +98,8 @@ class DbProgress(Callback):
         with_retries(self.url, lambda session: self._metrics_event(session, loop.step, summary, valid))
 
     def on_checkpoint(self, loop: LoopState, path: Path, metrics: dict[str, float]) -> None:
-        key = self._key(path)
-        on_disk = [self._key(p) for p in list_checkpoints(path.parent)]  # neat_core keeps only the last few
+        key = self.storage.key(path)
+        on_disk = [self.storage.key(p) for p in list_checkpoints(path.parent)]  # neat_core keeps only the last few
         of_job = Checkpoint.job_id == self.job_id
 
         def write(session: Session) -> None:
@@ -117,8 +119,7 @@ class DbProgress(Callback):
             self._polled_at = time.monotonic()
             try:
                 with session_scope(self.url) as session:
-                    status = session.scalar(select(Job.status).where(Job.id == self.job_id))
-                self._cancelling = status == "cancelling"
+                    self._cancelling = jobs.is_cancelling(session, self.job_id)
             except (OperationalError, DBAPIError):  # the database is away: a cancel waits until it is back
                 log.warning("job %s: cannot check for a cancel (database unavailable)", self.job_id)
         return self._cancelling
@@ -133,9 +134,6 @@ class DbProgress(Callback):
     def _metrics_event(self, session, step: int, summary: str, metrics: dict[str, float]) -> None:
         data = {"step": step, "total_steps": self.total_steps, **metrics}
         add_event(session, self.job_id, f"Step {step}/{self.total_steps}: {summary}", type="metrics", data=data)
-
-    def _key(self, path: Path) -> str:
-        return path.relative_to(self.storage.root).as_posix()
 
 
 class LeaseWatch(Callback):

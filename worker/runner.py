@@ -1,7 +1,7 @@
 """One fine-tuning job from start to finish: claim the row → build the TrainSpec → train → record the outcome.
 
 The database row is the truth. Every transition is a conditional UPDATE on the row's status and on this worker's
-lease (worker.lease), so the worker never overwrites a state someone else set (the API's cancel, a reaper that
+lease (control.jobs), so the worker never overwrites a state someone else set (the API's cancel, a reaper that
 gave the job to another worker). A training failure is recorded on the job and never raised: the task returns
 normally, its message is acked, and the worker takes the next job.
 """
@@ -9,39 +9,25 @@ normally, its message is acked, and the worker takes the next job.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from api.db import session_scope, with_retries
-from api.events import add_event
-from api.ids import now
-from api.orm import File, Job
-from api.schemas import fine_tuned_model_name
-from api.settings import Settings, get_settings
-from api.storage import Storage, job_key
+from control import jobs
+from control.db import session_scope, with_retries
+from control.events import add_event
+from control.jobs import JobStatus
+from control.settings import Settings, get_settings
+from control.storage import Storage
 from neat_core.errors import NeatCoreError
 from worker import faults
-from worker.lease import ACTIVE, Heartbeat, claim, end_attempt, worker_id
+from worker.lease import Heartbeat, worker_id
+from worker.trainspec import FileGone, train_spec
 
 if TYPE_CHECKING:  # torch-heavy: imported inside the task (see run_job)
-    from neat_core.train import TrainResult, TrainSpec
+    from neat_core.train import TrainResult
 
 log = logging.getLogger(__name__)
-
-SCHEDULE_FIELDS = ("n_epochs", "batch_size", "learning_rate_multiplier")  # OpenAI's hyperparameters
-
-
-class FileGone(Exception):
-    """A job's training or validation file was deleted after the job was created."""
-
-    code = "file_not_found"
-
-    def __init__(self, field: str, file_id: str):
-        self.field = field
-        super().__init__(f"{field} '{file_id}' no longer exists; upload it again and create a new job.")
 
 
 def run_job(job_id: str, settings: Settings | None = None) -> str:
@@ -60,7 +46,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
             from neat_core.train import train
             from worker.progress import DbProgress, LeaseWatch
 
-            spec = _train_spec(url, job_id, settings, storage)
+            spec = train_spec(url, job_id, settings, storage)
             callbacks = [DbProgress(job_id, url, storage), LeaseWatch(heartbeat), *faults.callbacks(settings)]
             result = train(spec, callbacks=callbacks)
         if heartbeat.lost.is_set():  # another worker has the job now: record nothing
@@ -80,15 +66,15 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         # back in the queue too, so that the redelivery can claim it and resume from the last checkpoint.
         _release(url, job_id, owner)
         raise
-    if result.status == "cancelled":
+    if result.cancelled:
         return _cancelled(url, job_id, owner, result)
-    return _succeeded(url, job_id, owner, result)
+    return _succeeded(url, job_id, owner, storage, result)
 
 
 def _claim(url: str, job_id: str, owner: str, settings: Settings) -> bool:
     # One statement decides: of two deliveries of the same id, or a claim racing the API's cancel, one wins.
     def write(session: Session) -> int | None:
-        attempt = claim(session, job_id, owner, settings)
+        attempt = jobs.claim(session, job_id, owner, settings.lease_seconds)
         if attempt == 1:
             add_event(session, job_id, "Fine-tuning job started")
         elif attempt is not None:
@@ -98,106 +84,50 @@ def _claim(url: str, job_id: str, owner: str, settings: Settings) -> bool:
     return with_retries(url, write) is not None
 
 
-def _train_spec(url: str, job_id: str, settings: Settings, storage: Storage) -> TrainSpec:
-    from neat_core.train import TrainSpec, latest_checkpoint
-
-    with session_scope(url) as session:
-        job = session.scalar(select(Job).where(Job.id == job_id))
-        training_file = _file_path(session, storage, job, "training_file")
-        validation_file = _file_path(session, storage, job, "validation_file") if job.validation_file else None
-        output_dir = storage.path(job_key(job.organization_id, job.id))
-        # A checkpoint in the job's own directory comes from an earlier attempt (a cancel, a lost worker):
-        # continue from it rather than start over.
-        resume_from = latest_checkpoint(output_dir / "checkpoints")
-        if resume_from is not None:
-            step = int(resume_from.name.rpartition("-")[2])  # neat_core names them step-<step>
-            add_event(session, job.id, f"Resuming from checkpoint at step {step}")
-        adapter = dict(job.adapter)
-        method = adapter.pop("type", "neat")
-        # "auto" passes through: neat_core resolves it once it has the model and the data.
-        schedule = {k: v for k, v in job.hyperparameters.items() if k in SCHEDULE_FIELDS}
-        return TrainSpec(
-            base_model=job.model,
-            training_file=training_file,
-            validation_file=validation_file,
-            output_dir=output_dir,
-            method=method,
-            adapter=adapter,
-            **schedule,
-            seed=job.seed,
-            checkpoint_every=settings.checkpoint_every,
-            device=settings.device,
-            cache_dir=settings.model_cache_dir,
-            resume_from=resume_from,
-        )
-
-
-def _file_path(session: Session, storage: Storage, job: Job, field: str) -> Path:
-    file_id = getattr(job, field)
-    row = session.scalar(select(File).where(File.id == file_id, File.organization_id == job.organization_id))
-    path = storage.path(row.storage_key) if row is not None else None
-    if path is None or not path.is_file():
-        raise FileGone(field, file_id)
-    return path
-
-
-def _finish(session: Session, job_id: str, owner: str, from_status: tuple[str, ...], values: dict[str, Any],
-            message: str, *, level: str = "info", data: dict | None = None) -> str:  # fmt: skip
-    """Record an outcome if the row is still in one of `from_status` and this worker still holds its lease;
-    returns the job's status afterwards."""
-    done = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(from_status), Job.lease_owner == owner)
-        .values(finished_at=now(), estimated_finish=None, lease_expires_at=None, **values)
-    ).rowcount
+def _recorded(session: Session, job_id: str, done: bool, status: JobStatus, message: str, *, level: str = "info",
+              data: dict | None = None) -> str:  # fmt: skip
+    """The event of an outcome this worker recorded; or, when its transition lost (the job was cancelled or
+    taken back meanwhile), a log line and the status someone else set."""
     if done:
-        end_attempt(session, job_id, owner, values["status"])
         add_event(session, job_id, message, level=level, data=data)
-        return values["status"]
-    status = session.scalar(select(Job.status).where(Job.id == job_id))
-    log.warning("job %s is %s, not %s for this worker; its %s outcome was not recorded", job_id, status,
-                from_status, values["status"])  # fmt: skip
-    return status
+        return status
+    current = jobs.status_of(session, job_id)
+    log.warning("job %s is %s; this worker's %s outcome was not recorded", job_id, current, status)
+    return current
 
 
-def _succeeded(url: str, job_id: str, owner: str, result: TrainResult) -> str:
+def _succeeded(url: str, job_id: str, owner: str, storage: Storage, result: TrainResult) -> str:
     def write(session: Session) -> str:
-        job = session.scalar(select(Job).where(Job.id == job_id))
-        values = {
-            "status": "succeeded",
-            "artifact_key": f"{job_key(job.organization_id, job.id)}/adapter",
-            "fine_tuned_model": fine_tuned_model_name(job),
-            "trained_tokens": result.trained_tokens,
-        }
-        # A cancel that arrives during the last step is too late: the adapter is complete, so the job succeeded.
+        done = jobs.succeed(session, job_id, owner, artifact_key=storage.key(result.adapter_dir),
+                            trained_tokens=result.trained_tokens)  # fmt: skip
         data = {"step": result.steps, **result.metrics}
-        return _finish(session, job_id, owner, ACTIVE, values, "The job has successfully completed", data=data)
+        return _recorded(session, job_id, done, JobStatus.SUCCEEDED, "The job has successfully completed", data=data)
 
     return with_retries(url, write)
 
 
 def _cancelled(url: str, job_id: str, owner: str, result: TrainResult) -> str:
-    values = {"status": "cancelled", "trained_tokens": result.trained_tokens}
-    message = f"Job cancelled at step {result.steps}; last checkpoint kept"
-    return with_retries(url, lambda session: _finish(session, job_id, owner, ("cancelling",), values, message))
+    def write(session: Session) -> str:
+        done = jobs.cancel(session, job_id, owner, trained_tokens=result.trained_tokens)
+        message = f"Job cancelled at step {result.steps}; last checkpoint kept"
+        return _recorded(session, job_id, done, JobStatus.CANCELLED, message)
+
+    return with_retries(url, write)
 
 
 def _failed(url: str, job_id: str, owner: str, error: dict[str, Any]) -> str:
-    values = {"status": "failed", "error": error}
-    message = f"Fine-tuning job failed: {error['message']}"
-    return with_retries(url, lambda session: _finish(session, job_id, owner, ACTIVE, values, message, level="error"))
+    def write(session: Session) -> str:
+        done = jobs.fail(session, job_id, owner, error)
+        message = f"Fine-tuning job failed: {error['message']}"
+        return _recorded(session, job_id, done, JobStatus.FAILED, message, level="error")
+
+    return with_retries(url, write)
 
 
 def _release(url: str, job_id: str, owner: str) -> None:
     with session_scope(url) as session:
-        requeued = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "running", Job.lease_owner == owner)
-            .values(status="queued", estimated_finish=None, lease_owner=None, lease_expires_at=None)
-        ).rowcount
-        if requeued:
-            end_attempt(session, job_id, owner, "released")
+        if jobs.release(session, job_id, owner):
             add_event(session, job_id, "Worker stopped mid-job; the job is queued again", level="warn")
         else:  # it was being cancelled anyway
-            values = {"status": "cancelled"}
-            _finish(session, job_id, owner, ("cancelling",), values, "Job cancelled; last checkpoint kept")
+            done = jobs.cancel(session, job_id, owner)
+            _recorded(session, job_id, done, JobStatus.CANCELLED, "Job cancelled; last checkpoint kept")

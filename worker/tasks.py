@@ -3,7 +3,7 @@ and claims the row with a conditional update, so a duplicate or late delivery is
 
 from __future__ import annotations
 
-from api.queue import TRAIN_TASK
+from control.queue import TRAIN_TASK
 from worker.app import app
 from worker.runner import run_job
 

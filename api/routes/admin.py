@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import SessionClosingRoute, SessionDep, SettingsDep
 from api.errors import APIError
-from api.keys import LIMITS, create_key, create_org, list_keys, revoke_key, set_limits
+from control.keys import LIMITS, create_key, create_org, list_keys, revoke_key, set_limits
 
 OrgId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 

@@ -13,12 +13,12 @@ from api import idempotency
 from api.deps import CurrentOrg, IdempotencyHeader, SessionClosingRoute, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, not_found
 from api.idempotency import Claim, request_hash
-from api.ids import new_id
-from api.orm import File
 from api.pagination import owned, paginate
 from api.quotas import check_storage_quota
 from api.schemas import file_object, page
-from api.storage import TooLarge, file_key
+from control.ids import new_id
+from control.orm import File
+from control.storage import TooLarge, file_key
 from neat_core.data.formats import validate_jsonl
 
 router = APIRouter(route_class=SessionClosingRoute, prefix="/v1/files", tags=["files"])

@@ -19,12 +19,13 @@ from sqlalchemy.orm import Session
 
 from api.deps import CurrentOrg, SessionClosingRoute, SessionDep, StorageDep
 from api.errors import APIError, error_body
-from api.ids import new_id, now
-from api.orm import Job
 from api.pagination import owned
 from api.quotas import InferenceRate
 from api.serving import EngineDep, Generation, ModelRef, PromptError, Sampling, ServingError, UnknownModel
-from api.storage import Storage
+from control.ids import new_id, now
+from control.jobs import JobStatus
+from control.orm import Job
+from control.storage import Storage
 from neat_core.models.catalog import CAUSAL_LM, CLASSIFICATION, entry
 
 log = logging.getLogger("api.inference")
@@ -184,7 +185,7 @@ def _resolve(session: Session, org: str, storage: Storage, model_id: str, task: 
             if task != CAUSAL_LM or CAUSAL_LM not in base.tasks:
                 raise _wrong_endpoint(model_id, "a base model" if task == CLASSIFICATION else "a text encoder", task)
             return ModelRef(model_id, CAUSAL_LM, model_id)
-        job = session.scalar(owned(Job, org).where(Job.fine_tuned_model == model_id, Job.status == "succeeded"))
+        job = session.scalar(owned(Job, org).where(Job.fine_tuned_model == model_id, Job.status == JobStatus.SUCCEEDED))
     finally:
         session.close()
     if job is None or job.artifact_key is None:

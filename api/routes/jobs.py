@@ -6,27 +6,28 @@ import io
 import logging
 import secrets
 import tarfile
-import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api import idempotency
 from api.deps import CurrentOrg, IdempotencyHeader, SessionClosingRoute, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, not_found
-from api.events import add_event
 from api.idempotency import Claim, request_hash
-from api.ids import new_id, now
-from api.orm import Checkpoint, File, Job, JobEvent
 from api.pagination import owned, paginate
-from api.queue import enqueue
 from api.quotas import check_job_quota
 from api.schemas import Adapter, JobCreate, checkpoint_object, event_object, job_object, page
-from api.settings import Settings
+from control import jobs
+from control.events import add_event
+from control.ids import new_id
+from control.jobs import FINISHED, JobStatus
+from control.orm import Checkpoint, File, Job, JobEvent
+from control.queue import enqueue
+from control.settings import Settings
 from neat_core.data.formats import DataFormat
 from neat_core.errors import InvalidHyperparameterError
 from neat_core.methods.specs import check_hyperparameters
@@ -34,8 +35,6 @@ from neat_core.models.catalog import catalog, entry, supported_tasks
 
 router = APIRouter(route_class=SessionClosingRoute, prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 log = logging.getLogger("api")
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def _get(session, org: str, job_id: str) -> Job:
@@ -96,6 +95,7 @@ def _create_job(body: JobCreate, session: Session, org: str, settings: Settings,
         param = "adapter.type" if e.field == "method" else f"adapter.{e.field}"
         raise APIError(400, str(e), code="invalid_hyperparameter", param=param) from e
 
+    # Files were validated in full when uploaded; what is left is that they still exist, checked above.
     job = Job(
         id=new_id("ftjob"),
         organization_id=org,
@@ -108,13 +108,8 @@ def _create_job(body: JobCreate, session: Session, org: str, settings: Settings,
         user_metadata=body.metadata,
         hyperparameters=body.requested_hyperparameters().model_dump(),
         adapter={"type": adapter.type, **(adapter.model_extra or {})},
-        status="validating_files",
     )
-    session.add(job)
-    add_event(session, job.id, f"Created fine-tuning job: {job.id}")
-    # Files were validated in full when uploaded; what is left is that they still exist, checked above.
-    job.status, job.sent_at = "queued", time.time()  # the message goes out right after the commit
-    add_event(session, job.id, "Files validated; job queued")
+    jobs.create(session, job)  # queued: the message goes out right after the commit
     if claimed is not None:
         session.flush()
         claimed.record(session, job_object(job))  # in the job's own transaction: both or neither
@@ -138,19 +133,14 @@ def retrieve_job(session: SessionDep, org: CurrentOrg, job_id: str) -> dict:
 def cancel_job(session: SessionDep, org: CurrentOrg, job_id: str) -> dict:
     job = _get(session, org, job_id)
     # Conditional updates: the worker claims queued jobs concurrently, so decide on the row's state, not ours.
-    stopped = session.execute(
-        update(Job).where(Job.id == job.id, Job.status.in_(("validating_files", "queued")))
-        .values(status="cancelled", finished_at=now())
-    ).rowcount  # fmt: skip
+    stopped = jobs.cancel_unstarted(session, job.id)
     if stopped:
         add_event(session, job.id, "Job cancelled before it started")
-    elif session.execute(
-        update(Job).where(Job.id == job.id, Job.status == "running").values(status="cancelling")
-    ).rowcount:
+    elif jobs.request_cancel(session, job.id):
         add_event(session, job.id, "Cancellation requested; the job stops after its current step")
     session.commit()
     session.refresh(job)
-    if job.status in TERMINAL and not stopped:
+    if job.status in FINISHED and not stopped:
         raise APIError(409, f"Job {job.id} has already {job.status}.", code="job_not_cancellable")
     return job_object(job)
 
@@ -180,7 +170,7 @@ NATIVE_FILES = ("adapter_config.json", "adapter_model.safetensors", "manifest.js
 def download_adapter(session: SessionDep, org: CurrentOrg, storage: StorageDep, job_id: str,
                      format: Literal["native", "lora"] = "native") -> Response:  # fmt: skip
     job = _get(session, org, job_id)
-    if job.status != "succeeded" or not job.artifact_key:
+    if job.status != JobStatus.SUCCEEDED or not job.artifact_key:
         raise APIError(409, f"Job {job.id} has no adapter yet (status: {job.status}).", code="adapter_not_ready")
     root = storage.path(job.artifact_key)
     if format == "lora":

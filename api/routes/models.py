@@ -6,8 +6,9 @@ from fastapi import APIRouter
 
 from api.deps import CurrentOrg, SessionClosingRoute, SessionDep
 from api.errors import APIError
-from api.orm import Job
 from api.pagination import owned
+from control.jobs import JobStatus
+from control.orm import Job
 from neat_core.models.catalog import catalog
 
 router = APIRouter(route_class=SessionClosingRoute, prefix="/v1/models", tags=["models"])
@@ -24,7 +25,7 @@ def _fine_tuned(job: Job) -> dict:
 
 @router.get("")
 def list_models(session: SessionDep, org: CurrentOrg) -> dict:
-    jobs = session.scalars(owned(Job, org).where(Job.status == "succeeded").order_by(Job.seq)).all()
+    jobs = session.scalars(owned(Job, org).where(Job.status == JobStatus.SUCCEEDED).order_by(Job.seq)).all()
     return {"object": "list", "data": [_base(e) for e in catalog()] + [_fine_tuned(j) for j in jobs]}
 
 
@@ -33,7 +34,7 @@ def retrieve_model(session: SessionDep, org: CurrentOrg, model_id: str) -> dict:
     for entry in catalog():
         if entry.id == model_id:
             return _base(entry)
-    job = session.scalar(owned(Job, org).where(Job.fine_tuned_model == model_id, Job.status == "succeeded"))
+    job = session.scalar(owned(Job, org).where(Job.fine_tuned_model == model_id, Job.status == JobStatus.SUCCEEDED))
     if job is None:
         raise APIError(404, f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
     return _fine_tuned(job)

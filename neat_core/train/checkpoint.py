@@ -130,6 +130,14 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
+def checkpoint_step(path: Path) -> int:
+    """The training step a checkpoint directory (from `save_checkpoint` or `list_checkpoints`) was saved at."""
+    match = _NAME.match(path.name)
+    if match is None:
+        raise CheckpointError(f"{path.name} is not a checkpoint directory")
+    return int(match.group(1))
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None

@@ -40,6 +40,11 @@ class TrainResult:
     trained_tokens: int
     steps: int
 
+    @property
+    def cancelled(self) -> bool:
+        """A callback stopped the run (`should_stop`) before its last step; `last_checkpoint` holds where it got."""
+        return self.status == "cancelled"
+
 
 def _batches_of_epoch(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -166,7 +171,7 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
         "training_file_sha256": file_sha256(spec.training_file),
         "hyperparameters": hyperparameters,
     }
-    checkpoints = spec.output_dir / "checkpoints"
+    checkpoints = spec.checkpoint_dir
     loop, metrics = LoopState(), {}
     if spec.resume_from is not None:
         loop, metrics = load_checkpoint(
@@ -265,7 +270,7 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
         "data_format": fmt.value,
         "method_state": method_state,
     }
-    adapter_dir = save_artifact(model, spec.output_dir / "adapter", base_model=spec.base_model, manifest=manifest)
+    adapter_dir = save_artifact(model, spec.adapter_dir, base_model=spec.base_model, manifest=manifest)
     return TrainResult(
         "succeeded",
         adapter_dir,

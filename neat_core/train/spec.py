@@ -21,7 +21,7 @@ MAX_AUTO_EPOCHS = 10
 class TrainSpec:
     base_model: str  # catalog id or local transformers directory
     training_file: Path  # JSONL in one of neat_core.data's formats
-    output_dir: Path  # gets checkpoints/ and adapter/
+    output_dir: Path  # gets checkpoints/ and adapter/ (`checkpoint_dir`, `adapter_dir`)
     validation_file: Path | None = None
     method: str = "neat"
     adapter: dict[str, Any] = field(default_factory=dict)  # method hyperparameters (peft names), "auto" allowed
@@ -36,6 +36,16 @@ class TrainSpec:
     device: str = "auto"
     cache_dir: Path | None = None  # where converted catalog models live
     resume_from: Path | None = None  # a checkpoint directory to continue from
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the run's checkpoints go (`latest_checkpoint(spec.checkpoint_dir)` finds one to resume from)."""
+        return self.output_dir / "checkpoints"
+
+    @property
+    def adapter_dir(self) -> Path:
+        """Where a finished run's artifact goes (`TrainResult.adapter_dir`)."""
+        return self.output_dir / "adapter"
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from api.orm import Job
-from api.storage import job_key
+from control.orm import Job
+from control.storage import job_key
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"

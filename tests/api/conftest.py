@@ -22,14 +22,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from api.db import session_factory
 from api.deps import hash_key
-from api.ids import new_id
 from api.main import create_app
-from api.migrate import upgrade
-from api.orm import ApiKey, Checkpoint, Job, Organization
-from api.settings import Settings, get_settings
-from api.storage import job_key
+from control.db import session_factory
+from control.ids import new_id
+from control.migrate import upgrade
+from control.orm import ApiKey, Checkpoint, Job, Organization
+from control.settings import Settings, get_settings
+from control.storage import job_key
 from tests import services
 from tests.api import MIN_EXAMPLES, SMOLLM2, Owned, chat_rows, finish_job, jsonl
 

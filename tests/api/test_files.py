@@ -9,7 +9,7 @@ import json
 import pytest
 from sqlalchemy import func, select
 
-from api.orm import File
+from control.orm import File
 from tests.api import (
     MIN_EXAMPLES,
     ROWS,

@@ -10,10 +10,10 @@ from pathlib import Path
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from api.keys import add_key
 from api.main import create_app
-from api.migrate import upgrade
-from api.settings import Settings, get_settings
+from control.keys import add_key
+from control.migrate import upgrade
+from control.settings import Settings, get_settings
 
 KEY = "sk-fuzz"
 EXAMPLES = 25  # per operation
@@ -22,7 +22,7 @@ EXAMPLES = 25  # per operation
 def _app():
     """The app over a fresh SQLite database with one organisation (built at import: schemathesis generates the
     test cases from the app's OpenAPI document when the module is collected)."""
-    from api.db import session_scope
+    from control.db import session_scope
 
     root = Path(tempfile.mkdtemp(prefix="neat-fuzz-"))
     app_settings = Settings(data_dir=root, database_url=f"sqlite:///{root / 'fuzz.sqlite'}",

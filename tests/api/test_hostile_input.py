@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from api.orm import File
+from control.orm import File
 from tests.api import assert_error, chat_rows, jsonl
 
 

@@ -10,8 +10,8 @@ import openai
 from sqlalchemy import func, select
 
 from api.idempotency import claim, request_hash
-from api.orm import File, IdempotencyKey, Job
 from api.schemas import JobCreate
+from control.orm import File, IdempotencyKey, Job
 from tests.api import assert_error, chat_rows, jsonl
 
 

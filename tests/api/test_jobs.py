@@ -12,9 +12,9 @@ import tarfile
 
 import pytest
 
-from api.ids import new_id
-from api.orm import Checkpoint, JobEvent
-from api.storage import job_key
+from control.ids import new_id
+from control.orm import Checkpoint, JobEvent
+from control.storage import job_key
 from tests.api import (
     LORA,
     MINILM,

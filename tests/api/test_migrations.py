@@ -9,8 +9,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.pool import NullPool
 
-from api.migrate import alembic_config, downgrade, upgrade
-from api.orm import Base
+from control.migrate import alembic_config, downgrade, upgrade
+from control.orm import Base
 
 
 def _state(url: str) -> tuple[set[str], str | None, list]:

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from api.deps import hash_key
-from api.orm import ApiKey
+from control.orm import ApiKey
 from tests.api import MINILM, SMOLLM2, Owned, assert_error, assert_same_as_missing, chat_rows, finish_job, sqlite_only
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -219,8 +219,8 @@ def test_valid_keys_are_remembered_briefly_and_revocation_here_is_immediate(make
     another process works here until the entry expires; one revoked through this process stops at once."""
     from sqlalchemy import event, update
 
-    from api.db import session_factory
-    from api.keys import RECENT_KEYS, revoke_key
+    from control.db import session_factory
+    from control.keys import RECENT_KEYS, revoke_key
 
     api = make_api(key_cache_seconds=1.0)
     RECENT_KEYS.clear()
@@ -261,9 +261,9 @@ def test_routes_hand_their_connection_back_as_they_return(api):
     own thread as it returns."""
     import inspect
 
-    from api.db import session_factory
     from api.deps import SessionClosingRoute, _closing_sessions
     from api.routes import admin, files, inference, jobs, models
+    from control.db import session_factory
 
     for module in (files, jobs, models, inference, admin):
         assert module.router.route_class is SessionClosingRoute, module.__name__

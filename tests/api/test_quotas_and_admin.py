@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from api.orm import ApiKey, File, Job
+from control.orm import ApiKey, File, Job
 from tests.api import assert_error, chat_rows, jsonl
 
 ADMIN = "sk-admin-test"

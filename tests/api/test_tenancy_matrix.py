@@ -20,8 +20,8 @@ import httpx
 from fastapi.routing import APIRoute
 from sqlalchemy import select
 
-from api.orm import Base, Job
 from api.routes import admin
+from control.orm import Base, Job
 from tests.api import Owned, assert_error, assert_same_as_missing, chat_rows, jsonl
 
 MISSING = Owned("file-" + "0" * 24, "ftjob-" + "0" * 24, "ftevent-" + "0" * 24, "")

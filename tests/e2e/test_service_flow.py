@@ -102,7 +102,8 @@ def service(request, tmp_path_factory):
             env["BROKER_URL"] = stack.enter_context(redis(tmp / "redis"))
             env["NEAT_ARTIFACT_ROOT"] = str(tmp / "shared-artifacts")
             env["NEAT_BOOTSTRAP_API_KEY"] = key = "sk-e2e-distributed-key"
-            subprocess.run([sys.executable, "-m", "api.migrate", "upgrade"], env=env, cwd=ROOT, check=True, timeout=120)
+            migrate = [sys.executable, "-m", "control.migrate", "upgrade"]
+            subprocess.run(migrate, env=env, cwd=ROOT, check=True, timeout=120)
             logs = [tmp / "worker.log", tmp / "api.log"]
             worker = ["celery", "-A", "worker.app", "worker", "--pool=prefork", "--concurrency=1", "-Q", "training"]
             stack.enter_context(_process([sys.executable, "-m", *worker], env, logs[0]))

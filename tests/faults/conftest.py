@@ -7,8 +7,8 @@ from contextlib import ExitStack
 
 import pytest
 
-from api.db import session_scope
-from api.settings import Settings
+from control.db import session_scope
+from control.settings import Settings
 from tests.services import ServiceError, create_database, postgres, redis
 from tests.worker.conftest import make_settings
 
@@ -31,8 +31,8 @@ def settings(servers, tmp_path) -> Settings:
     url = create_database(pg, f"faults_{uuid.uuid4().hex[:8]}")
     base = make_settings(tmp_path / "data")  # SQLite first (make_settings migrates and adds the org) ...
     settings = base.model_copy(update={"database_url": url, "broker_url": broker, "queue": f"q-{tmp_path.name}"})
-    from api.migrate import upgrade
-    from api.orm import Organization
+    from control.migrate import upgrade
+    from control.orm import Organization
     from tests.worker.conftest import ORG
 
     upgrade(url)  # ... then the same on the Postgres database the workers use

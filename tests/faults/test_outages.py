@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.queue import enqueue
+from control.queue import enqueue
 from tests.conftest import classification_rows
 from tests.faults.test_worker_crashes import (
     adapter,

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file
 from sqlalchemy import select
 
-from api.db import session_scope
-from api.orm import JobAttempt
-from api.queue import enqueue
-from api.settings import Settings
-from api.storage import Storage
+from control.db import session_scope
+from control.orm import JobAttempt
+from control.queue import enqueue
+from control.settings import Settings
+from control.storage import Storage
 from tests.conftest import classification_rows
 from tests.services import restart_redis
 from tests.worker.conftest import get_events, get_job, insert_job, make_settings

@@ -10,13 +10,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.deps import hash_key
-from api.ids import new_id
 from api.main import create_app
-from api.migrate import upgrade
-from api.orm import ApiKey, Job, Organization
 from api.schemas import fine_tuned_model_name
-from api.settings import Settings, get_settings
-from api.storage import Storage, job_key
+from control.ids import new_id
+from control.migrate import upgrade
+from control.orm import ApiKey, Job, Organization
+from control.settings import Settings, get_settings
+from control.storage import Storage, job_key
 from tests.conftest import chat_rows, classification_rows, write_jsonl
 
 ORG_A, ORG_B = "org-a", "org-b"
@@ -74,7 +74,7 @@ def _job(org: str, job_id: str, base: Path, task: str, artifact_key: str | None,
 
 @pytest.fixture(scope="session")
 def service(tmp_path_factory, tiny_models) -> Service:
-    from api.db import session_scope
+    from control.db import session_scope
 
     root = tmp_path_factory.mktemp("serving")
     settings = Settings(

@@ -9,7 +9,7 @@ import pytest
 
 from api.generation import Sampling
 from api.serving import ModelRef, ServingEngine, load_batch_engine, load_model
-from api.settings import Settings
+from control.settings import Settings
 from neat_core.train import TrainSpec, train
 
 OWNER = "org-heat"

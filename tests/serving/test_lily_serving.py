@@ -15,13 +15,13 @@ from functools import partial
 import pytest
 import torch
 
-from api.ids import new_id
-from api.migrate import upgrade
-from api.orm import ApiKey, Job, Organization
 from api.schemas import fine_tuned_model_name
 from api.serving import ModelRef, Sampling, ServingEngine, load_model
-from api.settings import Settings
-from api.storage import Storage, job_key
+from control.ids import new_id
+from control.migrate import upgrade
+from control.orm import ApiKey, Job, Organization
+from control.settings import Settings
+from control.storage import Storage, job_key
 from neat_core.artifacts import save_artifact
 from neat_core.inference import generate
 from neat_core.methods import attach
@@ -160,8 +160,8 @@ def test_an_evicted_solo_model_finishes_its_requests_and_its_engine_stops(tiny_m
 
 
 def test_lily_job_classifies_and_downloads_over_http(tiny_models, artifacts, tmp_path):
-    from api.db import session_scope
     from api.deps import hash_key
+    from control.db import session_scope
 
     settings = Settings(
         data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'x.sqlite'}", artifact_root=tmp_path / "a", device="cpu"

@@ -9,13 +9,13 @@ import json
 import pytest
 
 from api.deps import hash_key
-from api.ids import new_id
-from api.migrate import upgrade
-from api.orm import ApiKey, Job, Organization
 from api.schemas import fine_tuned_model_name
 from api.serving import ModelRef, get_engine
-from api.settings import Settings
-from api.storage import Storage, job_key
+from control.ids import new_id
+from control.migrate import upgrade
+from control.orm import ApiKey, Job, Organization
+from control.settings import Settings
+from control.storage import Storage, job_key
 from tests.conftest import chat_rows, classification_rows, write_jsonl
 from tests.serving.conftest import make_client
 
@@ -26,7 +26,7 @@ HELLO = [{"role": "user", "content": "What colour is item 3?"}]
 
 @pytest.fixture(scope="module")
 def pear_service(tmp_path_factory, tiny_models):
-    from api.db import session_scope
+    from control.db import session_scope
     from neat_core.train import TrainSpec, train
 
     root = tmp_path_factory.mktemp("pear-serving")

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from api.db import session_scope
-from api.ids import new_id
-from api.migrate import upgrade
-from api.orm import File, Job, JobEvent, Organization
-from api.settings import Settings
-from api.storage import Storage, file_key
+from control.db import session_scope
+from control.ids import new_id
+from control.migrate import upgrade
+from control.orm import File, Job, JobEvent, Organization
+from control.settings import Settings
+from control.storage import Storage, file_key
 from neat_core.data.formats import DataFormat
 
 ORG = "org-test"

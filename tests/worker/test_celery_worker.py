@@ -1,5 +1,5 @@
 """A real `celery worker` process on kombu's SQLite transport, as the embedded deployment runs it: a job id goes in
-through `api.queue.enqueue`, the row comes out succeeded, and a duplicate message trains nothing."""
+through `control.queue.enqueue`, the row comes out succeeded, and a duplicate message trains nothing."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from api import queue
-from api.settings import get_settings
-from api.storage import Storage
+from control.settings import get_settings
+from control.storage import Storage
 from tests.conftest import chat_rows, classification_rows
 from tests.worker.conftest import get_events, get_job, insert_job, make_settings, start_worker
 
@@ -48,7 +48,7 @@ def worker_log(settings) -> Path:
 
 @pytest.fixture
 def enqueue(settings, worker_log, monkeypatch):
-    # api.queue builds its client from get_settings(), which creates its data dir: keep that inside the test's.
+    # control.queue builds its client from get_settings(), which creates its data dir: keep that inside the test's.
     monkeypatch.setenv("NEAT_DATA_DIR", str(settings.data_dir))
     get_settings.cache_clear()
     yield lambda job_id: queue.enqueue(job_id, settings)

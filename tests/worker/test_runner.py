@@ -7,10 +7,10 @@ import logging
 import pytest
 from sqlalchemy import select, update
 
-from api.db import session_scope
-from api.orm import Checkpoint, Job
 from api.schemas import job_object
-from api.storage import Storage, file_key, job_key
+from control.db import session_scope
+from control.orm import Checkpoint, Job
+from control.storage import Storage, file_key, job_key
 from tests.conftest import classification_rows
 from tests.worker.conftest import ORG, get_events, get_job, insert_job
 from worker.progress import DbProgress

@@ -1,4 +1,4 @@
-"""Schema migrations as a step of their own (never on import): `python -m api.migrate [upgrade|downgrade]`."""
+"""Schema migrations as a step of their own (never on import): `python -m control.migrate [upgrade|downgrade]`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from api.settings import get_settings
+from control.settings import get_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.ids import new_id
-from api.orm import JobEvent
+from control.ids import new_id
+from control.orm import JobEvent
 
 
 def add_event(

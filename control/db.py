@@ -14,7 +14,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.settings import get_settings
+from control.settings import get_settings
 
 
 def make_engine(url: str) -> Engine:

@@ -12,8 +12,8 @@ from collections import OrderedDict
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from api.ids import new_id, now
-from api.orm import ApiKey, Organization
+from control.ids import new_id, now
+from control.orm import ApiKey, Organization
 
 
 def hash_key(key: str) -> str:

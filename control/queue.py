@@ -7,7 +7,7 @@ from functools import lru_cache
 
 from celery import Celery
 
-from api.settings import Settings
+from control.settings import Settings
 
 TRAIN_TASK = "neat.train_job"
 

@@ -31,6 +31,12 @@ class Storage:
             raise ValueError(f"invalid storage key {key!r}")
         return self.root / key
 
+    def key(self, path: Path) -> str:
+        """The key of a path under the root (the inverse of `path`): how a file neat_core wrote is recorded."""
+        key = path.resolve().relative_to(self.root).as_posix()
+        self.path(key)  # the same rules as any key
+        return key
+
     def temp_path(self) -> Path:
         """A fresh path on the same filesystem as the root, so that `commit` is an atomic rename."""
         tmp = self.root / ".tmp"
