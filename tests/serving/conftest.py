@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 
 from api.deps import hash_key
 from api.main import create_app
-from api.schemas import fine_tuned_model_name
 from control.ids import new_id
+from control.jobs import fine_tuned_model_name
 from control.migrate import upgrade
 from control.orm import ApiKey, Job, Organization
 from control.settings import Settings, get_settings

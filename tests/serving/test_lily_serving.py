@@ -15,9 +15,9 @@ from functools import partial
 import pytest
 import torch
 
-from api.schemas import fine_tuned_model_name
 from api.serving import ModelRef, Sampling, ServingEngine, load_model
 from control.ids import new_id
+from control.jobs import fine_tuned_model_name
 from control.migrate import upgrade
 from control.orm import ApiKey, Job, Organization
 from control.settings import Settings

@@ -9,9 +9,9 @@ import json
 import pytest
 
 from api.deps import hash_key
-from api.schemas import fine_tuned_model_name
 from api.serving import ModelRef, get_engine
 from control.ids import new_id
+from control.jobs import fine_tuned_model_name
 from control.migrate import upgrade
 from control.orm import ApiKey, Job, Organization
 from control.settings import Settings
