@@ -1,4 +1,4 @@
-"""The dependency rules of shared/design/architecture.md, enforced rather than remembered."""
+"""The dependency rules (import-linter contracts in pyproject.toml), enforced rather than remembered."""
 
 from __future__ import annotations
 
