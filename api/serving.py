@@ -44,7 +44,7 @@ from control.jobs import JobStatus
 from control.orm import Job
 from control.settings import Settings
 from control.storage import Storage
-from neat_core.methods.specs import BATCHED_METHODS
+from neat_core.methods.specs import is_batched
 from neat_core.models.catalog import CLASSIFICATION
 
 __all__ = ["Generation", "ModelRef", "PromptError", "Sampling", "ServingEngine", "ServingError", "UnknownModel"]
@@ -126,7 +126,7 @@ class ServingEngine:
 
     def batched(self, ref: ModelRef) -> bool:
         """Whether `ref` is served by a batching engine (else alone, on a whole model of its own)."""
-        return self._engine_factory is not None and (ref.artifact_dir is None or ref.method in BATCHED_METHODS)
+        return self._engine_factory is not None and (ref.artifact_dir is None or is_batched(ref.method))
 
     def cached(self) -> list[str]:
         """Whole models loaded for solo serving, least recently used first."""

@@ -107,7 +107,7 @@ class Naive:
 
     def __init__(self, model_id: str, task: str, dirs: list[Path], tokens: int, window: dict):
         from neat_core.methods import get_method
-        from neat_core.methods.neat import neat_layers
+        from neat_core.methods.neat.layer import neat_layers
         from neat_core.models import load_base
 
         base, self.tokenizer = load_base(model_id, task=task, labels=LABELS)

@@ -23,6 +23,13 @@ class InvalidHyperparameterError(NeatCoreError, ValueError):
         super().__init__(text)
 
 
+class MethodDefinitionError(NeatCoreError):
+    """A method package is malformed: no `spec.SPEC` or `model.METHOD`, or a name another package already uses.
+    A deployment error (a bad `NEAT_METHOD_PACKAGES` entry), never the caller's."""
+
+    code = "method_definition_error"
+
+
 class ModelNotFoundError(NeatCoreError, LookupError):
     """A base model id resolves to nothing local. Never raised after a network wait: we never look on a hub."""
 

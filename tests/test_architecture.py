@@ -18,8 +18,12 @@ def test_import_linter_contracts_hold():
 
 
 def test_web_tier_validation_imports_no_torch():
+    """Discovering every method's spec (each package's `__init__` and `spec.py`, whatever packages exist now) and
+    validating a job spec with them imports no torch: import-linter sees the imports, this sees what runs."""
     code = (
-        "import sys, neat_core, neat_core.data.formats, neat_core.models.catalog, neat_core.methods.specs; "
+        "import sys, neat_core, neat_core.data.formats, neat_core.models.catalog, neat_core.methods.specs as s; "
+        "names = s.spec_names(); assert {'neat', 'lora', 'lily', 'heat', 'pear'} <= set(names), names; "
+        "[s.check_hyperparameters(n, {'r': 4}) for n in names]; "
         "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

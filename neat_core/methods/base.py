@@ -1,7 +1,9 @@
 """What an adapter method is, to the rest of neat_core: a named recipe that validates hyperparameters, resolves
 "auto" values for a model, wraps the model in a peft adapter, and (if its update is low-rank) yields LoRA factors.
 
-A new method is one module that defines an `AdapterMethod` subclass and calls `registry.register(...)` on it.
+A method is one package (see `neat_core.methods.specs`): its torch-free `spec.SPEC` and, in `model.py`, `METHOD`,
+an instance of an `AdapterMethod` subclass whose `spec` is that SPEC. The registry discovers it; nothing else
+names it.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from neat_core.errors import InvalidHyperparameterError
-from neat_core.methods.specs import check_hyperparameters
+from neat_core.methods.specs import AUTO, MethodSpec
 
 METHOD_TAG = "neat_adapter_method"  # attribute on a wrapped PeftModel: the registered method's name
 
 # Which projections "auto" targets, per architecture family: the attention query and value projections, the
 # setting the NEAT and LoRA papers report for their main results. Keyed by a module-name suffix that identifies
-# the family (see shared/design/methods.md, "Where adapters go").
+# the family (docs/methods.md, "Where adapters go").
 AUTO_TARGETS: dict[str, list[str]] = {
     "q_proj": ["q_proj", "v_proj"],  # Llama / SmolLM2 / Qwen2 / Mistral
     "query": ["query", "value"],  # BERT / RoBERTa / MiniLM / ViT
@@ -87,9 +89,21 @@ def task_type_of(model: nn.Module) -> TaskType:
     return TaskType.SEQ_CLS if type(model).__name__.endswith("ForSequenceClassification") else TaskType.CAUSAL_LM
 
 
-class AdapterMethod:
-    """Base class for one registered method. Subclasses set the class attributes and `peft_config`."""
+def task_of(model: nn.Module) -> str:
+    """The task name specs key their defaults and learning rates by: "classification" | "causal_lm"."""
+    return "classification" if task_type_of(model) == TaskType.SEQ_CLS else "causal_lm"
 
+
+def linear_view(layer: nn.Module) -> torch.Tensor:
+    """The base weight as (d_out, d_in): GPT-2's Conv1D stores it transposed."""
+    return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
+
+
+class AdapterMethod:
+    """Base class for one method. Subclasses set `spec` (its name comes from there), the other class attributes
+    and `peft_config`."""
+
+    spec: ClassVar[MethodSpec]
     name: ClassVar[str]
     peft_type: ClassVar[str]  # the peft_type its artifacts are saved with
     # False for a method whose artifacts are another method's format (HEAT saves plain LoRA): a wrapped model is
@@ -103,13 +117,22 @@ class AdapterMethod:
     # recomputed update (peft's LoRA), which is exact only up to float rounding.
     exact_unmerge: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "spec" in cls.__dict__:
+            cls.name = cls.spec.name
+
     def defaults(self, model: nn.Module) -> dict[str, Any]:
-        """Concrete values for every hyperparameter left out or given as "auto"."""
-        raise NotImplementedError
+        """Concrete values for every hyperparameter left out or given as "auto": the spec's for this model's task,
+        with `target_modules: "auto"` resolved from the architecture."""
+        values = self.spec.defaults_for(task_of(model))
+        if values.get("target_modules") == AUTO:
+            values["target_modules"] = auto_target_modules(model)
+        return values
 
     def learning_rate(self, task: str) -> float:
         """The measured base learning rate for `task` ("classification" | "causal_lm"); see docs/benchmarks.md."""
-        raise NotImplementedError
+        return self.spec.learning_rates[task]
 
     def peft_config(self, model: nn.Module, hp: dict[str, Any]) -> PeftConfig:
         raise NotImplementedError
@@ -135,6 +158,21 @@ class AdapterMethod:
         """(lora_A [r, d_in], lora_B [d_out, r]) with the scale folded into B, for exact LoRA export."""
         raise NotImplementedError(f"{self.name} adapters cannot be exported to LoRA")
 
+    # ---- serving: only for methods whose spec names `serving.factors` (their own format, read as factors) ----
+
+    def serving_problems(self, config: dict[str, Any]) -> list[str]:
+        """adapter_config.json options the batched forward `y = base(x) + (x Aᵀ) Bᵀ` cannot express, as `key=value`
+        strings (the serving tier lists them all at once)."""
+        return []
+
+    def saved_factors(
+        self, layer: nn.Module, parts: dict[str, torch.Tensor], config: dict[str, Any], module: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (r, d_in), B (d_out, r)), every scale folded into B, fp32, on `layer`'s device, from one module's saved
+        tensors (`parts`: keyed by what `spec.serving.factors` matched) and the base `layer` they adapt. Raises
+        ValueError/KeyError when they do not fit the layer."""
+        raise NotImplementedError(f"{self.name} adapters are not served from their own format")
+
     # ---- training hooks: the loop calls these; the defaults do nothing (NEAT, LoRA) ----
     # A method's `state` is JSON: it goes into every checkpoint and the artifact's manifest, and on resume it is
     # handed to `restore` rather than recomputed, so a resumed run makes the decisions the first run made.
@@ -159,6 +197,6 @@ class AdapterMethod:
 
     def resolve(self, model: nn.Module, hyperparameters: dict[str, Any]) -> dict[str, Any]:
         """Validate user hyperparameters and fill in every "auto" one; the result is what gets reported back."""
-        resolved = {**self.defaults(model), **check_hyperparameters(self.name, hyperparameters)}
+        resolved = {**self.defaults(model), **self.spec.check(hyperparameters)}
         check_target_modules(model, resolved["target_modules"])
         return resolved

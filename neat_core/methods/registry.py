@@ -1,4 +1,8 @@
-"""Adapter methods by name, and the two entry points that use them: `attach` and `method_of`."""
+"""Adapter methods by name, and the two entry points that use them: `attach` and `method_of`.
+
+Methods are discovered (`specs.method_packages`: the subpackages of neat_core.methods, `NEAT_METHOD_PACKAGES`,
+`register_package`); each package's `model.METHOD` is imported on first use, never at import of this module's
+torch-free neighbour `specs`."""
 
 from __future__ import annotations
 
@@ -8,31 +12,26 @@ from typing import Any
 from peft import PeftModel
 from torch import nn
 
-from neat_core.errors import InvalidHyperparameterError
+from neat_core.errors import InvalidHyperparameterError, MethodDefinitionError
 from neat_core.methods.base import METHOD_TAG, AdapterMethod
-
-# One module per method; each calls `register` when imported. Imported on first use of the registry, so that
-# importing `neat_core.methods.specs` (torch-free) does not pull them in.
-BUILTIN_METHODS = (
-    "neat_core.methods.neat",
-    "neat_core.methods.lora",
-    "neat_core.methods.lily",
-    "neat_core.methods.heat",
-    "neat_core.methods.pear",
-)
-
-_REGISTRY: dict[str, AdapterMethod] = {}
-
-
-def register(method: AdapterMethod) -> AdapterMethod:
-    _REGISTRY[method.name] = method
-    return method
+from neat_core.methods.specs import all_specs
 
 
 def _registry() -> dict[str, AdapterMethod]:
-    for module in BUILTIN_METHODS:
-        importlib.import_module(module)
-    return _REGISTRY
+    """name -> method for every discovered package, in name order. Imports are cached by Python, so this is cheap
+    after the first call and picks up packages registered since."""
+    methods = {}
+    for name, (package, spec) in sorted(all_specs().items()):
+        try:
+            method = importlib.import_module(f"{package}.model").METHOD
+        except (ImportError, AttributeError) as e:
+            raise MethodDefinitionError(f"method package {package!r} has no importable model.METHOD: {e}") from e
+        if not isinstance(method, AdapterMethod) or method.spec is not spec:
+            raise MethodDefinitionError(
+                f"{package}.model.METHOD must be an AdapterMethod whose spec is {package}.spec.SPEC"
+            )
+        methods[name] = method
+    return methods
 
 
 def get_method(name: str) -> AdapterMethod:

@@ -1,17 +1,35 @@
-"""Which hyperparameters each method takes and what values they accept: pure data, no torch, so the web tier
+"""What a method is before torch is loaded: its `MethodSpec` (hyperparameters and their checks, cross-field rules,
+defaults, learning rates, how it is served), and where methods are found. Pure data, no torch, so the web tier
 rejects a bad job spec at creation (a 400) instead of the worker failing it later. Model-dependent checks (does a
 target module exist?) happen in `AdapterMethod.resolve` once the model is loaded.
+
+One method is one package (peft's layout): `<package>/spec.py` defines `SPEC` (torch-free), `<package>/model.py`
+defines `METHOD` (its `AdapterMethod`), and the layers live beside them. The package's `__init__.py` must stay
+torch-free too, since importing `<package>.spec` runs it. Methods are discovered, not listed:
+
+    - every subpackage of `neat_core.methods` (the built-ins: neat, lora, lily, heat, pear);
+    - every package named in the `NEAT_METHOD_PACKAGES` environment variable (comma-separated import paths),
+      read at each lookup, so a deployment adds a method without editing neat_core;
+    - every package passed to `register_package()` (a library user's own methods, or a test's).
+
+docs/methods.md describes each built-in method, and "Adding a method" the layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
+import os
+import pkgutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
-from neat_core.errors import InvalidHyperparameterError
+from neat_core.errors import InvalidHyperparameterError, MethodDefinitionError
 
 AUTO = "auto"
+ENV_PACKAGES = "NEAT_METHOD_PACKAGES"
+TASKS = ("classification", "causal_lm")
 
 # transformers.activations.ACT2FN's keys (peft's PEANuT accepts exactly these); a test keeps the copy in sync.
 ACTIVATIONS = (
@@ -29,30 +47,40 @@ class Param:
     allowed: str
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def int_range(low: int, high: int, allowed: str | None = None) -> Param:
+    return Param(lambda v: _is_int(v) and low <= v <= high, allowed or f"an integer {low}..{high}")
+
+
 def positive_int() -> Param:
-    return Param(lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096, "an integer 1..4096")
+    return int_range(1, 4096)
 
 
 def non_negative_int(limit: int) -> Param:
-    return Param(lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= limit, f"an integer 0..{limit}")
+    return int_range(0, limit)
 
 
 def positive_float(limit: float = 1e4) -> Param:
-    return Param(
-        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= limit,
-        f"a number > 0 and <= {limit:g}",
-    )
+    return Param(lambda v: _is_number(v) and 0 < v <= limit, f"a number > 0 and <= {limit:g}")
 
 
 def probability() -> Param:
-    return Param(lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)")
+    return Param(lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
 
 
 def fraction() -> Param:
-    return Param(lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1, "a number in (0, 1]")
+    return Param(lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
 
 
-def one_of(choices: list[str]) -> Param:
+def one_of(choices: list[str] | tuple[str, ...]) -> Param:
+    choices = list(choices)
     return Param(lambda v: v in choices, ", ".join(choices) if len(choices) < 12 else f"one of {len(choices)} names")
 
 
@@ -63,87 +91,129 @@ def module_names() -> Param:
     )
 
 
-METHOD_PARAMS: dict[str, dict[str, Param]] = {
-    "neat": {
-        "r": positive_int(),
-        "depth": non_negative_int(8),
-        "act_fn": one_of(list(ACTIVATIONS)),
-        "scaling": positive_float(),
-        "target_modules": module_names(),
-    },
-    "lora": {
-        "r": positive_int(),
-        "lora_alpha": positive_float(),
-        "lora_dropout": probability(),
-        "target_modules": module_names(),
-    },
-    "lily": {  # peft's LilyConfig names, plus the router mode (ours; see neat_core/methods/lily.py)
-        "r": positive_int(),
-        "stride_A": positive_int(),
-        "num_B": Param(lambda v: isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= 256, "an integer 2..256"),
-        "scaling": positive_float(),
-        "router_mode": one_of(["batch", "per_sample"]),
-        "target_modules": module_names(),
-    },
-    "heat": {  # LoRA's, plus how heads are scored and selected (neat_core.methods.heat)
-        "r": positive_int(),
-        "lora_alpha": positive_float(),
-        "lora_dropout": probability(),
-        "target_modules": module_names(),
-        "score": one_of(["gate", "weight", "adapter"]),
-        "selection": one_of(["global", "per_layer"]),
-        "top_k": positive_int(),
-        "keep_fraction": fraction(),
-        "score_batches": positive_int(),
-        "warmup_learning_rate": positive_float(1.0),
-    },
-    "pear": {  # LoRA's, plus the prune-and-share schedule (neat_core/methods/pear.py, docs/method-pear.md)
-        "r": positive_int(),
-        "lora_alpha": positive_float(),
-        "lora_dropout": probability(),
-        "target_modules": module_names(),
-        "warmup_steps": Param(
-            lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 10_000_000, "an integer >= 1"
-        ),
-        "prune_fraction": probability(),
-        "sharing": one_of(["same_type_best", "nearest"]),  # reconstruction
-        "knowledge": one_of(["residual", "none"]),  # reconstruction
-    },
-}
+@dataclass(frozen=True)
+class Serving:
+    """How a finished adapter is served. `batched`: the multi-adapter engine (neat_core.serving) runs it as
+    low-rank factors beside other adapters over one base model; otherwise it is served alone on a whole peft model.
+    `factors`: a regex over the parts of the method's saved tensor names after its prefix (NEAT: `A|B|encoders.N|
+    decoders.N`) when the engine turns the method's *own* format into factors (`AdapterMethod.saved_factors`);
+    None when the engine reads another format: HEAT saves plain LoRA, Pear is served from its exact LoRA export.
+    `export_dir`: the artifact subdirectory served instead of the artifact itself (Pear: "lora"), recognised by the
+    manifest's method or, without a manifest, by `config_marker`, a key only this method's adapter_config has."""
+
+    batched: bool = False
+    factors: str | None = None
+    export_dir: str | None = None
+    config_marker: str | None = None
 
 
-def _heat_rules(explicit: dict[str, Any]) -> None:
-    if "top_k" in explicit and "keep_fraction" in explicit:
-        raise InvalidHyperparameterError("top_k", "give top_k or keep_fraction, not both", "one of the two")
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method's torch-free half. `defaults` holds every hyperparameter's value when left out or "auto"
+    (`target_modules: "auto"` is resolved from the model's architecture once it is loaded); `task_defaults`
+    overrides some per task; `learning_rates` is the measured base rate per task (docs/benchmarks.md); `rules`
+    checks across fields on the explicitly given values, raising `InvalidHyperparameterError`."""
+
+    name: str
+    params: Mapping[str, Param]
+    defaults: Mapping[str, Any]
+    learning_rates: Mapping[str, float]
+    serving: Serving = field(default_factory=Serving)
+    task_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    rules: Callable[[dict[str, Any]], None] | None = None
+
+    def __post_init__(self) -> None:
+        # A spec is shared by every caller: freeze its tables so nobody edits another method's view by accident.
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+        missing = sorted(set(self.params) - set(self.defaults))
+        if missing or set(self.learning_rates) != set(TASKS):
+            raise MethodDefinitionError(
+                f"method {self.name!r}: defaults must cover every hyperparameter (missing {missing}) and "
+                f"learning_rates every task {TASKS} (has {sorted(self.learning_rates)})"
+            )
+
+    def defaults_for(self, task: str) -> dict[str, Any]:
+        return {**self.defaults, **self.task_defaults.get(task, {})}
+
+    def check(self, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+        """The explicitly given (non-"auto") hyperparameters, checked; raises naming the bad field."""
+        unknown = sorted(set(hyperparameters) - set(self.params))
+        if unknown:
+            raise InvalidHyperparameterError(
+                unknown[0], f"not a hyperparameter of method {self.name!r}", sorted(self.params)
+            )
+        explicit = {}
+        for key, value in hyperparameters.items():
+            if value is None or value == AUTO:
+                continue
+            if isinstance(value, tuple | set):
+                value = list(value)
+            if not self.params[key].check(value):
+                raise InvalidHyperparameterError(key, f"invalid value {value!r}", self.params[key].allowed)
+            explicit[key] = value
+        if self.rules is not None:
+            self.rules(explicit)
+        return explicit
 
 
-# Checks across fields of one method, on the explicitly given values.
-METHOD_RULES: dict[str, Callable[[dict[str, Any]], None]] = {"heat": _heat_rules}
+# ---- discovery ----
+
+_REGISTERED_PACKAGES: list[str] = []
 
 
-# Methods whose adapters are low-rank factors per layer, so the serving engine batches them together over one base
-# model (neat_core.serving); the others are served alone (Lily: its router is input-dependent, not low-rank factors).
-# HEAT saves plain LoRA; Pear is served through its exact LoRA export.
-BATCHED_METHODS = frozenset({"neat", "lora", "heat", "pear"})
+def register_package(package: str) -> None:
+    """Make the method package `package` (an import path: `<package>.spec` and `<package>.model` must import)
+    discoverable in this process, beside the built-ins and `NEAT_METHOD_PACKAGES`."""
+    if package not in _REGISTERED_PACKAGES:
+        _REGISTERED_PACKAGES.append(package)
+
+
+def unregister_package(package: str) -> None:
+    if package in _REGISTERED_PACKAGES:
+        _REGISTERED_PACKAGES.remove(package)
+
+
+def method_packages() -> list[str]:
+    """Every method package's import path: the built-ins, then `NEAT_METHOD_PACKAGES`, then `register_package`."""
+    here = importlib.import_module("neat_core.methods")
+    builtins = [f"neat_core.methods.{m.name}" for m in pkgutil.iter_modules(here.__path__) if m.ispkg]
+    extra = [p.strip() for p in os.environ.get(ENV_PACKAGES, "").split(",") if p.strip()]
+    return list(dict.fromkeys([*sorted(builtins), *extra, *_REGISTERED_PACKAGES]))
+
+
+def all_specs() -> dict[str, tuple[str, MethodSpec]]:
+    """name -> (package, spec) for every discovered method. Imports only the spec modules (torch-free)."""
+    found: dict[str, tuple[str, MethodSpec]] = {}
+    for package in method_packages():
+        try:
+            spec = importlib.import_module(f"{package}.spec").SPEC
+        except (ImportError, AttributeError) as e:
+            raise MethodDefinitionError(f"method package {package!r} has no importable spec.SPEC: {e}") from e
+        if not isinstance(spec, MethodSpec):
+            raise MethodDefinitionError(f"{package}.spec.SPEC is a {type(spec).__name__}, not a MethodSpec")
+        if spec.name in found and found[spec.name][0] != package:
+            raise MethodDefinitionError(f"method {spec.name!r} is defined by both {found[spec.name][0]} and {package}")
+        found[spec.name] = (package, spec)
+    return found
+
+
+def spec_names() -> list[str]:
+    return sorted(all_specs())
+
+
+def get_spec(method: str) -> MethodSpec:
+    specs = all_specs()
+    if method not in specs:
+        raise InvalidHyperparameterError("method", f"unknown adapter method {method!r}", sorted(specs))
+    return specs[method][1]
+
+
+def is_batched(method: str | None) -> bool:
+    """Whether `method`'s adapters are served by the multi-adapter engine; False for an unknown method."""
+    specs = all_specs()
+    return method in specs and specs[method][1].serving.batched
 
 
 def check_hyperparameters(method: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
     """The explicitly given (non-"auto") hyperparameters of `method`, checked; raises naming the bad field."""
-    if method not in METHOD_PARAMS:
-        raise InvalidHyperparameterError("method", f"unknown adapter method {method!r}", sorted(METHOD_PARAMS))
-    params = METHOD_PARAMS[method]
-    unknown = sorted(set(hyperparameters) - set(params))
-    if unknown:
-        raise InvalidHyperparameterError(unknown[0], f"not a hyperparameter of method {method!r}", sorted(params))
-    explicit = {}
-    for key, value in hyperparameters.items():
-        if value is None or value == AUTO:
-            continue
-        if isinstance(value, tuple | set):
-            value = list(value)
-        if not params[key].check(value):
-            raise InvalidHyperparameterError(key, f"invalid value {value!r}", params[key].allowed)
-        explicit[key] = value
-    if method in METHOD_RULES:
-        METHOD_RULES[method](explicit)
-    return explicit
+    return get_spec(method).check(hyperparameters)

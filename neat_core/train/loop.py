@@ -1,6 +1,7 @@
-"""The training loop. It reads top to bottom: data → model → adapter → the method's set-up (or, resuming, its saved
-state) → optimiser → (resume) → for each step: forward/backward → method hook → clip → step → method hook
-(rebuild the optimiser if the trainable set changed) → log → evaluate/checkpoint → stop? → artifact.
+"""The training loop. `train` reads top to bottom: set-up (data → model → adapter, `_set_up`) → the method's set-up
+(or, resuming, its saved state) → optimiser → (resume) → for each step: forward/backward → method hook → clip →
+step → method hook (rebuild the optimiser if the trainable set changed) → log → evaluate/checkpoint → stop? →
+artifact.
 
 Determinism is what makes resume exact: the batch order of epoch e is a permutation drawn from a generator
 seeded with (seed, e), and the global RNG (dropout) is checkpointed, so a run continued from step k replays
@@ -118,52 +119,116 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
-def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
-    device = resolve_device(spec.device)
-    amp = autocast_dtype(device)
-    method = get_method(spec.method)
+@dataclass
+class _Run:
+    """Everything `train` sets up before its first step: the data (encoded), the wrapped model, the method's
+    resolved hyperparameters and the schedule."""
 
-    # Data: the format fixes the task; classification labels fix the head.
+    fmt: Any  # neat_core.data.formats.DataFormat
+    task: str
+    labels: list[str] | None
+    model: Any  # peft.PeftModel, on the device, in train mode
+    adapter_hp: dict[str, Any]
+    schedule: Schedule
+    train_set: list[dict]
+    valid_set: list[dict]
+    collate: Collator
+
+
+def _read_data(spec: TrainSpec) -> tuple[Any, list[dict], list[dict], list[str] | None]:
+    """(format, training examples, validation examples, labels): the format fixes the task; classification labels
+    fix the head."""
     fmt, train_examples = read_examples(spec.training_file)
     valid_examples: list[dict] = []
     if spec.validation_file is not None:
         valid_fmt, valid_examples = read_examples(spec.validation_file)
         if valid_fmt != fmt:
             raise DataFormatError(f"validation file is {valid_fmt.value}, training file is {fmt.value}")
-    task = fmt.task
-    labels = label_vocabulary(train_examples) if task == "classification" else None
+    labels = label_vocabulary(train_examples) if fmt.task == "classification" else None
     if labels is not None and len(labels) < 2:
         raise DataFormatError("classification needs at least two distinct labels")
+    return fmt, train_examples, valid_examples, labels
 
-    # Model and adapter. The seed fixes the initialisation of a new classification head and of the adapter.
+
+def _set_up(spec: TrainSpec, method, device: torch.device) -> _Run:
+    """Data, base model, adapter, schedule, encoded datasets. The seed fixes the initialisation of a new
+    classification head and of the adapter."""
+    fmt, train_examples, valid_examples, labels = _read_data(spec)
     torch.manual_seed(spec.seed)
-    model, tokenizer = load_base(spec.base_model, task=task, labels=labels, cache_dir=spec.cache_dir)
+    model, tokenizer = load_base(spec.base_model, task=fmt.task, labels=labels, cache_dir=spec.cache_dir)
     adapter_hp = method.resolve(model, spec.adapter)
     schedule: Schedule = resolve_schedule(
-        spec, task=task, n_examples=len(train_examples), base_learning_rate=method.learning_rate(task)
+        spec, task=fmt.task, n_examples=len(train_examples), base_learning_rate=method.learning_rate(fmt.task)
     )
     model = method.wrap(model, method.peft_config(model, adapter_hp)).to(device)
     model.train()
-
     label2id = {label: i for i, label in enumerate(labels)} if labels else None
-    train_set = encode_examples(train_examples, fmt, tokenizer, max_length=schedule.max_seq_len, label2id=label2id)
-    valid_set = encode_examples(valid_examples, fmt, tokenizer, max_length=schedule.max_seq_len, label2id=label2id)
-    collate = Collator(tokenizer.pad_token_id)
+    encode = {"max_length": schedule.max_seq_len, "label2id": label2id}
+    return _Run(
+        fmt=fmt,
+        task=fmt.task,
+        labels=labels,
+        model=model,
+        adapter_hp=adapter_hp,
+        schedule=schedule,
+        train_set=encode_examples(train_examples, fmt, tokenizer, **encode),
+        valid_set=encode_examples(valid_examples, fmt, tokenizer, **encode),
+        collate=Collator(tokenizer.pad_token_id),
+    )
 
-    # The method's data-dependent set-up (HEAT's head selection), or on resume the state the first run saved.
+
+def _batch(run: _Run, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in run.collate([run.train_set[i] for i in indices]).items()}
+
+
+def _method_state(spec: TrainSpec, method, run: _Run, device: torch.device) -> dict[str, Any]:
+    """The method's data-dependent set-up (HEAT's head selection) on epoch 0's batches, or on resume the state the
+    first run saved, re-applied."""
     if spec.resume_from is not None:
-        method_state = read_checkpoint_state(spec.resume_from).get("method_state", {})
-        method.restore(model, adapter_hp, method_state)
-    else:
-        first_epoch = _batches_of_epoch(len(train_set), schedule.batch_size, spec.seed, 0)
-        method_state = method.before_training(
-            model,
-            adapter_hp,
-            (
-                {k: v.to(device) for k, v in collate([train_set[i] for i in b]).items()} for b in first_epoch
-            ),  # fmt: skip
-        )
+        state = read_checkpoint_state(spec.resume_from).get("method_state", {})
+        method.restore(run.model, run.adapter_hp, state)
+        return state
+    first_epoch = _batches_of_epoch(len(run.train_set), run.schedule.batch_size, spec.seed, 0)
+    return method.before_training(run.model, run.adapter_hp, (_batch(run, b, device) for b in first_epoch))
 
+
+def _log_step(loop: LoopState, metrics: dict, run: _Run, out, batch: dict, lr: float, n_batches: int) -> None:
+    """Advance the loop position and record the step's metrics."""
+    loop.step += 1
+    loop.batch_in_epoch += 1
+    loop.trained_tokens += int(batch["attention_mask"].sum())
+    correct, counted = _correct(out.logits.detach(), batch["labels"], run.task)
+    accuracy_key = "train_accuracy" if run.task == "classification" else "train_token_accuracy"
+    metrics.update(
+        train_loss=float(out.loss.detach()),
+        learning_rate=lr,
+        epoch=loop.epoch + loop.batch_in_epoch / n_batches,
+        **{accuracy_key: correct / max(1, counted)},
+    )
+
+
+def _manifest(spec: TrainSpec, run: _Run, loop: LoopState, metrics: dict, hyperparameters: dict, state: dict) -> dict:
+    return {
+        "task": run.task,
+        "labels": run.labels,
+        "hyperparameters": hyperparameters,
+        "metrics": dict(metrics),
+        "trained_tokens": loop.trained_tokens,
+        "steps": loop.step,
+        "training_file_sha256": file_sha256(spec.training_file),
+        "validation_file_sha256": file_sha256(spec.validation_file) if spec.validation_file else None,
+        "data_format": run.fmt.value,
+        "method_state": state,
+    }
+
+
+def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    device = resolve_device(spec.device)
+    amp = autocast_dtype(device)
+    method = get_method(spec.method)
+    run = _set_up(spec, method, device)
+    model, schedule, adapter_hp = run.model, run.schedule, run.adapter_hp
+    method_state = _method_state(spec, method, run, device)
     params, optimizer, scheduler = _optimiser(model, schedule)
     hyperparameters = {"method": method.name, **asdict(schedule), "seed": spec.seed, "adapter": adapter_hp}
     fingerprint = {  # a checkpoint only resumes into the run that wrote it
@@ -171,44 +236,39 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
         "training_file_sha256": file_sha256(spec.training_file),
         "hyperparameters": hyperparameters,
     }
-    checkpoints = spec.checkpoint_dir
     loop, metrics = LoopState(), {}
     if spec.resume_from is not None:
         loop, metrics = load_checkpoint(
             spec.resume_from, model=model, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint
         )
     for cb in callbacks:
-        cb.on_train_begin(loop, {"hyperparameters": hyperparameters, **parameter_counts(model), "task": task})
+        cb.on_train_begin(loop, {"hyperparameters": hyperparameters, **parameter_counts(model), "task": run.task})
+
+    def validate() -> None:
+        if run.valid_set:
+            metrics.update(evaluate(model, run.valid_set, run.collate, schedule.batch_size, run.task, device, amp))
+            for cb in callbacks:
+                cb.on_evaluate(loop, metrics)
 
     def checkpoint() -> Path:
         path = save_checkpoint(
-            checkpoints,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            loop=loop,
-            metrics=metrics,
-            fingerprint=fingerprint,
-            method_state=method_state,
-            keep_last=spec.keep_checkpoints,
-        )
+            spec.checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler, loop=loop,
+            metrics=metrics, fingerprint=fingerprint, method_state=method_state, keep_last=spec.keep_checkpoints,
+        )  # fmt: skip
         for cb in callbacks:
             cb.on_checkpoint(loop, path, metrics)
         return path
 
-    def validate() -> None:
-        if valid_set:
-            metrics.update(evaluate(model, valid_set, collate, schedule.batch_size, task, device, amp))
-            for cb in callbacks:
-                cb.on_evaluate(loop, metrics)
+    def result(status: str, adapter_dir: Path | None) -> TrainResult:
+        return TrainResult(
+            status, adapter_dir, last_checkpoint, dict(metrics), hyperparameters, loop.trained_tokens, loop.step
+        )
 
-    last_checkpoint: Path | None = spec.resume_from
-    saved_at = loop.step
-    accuracy_key = "train_accuracy" if task == "classification" else "train_token_accuracy"
+    last_checkpoint, saved_at = spec.resume_from, loop.step
     while loop.step < schedule.total_steps:
-        batches = _batches_of_epoch(len(train_set), schedule.batch_size, spec.seed, loop.epoch)
+        batches = _batches_of_epoch(len(run.train_set), schedule.batch_size, spec.seed, loop.epoch)
         for indices in batches[loop.batch_in_epoch :]:
-            batch = {k: v.to(device) for k, v in collate([train_set[i] for i in indices]).items()}
+            batch = _batch(run, indices, device)
             with _autocast(device, amp):
                 out = model(**batch)
             out.loss.backward()
@@ -219,38 +279,19 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             if method.after_step(model, adapter_hp, method_state, loop.step + 1):  # trainable set changed (Pear)
                 params, optimizer, scheduler = _optimiser(model, schedule, previous=(optimizer, scheduler))
-
-            loop.step += 1
-            loop.batch_in_epoch += 1
-            loop.trained_tokens += int(batch["attention_mask"].sum())
-            correct, counted = _correct(out.logits.detach(), batch["labels"], task)
-            metrics.update(
-                train_loss=float(out.loss.detach()),
-                learning_rate=scheduler.get_last_lr()[0],
-                epoch=loop.epoch + loop.batch_in_epoch / len(batches),
-                **{accuracy_key: correct / max(1, counted)},
-            )
+            _log_step(loop, metrics, run, out, batch, scheduler.get_last_lr()[0], len(batches))
             for cb in callbacks:
                 cb.on_step_end(loop, metrics)
 
             finished = loop.step >= schedule.total_steps
-            end_of_epoch = loop.batch_in_epoch == len(batches)
             due = spec.checkpoint_every and loop.step % spec.checkpoint_every == 0
-            if due or end_of_epoch or finished:
+            if due or loop.batch_in_epoch == len(batches) or finished:  # every N steps, each epoch's end, the end
                 validate()
                 last_checkpoint, saved_at = checkpoint(), loop.step
             if not finished and any(cb.should_stop(loop) for cb in callbacks):
-                if saved_at != loop.step:
+                if saved_at != loop.step:  # stopping between checkpoints: save where it stopped, unvalidated
                     last_checkpoint = checkpoint()
-                return TrainResult(
-                    "cancelled",
-                    None,
-                    last_checkpoint,
-                    dict(metrics),
-                    hyperparameters,
-                    loop.trained_tokens,
-                    loop.step,
-                )
+                return result("cancelled", None)
             if finished:
                 break
         if loop.batch_in_epoch == len(batches):
@@ -258,25 +299,6 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
                 cb.on_epoch_end(loop, metrics)
             loop.epoch, loop.batch_in_epoch = loop.epoch + 1, 0
 
-    manifest = {
-        "task": task,
-        "labels": labels,
-        "hyperparameters": hyperparameters,
-        "metrics": dict(metrics),
-        "trained_tokens": loop.trained_tokens,
-        "steps": loop.step,
-        "training_file_sha256": fingerprint["training_file_sha256"],
-        "validation_file_sha256": file_sha256(spec.validation_file) if spec.validation_file else None,
-        "data_format": fmt.value,
-        "method_state": method_state,
-    }
+    manifest = _manifest(spec, run, loop, metrics, hyperparameters, method_state)
     adapter_dir = save_artifact(model, spec.adapter_dir, base_model=spec.base_model, manifest=manifest)
-    return TrainResult(
-        "succeeded",
-        adapter_dir,
-        last_checkpoint,
-        dict(metrics),
-        hyperparameters,
-        loop.trained_tokens,
-        loop.step,
-    )
+    return result("succeeded", adapter_dir)

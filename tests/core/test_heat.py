@@ -14,7 +14,14 @@ from safetensors.torch import load_file
 from neat_core.artifacts import load_artifact, parameter_counts
 from neat_core.errors import InvalidHyperparameterError
 from neat_core.methods import attach, get_method, method_of
-from neat_core.methods.heat import attention_blocks, gate_scores, head_gates, head_shape, select_heads, weight_scores
+from neat_core.methods.heat.heads import (
+    attention_blocks,
+    gate_scores,
+    head_gates,
+    head_shape,
+    select_heads,
+    weight_scores,
+)
 from neat_core.models import load_base
 from neat_core.train import TrainSpec, train
 

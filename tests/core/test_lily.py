@@ -12,7 +12,7 @@ from peft import PeftModel
 
 from neat_core.artifacts import load_artifact, parameter_counts
 from neat_core.methods import attach
-from neat_core.methods.lily import install_routing, router_mode
+from neat_core.methods.lily.layer import install_routing, router_mode
 from neat_core.models import load_base
 from neat_core.train import TrainSpec, train
 from tests.conftest import MINILM, SMOLLM2, chat_rows, classification_rows, write_jsonl

@@ -11,7 +11,7 @@ from peft import PeanutConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from neat_core.methods import attach
-from neat_core.methods.neat import NeatLinear
+from neat_core.methods.neat.layer import NeatLinear
 
 
 @pytest.fixture(scope="module")

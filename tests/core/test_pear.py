@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from neat_core.artifacts import load_artifact, parameter_counts
 from neat_core.methods import attach, get_method
-from neat_core.methods.pear import choose_pruning, pear_layers
+from neat_core.methods.pear.layer import choose_pruning, pear_layers
 from neat_core.models import load_base
 from neat_core.serving import MultiAdapterModel, load_factors
 from neat_core.train import StopAtStep, TrainSpec, train

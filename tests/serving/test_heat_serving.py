@@ -1,4 +1,4 @@
-"""A HEAT artifact is a plain LoRA, so the serving tier batches it in the base model's engine (BATCHED_METHODS),
+"""A HEAT artifact is a plain LoRA, so the serving tier batches it in the base model's engine (its spec: batched),
 and what the engine answers equals what the same artifact answers served alone on a whole peft model."""
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from control.storage import Storage, job_key
 from neat_core.artifacts import save_artifact
 from neat_core.inference import generate
 from neat_core.methods import attach
-from neat_core.methods.lily import install_routing
+from neat_core.methods.lily.layer import install_routing
 from neat_core.models import load_base
 from neat_core.serving import BatchEngine
 from tests.serving.conftest import KEY_A, ORG_A, make_client

@@ -1,6 +1,6 @@
-"""HEAT: score every attention head by a first-order Taylor estimate of the loss change if it were switched off, keep
-the most responsive heads, and train LoRA on the kept heads only. A reconstruction: the paper describes three
-scoring strategies but publishes no code; what is ours is marked below and in docs/method-heat.md.
+"""HEAT's heads: score every attention head by a first-order Taylor estimate of the loss change if it were
+switched off, keep the most responsive heads, and train LoRA on the kept heads only. A reconstruction: the paper
+describes three scoring strategies but publishes no code; what is ours is marked below and in docs/methods.md ("HEAT").
 
 Heads are slices of the attention projections (sizes from the model config):
 
@@ -32,12 +32,10 @@ in eval mode (no dropout):
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from peft import PeftModel
@@ -46,9 +44,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from neat_core.errors import InvalidHyperparameterError
-from neat_core.methods.base import adaptable_modules
-from neat_core.methods.lora import Lora
-from neat_core.methods.registry import register
 
 HOOKS = "_heat_hooks"  # attribute on the PeftModel: the gradient-mask hook handles, removed on re-application
 HELD = "_heat_held"  # attribute on the PeftModel: how many adapter entries the masks hold at zero
@@ -93,7 +88,7 @@ def head_shape(model: nn.Module) -> HeadShape:
 
 
 def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
-    """Every attention block in model order, for the three families of shared/design/methods.md."""
+    """Every attention block in model order, for the three families of docs/methods.md ("Where adapters go")."""
     blocks = []
     for name, module in model.named_modules():
         children = module._modules
@@ -227,7 +222,7 @@ def weight_scores(model: nn.Module, batches, blocks, shape) -> torch.Tensor:
 
 
 def adapter_scores(model: PeftModel, batches, blocks, shape, learning_rate: float) -> torch.Tensor:
-    layers = _heat_layers(model, blocks)
+    layers = heat_layers(model, blocks)
     adapter = model.active_adapter
     params, named = [], []
     for name, (layer, role) in layers.items():
@@ -276,7 +271,7 @@ def select_heads(scores: torch.Tensor, selection: str, top_k: int | None, keep_f
     return [sorted(layer) for layer in kept]
 
 
-def _heat_layers(model: PeftModel, blocks: list[AttentionBlock]) -> dict[str, tuple[LoraLayer, str]]:
+def heat_layers(model: PeftModel, blocks: list[AttentionBlock]) -> dict[str, tuple[LoraLayer, str]]:
     """The LoRA layers carrying the active adapter: name -> (layer, role)."""
     layer_of = roles(blocks)
     out = {}
@@ -297,7 +292,7 @@ def apply_selection(model: PeftModel, kept: list[list[int]]) -> int:
     if len(kept) != len(blocks) or any(h < 0 or h >= shape.heads for layer in kept for h in layer):
         raise ValueError(f"a selection of {len(kept)} layers does not fit {len(blocks)} layers of {shape.heads} heads")
     adapter, layer_of, handles, held = model.active_adapter, roles(blocks), [], 0
-    for name, (layer, role) in _heat_layers(model, blocks).items():
+    for name, (layer, role) in heat_layers(model, blocks).items():
         keep = torch.zeros(shape.heads, dtype=torch.bool)
         keep[kept[layer_of[name][0]]] = True
         a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight  # (r, d_in), (d_out, r)
@@ -315,78 +310,3 @@ def apply_selection(model: PeftModel, kept: list[list[int]]) -> int:
     setattr(model, HOOKS, handles)
     setattr(model, HELD, held)
     return held
-
-
-class Heat(Lora):
-    """LoRA's config, defaults and export, plus head scoring and selection. Its artifacts are plain LoRA."""
-
-    name = "heat"
-    owns_peft_type = False  # peft_type "LORA" stays LoRA's; a HEAT model is known by its tag or manifest
-
-    def defaults(self, model: nn.Module) -> dict[str, Any]:
-        return {
-            **super().defaults(model),
-            "score": "gate",
-            "selection": "global",
-            "top_k": None,
-            "keep_fraction": 0.5,
-            "score_batches": 8,
-            "warmup_learning_rate": 1e-3,
-        }
-
-    def resolve(self, model: nn.Module, hyperparameters: dict[str, Any]) -> dict[str, Any]:
-        resolved = super().resolve(model, hyperparameters)
-        if resolved["top_k"] is not None:
-            resolved["keep_fraction"] = None  # top_k given: it decides, not the default fraction
-        blocks, shape = attention_blocks(model), head_shape(model)
-        if not blocks:
-            raise InvalidHyperparameterError("method", "HEAT found no attention block in this model", ["neat", "lora"])
-        layer_of = roles(blocks)
-        for target in resolved["target_modules"]:
-            for name, _ in adaptable_modules(model):
-                if (name == target or name.endswith("." + target)) and name not in layer_of:
-                    raise InvalidHyperparameterError(
-                        "target_modules", f"{target!r} matches {name}, not an attention q/k/v/o projection",
-                        "attention projections only",
-                    )  # fmt: skip
-        limit = shape.heads * (len(blocks) if resolved["selection"] == "global" else 1)
-        if resolved["top_k"] is not None and resolved["top_k"] > limit:
-            raise InvalidHyperparameterError(
-                "top_k", f"{resolved['top_k']} heads asked, {resolved['selection']} selection has {limit}",
-                f"an integer 1..{limit}",
-            )  # fmt: skip
-        return resolved
-
-    def before_training(self, model: PeftModel, hp: dict[str, Any], batches: Iterator[dict]) -> dict[str, Any]:
-        blocks, shape = attention_blocks(model), head_shape(model)
-        _heat_layers(model, blocks)  # fail early on a non-attention target
-        taken = list(itertools.islice(batches, hp["score_batches"]))
-        was_training = model.training
-        model.eval()  # no dropout: the score is a property of the heads, not of a random mask
-        try:
-            if hp["score"] == "gate":
-                scores = gate_scores(model, taken, blocks, shape)
-            elif hp["score"] == "weight":
-                scores = weight_scores(model, taken, blocks, shape)
-            else:
-                scores = adapter_scores(model, taken, blocks, shape, hp["warmup_learning_rate"])
-        finally:
-            model.train(was_training)
-        kept = select_heads(scores, hp["selection"], hp["top_k"], hp["keep_fraction"])
-        apply_selection(model, kept)
-        return {
-            "score": hp["score"],
-            "scored_batches": len(taken),
-            "head_scores": scores.tolist(),  # (L, H)
-            "kept_heads": kept,  # per layer, query-head indices
-            "heads": {"query": shape.heads, "key_value": shape.kv_heads, "head_dim": shape.head_dim},
-        }
-
-    def restore(self, model: PeftModel, hp: dict[str, Any], state: dict[str, Any]) -> None:
-        apply_selection(model, state["kept_heads"])
-
-    def held_at_zero(self, model: PeftModel) -> int:
-        return getattr(model, HELD, 0)
-
-
-register(Heat())

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import PeanutConfig, PeftConfig, PeftModel, TaskType, get_peft_model
+from peft import PeanutConfig
 from peft.tuners.peanut.layer import Linear as PeanutLinear
 from peft.tuners.peanut.layer import PeanutLayer
 from peft.tuners.peanut.model import PeanutModel
@@ -29,13 +29,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
-from neat_core.methods.base import (
-    AdapterMethod,
-    auto_target_modules,
-    task_type_of,
-    tuner_swapped,
-)
-from neat_core.methods.registry import register
+from neat_core.methods.base import tuner_swapped
 
 
 def neat_hidden(
@@ -120,59 +114,3 @@ class NeatTuner(PeanutModel):
 def neat_layers() -> contextlib.AbstractContextManager[None]:
     """peft builds `NeatLinear` for PEANuT adapters inside this block (`tuner_swapped`)."""
     return tuner_swapped(PeftType.PEANUT, NeatTuner)
-
-
-class Neat(AdapterMethod):
-    name = "neat"
-    peft_type = "PEANUT"
-    prefix = "peanut_"
-    exportable_to_lora = True
-    exact_unmerge = True  # ΔW depends on W0, so peft's PEANuT keeps W0 and copies it back
-
-    def defaults(self, model: nn.Module) -> dict[str, Any]:
-        return {
-            "r": 8,
-            "depth": 0,
-            "act_fn": "relu",
-            # Chosen on a development split carved from the training tweets, never the benchmark's held-out set
-            # (docs/benchmarks.md, "Choosing NEAT's auto values"): on MiniLM classification scaling 2 had the best
-            # accuracy (tied) and the lowest loss of lr / depth / act_fn / scaling variants. Causal LM keeps 1,
-            # where no such selection was run.
-            "scaling": 2.0 if task_type_of(model) == TaskType.SEQ_CLS else 1.0,
-            "target_modules": auto_target_modules(model),
-        }
-
-    def learning_rate(self, task: str) -> float:
-        # Measured, not copied from LoRA (docs/benchmarks.md, "Choosing NEAT's auto learning rate"): on MiniLM
-        # sentiment 1e-3 and 5e-3 both train well and 1.5e-2 diverges; on SmolLM2 (the same task as completions)
-        # 2e-3 beats 5e-4. One value serves both tasks, well below the divergence.
-        return 2e-3
-
-    def peft_config(self, model: nn.Module, hp: dict[str, Any]) -> PeftConfig:
-        return PeanutConfig(
-            r=hp["r"],
-            depth=hp["depth"],
-            act_fn=hp["act_fn"],
-            scaling=float(hp["scaling"]),
-            target_modules=list(hp["target_modules"]),
-            task_type=task_type_of(model),
-        )
-
-    def wrap(self, model: nn.Module, config: PeftConfig) -> PeftModel:
-        with neat_layers():
-            return get_peft_model(model, config)
-
-    def load(self, model: nn.Module, adapter_dir: str, is_trainable: bool = False) -> PeftModel:
-        with neat_layers():
-            return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
-
-    def lora_factors(self, layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        # H must come from the original weight: after a merge the layer holds W0 + ΔW.
-        original = layer._base_weight_before_merge if layer.merged else None
-        if original is not None:
-            original = original.to(layer.get_base_layer().weight.device)
-        h = layer.hidden(adapter, original)  # (d_in, r)
-        return h.t().contiguous(), layer.scaling[adapter] * layer.peanut_B[adapter].weight  # (r, d_in), (d_out, r)
-
-
-register(Neat())

@@ -1,4 +1,4 @@
-"""Lily: low-rank interconnected adaptation across layers (peft's `LilyConfig`, used as is, plus one router mode).
+"""Lily's layers: low-rank interconnected adaptation across layers (peft's `LilyConfig` as is, plus a router mode).
 
 For each target type (e.g. every `query`), peft builds:
     lily_A       Linear(d_in → r)            shared by each block of `stride_A` consecutive layers
@@ -19,7 +19,7 @@ exactly as peft's own forward does for a batch of one. Generation is determinist
 either way, but a cached decode step is not the same computation as re-running the whole sequence.
 
 The router makes the update input-dependent, so Lily cannot be merged into the base weights or exported to LoRA;
-it is served by whole peft models (api/serving.py's solo path), concurrent requests batched together in
+it is served by whole peft models (the serving tier's solo path), concurrent requests batched together in
 per-sample mode. Artifacts are peft's own Lily format (`peft_type: "LILY"`; stock peft loads nn.Linear ones) plus
 our manifest, which records the router modes. GPT-2's `Conv1D` is supported here (peft's Lily layer rejects it), so
 GPT-2 Lily artifacts load through neat_core only.
@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import LilyConfig, PeftConfig, PeftModel, get_peft_model
+from peft import LilyConfig, PeftModel
 from peft.tuners.lily.layer import LilyLayer
 from peft.tuners.lily.layer import Linear as PeftLilyLinear
 from peft.tuners.lily.model import LilyModel
@@ -44,12 +43,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from neat_core.errors import InvalidHyperparameterError
-from neat_core.methods.base import AdapterMethod, auto_target_modules, task_type_of, tuner_swapped
-from neat_core.methods.registry import register
-
-ROUTER_MODES = ("batch", "per_sample")
-TRAINING_ROUTER_MODE = "batch"  # faithful to the paper and to peft
-SERVING_ROUTER_MODE = "per_sample"  # a request's answer must not depend on what else is in its batch
+from neat_core.methods.base import tuner_swapped
+from neat_core.methods.lily.spec import ROUTER_MODES
 
 NOT_MERGEABLE = (
     "Lily adapters cannot be merged or exported to LoRA: the router mixes the shared B experts with weights "
@@ -153,7 +148,7 @@ def lily_layers() -> contextlib.AbstractContextManager[None]:
     return tuner_swapped(PeftType.LILY, LilyTuner)
 
 
-def _check_mode(mode: str) -> str:
+def check_mode(mode: str) -> str:
     if mode not in ROUTER_MODES:
         raise InvalidHyperparameterError("router_mode", f"invalid value {mode!r}", ", ".join(ROUTER_MODES))
     return mode
@@ -162,7 +157,7 @@ def _check_mode(mode: str) -> str:
 def install_routing(model: PeftModel, mode: str) -> None:
     """Give every Lily layer of `model` one shared `_Routing` in `mode`, fed by a mask-recording pre-hook on the
     transformers model; calling it again only changes the mode."""
-    _check_mode(mode)
+    check_mode(mode)
     routing = getattr(model, "_lily_routing", None)
     if routing is None:
         routing = _Routing(mode)
@@ -177,67 +172,3 @@ def install_routing(model: PeftModel, mode: str) -> None:
 def router_mode(model: PeftModel) -> str:
     routing = getattr(model, "_lily_routing", None)
     return routing.mode if routing is not None else "batch"
-
-
-class Lily(AdapterMethod):
-    name = "lily"
-    peft_type = "LILY"
-    prefix = "lily_"
-    exportable_to_lora = False
-    mergeable = False
-
-    def defaults(self, model: nn.Module) -> dict[str, Any]:
-        # Equal budget with LoRA r=8 on query,value of MiniLM (73,728 adapter parameters): per target type
-        # n_A·d_in·r + E·r·d_out + L·r·E = 2·384·24 + 2·24·384 + 6·24·2 = 37,152, so 74,304 in all (+0.8%).
-        # r = 3× LoRA's, stride_A = 3, num_B = 2 = layers / stride_A: peft's advice (larger r, fewer A and B).
-        return {
-            "r": 24,
-            "stride_A": 3,
-            "num_B": 2,
-            "scaling": 1.0,
-            "router_mode": TRAINING_ROUTER_MODE,
-            "target_modules": auto_target_modules(model),
-        }
-
-    def learning_rate(self, task: str) -> float:
-        # scaling 1 where LoRA's default alpha/r is 2: twice LoRA's rate keeps the update's step comparable.
-        return 2e-3 if task == "classification" else 1e-3
-
-    def peft_config(self, model: nn.Module, hp: dict[str, Any]) -> PeftConfig:
-        config = LilyConfig(
-            r=hp["r"],
-            stride_A=hp["stride_A"],
-            num_B=hp["num_B"],
-            scaling=float(hp["scaling"]),
-            target_modules=list(hp["target_modules"]),
-            task_type=task_type_of(model),
-        )
-        # Carried to `wrap` on the instance, not as a dataclass field: adapter_config.json stays exactly peft's
-        # (the manifest records the mode).
-        config.neat_router_mode = _check_mode(hp["router_mode"])
-        return config
-
-    def wrap(self, model: nn.Module, config: PeftConfig) -> PeftModel:
-        with lily_layers():
-            peft_model = get_peft_model(model, config)
-        install_routing(peft_model, getattr(config, "neat_router_mode", TRAINING_ROUTER_MODE))
-        return self.tag(peft_model)
-
-    def load(
-        self, model: nn.Module, adapter_dir: str, is_trainable: bool = False, router: str = SERVING_ROUTER_MODE
-    ) -> PeftModel:
-        """Loads for serving: the per-sample router unless `router` says otherwise."""
-        with lily_layers():
-            peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
-        install_routing(peft_model, router)
-        return self.tag(peft_model)
-
-    def before_training(self, model: PeftModel, hp: dict[str, Any], batches: Iterator[dict]) -> dict[str, Any]:
-        # Nothing is computed from data; the state records the modes in checkpoints and the manifest.
-        return {"router_mode": router_mode(model), "serving_router_mode": SERVING_ROUTER_MODE}
-
-    def restore(self, model: PeftModel, hp: dict[str, Any], state: dict[str, Any]) -> None:
-        install_routing(model, state.get("router_mode", hp["router_mode"]))
-
-
-register(Lily())

@@ -1,0 +1,260 @@
+"""The generation half of a `BatchEngine`: requests, token streams, prefill and decode steps over a left-padded
+key/value cache, and per-row sampling.
+
+The key/value cache is one left-padded tensor per layer, (B, kv_heads, T, head_dim); explicit position ids and
+the attention mask make each row compute what it would compute alone. Sampling is per row with the request's own
+generator, so a seeded request gives the same tokens whatever else is in its batch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from neat_core.serving.cache import AdapterRef
+from neat_core.serving.scheduler import EngineClosed
+
+_DONE = object()  # end-of-stream marker in a generation's token queue
+
+# transformers 5.24 renamed the key/value cache, as a forward keyword and as an output field, from `past_key_values`
+# to `cache`; the old names only warn until 5.40, then they go. The installed release decides which name we use.
+KV_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    logprobs: bool = False  # record each chosen token's log-probability (OpenAI's `logprobs`)
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks; vLLM's option of the same name)
+
+
+class TokenStream:
+    """One generation's tokens, as the scheduler produces them. Iterate once; `cancel()` (or leaving the loop
+    early) frees its row at the next step. Afterwards `finish_reason` is "stop" (EOS or cancelled) or "length"."""
+
+    def __init__(self, prompt_tokens: int):
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.logprobs: list[float] = []  # per generated token, when asked for
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __iter__(self):
+        try:
+            while (item := self._queue.get()) is not _DONE:
+                yield item
+        finally:
+            self.cancel()
+        if self.error is not None:
+            raise self.error
+
+    # Called by the scheduler thread only.
+    def _put(self, token: int) -> None:
+        self.completion_tokens += 1
+        self._queue.put(token)
+
+    def _end(self, reason: str, error: BaseException | None = None) -> None:
+        self.finish_reason, self.error = reason, error
+        self._queue.put(_DONE)
+
+
+@dataclass
+class _GenRequest:
+    input_ids: list[int]
+    adapter_id: str | None
+    sampling: SamplingParams
+    stream: TokenStream
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+
+
+class GenerationMixin:
+    """`BatchEngine`'s generation: `generate` (any thread) and the steps the scheduler thread runs. Uses the
+    engine's `task`, `device`, `tokenizer`, `cache`, `max_length`, `_eos`, `_submit` and `_forward`."""
+
+    def generate(
+        self, input_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams, caller: str | None = None
+    ) -> TokenStream:
+        """Queue a generation; its adapter is checked against `caller` and loaded before it joins a batch."""
+        if self.task != "causal_lm":
+            raise ValueError("this engine serves classification")
+        if not input_ids:
+            raise ValueError("empty prompt")
+        if adapter is not None:
+            self.cache.acquire(adapter, caller)  # raises before anything is queued
+        stream = TokenStream(len(input_ids))
+        generator = None
+        if sampling.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(sampling.seed % 2**63 if sampling.seed is not None else torch.seed())
+        request = _GenRequest(list(input_ids), adapter and adapter.adapter_id, sampling, stream, generator)
+        try:
+            self._submit([request])
+        except EngineClosed:
+            if adapter is not None:
+                self.cache.release(adapter.adapter_id)
+            raise
+        return stream
+
+    # ---- the scheduler thread ----
+
+    def _prune(self, running: list[_GenRequest], state: _DecodeState) -> tuple[list[_GenRequest], _DecodeState | None]:
+        """Finished rows leave the batch (and their cache rows with them)."""
+        keep = [i for i, r in enumerate(running) if not self._finished(r)]
+        if len(keep) == len(running):
+            return running, state
+        return [running[i] for i in keep], state.select(keep) if keep else None
+
+    def _prefill(self, new: list[_GenRequest], state: _DecodeState | None) -> _DecodeState:
+        """Run the new prompts together (left-padded), stream their first tokens, merge their cache rows in."""
+        width = max(len(r.input_ids) for r in new)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(r.input_ids)) + r.input_ids for r in new], device=self.device)
+        mask = torch.tensor(
+            [[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in new], device=self.device
+        )  # (B_new, T)
+        out = self._forward(
+            [r.adapter_id for r in new],
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,  # only the last position's logits: (B, 1, V), not (B, T, V)
+            **{KV_CACHE: DynamicCache()},
+        )
+        self._emit(new, out.logits[:, -1])  # (B_new, V)
+        fresh = _DecodeState.from_cache(getattr(out, KV_CACHE), mask)
+        return fresh if state is None else state.concat(fresh)
+
+    def _decode(self, running: list[_GenRequest], state: _DecodeState) -> _DecodeState:
+        """One step for every running row: feed each row's last token, get its next."""
+        last = torch.tensor([[r.tokens[-1]] for r in running], device=self.device)  # (B, 1)
+        mask = torch.cat([state.mask, state.mask.new_ones(len(running), 1)], dim=1)  # (B, T+1)
+        out = self._forward(
+            [r.adapter_id for r in running],
+            input_ids=last,
+            attention_mask=mask,
+            position_ids=mask.sum(-1, keepdim=True) - 1,
+            use_cache=True,
+            **{KV_CACHE: state.cache()},
+        )
+        self._emit(running, out.logits[:, -1])
+        return _DecodeState.from_cache(getattr(out, KV_CACHE), mask)
+
+    def _emit(self, requests: list[_GenRequest], logits: Tensor) -> None:
+        """Pick each row's next token (logits: (B, V)) and stream it; end the rows that are done."""
+        logits = logits.float()
+        greedy = logits.argmax(-1).tolist()  # (B,): one call for the whole batch
+        for r, row, best in zip(requests, logits, greedy, strict=True):
+            if self._finished(r):  # ended already (cancelled between steps); its row leaves after this step
+                continue
+            token = best if r.sampling.temperature <= 0 else self._sample(row, r)
+            if r.sampling.logprobs:
+                r.stream.logprobs.append(float(row.log_softmax(-1)[token]))
+            r.tokens.append(token)
+            r.stream._put(token)
+            if token in self._eos and not r.sampling.ignore_eos:
+                self._end(r, "stop")
+            elif len(r.tokens) >= r.sampling.max_tokens or (
+                self.max_length is not None and len(r.input_ids) + len(r.tokens) >= self.max_length
+            ):
+                self._end(r, "length")
+            elif r.stream.cancelled:
+                self._end(r, "stop")
+
+    @staticmethod
+    def _sample(logits: Tensor, r: _GenRequest) -> int:
+        """logits: (V,); temperature > 0. Temperature and nucleus (top_p) sampling."""
+        probs = (logits / r.sampling.temperature).softmax(-1)
+        if r.sampling.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > r.sampling.top_p  # keep the smallest covering set
+            probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0))
+        return int(torch.multinomial(probs, 1, generator=r.generator))
+
+    def _finished(self, r: _GenRequest) -> bool:
+        """Whether the row is done; a cancelled row is ended here (its consumer has gone)."""
+        if r.stream.cancelled:
+            self._end(r, "stop")
+        return r.stream.finish_reason is not None
+
+    def _end(self, r: _GenRequest, reason: str, error: BaseException | None = None) -> None:
+        if r.stream.finish_reason is None:
+            if r.adapter_id is not None:  # first, so a caller that sees the end sees the adapter unpinned
+                self.cache.release(r.adapter_id)
+            r.stream._end(reason, error)
+
+    @staticmethod
+    def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids = set(configured if isinstance(configured, list) else [configured])
+        ids.add(tokenizer.eos_token_id)
+        return {i for i in ids if i is not None}
+
+
+@dataclass
+class _DecodeState:
+    """The running rows' key/value cache: per layer (keys, values), each (B, kv_heads, T, head_dim), left-padded,
+    and the attention mask (B, T) that says which positions are real."""
+
+    layers: list[tuple[Tensor, Tensor]]
+    mask: Tensor
+
+    @classmethod
+    def from_cache(cls, cache: DynamicCache, mask: Tensor) -> _DecodeState:
+        return cls([(layer.keys, layer.values) for layer in cache.layers], mask)
+
+    def cache(self) -> DynamicCache:
+        return DynamicCache(ddp_cache_data=self.layers)
+
+    def concat(self, other: _DecodeState) -> _DecodeState:
+        """Stack two groups of rows, left-padding the shorter one with masked zeros."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        a, b = self._padded(width), other._padded(width)
+        layers = [
+            (torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(a.layers, b.layers, strict=True)
+        ]
+        return _DecodeState(layers, torch.cat([a.mask, b.mask]))
+
+    def select(self, rows: list[int]) -> _DecodeState:
+        """Keep these rows, then drop the leading positions no remaining row uses."""
+        index = torch.tensor(rows, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        start = int((mask.sum(0) > 0).nonzero()[0])  # first position some row still uses
+        layers = [
+            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in self.layers
+        ]
+        return _DecodeState(layers, mask[:, start:])
+
+    def _padded(self, width: int) -> _DecodeState:
+        extra = width - self.mask.shape[1]
+        if extra == 0:
+            return self
+
+        def pad(t: Tensor) -> Tensor:  # (B, H, T, D) -> (B, H, width, D)
+            return torch.cat([t.new_zeros(*t.shape[:2], extra, t.shape[3]), t], dim=2)
+
+        return _DecodeState(
+            [(pad(k), pad(v)) for k, v in self.layers],
+            torch.cat([self.mask.new_zeros(self.mask.shape[0], extra), self.mask], dim=1),
+        )
