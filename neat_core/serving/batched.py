@@ -247,8 +247,9 @@ class MultiAdapterModel:
         """Run the base model with row i on adapter `adapter_ids[i]` (None: every row on the base model); returns
         the base model's own output. Don't pass `labels`: a row's logits may be wider than the base head's.
 
-        Causal LM: logits (B, T, V); the key/value cache (`engine.KV_CACHE`) and `use_cache` pass through, so a generation loop calls this
-        once per step with the same `adapter_ids` (the cache holds each row's adapted keys and values).
+        Causal LM: logits (B, T, V); the key/value cache (keyword `engine.KV_CACHE`) and `use_cache` pass through,
+        so a generation loop calls this once per step with the same `adapter_ids` (the cache holds each row's
+        adapted keys and values).
         Classification: logits (B, L_max), zero-padded past each row's label count; `classify` trims them.
         """
         adapter_ids = [None] * input_ids.shape[0] if adapter_ids is None else adapter_ids
