@@ -47,6 +47,7 @@ class GenerationRequest(BaseModel):
     n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = None  # vLLM's extension: generate exactly max_tokens (benchmarks, tests)
 
     @field_validator("n")
     @classmethod

@@ -28,6 +28,7 @@ def start(host: ModelHost, ref: ModelRef, request: ChatRequest | CompletionReque
         temperature=1.0 if request.temperature is None else request.temperature,  # OpenAI's default
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed,
+        ignore_eos=bool(request.ignore_eos),
     )
     try:
         return host.generate(ref, prompt, sampling, request.stops)
