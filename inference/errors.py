@@ -15,6 +15,13 @@ class InferenceError(Exception):
         self.param = param
 
 
+class Unauthorized(InferenceError):
+    """A request without the internal token."""
+
+    status = 401
+    code = "invalid_api_key"
+
+
 class PromptError(InferenceError):
     """The request cannot be run on this model (the caller's fault)."""
 

@@ -24,7 +24,7 @@ from api.ids import now
 from api.protocol import ChatRequest, ClassificationRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest
 from api.settings import Settings, get_settings
 from inference import answers
-from inference.errors import InferenceError
+from inference.errors import InferenceError, Unauthorized
 from inference.host import ModelHost, host_for
 from inference.registry import AdapterRegistry
 from neat_core.models.catalog import CAUSAL_LM, CLASSIFICATION
@@ -61,9 +61,9 @@ def create_app(settings: Settings | None = None, host: ModelHost | None = None) 
     def authorised(authorization: Annotated[str | None, Header()] = None) -> None:
         given = (authorization or "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):  # constant time: no timing oracle
-            raise InferenceError("A valid internal token is required.", code="invalid_api_key")
+            raise Unauthorized("A valid internal token is required.")
 
-    app = FastAPI(title="NEAT inference server", lifespan=lifespan, dependencies=[])
+    app = FastAPI(title="NEAT inference server", lifespan=lifespan)
     _install_error_handlers(app)
     auth = [Depends(authorised)]
 
@@ -143,8 +143,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InferenceError)
     async def _inference_error(_: Request, exc: InferenceError) -> JSONResponse:
-        status = 401 if exc.code == "invalid_api_key" else exc.status
-        return JSONResponse(answers.error_body(status, exc.message, exc.code, exc.param), status_code=status)
+        body = answers.error_body(exc.status, exc.message, exc.code, exc.param)
+        return JSONResponse(body, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
