@@ -18,14 +18,15 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.backends import Backend, NoBackend, Target, configured
-from api.deps import CurrentOrg, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentOrg, SessionClosingRoute, SessionDep, SettingsDep, StorageDep
 from api.protocol import ChatRequest, ClassificationRequest, CompletionRequest
 from api.quotas import InferenceRate
 from api.targets import resolve
 from neat_core.models.catalog import CAUSAL_LM, CLASSIFICATION
 
 log = logging.getLogger("api.inference")
-router = APIRouter(prefix="/v1", tags=["inference"])
+# Async routes (they await the backend); their session is closed by `resolve`, in the thread that used it.
+router = APIRouter(route_class=SessionClosingRoute, prefix="/v1", tags=["inference"])
 
 
 def get_backend(request: Request, settings: SettingsDep) -> Backend:
