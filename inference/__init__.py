@@ -11,6 +11,6 @@ database: which adapter a customer may use is decided by the API before a reques
 - `text`      one generation: prompt encoding, detokenising, stop strings
 - `host`      the engines per base model and the models served alone
 - `registry`  the adapters loaded by name (vLLM's dynamic adapter protocol)
-- `protocol`  OpenAI requests run on the host, answered in OpenAI's shapes
+- `answers`   OpenAI requests (`api.protocol`'s models, shared with the API) run on the host, in OpenAI's shapes
 - `server`    the HTTP app; `inprocess` the same behind the API's backend interface, in the API's process
 """
