@@ -1,5 +1,5 @@
 """Every error leaves the API in OpenAI's shape: {"error": {"message", "type", "param", "code"}}, mapped here and
-only here. Domain errors from neat_core are translated at the route boundary into `APIError`s."""
+only here. Domain errors are `APIError`s; a backend's (inference) failures arrive as `BackendError`s."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from control.backends import BackendError
 
 log = logging.getLogger("api")
 
@@ -70,6 +72,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         body = error_body(exc.status, exc.message, exc.code, exc.param, **exc.extra)
         return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(BackendError)
+    async def _backend_error(_: Request, exc: BackendError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
+        body = error_body(exc.status, exc.message, exc.code, exc.param)
+        return JSONResponse(body, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

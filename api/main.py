@@ -1,7 +1,10 @@
-"""The FastAPI app: routers, error shape, nothing else. Run with `uvicorn api.main:app` (or `python -m api.launch`)."""
+"""The FastAPI app: routers, error shape, nothing else. Run with `uvicorn api.main:app` (inference on the servers in
+NEAT_INFERENCE_SERVERS) or `python -m launch` (the embedded default: inference in this process, injected as
+`create_app(backend=...)`)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -11,10 +14,12 @@ from fastapi import FastAPI
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from api import serving
 from api.errors import install_error_handlers
 from api.quotas import RateLimiter
+from api.remote import configured
 from api.routes import admin, files, inference, jobs, models
+from api.targets import preload
+from control.backends import Backend
 from control.db import session_scope, with_retries
 from control.keys import add_key
 from control.settings import Settings, get_settings
@@ -23,7 +28,7 @@ log = logging.getLogger("api.main")
 
 
 @asynccontextmanager
-async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     if settings.bootstrap_api_key:  # distributed deployments hand the first key in by environment variable
         try:
@@ -32,10 +37,14 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         except (OperationalError, DBAPIError):
             # The database is away: start anyway (answering 503 until it is back) and add the key once it is.
             threading.Thread(target=_bootstrap_key, args=(settings,), name="bootstrap-key", daemon=True).start()
-    if settings.serving and settings.serving_preload:  # in the background: the API answers meanwhile
-        threading.Thread(target=serving.preload, args=(settings,), name="serving-preload", daemon=True).start()
+    if app.state.backend is None:
+        app.state.backend = configured(settings)
+    backend = app.state.backend
+    if backend is not None and settings.serving and settings.serving_preload:  # the API answers meanwhile
+        app.state.preloading = asyncio.create_task(preload(settings, backend))
     yield
-    serving.shutdown()
+    if app.state.backend is not None:
+        await app.state.backend.close()
 
 
 def _bootstrap_key(settings: Settings) -> None:
@@ -48,7 +57,8 @@ def _bootstrap_key(settings: Settings) -> None:
         log.exception("could not create the bootstrap API key")
 
 
-def create_app() -> FastAPI:
+def create_app(backend: Backend | None = None) -> FastAPI:
+    """The app; `backend` serves inference (None: the inference servers settings list, else 503 for inference)."""
     app = FastAPI(
         title="NEAT fine-tuning",
         version="0.1.0",
@@ -56,6 +66,7 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.state.backend = backend  # None: created from settings on first use (api.routes.inference.get_backend)
     app.state.inference_rate = RateLimiter()  # requests per minute per organisation, in this process
     for module in (files, jobs, models, inference, admin):
         app.include_router(module.router)

@@ -16,6 +16,7 @@ they learnt); scenarios are interleaved over `--rounds` so machine noise hits th
 
     python bench/serving.py                               # both models, the recorded configuration
     python bench/serving.py --models smollm2 --seconds 10 --rounds 1
+    python bench/serving.py --remote --seconds 20 --rounds 1   # API -> inference server vs in process (32 streams)
 """
 
 from __future__ import annotations
@@ -342,7 +343,13 @@ def main() -> None:
     parser.add_argument(
         "--step-rounds", type=int, default=30, help="decode steps (causal LM) or full-batch classifications, per mix"
     )
+    parser.add_argument("--remote", action="store_true", help="through the inference tier vs in process (SmolLM2)")
     args = parser.parse_args()
+    if args.remote:
+        from serving_remote import run  # bench/ is on the path when this file runs as a script
+
+        print("\n".join(run(args)))
+        return
 
     import torch
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +46,16 @@ class Settings(BaseSettings):
     serving_max_batch: int = 32  # rows per forward pass
     serving_batch_window_ms: float = 5.0  # how long an idle engine waits for company before it starts a batch
     serving_preload: str = ""  # comma-separated model ids (fine-tuned or base) loaded at start
+    # The inference tier. Empty `inference_servers`: the embedded launcher serves in its own process; otherwise
+    # the API sends inference to these servers (comma-separated base URLs), of kind `ours` (`python -m inference`)
+    # or `vllm` (started with --enable-lora). Listed, not registered: see docs/serving.md.
+    inference_servers: str = ""
+    inference_server_kind: Literal["ours", "vllm"] = "ours"
+    internal_token: str | None = None  # the shared secret between the API and inference servers (Bearer)
+    inference_connect_timeout_s: float = 3.0  # an unreachable server is skipped after this long
+    inference_timeout_s: float = 600.0  # the longest wait for a server's next bytes (a whole non-streamed answer)
+    inference_host: str = "127.0.0.1"  # where `python -m inference` listens
+    inference_port: int = 8001
     queue: str = "training"
     # Worker leases: a training worker renews its job's lease every `heartbeat_seconds`; a job whose lease is
     # older than `lease_seconds` is requeued by any worker's reaper (every `reaper_seconds`), up to
@@ -63,6 +74,10 @@ class Settings(BaseSettings):
     @property
     def resolved_broker_url(self) -> str:
         return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    @property
+    def inference_server_urls(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in self.inference_servers.split(",") if u.strip()]
 
     @property
     def resolved_artifact_root(self) -> Path:

@@ -30,6 +30,7 @@ from control.migrate import upgrade
 from control.orm import ApiKey, Checkpoint, Job, Organization
 from control.settings import Settings, get_settings
 from control.storage import job_key
+from inference.inprocess import InProcessBackend
 from tests import services
 from tests.api import MIN_EXAMPLES, SMOLLM2, Owned, chat_rows, finish_job, jsonl
 
@@ -190,7 +191,8 @@ def make_api(db_url, orgs, tmp_path, broker_url):
         settings = Settings(**values)
         assert (settings.database_url, settings.broker_url) == (values["database_url"], values["broker_url"])
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        app = create_app()
+        # As the embedded launcher builds it: inference in process (nothing loads until a model is asked for).
+        app = create_app(backend=InProcessBackend(settings) if settings.serving else None)
         app.dependency_overrides[get_settings] = lambda: settings
         return Api(TestClient(app), settings, *orgs)
 

@@ -14,6 +14,7 @@ from api.main import create_app
 from control.keys import add_key
 from control.migrate import upgrade
 from control.settings import Settings, get_settings
+from inference.inprocess import InProcessBackend
 
 KEY = "sk-fuzz"
 EXAMPLES = 25  # per operation
@@ -31,7 +32,7 @@ def _app():
     upgrade(app_settings.resolved_database_url)
     with session_scope(app_settings.resolved_database_url) as session:
         add_key(session, "org-fuzz", KEY)
-    app = create_app()
+    app = create_app(backend=InProcessBackend(app_settings))  # as the embedded launcher builds it
     app.dependency_overrides[get_settings] = lambda: app_settings
     return app
 

@@ -1,8 +1,9 @@
 """End to end, with real processes and the stock `openai` client, on both topologies:
 
-- distributed: Postgres + Redis (started here, on loopback), `alembic upgrade head`, a `celery worker` process, and
-  uvicorn serving the API (with the inference loop);
-- embedded: the README's run command, `python -m api.launch`, alone (SQLite, the SQLite broker, local disk).
+- distributed: Postgres + Redis (started here, on loopback), `alembic upgrade head`, a `celery worker` process, an
+  inference server (`python -m inference`) and uvicorn serving the API, which sends inference to it;
+- embedded: the README's run command, `python -m launch`, alone (SQLite, the SQLite broker, local disk, inference
+  in the API's process).
 """
 
 from __future__ import annotations
@@ -71,11 +72,11 @@ def _process(command: list[str], env: dict, log: Path):
                     continue
 
 
-def _wait_healthy(url: str, log: Path, timeout: float = 120) -> None:
+def _wait_healthy(url: str, log: Path, timeout: float = 120, path: str = "/healthz") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -104,15 +105,21 @@ def service(request, tmp_path_factory):
             env["NEAT_BOOTSTRAP_API_KEY"] = key = "sk-e2e-distributed-key"
             migrate = [sys.executable, "-m", "control.migrate", "upgrade"]
             subprocess.run(migrate, env=env, cwd=ROOT, check=True, timeout=120)
-            logs = [tmp / "worker.log", tmp / "api.log"]
+            logs = [tmp / "worker.log", tmp / "api.log", tmp / "inference.log"]
             worker = ["celery", "-A", "worker.app", "worker", "--pool=prefork", "--concurrency=1", "-Q", "training"]
             stack.enter_context(_process([sys.executable, "-m", *worker], env, logs[0]))
+            inference_url = f"http://127.0.0.1:{_free_port()}"
+            env["NEAT_INTERNAL_TOKEN"] = "e2e-internal-token"
+            env["NEAT_INFERENCE_SERVERS"] = inference_url
+            server = [sys.executable, "-m", "inference", "--port", inference_url.rsplit(":", 1)[1]]
+            stack.enter_context(_process(server, env, logs[2]))
+            _wait_healthy(inference_url, logs[2], path="/health")
             uvicorn = ["uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
             stack.enter_context(_process([sys.executable, "-m", *uvicorn], env, logs[1]))
             _wait_healthy(url, logs[1])
         else:
             logs = [tmp / "launch.log"]
-            stack.enter_context(_process([sys.executable, "-m", "api.launch"], env, logs[0]))
+            stack.enter_context(_process([sys.executable, "-m", "launch"], env, logs[0]))
             _wait_healthy(url, logs[0])
             printed = re.search(r"API key: (\S+)", logs[0].read_text())
             assert printed, "the run command must print the API key"

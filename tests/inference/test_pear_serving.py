@@ -9,15 +9,16 @@ import json
 import pytest
 
 from api.deps import hash_key
-from api.serving import ModelRef, get_engine
+from api.targets import of_job
 from control.ids import new_id
 from control.jobs import fine_tuned_model_name
 from control.migrate import upgrade
 from control.orm import ApiKey, Job, Organization
 from control.settings import Settings
 from control.storage import Storage, job_key
+from inference.inprocess import model_ref
 from tests.conftest import chat_rows, classification_rows, write_jsonl
-from tests.serving.conftest import make_client
+from tests.inference.conftest import backend_for, make_client
 
 ORG, KEY = "org-pear", "sk-test-org-pear"
 TEXTS = ["love it", "awful support", "superb quality"]
@@ -84,8 +85,8 @@ def test_pear_classification_is_batched_and_equals_neat_core(pear_service):
 
     settings, storage, jobs = pear_service
     job = jobs["classification"]
-    ref = ModelRef.of_job(job, storage)
-    assert ref.method == "pear" and get_engine(settings).batched(ref)
+    ref = model_ref(of_job(job, storage))
+    assert ref.method == "pear" and backend_for(settings).host.batched(ref)
     client = make_client(settings, KEY)
     r = client.post("/v1/classifications", json={"model": job.fine_tuned_model, "input": TEXTS})
     assert r.status_code == 200, r.text

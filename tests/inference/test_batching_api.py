@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import threading
 
-from api.serving import get_engine, preload
-from tests.serving.conftest import KEY_B, make_client
+import anyio
+
+from api.targets import preload
+from tests.inference.conftest import KEY_B, backend_for, make_client
 
 HELLO = [{"role": "user", "content": "What colour is item 3?"}]
 
@@ -35,9 +37,9 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(service,
     # tiny test model.
     calls = [(a, service.chat_model), (b, service.other_org_model)] * 4
     alone = {model: _chat(client, model)["choices"][0]["message"]["content"] for client, model in calls[:2]}
-    engine = get_engine(service.settings)
+    host = backend_for(service.settings).host
     passes_before = _causal_engine(_stats(a), base)["forward_passes"]
-    batched_rows_before = sum(n * k for n, k in engine.engine(base, "causal_lm").batch_sizes.items() if n > 1)
+    batched_rows_before = sum(n * k for n, k in host.engine(base, "causal_lm").batch_sizes.items() if n > 1)
 
     answers: list[tuple[str, str]] = []
     barrier = threading.Barrier(len(calls))
@@ -56,7 +58,7 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(service,
     for model, text in answers:
         assert text == alone[model], model
     stats = _causal_engine(_stats(a), base)
-    batched_rows = sum(n * k for n, k in engine.engine(base, "causal_lm").batch_sizes.items() if n > 1)
+    batched_rows = sum(n * k for n, k in host.engine(base, "causal_lm").batch_sizes.items() if n > 1)
     assert batched_rows > batched_rows_before, "concurrent requests should have shared forward passes"
     assert stats["forward_passes"] - passes_before < len(calls) * 6, "fewer passes than running each alone"
 
@@ -85,13 +87,13 @@ def test_another_organisations_model_is_not_found_and_never_batched(service, tin
 
 def test_preload_loads_adapters_before_their_first_request(service):
     a = make_client(service.settings)
-    engine = get_engine(service.settings)
+    backend = backend_for(service.settings)
     with_preload = service.settings.model_copy(update={"serving_preload": f"{service.classifier}, ft:nope:x"})
-    for e in list(engine._engines.values()):
+    for e in list(backend.host._engines.values()):
         for ref in e.cache.loaded():
             if ref.adapter_id == service.classifier:
                 assert e.cache.evict(ref.adapter_id)
-    preload(with_preload)  # the unknown name is logged and skipped
+    anyio.run(preload, with_preload, backend)  # the unknown name is logged and skipped
     stats = _stats(a)
     (cls,) = [e for e in stats["engines"] if e["task"] == "classification"]
     assert service.classifier in cls["your_adapters"]

@@ -10,25 +10,24 @@ import json
 import shutil
 import tarfile
 import threading
-from functools import partial
 
 import pytest
 import torch
 
-from api.serving import ModelRef, Sampling, ServingEngine, load_model
 from control.ids import new_id
 from control.jobs import fine_tuned_model_name
 from control.migrate import upgrade
 from control.orm import ApiKey, Job, Organization
 from control.settings import Settings
 from control.storage import Storage, job_key
+from inference.host import ModelHost, ModelRef, load_whole
 from neat_core.artifacts import save_artifact
 from neat_core.inference import generate
 from neat_core.methods import attach
 from neat_core.methods.lily.layer import install_routing
 from neat_core.models import load_base
-from neat_core.serving import BatchEngine
-from tests.serving.conftest import KEY_A, ORG_A, make_client
+from neat_core.serving import BatchEngine, SamplingParams
+from tests.inference.conftest import KEY_A, ORG_A, make_client
 
 LABELS = ["negative", "positive"]
 TEXTS = [  # different lengths: each is padded differently inside a batch of all four
@@ -64,27 +63,29 @@ def no_factor_engine(base_model: str, task: str):
     raise AssertionError("a Lily adapter was sent to the low-rank factor engine")
 
 
-def own_batches(loaded):
-    """The solo models' batching engine, with a long gathering window (threads started together share a batch)
-    and no length buckets (texts of different lengths share one padded pass: what per-sample mode must survive)."""
-    return BatchEngine(loaded.model, loaded.tokenizer, loaded.task, cache_bytes=0, window_s=0.5,
-                       max_length=loaded.max_length, pass_overhead=10**6)  # fmt: skip
+def own_batches(ref: ModelRef) -> BatchEngine:
+    """The solo model loaded whole under a batching engine with a long gathering window (threads started together
+    share a batch) and no length buckets (texts of different lengths share one padded pass: what per-sample mode
+    must survive)."""
+    model, tokenizer, max_length = load_whole(ref, cache_dir=None, device="cpu")
+    return BatchEngine(model, tokenizer, ref.task, cache_bytes=0, window_s=0.5, max_length=max_length,
+                       pass_overhead=10**6)  # fmt: skip
 
 
-def engine() -> ServingEngine:
-    return ServingEngine(2, partial(load_model, cache_dir=None, device="cpu"), no_factor_engine, own_batches)
+def engine() -> ModelHost:
+    return ModelHost(2, own_batches, no_factor_engine)
 
 
 def classification_ref(tiny_models, artifacts) -> ModelRef:
     return ModelRef("ft:lily-cls", "classification", str(tiny_models["bert"]), artifacts["bert"], "org", "lily")
 
 
-def classify_concurrently(serving: ServingEngine, ref: ModelRef) -> tuple[list[dict], list[int]]:
+def classify_concurrently(serving: ModelHost, ref: ModelRef) -> tuple[list[dict], list[int]]:
     """Each text as its own request, from its own thread, all queued while the model is busy; returns the
     answers and the batch sizes of the forward passes that served them."""
-    loaded = serving.model(ref)
+    peft_model = serving.solo(ref).model.model  # the engine's MultiAdapterModel wraps the whole model
     sizes: list[int] = []
-    hook = loaded.model.register_forward_hook(lambda m, args, kwargs, out: sizes.append(out.logits.shape[0]),
+    hook = peft_model.register_forward_hook(lambda m, args, kwargs, out: sizes.append(out.logits.shape[0]),
                                               with_kwargs=True)  # fmt: skip
     answers: list = [None] * len(TEXTS)
 
@@ -115,7 +116,7 @@ def test_concurrent_lily_requests_share_a_batch_and_each_gets_its_answer_alone(t
     assert max_difference(alone, together) <= 1e-5
 
     # The faithful batch-mean router in the same batch gives different answers: what per-sample mode prevents.
-    install_routing(serving.model(ref).model, "batch")
+    install_routing(serving.solo(ref).model.model, "batch")
     faithful, sizes = classify_concurrently(serving, ref)
     assert sizes == [len(TEXTS)]
     assert max_difference(alone, faithful) > 1e-3
@@ -128,7 +129,7 @@ def test_concurrent_lily_generations_share_batches_and_each_gets_its_answer_alon
     generations: list = [None] * len(chats)
 
     def ask(i: int) -> None:
-        gen = serving.generate(ref, chats[i], Sampling(max_tokens=8, temperature=0.0))
+        gen = serving.generate(ref, chats[i], SamplingParams(max_tokens=8, temperature=0.0))
         generations[i] = (gen.text(), gen.completion_tokens)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(chats))]
@@ -136,27 +137,28 @@ def test_concurrent_lily_generations_share_batches_and_each_gets_its_answer_alon
         t.start()
     for t in threads:
         t.join(timeout=120)
-    loaded = serving.model(ref)
-    assert max(loaded.engine.batch_sizes) == len(chats), "the generations should have run as one batch"
+    solo = serving.solo(ref)
+    assert max(solo.batch_sizes) == len(chats), "the generations should have run as one batch"
+    peft_model, tokenizer = solo.model.model, solo.tokenizer
     for chat, (text, completion_tokens) in zip(chats, generations, strict=True):
-        expected, _, tokens = generate(loaded.model, loaded.tokenizer, chat, max_new_tokens=8)  # alone
+        expected, _, tokens = generate(peft_model, tokenizer, chat, max_new_tokens=8)  # alone
         assert (text, completion_tokens) == (expected, tokens) and tokens > 0
-    with loaded.model.disable_adapter():  # the adapter is really applied
-        bare, _, _ = generate(loaded.model, loaded.tokenizer, chats[0], max_new_tokens=8)
+    with peft_model.disable_adapter():  # the adapter is really applied
+        bare, _, _ = generate(peft_model, tokenizer, chats[0], max_new_tokens=8)
     assert bare != generations[0][0]
 
 
 def test_an_evicted_solo_model_finishes_its_requests_and_its_engine_stops(tiny_models, artifacts):
-    serving = ServingEngine(1, partial(load_model, cache_dir=None, device="cpu"), no_factor_engine, own_batches)
+    serving = ModelHost(1, own_batches, no_factor_engine)
     chat = ModelRef("ft:lily-chat", "causal_lm", str(tiny_models["llama"]), artifacts["llama"], "org", "lily")
-    gen = serving.generate(chat, [{"role": "user", "content": "hi"}], Sampling(max_tokens=6, temperature=0.0))
-    first = serving.model(chat).engine
+    gen = serving.generate(chat, [{"role": "user", "content": "hi"}], SamplingParams(max_tokens=6, temperature=0.0))
+    first = serving.solo(chat)
     serving.classify(classification_ref(tiny_models, artifacts), ["ok"])  # capacity 1: evicts the chat model
     assert gen.text() is not None and gen.completion_tokens > 0  # the request in flight still finished
     first._thread.join(timeout=10)
     assert not first._thread.is_alive(), "the evicted model's engine should stop once idle"
-    again = serving.generate(chat, [{"role": "user", "content": "hi"}], Sampling(max_tokens=6, temperature=0.0))
-    assert again.text() and serving.model(chat).engine is not first  # a fresh load serves the next request
+    again = serving.generate(chat, [{"role": "user", "content": "hi"}], SamplingParams(max_tokens=6, temperature=0.0))
+    assert again.text() and serving.solo(chat) is not first  # a fresh load serves the next request
 
 
 def test_lily_job_classifies_and_downloads_over_http(tiny_models, artifacts, tmp_path):

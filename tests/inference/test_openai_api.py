@@ -1,5 +1,6 @@
-"""Inference over HTTP with real (tiny, randomly initialised) adapters: OpenAI's shapes, streaming, the stock
-openai client, stop sequences, classification, model resolution and errors. The models are random, so the tests
+"""Inference through the API (with the in-process backend, as the embedded launcher builds it) with real (tiny,
+randomly initialised) adapters: OpenAI's shapes, streaming, the stock openai client, stop sequences,
+classification, model resolution and errors. The models are random, so the tests
 check shapes and behaviours, never the text itself."""
 
 from __future__ import annotations
@@ -8,16 +9,13 @@ import json
 import math
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import openai
 import pytest
 
-from api.serving import ModelRef, ServingEngine
 from tests.conftest import MINILM, SMOLLM2
-from tests.serving.conftest import KEY_A, KEY_B, make_client
+from tests.inference.conftest import KEY_A, KEY_B, make_client
 
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What colour is item 3?"}]
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -276,92 +274,10 @@ def test_base_model_chat_with_smollm2(client):
     assert body["choices"][0]["message"]["content"].strip()  # a trained model says something printable
 
 
-# --- the engine ------------------------------------------------------------------------------------------------------
-
-
-def _ref(name: str) -> ModelRef:
-    return ModelRef(name, "causal_lm", "base")
-
-
-def test_engine_loads_a_model_once_under_concurrent_first_requests():
-    calls = []
-
-    def slow_loader(ref):
-        calls.append(ref.name)
-        time.sleep(0.2)
-        return object()
-
-    engine = ServingEngine(2, slow_loader)
-    got = []
-    threads = [threading.Thread(target=lambda: got.append(engine.model(_ref("m")))) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert calls == ["m"] and len(got) == 4 and all(g is got[0] for g in got)
-
-
-def test_engine_evicts_the_least_recently_used_model():
-    engine = ServingEngine(2, lambda ref: object())
-    a = engine.model(_ref("a"))
-    engine.model(_ref("b"))
-    assert engine.model(_ref("a")) is a  # a hit, and now the most recent
-    engine.model(_ref("c"))
-    assert engine.cached() == ["a", "c"]
-
-
-class _ScriptedModel:
-    """Stands in for a causal LM: produces scripted tokens, each only when the test allows it, feeds them to the
-    streamer, and checks the stopping criteria between steps as `generate` does."""
-
-    def __init__(self, tokens: list[int]):
-        import torch
-
-        self.tokens, self.allowed, self.produced = tokens, threading.Semaphore(0), 0
-        self.generation_config = type("Config", (), {"eos_token_id": None})()
-        self._weight = torch.zeros(1)
-
-    def parameters(self):
-        return iter([self._weight])
-
-    def generate(self, input_ids, streamer, stopping_criteria, **_):
-        import torch
-
-        streamer.put(input_ids)  # the prompt, which the streamer skips
-        ids = input_ids
-        for token in self.tokens:
-            while not self.allowed.acquire(timeout=0.01):
-                if stopping_criteria(ids, None).all():
-                    streamer.end()
-                    return ids
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-            self.produced += 1
-            streamer.put(torch.tensor([token]))
-        streamer.end()
-        return ids
-
-
-def test_stream_yields_words_before_the_generation_ends_and_closing_it_cancels(tiny_models):
-    from transformers import AutoTokenizer
-
-    from api.generation import LoadedModel, Sampling, SoloGeneration
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
-    model = _ScriptedModel(tokenizer("one two three four five six", add_special_tokens=False)["input_ids"])
-    generation = SoloGeneration(LoadedModel(model, tokenizer, "causal_lm", 256), "Count:", Sampling(max_tokens=64))
-    stream = iter(generation)
-    model.allowed.release(1)  # one token: "one"
-    assert next(stream) == "one"
-    assert model.produced == 1  # the first word came out while the rest was still to be generated
-    model.allowed.release(1)  # " two"
-    assert next(stream) == " two" and model.produced == 2
-    stream.close()  # the client went away: the generation is cancelled, and has ended when close returns
-    assert model.produced == 2 and not generation._thread.is_alive()
-
-
-def test_serving_modules_import_without_torch():
+def test_web_tier_imports_no_torch_and_no_inference_tier():
     code = (
-        "import sys, api.serving, api.generation, api.routes.inference; "
-        "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; assert not heavy, heavy"
+        "import sys, api.main, api.routes.inference, control.backends, api.remote; "
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'inference') if m in sys.modules]; "
+        "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], check=True, timeout=60)

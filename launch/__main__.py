@@ -1,8 +1,10 @@
-"""The embedded default, one command on one machine: `python -m api.launch` (the README's `scripts/run`).
+"""The embedded default, one command on one machine: `python -m launch` (the README's `scripts/run`).
 
 Applies migrations, makes sure an API key exists (printing it), starts one `celery worker` child process on the
-server-less SQLite broker, and serves the API (with the inference loop) in this process. The same code runs
-distributed; there each piece is started on its own (docker-compose.yml).
+server-less SQLite broker, and serves the API in this process with inference in it too: the inference tier's
+in-process backend, handed to `api.main.create_app(backend=...)` (api never imports the inference tier; this
+module composes the two). With NEAT_INFERENCE_SERVERS set, the API sends inference there instead. The same code
+runs distributed; there each piece is started on its own (docker-compose.yml).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import sys
 
 import uvicorn
 
+from api.main import create_app
+from control.backends import Backend
 from control.db import session_scope
 from control.keys import add_key, key_is_active
 from control.migrate import upgrade
@@ -33,6 +37,16 @@ def bootstrap_key(settings: Settings) -> str:
     key_file.write_text(key + "\n")
     key_file.chmod(0o600)
     return key
+
+
+def embedded_backend(settings: Settings) -> Backend | None:
+    """Inference in this process, unless it is off or inference servers are listed (then the app builds its
+    remote backend from the same settings)."""
+    if not settings.serving or settings.inference_server_urls:
+        return None
+    from inference.inprocess import InProcessBackend
+
+    return InProcessBackend(settings)
 
 
 def start_worker(settings: Settings) -> subprocess.Popen:
@@ -55,7 +69,8 @@ def main() -> None:
           f"  data:    {settings.data_dir.resolve()}\n  try:     curl -H 'Authorization: Bearer {key}' {url}/models\n",
           flush=True)  # fmt: skip
     try:
-        uvicorn.run("api.main:app", host=settings.host, port=settings.port, log_level="info")
+        uvicorn.run(create_app(backend=embedded_backend(settings)), host=settings.host, port=settings.port,
+                    log_level="info")  # fmt: skip
     finally:
         stop_worker(worker)
 

@@ -17,6 +17,7 @@ from control.migrate import upgrade
 from control.orm import ApiKey, Job, Organization
 from control.settings import Settings, get_settings
 from control.storage import Storage, job_key
+from inference.inprocess import InProcessBackend
 from tests.conftest import chat_rows, classification_rows, write_jsonl
 
 ORG_A, ORG_B = "org-a", "org-b"
@@ -102,8 +103,21 @@ def service(tmp_path_factory, tiny_models) -> Service:
     return Service(settings, *(job.fine_tuned_model for job in jobs))
 
 
+_backends: dict[str, InProcessBackend] = {}
+
+
+def backend_for(settings: Settings) -> InProcessBackend:
+    """The in-process backend of a test service (one per database, as a launcher builds one per process): its
+    engines load once per session, whichever client asks."""
+    key = settings.resolved_database_url
+    if key not in _backends:
+        _backends[key] = InProcessBackend(settings)
+    return _backends[key]
+
+
 def make_client(settings: Settings, key: str = KEY_A) -> TestClient:
-    app = create_app()
+    """The API as the embedded launcher builds it (inference in process); with serving off, none is injected."""
+    app = create_app(backend=backend_for(settings) if settings.serving else None)
     app.dependency_overrides[get_settings] = lambda: settings
     return TestClient(app, headers={"Authorization": f"Bearer {key}"})
 

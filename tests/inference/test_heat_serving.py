@@ -7,9 +7,9 @@ from functools import partial
 
 import pytest
 
-from api.generation import Sampling
-from api.serving import ModelRef, ServingEngine, load_batch_engine, load_model
 from control.settings import Settings
+from inference.host import ModelHost, ModelRef, load_batch_engine, load_solo_engine
+from neat_core.serving import SamplingParams
 from neat_core.train import TrainSpec, train
 
 OWNER = "org-heat"
@@ -34,25 +34,28 @@ def test_heat_adapter_is_batched_and_answers_like_the_solo_path(kind, tiny_model
     task = "classification" if kind == "bert" else "causal_lm"
     ref = ModelRef("ft:heat", task, str(tiny_models[kind]), result.adapter_dir, owner=OWNER, method="heat")
     base = ModelRef("base", task, str(tiny_models[kind]))
-    load = partial(load_model, cache_dir=None, device="cpu")
-    batched = ServingEngine(2, load, partial(load_batch_engine, settings=Settings(device="cpu", data_dir=tmp_path)))
-    solo = ServingEngine(2, load)
+    settings = Settings(device="cpu", data_dir=tmp_path)
+    load = partial(load_solo_engine, settings=settings)
+    batched = ModelHost(2, load, partial(load_batch_engine, settings=settings))
+    solo = ModelHost(2, load)  # every adapter alone, on a whole peft model with an engine of its own
     assert batched.batched(ref) and not solo.batched(ref)
     try:
         if kind == "bert":
             texts = ["love it", "awful support", "very happy with this, superb quality"]
-            got, tokens = batched.classify(ref, texts, caller=OWNER)
+            got, tokens = batched.classify(ref, texts)
             want, want_tokens = solo.classify(ref, texts)
             assert tokens == want_tokens and [g["label"] for g in got] == [w["label"] for w in want]
             for g, w in zip(got, want, strict=True):
                 assert g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-5)
         else:
             chat = [{"role": "user", "content": "What colour is item 3?"}]
-            greedy = Sampling(max_tokens=8, temperature=0.0)
-            got = "".join(batched.generate(ref, chat, greedy, caller=OWNER))
+            greedy = SamplingParams(max_tokens=8, temperature=0.0)
+            got = "".join(batched.generate(ref, chat, greedy))
             assert got == "".join(solo.generate(ref, chat, greedy))
-            assert got != "".join(batched.generate(base, chat, greedy, caller=OWNER))  # the adapter is not a no-op
-        engines = batched.stats(OWNER)["engines"]
-        assert [e["your_adapters"] for e in engines] == [["ft:heat"]]  # served from the engine's adapter cache
+            assert got != "".join(batched.generate(base, chat, greedy))  # the adapter is not a no-op
+        engines = batched.stats()["engines"]
+        # served from the engine's adapter cache, recorded with its owner
+        assert [e["adapters"] for e in engines] == [[{"id": "ft:heat", "owner": OWNER}]]
     finally:
         batched.close()
+        solo.close()

@@ -1,0 +1,73 @@
+"""The adapters this server may serve, by name: vLLM's dynamic adapter protocol (`load_lora_adapter` /
+`unload_lora_adapter`). The API loads an adapter with the artifact location its records hold before it routes the
+first request for it here; a request naming a model that is neither loaded nor a catalog base model answers 404
+(as vLLM does), which tells the API to load it again (after a restart of this server, say)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from inference.errors import ServingError, UnknownModel, WrongEndpoint
+from inference.host import ModelHost, ModelRef
+from neat_core.models.catalog import CAUSAL_LM, CLASSIFICATION, entry
+
+log = logging.getLogger("inference.registry")
+
+
+class AdapterRegistry:
+    def __init__(self, host: ModelHost):
+        self._host = host
+        self._adapters: dict[str, ModelRef] = {}
+        self._lock = threading.Lock()
+
+    def load(self, name: str, path: str | Path, owner: str | None = None) -> ModelRef:
+        """Register the artifact at `path` under `name` and load it (warm for its first request). Its base model,
+        task and method are the artifact's manifest's. Loading a name again with the same artifact is a no-op."""
+        from neat_core.artifacts import read_manifest
+        from neat_core.errors import ArtifactError
+
+        path = Path(path)
+        with self._lock:
+            known = self._adapters.get(name)
+        if known is not None and known.artifact_dir == path and known.owner == owner:
+            return known
+        try:
+            manifest = read_manifest(path)
+            ref = ModelRef(name, manifest["task"], manifest["base_model"], path, owner, manifest.get("method"))
+        except (ArtifactError, KeyError) as e:
+            log.warning("cannot load adapter %s from %s: %s", name, path, e)
+            raise ServingError(f"The model '{name}' could not be loaded.") from e
+        self._host.preload(ref)
+        with self._lock:
+            self._adapters[name] = ref
+        log.info("loaded adapter %s (%s on %s)", name, ref.method, ref.base_model)
+        return ref
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            ref = self._adapters.pop(name, None)
+        if ref is None:
+            raise UnknownModel(name)
+        self._host.evict(name)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._adapters)
+
+    def resolve(self, name: str, task: str) -> ModelRef:
+        """The model a request names: a loaded adapter, or a catalog base model (generation only)."""
+        with self._lock:
+            ref = self._adapters.get(name)
+        if ref is None:
+            base = entry(name)
+            if base is None:
+                raise UnknownModel(name)
+            ref = ModelRef(name, CAUSAL_LM, name)
+            if CAUSAL_LM not in base.tasks:
+                raise WrongEndpoint(f"The model '{name}' is a text encoder; it has no trained head.", param="model")
+        if ref.task != task:
+            kind = "a classification model" if ref.task == CLASSIFICATION else "a text-generation model"
+            raise WrongEndpoint(f"The model '{name}' is {kind}.", param="model")
+        return ref

@@ -1,0 +1,134 @@
+"""One generation, as the protocol sees it: text deltas with nothing past a stop string, then the finish reason and
+token counts; and the text work around it (chat templates, prompt encoding, detokenising).
+
+Every generation runs in a `BatchEngine` (neat_core.serving): the base model's engine for a batched adapter, a
+solo model's own engine otherwise. The engine streams token ids; they are decoded here as they come.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Iterator
+
+from inference.errors import PromptError, ServingError
+from neat_core.serving import AdapterRef, BatchEngine, SamplingParams
+
+log = logging.getLogger("inference.text")
+
+
+class Generation:
+    """One running generation, to iterate once. Iterating yields text deltas as the model produces them, with
+    nothing past a stop string (a tail that may begin one is held back until it cannot); afterwards
+    `finish_reason`, `prompt_tokens` and `completion_tokens` are set. Stopping iterating early (a stop string, a
+    client gone) or `cancel()` (from any thread) frees the row at the engine's next step."""
+
+    def __init__(
+        self,
+        engine: BatchEngine,
+        input_ids: list[int],
+        adapter: AdapterRef | None,
+        sampling: SamplingParams,
+        stop: tuple[str, ...] = (),
+        caller: str | None = None,
+    ):
+        self.prompt_tokens = len(input_ids)
+        self.max_new_tokens = context_budget(self.prompt_tokens, sampling.max_tokens, engine.max_length)
+        self.stop = stop
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+        self._stopped_by_string = False
+        self._engine = engine
+        sampling = dataclasses.replace(sampling, max_tokens=self.max_new_tokens)
+        self._stream = engine.generate(input_ids, adapter, sampling, caller)
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+    def __iter__(self) -> Iterator[str]:
+        text, sent = "", 0  # everything decoded so far; how much of it has been yielded
+        longest = max((len(s) for s in self.stop), default=0)
+        try:
+            for piece in self._pieces():
+                searched_from = max(0, len(text) - longest + 1)
+                text += piece
+                cut = _first_stop(text, self.stop, searched_from)
+                if cut is not None:
+                    text, self._stopped_by_string = text[:cut], True
+                    break
+                ready = len(text) - _held_back(text, self.stop)
+                if ready > sent:
+                    yield text[sent:ready]
+                    sent = ready
+        finally:
+            self._stream.cancel()  # no-op when the generation is over; otherwise it stops at the next step
+        if len(text) > sent:
+            yield text[sent:]
+        self.completion_tokens = self._stream.completion_tokens
+        self.finish_reason = "stop" if self._stopped_by_string else (self._stream.finish_reason or "stop")
+
+    def text(self) -> str:
+        """The whole completion (for non-streaming answers)."""
+        return "".join(self)
+
+    def _pieces(self) -> Iterator[str]:
+        try:
+            yield from _decoded(self._stream, self._engine.decode)
+        except Exception as e:
+            raise ServingError("The model failed while generating.") from e
+
+
+def context_budget(prompt_tokens: int, max_tokens: int, context: int | None) -> int:
+    """How many tokens may be generated; PromptError when the prompt alone fills the context window."""
+    if context is None:
+        return max_tokens
+    if prompt_tokens >= context:
+        raise PromptError(
+            f"The prompt is {prompt_tokens} tokens; this model's context is {context}.",
+            code="context_length_exceeded",
+        )
+    return min(max_tokens, context - prompt_tokens)
+
+
+def encode_prompt(engine: BatchEngine, prompt: str | list[dict]) -> list[int]:
+    """A raw prompt, or a chat (`messages`) rendered with the model's chat template, as token ids."""
+    if isinstance(prompt, str):
+        ids = engine.encode(prompt)
+    else:
+        from jinja2 import TemplateError
+
+        try:
+            text = engine.chat_prompt(prompt)
+        except (ValueError, TemplateError) as e:  # no chat template, or one that rejects this conversation
+            raise PromptError(f"The model's chat template cannot render these messages: {e}") from e
+        ids = engine.encode(text, add_special_tokens=False)  # the template wrote the special tokens
+    if not ids:
+        raise PromptError("The prompt is empty.")
+    return ids
+
+
+def _decoded(tokens: Iterable[int], decode: Callable[[list[int]], str]) -> Iterator[str]:
+    """Text pieces as the token ids come: each piece as soon as it is decoded, the text so far re-decoded whole so
+    that tokens which merge (a multi-byte character split over two) come out right."""
+    ids: list[int] = []
+    sent = ""
+    for token in tokens:
+        ids.append(token)
+        text = decode(ids)
+        # Wait while the text ends inside a multi-byte character, or re-reads an earlier piece differently.
+        if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
+            yield text[len(sent) :]
+            sent = text
+    text = decode(ids)
+    if text.startswith(sent) and len(text) > len(sent):
+        yield text[len(sent) :]
+
+
+def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    found = [i for s in stops if (i := text.find(s, start)) >= 0]
+    return min(found, default=None)
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest tail of `text` that is a proper prefix of a stop string."""
+    return max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
