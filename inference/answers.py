@@ -107,5 +107,5 @@ def _usage(generation: Generation) -> dict[str, int]:
 def stats(host: ModelHost, requests_served: int, adapters: list[str]) -> dict:
     """This server's figures: rows generating now, per engine its batch sizes and loaded adapters (with owners),
     the adapters registered by name, and how many requests reached a model."""
-    return {"object": "inference.stats", "running": host.running(), "requests_served": requests_served,
+    return {"object": "inference.stats", "rows_running": host.running(), "requests_served": requests_served,
             "adapters_registered": adapters, **host.stats()}  # fmt: skip

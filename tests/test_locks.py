@@ -97,7 +97,8 @@ def test_the_slim_api_lock_alone_runs_the_api_without_torch(tmp_path):
     pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps"]
     subprocess.run([*pip, "--require-hashes", "-r", str(REQ / "api.txt")], check=True, timeout=600)
     source = tmp_path / "src"  # a copy, so that building the project leaves nothing in the checkout
-    for package in ("neat_core", "api", "worker"):
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    for package in (name.rstrip("*") for name in packages["include"]):
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)

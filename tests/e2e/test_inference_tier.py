@@ -108,13 +108,13 @@ def test_inference_tier_routes_fails_over_cancels_and_keeps_tenants_apart(tier):
     for i, _ in enumerate(stream):
         if i == 3:
             break
-    assert tier.stats(first)["running"] == 1
+    assert tier.stats(first)["rows_running"] == 1
     stream.close()
     deadline = time.monotonic() + 10
-    while tier.stats(first)["running"] and time.monotonic() < deadline:
+    while tier.stats(first)["rows_running"] and time.monotonic() < deadline:
         time.sleep(0.05)
     (engine,) = [e for e in tier.stats(first)["engines"] if e["base_model"] == SMOLLM2]
-    assert tier.stats(first)["running"] == 0, "the row stayed in the batch after its client left"
+    assert tier.stats(first)["rows_running"] == 0, "the row stayed in the batch after its client left"
     assert engine["forward_passes"] < 100, "the generation ran on instead of stopping"
 
     # Another organisation's model answers 404 and never reaches a server.

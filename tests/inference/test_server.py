@@ -66,7 +66,7 @@ def test_an_adapter_is_served_after_load_and_unknown_after_unload(server, servic
     assert text == whole["choices"][0]["message"]["content"]
 
     stats = server.get("/stats").json()
-    assert name in stats["adapters_registered"] and stats["requests_served"] >= 2 and stats["running"] == 0
+    assert name in stats["adapters_registered"] and stats["requests_served"] >= 2 and stats["rows_running"] == 0
     (engine,) = [e for e in stats["engines"] if e["task"] == "causal_lm"]
     assert {"id": name, "owner": "org-a"} in engine["adapters"] and engine["forward_passes"] > 0
 
