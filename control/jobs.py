@@ -17,7 +17,7 @@ that lost its job can no longer change it. Callers run these inside their own tr
 `with_retries`) and add the event that tells the customer what happened; the transitions whose event depends on
 nothing but the transition (create, expire) write it themselves.
 
-This is the only module that spells a status: tests/test_job_states.py fails on a status string anywhere else.
+This is the only module that spells a status: tests/control/test_job_states.py fails on a status string anywhere else.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from tests.conftest import MINILM, SMOLLM2, chat_rows, classification_rows
 from tests.services import postgres, redis
 
 ROOT = Path(__file__).resolve().parents[2]
-PROBE = ROOT / "tests" / "core" / "stock_peft_probe.py"
+PROBE = ROOT / "tests" / "neat_core" / "stock_peft_probe.py"
 
 
 @dataclass

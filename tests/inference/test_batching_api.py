@@ -33,7 +33,7 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(service,
     a, b = make_client(service.settings), make_client(service.settings, KEY_B)
     base = str(tiny_models["llama"])
     # (client, model): org A's adapter and org B's (same weights, another owner). Base-model rows join mixed
-    # batches in tests/serving_core; over HTTP only catalog base models are served, and these adapters are on a
+    # batches in tests/neat_core/serving; over HTTP only catalog base models are served, and these adapters are on a
     # tiny test model.
     calls = [(a, service.chat_model), (b, service.other_org_model)] * 4
     alone = {model: _chat(client, model)["choices"][0]["message"]["content"] for client, model in calls[:2]}

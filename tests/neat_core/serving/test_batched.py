@@ -16,7 +16,7 @@ from neat_core.methods import attach, get_method
 from neat_core.models import load_base
 from neat_core.serving import MultiAdapterLinear, MultiAdapterModel, load_factors
 from neat_core.serving.engine import KV_CACHE
-from tests.serving_core.adapters import BASE_LABELS, fresh_base, randomise, reference
+from tests.neat_core.serving.adapters import BASE_LABELS, fresh_base, randomise, reference
 
 ROWS = ["neat-a", "neat-b", None, "lora-c", "neat-a", "neat-b"]  # two rows per NEAT adapter, one base row
 LENGTHS = [7, 5, 9, 4, 9, 6]

@@ -12,7 +12,7 @@ import torch
 
 from neat_core.serving import AdapterAccessError, AdapterRef, BatchEngine, SamplingParams, load_factors
 from neat_core.serving.engine import KV_CACHE, length_buckets
-from tests.serving_core.adapters import fresh_base, reference
+from tests.neat_core.serving.adapters import fresh_base, reference
 
 # (adapter or None, prompt length, tokens to generate): different lengths, so rows join and leave at different steps
 FIRST_WAVE = [("neat-a", 5, 9), (None, 8, 4), ("lora-c", 3, 7)]

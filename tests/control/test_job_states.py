@@ -15,7 +15,7 @@ from pathlib import Path
 
 from control.jobs import JobStatus
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("control", "api", "worker", "inference")
 STATE_MODULE = ROOT / "control" / "jobs.py"
 

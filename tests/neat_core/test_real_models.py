@@ -14,7 +14,7 @@ from neat_core.artifacts import load_artifact
 from neat_core.inference import classify, generate
 from neat_core.train import TrainSpec, train
 from tests.conftest import MINILM, SMOLLM2, chat_rows, classification_rows, write_jsonl
-from tests.core.test_heat import expected_rows
+from tests.neat_core.test_heat import expected_rows
 
 pytestmark = pytest.mark.real_model
 

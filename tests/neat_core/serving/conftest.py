@@ -5,7 +5,7 @@ import json
 import pytest
 
 from neat_core.methods import attach
-from tests.serving_core.adapters import ADAPTERS, fresh_base, randomise, task_of
+from tests.neat_core.serving.adapters import ADAPTERS, fresh_base, randomise, task_of
 
 
 @pytest.fixture(scope="module")
