@@ -10,12 +10,24 @@
     release           running → queued                       (the worker, shutting down mid-job)
     expire            running → queued | failed, cancelling → cancelled   (a reaper, once the lease expired)
 
+and the worker's fenced writes while it trains: record_progress (job fields), insert_fenced / add_fenced_event
+(events, checkpoint rows).
+
 Each transition is one conditional UPDATE (`WHERE status IN <from> [AND lease_owner = <me>]`) that returns whether
 it happened: the API, any number of workers and their reapers race on the same row, and the row, not anyone's
-memory of it, decides who wins. A worker's writes are fenced on its lease (worker.lease renews it), so a worker
-that lost its job can no longer change it. Callers run these inside their own transaction (`session_scope`,
-`with_retries`) and add the event that tells the customer what happened; the transitions whose event depends on
-nothing but the transition (create, expire) write it themselves.
+memory of it, decides who wins.
+
+Every write a worker makes for a job is *fenced* on its `Lease` (owner and attempt number) in the statement that
+writes: an UPDATE of the job row `WHERE lease_owner = me AND attempts = mine AND status IN (running,
+cancelling)`, or an INSERT ... SELECT ... FROM jobs WHERE <the same> FOR SHARE for events and checkpoint rows. A
+worker paused past its lease and resumed (SIGSTOP, a VM migration, a GC pause) therefore writes nothing once a
+reaper has taken the job back: each fenced write returns False, and the worker stops (`LeaseLost`). The fenced
+statement also locks the job row until the transaction commits (UPDATE, or FOR SHARE on Postgres; SQLite runs one
+writer at a time), so the rest of that transaction cannot be overtaken by a hand-over either.
+
+Callers run these inside their own transaction (`session_scope`, `with_retries`) and add the event that tells the
+customer what happened; the transitions whose event depends on nothing but the transition (create, expire) write
+it themselves.
 
 This is the only module that spells a status: tests/control/test_job_states.py fails on a status string anywhere else.
 """
@@ -27,12 +39,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from control.events import add_event
-from control.ids import now
-from control.orm import Job, JobAttempt
+from control.ids import new_id, now
+from control.orm import Checkpoint, Job, JobAttempt, JobEvent
 
 
 class JobStatus(StrEnum):
@@ -64,7 +76,24 @@ class AttemptOutcome(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     RELEASED = "released"  # the worker shut down mid-job and put it back in the queue
-    LOST = "lost"  # the worker vanished; its attempt ends when its lease expired
+    LOST = "lost"  # the worker vanished; its attempt ends at its last fenced write
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What a worker holds while it trains a job (from `claim`): the fence on every write it makes for it."""
+
+    job_id: str
+    owner: str
+    attempt: int
+
+
+class LeaseLost(Exception):
+    """A fenced write found the lease gone: another worker has the job now, this one must stop and write nothing."""
+
+    def __init__(self, lease: Lease):
+        super().__init__(f"job {lease.job_id}: attempt {lease.attempt} of {lease.owner} no longer holds its lease")
+        self.lease = lease
 
 
 def fine_tuned_model_name(job: Job) -> str:
@@ -79,6 +108,14 @@ def status_of(session: Session, job_id: str) -> JobStatus | None:
 
 def is_cancelling(session: Session, job_id: str) -> bool:
     return status_of(session, job_id) == JobStatus.CANCELLING
+
+
+def active_job_using(session: Session, organization_id: str, file_id: str) -> str | None:
+    """The id of an unfinished job of the organisation that trains on (or validates with) `file_id`, if any: such a
+    file cannot be deleted, its worker (or the next one, after a loss) still has to read it."""
+    uses = (Job.training_file == file_id) | (Job.validation_file == file_id)
+    query = select(Job.id).where(Job.organization_id == organization_id, uses, Job.status.in_(UNFINISHED))
+    return session.scalar(query.order_by(Job.seq).limit(1))
 
 
 # --- the web tier's transitions -------------------------------------------------------------------------------
@@ -105,13 +142,16 @@ def request_cancel(session: Session, job_id: str) -> bool:
     return _update(session, job_id, {JobStatus.RUNNING}, status=JobStatus.CANCELLING)
 
 
-# --- a worker's transitions, fenced on its lease ----------------------------------------------------------------
+# --- a worker's transitions and writes, fenced on its lease ------------------------------------------------------
+
+# The job-row fields a worker reports while it trains (`record_progress`); everything else changes by transition.
+PROGRESS_FIELDS = frozenset({"trained_tokens", "estimated_finish", "resolved_hyperparameters", "resolved_adapter"})
 
 
 def claim(session: Session, job_id: str, owner: str, lease_seconds: float) -> int | None:
     """queued → running under a lease for `owner`, and a `job_attempts` row. One conditional UPDATE decides
     between racing deliveries of the same id and the API's cancel. Returns the attempt number (1 for the first
-    claim), or None if the job was not queued."""
+    claim; with the owner, the `Lease` every later write is fenced on), or None if the job was not queued."""
     t = time.time()
     claimed = session.execute(
         update(Job)
@@ -124,42 +164,77 @@ def claim(session: Session, job_id: str, owner: str, lease_seconds: float) -> in
     job = session.scalar(select(Job).where(Job.id == job_id))
     if job.started_at is None:
         job.started_at = int(t)
-    session.add(JobAttempt(job_id=job_id, attempt=job.attempts, worker=owner, started_at=t))
+    session.add(JobAttempt(job_id=job_id, attempt=job.attempts, worker=owner, started_at=t, last_write_at=t))
     return job.attempts
 
 
-def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: float) -> bool:
-    """The heartbeat: push `owner`'s lease forward. False once the lease is gone (a reaper took the job back, or it
+def renew_lease(session: Session, lease: Lease, lease_seconds: float) -> bool:
+    """The heartbeat: push the lease forward. False once the lease is gone (a reaper took the job back, or it
     left the leased states): the worker must stop training it."""
-    return _update(session, job_id, LEASED, owner=owner, lease_expires_at=time.time() + lease_seconds)
+    return _fenced_update(session, lease, lease_expires_at=time.time() + lease_seconds)
 
 
-def succeed(session: Session, job_id: str, owner: str, *, artifact_key: str, trained_tokens: int) -> bool:
+def record_progress(session: Session, lease: Lease, **values: Any) -> bool:
+    """Write `PROGRESS_FIELDS` of a job this worker still holds; False (nothing written) once it does not."""
+    unknown = set(values) - PROGRESS_FIELDS
+    if unknown:
+        raise ValueError(f"not progress fields: {sorted(unknown)}")
+    return _fenced_update(session, lease, **values)
+
+
+def insert_fenced(session: Session, lease: Lease, row: type, **values: Any) -> bool:
+    """INSERT one `row` (a table class: JobEvent, Checkpoint) with `values`, in a statement that inserts nothing
+    unless the lease is still held: INSERT INTO t (...) SELECT <values> FROM jobs WHERE <held> FOR SHARE. The FOR
+    SHARE makes a racing reaper wait for this transaction (and this statement wait for the reaper's, then see the
+    lease gone), so a row never lands after the hand-over. Returns whether it was inserted."""
+    columns = row.__table__.c
+    source = (
+        select(*[literal(value, type_=columns[name].type) for name, value in values.items()])
+        .select_from(Job)
+        .where(*_held(lease))
+        .with_for_update(read=True)
+    )
+    # RETURNING, not rowcount: the driver reports no row count for an INSERT ... SELECT (psycopg answers -1)
+    statement = insert(row.__table__).from_select(list(values), source).returning(row.__table__.c.seq)
+    inserted = session.execute(statement).first() is not None
+    if inserted:
+        _touch(session, lease)
+    return inserted
+
+
+def add_fenced_event(session: Session, lease: Lease, message: str, *, level: str = "info", type: str = "message",
+                     data: dict[str, Any] | None = None) -> bool:  # fmt: skip
+    """`control.events.add_event` for a worker: the event is written only while `lease` holds the job."""
+    return insert_fenced(session, lease, JobEvent, id=new_id("ftevent"), job_id=lease.job_id, created_at=now(),
+                         level=level, type=type, message=message, data=data)  # fmt: skip
+
+
+def succeed(session: Session, lease: Lease, *, artifact_key: str, trained_tokens: int) -> bool:
     """running | cancelling → succeeded: a cancel that arrives during the last step is too late, the adapter is
     complete."""
-    job = session.scalar(select(Job).where(Job.id == job_id))
-    return _finish(session, job_id, owner, LEASED, JobStatus.SUCCEEDED, artifact_key=artifact_key,
+    job = session.scalar(select(Job).where(Job.id == lease.job_id))
+    return _finish(session, lease, LEASED, JobStatus.SUCCEEDED, artifact_key=artifact_key,
                    fine_tuned_model=fine_tuned_model_name(job), trained_tokens=trained_tokens)  # fmt: skip
 
 
-def fail(session: Session, job_id: str, owner: str, error: dict[str, Any]) -> bool:
+def fail(session: Session, lease: Lease, error: dict[str, Any]) -> bool:
     """running | cancelling → failed, with the OpenAI-shaped `error` ({code, message, param})."""
-    return _finish(session, job_id, owner, LEASED, JobStatus.FAILED, error=error)
+    return _finish(session, lease, LEASED, JobStatus.FAILED, error=error)
 
 
-def cancel(session: Session, job_id: str, owner: str, *, trained_tokens: int | None = None) -> bool:
+def cancel(session: Session, lease: Lease, *, trained_tokens: int | None = None) -> bool:
     """cancelling → cancelled: the worker stopped at a requested cancel (its last checkpoint kept)."""
     values = {} if trained_tokens is None else {"trained_tokens": trained_tokens}
-    return _finish(session, job_id, owner, {JobStatus.CANCELLING}, JobStatus.CANCELLED, **values)
+    return _finish(session, lease, {JobStatus.CANCELLING}, JobStatus.CANCELLED, **values)
 
 
-def release(session: Session, job_id: str, owner: str) -> bool:
+def release(session: Session, lease: Lease) -> bool:
     """running → queued: the worker is shutting down mid-job; the redelivered message resumes it from its last
     checkpoint. (A job being cancelled is not released: the caller `cancel`s it instead.)"""
-    released = _update(session, job_id, {JobStatus.RUNNING}, owner=owner, status=JobStatus.QUEUED,
-                       estimated_finish=None, lease_owner=None, lease_expires_at=None)  # fmt: skip
+    released = _fenced_update(session, lease, {JobStatus.RUNNING}, status=JobStatus.QUEUED, estimated_finish=None,
+                              lease_owner=None, lease_expires_at=None)  # fmt: skip
     if released:
-        _end_attempt(session, job_id, owner, AttemptOutcome.RELEASED)
+        _end_attempt(session, lease, AttemptOutcome.RELEASED)
     return released
 
 
@@ -175,6 +250,15 @@ class ExpiredLease:
     status: JobStatus
 
 
+@dataclass(frozen=True)
+class Expiry:
+    """What `expire` did: the job's new status and, when it was requeued, how long its retry waits (the caller
+    sends the message with that delay)."""
+
+    status: JobStatus
+    retry_in: float = 0.0
+
+
 def expired_leases(session: Session, at: float) -> list[ExpiredLease]:
     rows = session.execute(
         select(Job.id, Job.lease_owner, Job.lease_expires_at, Job.attempts, Job.status).where(
@@ -184,22 +268,33 @@ def expired_leases(session: Session, at: float) -> list[ExpiredLease]:
     return [ExpiredLease(i, o, e, a, JobStatus(s)) for i, o, e, a, s in rows]
 
 
-def expire(session: Session, lease: ExpiredLease, max_attempts: int, at: float) -> JobStatus | None:
-    """Take a job back from a worker whose lease expired: cancelling → cancelled; running → queued to be resumed
-    (its caller sends the message again), or → failed once it has been claimed `max_attempts` times. Conditional
-    on the same expired lease, so of several reapers one acts and a lease renewed meanwhile is left alone. Returns
-    the new status, or None if this reaper lost."""
+def expire(session: Session, lease: ExpiredLease, max_attempts: int, at: float, *, backoff_seconds: float = 0.0,
+           backoff_max_seconds: float = 0.0) -> Expiry | None:  # fmt: skip
+    """Take a job back from a worker whose lease expired: cancelling → cancelled; running → queued, to be resumed
+    from its last checkpoint after a backoff, or → failed (`worker_lost`) when this is the `max_attempts`-th lost
+    attempt in a row that ended at the same point (the same last checkpoint step: a poison job that takes its
+    worker down, as opposed to infrastructure that failed under it, which is always retried). The backoff doubles
+    with each loss at the same point: `backoff_seconds`, 2×, 4×, ... up to `backoff_max_seconds`. Conditional on
+    the same expired lease, so of several reapers one acts and a lease renewed meanwhile is left alone. Returns
+    what it did, or None if this reaper lost."""
+    point = session.scalar(select(func.max(Checkpoint.step_number)).where(Checkpoint.job_id == lease.job_id))
+    in_a_row = 1 + _lost_at(session, lease.job_id, lease.attempts, point)
+    retry_in = 0.0
     if lease.status == JobStatus.CANCELLING:
         target, values = JobStatus.CANCELLED, {"finished_at": int(at)}
-    elif lease.attempts >= max_attempts:
+    elif in_a_row >= max_attempts:
+        where = "before its first checkpoint" if point is None else f"after its checkpoint at step {point}"
         error = {
             "code": "worker_lost",
-            "message": f"The job's worker stopped unexpectedly {lease.attempts} times; it was not retried again.",
+            "message": f"The job's worker stopped unexpectedly {in_a_row} times in a row at the same point ({where}); "
+            "it was not retried again.",
             "param": None,
         }
         target, values = JobStatus.FAILED, {"error": error, "finished_at": int(at)}
     else:
-        target, values = JobStatus.QUEUED, {"sent_at": at}
+        retry_in = min(backoff_seconds * 2 ** (in_a_row - 1), max(backoff_seconds, backoff_max_seconds))
+        # `sent_at` is when the delayed message comes due: redelivery counts its wait from then.
+        target, values = JobStatus.QUEUED, {"sent_at": at + retry_in}
     won = session.execute(
         update(Job)
         .where(Job.id == lease.job_id, Job.lease_owner == lease.owner, Job.lease_expires_at == lease.expires_at)
@@ -208,16 +303,39 @@ def expire(session: Session, lease: ExpiredLease, max_attempts: int, at: float) 
     ).rowcount
     if not won:
         return None
-    _end_attempt(session, lease.job_id, lease.owner, AttemptOutcome.LOST, at=lease.expires_at)
+    # The attempt ended at its last write that got through (fenced: nothing of it can land later), not when its
+    # lease ran out.
+    session.execute(
+        update(JobAttempt)
+        .where(JobAttempt.job_id == lease.job_id, JobAttempt.attempt == lease.attempts, JobAttempt.ended_at.is_(None))
+        .values(ended_at=func.coalesce(JobAttempt.last_write_at, lease.expires_at), outcome=AttemptOutcome.LOST,
+                checkpoint_step=point)
+    )  # fmt: skip
     if target == JobStatus.QUEUED:
-        add_event(session, lease.job_id, f"Job restarted: its worker stopped unexpectedly (attempt {lease.attempts} "
-                  f"of {max_attempts}); resuming from the last complete checkpoint", level="warn",
+        resume = "from the start" if point is None else f"from its checkpoint at step {point}"
+        add_event(session, lease.job_id, f"Job restarted: its worker stopped unexpectedly (attempt {lease.attempts}); "
+                  f"resuming {resume} in {retry_in:g} s", level="warn",
                   data={"type": "job_restarted", "attempt": lease.attempts})  # fmt: skip
     elif target == JobStatus.FAILED:
         add_event(session, lease.job_id, f"Fine-tuning job failed: {values['error']['message']}", level="error")
     else:
         add_event(session, lease.job_id, "Job cancelled; last checkpoint kept")
-    return target
+    return Expiry(target, retry_in)
+
+
+def _lost_at(session: Session, job_id: str, before_attempt: int, point: int | None) -> int:
+    """How many attempts right before `before_attempt` were lost at checkpoint step `point` (None: none yet)."""
+    earlier = session.execute(
+        select(JobAttempt.outcome, JobAttempt.checkpoint_step)
+        .where(JobAttempt.job_id == job_id, JobAttempt.attempt < before_attempt)
+        .order_by(JobAttempt.attempt.desc())
+    )
+    count = 0
+    for outcome, step in earlier:
+        if outcome != AttemptOutcome.LOST or step != point:
+            break
+        count += 1
+    return count
 
 
 def unsent_queued(session: Session, sent_before: float) -> list[tuple[str, float | None]]:
@@ -240,29 +358,50 @@ def mark_resent(session: Session, job_id: str, sent_at: float | None, at: float)
     )
 
 
-# --- the one UPDATE shape ---------------------------------------------------------------------------------------
+# --- the UPDATE shapes ------------------------------------------------------------------------------------------
 
 
-def _update(session: Session, job_id: str, from_statuses: frozenset | set, *, owner: str | None = None,
-            **values: Any) -> bool:  # fmt: skip
-    query = update(Job).where(Job.id == job_id, Job.status.in_(from_statuses))
-    if owner is not None:
-        query = query.where(Job.lease_owner == owner)
-    return bool(session.execute(query.values(**values)).rowcount)
+def _held(lease: Lease) -> tuple:
+    """The fence: the job is still leased, to this owner, for this attempt. (The attempt number tells apart two
+    claims by the same owner name.)"""
+    return (Job.id == lease.job_id, Job.lease_owner == lease.owner, Job.attempts == lease.attempt,
+            Job.status.in_(LEASED))  # fmt: skip
 
 
-def _finish(session: Session, job_id: str, owner: str, from_statuses: frozenset | set, status: JobStatus,
-            **values: Any) -> bool:  # fmt: skip
-    done = _update(session, job_id, from_statuses, owner=owner, status=status, finished_at=now(),
-                   estimated_finish=None, lease_expires_at=None, **values)  # fmt: skip
+def _touch(session: Session, lease: Lease) -> None:
+    """Remember the attempt's last fenced write: when it really ended, should its worker be lost."""
+    session.execute(
+        update(JobAttempt)
+        .where(JobAttempt.job_id == lease.job_id, JobAttempt.attempt == lease.attempt)
+        .values(last_write_at=time.time())
+    )
+
+
+def _fenced_update(session: Session, lease: Lease, from_statuses: frozenset | set = LEASED, **values: Any) -> bool:
+    query = update(Job).where(*_held(lease), Job.status.in_(from_statuses))
+    done = bool(session.execute(query.values(**values)).rowcount)
     if done:
-        _end_attempt(session, job_id, owner, AttemptOutcome(status.value))
+        _touch(session, lease)
     return done
 
 
-def _end_attempt(session: Session, job_id: str, owner: str, outcome: AttemptOutcome, at: float | None = None) -> None:
+def _update(session: Session, job_id: str, from_statuses: frozenset | set, **values: Any) -> bool:
+    query = update(Job).where(Job.id == job_id, Job.status.in_(from_statuses))
+    return bool(session.execute(query.values(**values)).rowcount)
+
+
+def _finish(session: Session, lease: Lease, from_statuses: frozenset | set, status: JobStatus, **values: Any) -> bool:
+    done = _fenced_update(session, lease, from_statuses, status=status, finished_at=now(), estimated_finish=None,
+                          lease_expires_at=None, **values)  # fmt: skip
+    if done:
+        _end_attempt(session, lease, AttemptOutcome(status.value))
+    return done
+
+
+def _end_attempt(session: Session, lease: Lease, outcome: AttemptOutcome) -> None:
+    # Its outcome is its last fenced write (`_touch` just recorded it): that is when it ended.
     session.execute(
         update(JobAttempt)
-        .where(JobAttempt.job_id == job_id, JobAttempt.worker == owner, JobAttempt.ended_at.is_(None))
-        .values(ended_at=at or time.time(), outcome=outcome)
+        .where(JobAttempt.job_id == lease.job_id, JobAttempt.attempt == lease.attempt, JobAttempt.ended_at.is_(None))
+        .values(ended_at=JobAttempt.last_write_at, outcome=outcome)
     )

@@ -101,8 +101,14 @@ class JobAttempt(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     worker: Mapped[str] = mapped_column(String(200))
     started_at: Mapped[float] = mapped_column(Float)
-    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # a lost worker's: its lease's expiry
+    # Its last fenced write (control.jobs): the claim, a heartbeat, an event, a checkpoint row, the outcome. Nothing
+    # of the attempt can land after it once its lease is gone, so a lost attempt ended here.
+    last_write_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # its outcome's write, or its last write
     outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)  # succeeded|failed|cancelled|released|lost
+    # A lost attempt's point: the job's last checkpoint step when it was lost (None: none yet). The same point N
+    # times in a row makes a poison job (control.jobs.expire).
+    checkpoint_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class IdempotencyKey(Base):

@@ -37,6 +37,8 @@ def _client(broker_url: str, queue: str, max_job_seconds: int) -> Celery:
     return make_celery(Settings.model_construct(broker_url=broker_url, queue=queue, max_job_seconds=max_job_seconds))
 
 
-def enqueue(job_id: str, settings: Settings) -> None:
+def enqueue(job_id: str, settings: Settings, *, delay: float = 0.0) -> None:
+    """Send job `job_id`'s message; with `delay` (seconds) it is delivered no earlier than that (a retry's
+    backoff). A message lost meanwhile is sent again by the reaper (worker.lease.redeliver)."""
     client = _client(settings.resolved_broker_url, settings.queue, settings.max_job_seconds)
-    client.send_task(TRAIN_TASK, args=[job_id], queue=settings.queue)
+    client.send_task(TRAIN_TASK, args=[job_id], queue=settings.queue, countdown=delay if delay > 0 else None)

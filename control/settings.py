@@ -58,12 +58,16 @@ class Settings(BaseSettings):
     inference_port: int = 8001
     queue: str = "training"
     # Worker leases: a training worker renews its job's lease every `heartbeat_seconds`; a job whose lease is
-    # older than `lease_seconds` is requeued by any worker's reaper (every `reaper_seconds`), up to
-    # `max_attempts` claims in all, then failed.
+    # older than `lease_seconds` is requeued by any worker's reaper (every `reaper_seconds`) after a backoff
+    # (`retry_backoff_seconds`, doubling with each loss at the same point, at most `retry_backoff_max_seconds`);
+    # it fails (`worker_lost`) only once `max_attempts` attempts in a row were lost at the same point (the same
+    # last checkpoint: a poison job). Losses between which the job made progress never fail it.
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
     reaper_seconds: float = 15.0
     max_attempts: int = 3
+    retry_backoff_seconds: float = 5.0
+    retry_backoff_max_seconds: float = 300.0
     redeliver_seconds: float = 600.0  # a job queued this long since its message was sent gets it sent again
     fault_point: str | None = None  # crash tests only: "<point>[:<n>]" SIGKILLs the worker there (worker.faults)
 

@@ -1,14 +1,16 @@
 """Job leases: how a job survives a worker that dies without a word (SIGKILL, out of memory, a lost machine).
 
 A worker that claims a job becomes its lease owner until `lease_expires_at`, and a heartbeat thread pushes that
-time forward while it trains. Every write that records an outcome is fenced on the lease (`WHERE lease_owner =
-me`), so a worker that lost its lease (paused past the expiry, cut off from the database) can no longer change the
-job; its heartbeat notices the loss and stops its training at the next step.
+time forward while it trains. Every write the worker makes for the job (events, progress, checkpoint rows, the
+outcome) is fenced on the lease (control.jobs: `lease_owner = me AND attempts = mine`, in the writing statement),
+so a worker that lost its lease (paused past the expiry, cut off from the database) can no longer change the job;
+its heartbeat, or its next fenced write, notices the loss and stops its training at once (`LeaseLost`).
 
 The reaper (a thread in every worker process) finds jobs whose lease expired: it puts them back in the queue with
-a `job_restarted` event and sends their message again, so the next worker resumes from the last complete
-checkpoint; after `max_attempts` claims it fails the job instead. `job_attempts` keeps one row per claim (a lost
-one ends when its lease expired), the history that shows no two workers held a job at once.
+a `job_restarted` event and sends their message again after a backoff, so the next worker resumes from the last
+complete checkpoint; a job lost `max_attempts` times in a row at the same checkpoint (a poison job) fails instead.
+`job_attempts` keeps one row per claim (a lost one ends at its last fenced write), the history that shows no two
+workers held a job at once.
 """
 
 from __future__ import annotations
@@ -39,14 +41,14 @@ def worker_id() -> str:
 
 
 class Heartbeat:
-    """Renews `job_id`'s lease every `settings.heartbeat_seconds` while training runs; `lost` is set once the
-    lease is gone (another worker's reaper took the job, or the job left the active states)."""
+    """Renews `lease` every `settings.heartbeat_seconds` while training runs; `lost` is set once the lease is gone
+    (another worker's reaper took the job, or the job left the active states)."""
 
-    def __init__(self, job_id: str, owner: str, settings: Settings):
-        self.job_id, self.owner, self.settings = job_id, owner, settings
+    def __init__(self, lease: jobs.Lease, settings: Settings):
+        self.lease, self.job_id, self.settings = lease, lease.job_id, settings
         self.lost = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{lease.job_id}", daemon=True)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -56,23 +58,32 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=30)
 
+    def renew_now(self) -> bool:
+        """Renew the lease now, from the calling thread; False (and `lost` set) once it is gone. A database that
+        is away answers True: the lease may well still be ours, and every write is fenced anyway."""
+        if self.lost.is_set():
+            return False
+        try:
+            with session_scope(self.settings.resolved_database_url) as session:
+                renewed = jobs.renew_lease(session, self.lease, self.settings.lease_seconds)
+        except SQLAlchemyError:
+            log.warning("job %s: cannot renew the lease (database unavailable); retrying", self.job_id)
+            return True
+        if not renewed:
+            log.error("job %s: lease lost; stopping this worker's training of it", self.job_id)
+            self.lost.set()
+        return renewed
+
     def _run(self) -> None:
+        # the database being away is not a loss: keep training, try again next beat
         while not self._stop.wait(self.settings.heartbeat_seconds):
-            try:
-                with session_scope(self.settings.resolved_database_url) as session:
-                    renewed = jobs.renew_lease(session, self.job_id, self.owner, self.settings.lease_seconds)
-            except SQLAlchemyError:  # the database is away: keep training, try again next beat
-                log.warning("job %s: cannot renew the lease (database unavailable); retrying", self.job_id)
-                continue
-            if not renewed:
-                log.error("job %s: lease lost; stopping this worker's training of it", self.job_id)
-                self.lost.set()
+            if not self.renew_now():
                 return
 
 
 def reap(settings: Settings) -> list[str]:
-    """Requeue (or fail, past `max_attempts`) every leased job whose lease has expired, and send again the
-    message of every job left queued too long (`redeliver`); returns the ids sent."""
+    """Requeue (after a backoff; or fail, a poison job) every leased job whose lease has expired, and send again
+    the message of every job left queued too long (`redeliver`); returns the ids sent."""
     url = settings.resolved_database_url
     now = time.time()
     with session_scope(url) as session:
@@ -80,13 +91,16 @@ def reap(settings: Settings) -> list[str]:
     requeued = []
     for lease in expired:
         with session_scope(url) as session:
-            status = jobs.expire(session, lease, settings.max_attempts, now)
-        if status is None:  # another reaper acted, or the lease was renewed meanwhile
+            expiry = jobs.expire(session, lease, settings.max_attempts, now,
+                                 backoff_seconds=settings.retry_backoff_seconds,
+                                 backoff_max_seconds=settings.retry_backoff_max_seconds)  # fmt: skip
+        if expiry is None:  # another reaper acted, or the lease was renewed meanwhile
             continue
-        if status == jobs.JobStatus.QUEUED:
-            enqueue(lease.job_id, settings)  # after the commit, so the delivery finds the row queued
+        if expiry.status == jobs.JobStatus.QUEUED:
+            # after the commit, so the delivery finds the row queued
+            enqueue(lease.job_id, settings, delay=expiry.retry_in)
             requeued.append(lease.job_id)
-        log.warning("job %s: lease of %s expired; now %s", lease.job_id, lease.owner, status)
+        log.warning("job %s: lease of %s expired; now %s", lease.job_id, lease.owner, expiry.status)
     return requeued + redeliver(settings, now)
 
 

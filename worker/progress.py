@@ -2,7 +2,9 @@
 cancel reaches the loop. It only writes rows and answers `should_stop`; the loop never learns about the database.
 
 Every write is its own short transaction: the API reads progress while the job trains, and an SQLite database is
-never held locked across a training step.
+never held locked across a training step. Every write is fenced on the worker's lease (control.jobs); one that
+finds the lease gone raises `LeaseLost` out of the loop, which stops the training at once, writing nothing more
+(no checkpoint, no artifact).
 """
 
 from __future__ import annotations
@@ -13,15 +15,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from control import jobs
 from control.db import session_scope, with_retries
-from control.events import add_event
 from control.ids import new_id, now
-from control.orm import Checkpoint, Job
+from control.orm import Checkpoint
 from control.storage import Storage
 from neat_core.train import Callback, list_checkpoints
 from neat_core.train.checkpoint import LoopState
@@ -37,8 +38,8 @@ ROW_UPDATE_SECONDS = 1.0  # trained_tokens / estimated_finish: fresh enough for 
 class DbProgress(Callback):
     poll_seconds = 1.0  # a cancel is seen within this long; one cheap status query per interval at most
 
-    def __init__(self, job_id: str, database_url: str, storage: Storage):
-        self.job_id = job_id
+    def __init__(self, lease: jobs.Lease, database_url: str, storage: Storage):
+        self.lease, self.job_id = lease, lease.job_id
         self.url = database_url
         self.storage = storage
         self.total_steps = 0
@@ -61,15 +62,12 @@ class DbProgress(Callback):
             f"({counts['trainable_parameters']:,} trainable), {self.total_steps} steps"
         )
 
-        def write(session: Session) -> None:
-            session.execute(
-                update(Job)
-                .where(Job.id == self.job_id)
-                .values(resolved_hyperparameters=resolved, resolved_adapter=adapter)
-            )
-            add_event(session, self.job_id, message, data={**counts, "task": info["task"]})
+        def write(session: Session) -> bool:
+            return jobs.record_progress(
+                session, self.lease, resolved_hyperparameters=resolved, resolved_adapter=adapter
+            ) and jobs.add_fenced_event(session, self.lease, message, data={**counts, "task": info["task"]})
 
-        with_retries(self.url, write)
+        self._write(write)
 
     def on_step_end(self, loop: LoopState, metrics: dict[str, float]) -> None:
         step = loop.step
@@ -78,41 +76,45 @@ class DbProgress(Callback):
         if not event_due and time.monotonic() - self._row_updated_at < ROW_UPDATE_SECONDS:
             return
 
-        def write(session: Session) -> None:
-            session.execute(
-                update(Job)
-                .where(Job.id == self.job_id)
-                .values(trained_tokens=loop.trained_tokens, estimated_finish=self._estimated_finish(step))
-            )
+        def write(session: Session) -> bool:
+            progress = {"trained_tokens": loop.trained_tokens, "estimated_finish": self._estimated_finish(step)}
+            if not jobs.record_progress(session, self.lease, **progress):
+                return False
             if event_due:
                 # `metrics` also carries the last validation results; those have their own events.
                 train = {k: v for k, v in metrics.items() if not k.startswith("valid_")}
-                self._metrics_event(session, step, f"training loss={metrics['train_loss']:.4f}", train)
+                return self._metrics_event(session, step, f"training loss={metrics['train_loss']:.4f}", train)
+            return True
 
-        with_retries(self.url, write)
+        self._write(write)
         self._row_updated_at = time.monotonic()
 
     def on_evaluate(self, loop: LoopState, metrics: dict[str, float]) -> None:
         valid = {k: v for k, v in metrics.items() if k.startswith("valid_")}
         summary = f"validation loss={metrics['valid_loss']:.4f}"
-        with_retries(self.url, lambda session: self._metrics_event(session, loop.step, summary, valid))
+        self._write(lambda session: self._metrics_event(session, loop.step, summary, valid))
 
     def on_checkpoint(self, loop: LoopState, path: Path, metrics: dict[str, float]) -> None:
         key = self.storage.key(path)
+        folder = self.storage.key(path.parent)  # this attempt's checkpoints/
         on_disk = [self.storage.key(p) for p in list_checkpoints(path.parent)]  # neat_core keeps only the last few
         of_job = Checkpoint.job_id == self.job_id
 
-        def write(session: Session) -> None:
-            row = session.scalar(select(Checkpoint).where(of_job, Checkpoint.storage_key == key))
-            if row is None:
-                row = Checkpoint(id=new_id("ftckpt"), job_id=self.job_id, step_number=loop.step, storage_key=key)
-                session.add(row)
-            row.metrics, row.pruned = {"step": loop.step, **metrics}, False  # a re-saved step replaces its files
+        def write(session: Session) -> bool:
+            row_id = new_id("ftckpt")
+            if not jobs.insert_fenced(session, self.lease, Checkpoint, id=row_id, job_id=self.job_id,
+                                      step_number=loop.step, metrics={"step": loop.step, **metrics},
+                                      storage_key=key, created_at=now(), pruned=False):  # fmt: skip
+                return False
+            # a re-saved step replaced its files: its new row replaces the old one
+            session.execute(delete(Checkpoint).where(of_job, Checkpoint.storage_key == key, Checkpoint.id != row_id))
+            ours = Checkpoint.storage_key.startswith(f"{folder}/", autoescape=True)  # not other attempts'
             gone = Checkpoint.storage_key.not_in(on_disk)
-            session.execute(update(Checkpoint).where(of_job, gone).values(pruned=True))
-            add_event(session, self.job_id, f"Checkpoint saved at step {loop.step}", data={"step": loop.step})
+            session.execute(update(Checkpoint).where(of_job, ours, gone).values(pruned=True))
+            message = f"Checkpoint saved at step {loop.step}"
+            return jobs.add_fenced_event(session, self.lease, message, data={"step": loop.step})
 
-        with_retries(self.url, write)
+        self._write(write)
 
     def should_stop(self, loop: LoopState) -> bool:
         if not self._cancelling and time.monotonic() - self._polled_at >= self.poll_seconds:
@@ -131,16 +133,45 @@ class DbProgress(Callback):
         per_step = (time.monotonic() - self._start_time) / done
         return now() + round(per_step * (self.total_steps - step))
 
-    def _metrics_event(self, session, step: int, summary: str, metrics: dict[str, float]) -> None:
+    def _write(self, write) -> None:
+        """Run a fenced `write` (False: the lease is gone) in its own transaction, retried while the database is
+        away; a lost lease ends the training here."""
+        if not with_retries(self.url, write):
+            raise jobs.LeaseLost(self.lease)
+
+    def _metrics_event(self, session, step: int, summary: str, metrics: dict[str, float]) -> bool:
         data = {"step": step, "total_steps": self.total_steps, **metrics}
-        add_event(session, self.job_id, f"Step {step}/{self.total_steps}: {summary}", type="metrics", data=data)
+        message = f"Step {step}/{self.total_steps}: {summary}"
+        return jobs.add_fenced_event(session, self.lease, message, type="metrics", data=data)
 
 
 class LeaseWatch(Callback):
-    """Stops the training once this worker's heartbeat reports the job's lease lost (worker.lease)."""
+    """Ends the training at once, before the step's writes and checkpoint, once this worker's heartbeat reports
+    the job's lease lost (worker.lease): it raises `LeaseLost` rather than asking the loop to stop, because a
+    stopping loop saves a checkpoint first. Put it first among the callbacks.
+
+    Before every checkpoint and the artifact it also renews the lease itself, there and then: a worker resumed
+    after a pause (SIGSTOP) goes straight on to the write its step had due, before its heartbeat thread has had a
+    chance to notice anything. (Files are not fenced like rows: a pause *inside* a write still finishes that
+    write once resumed, but in the attempt's own folder, and without its row nothing ever reads it.)"""
 
     def __init__(self, heartbeat: Any):
         self.heartbeat = heartbeat
 
-    def should_stop(self, loop: LoopState) -> bool:
-        return self.heartbeat.lost.is_set()
+    def _check(self) -> None:
+        if self.heartbeat.lost.is_set():
+            raise jobs.LeaseLost(self.heartbeat.lease)
+
+    def on_train_begin(self, loop: LoopState, info: dict[str, Any]) -> None:
+        self._check()
+
+    def on_step_end(self, loop: LoopState, metrics: dict[str, float]) -> None:
+        self._check()
+
+    def on_evaluate(self, loop: LoopState, metrics: dict[str, float]) -> None:
+        self._check()
+
+    def before_save(self, loop: LoopState, what: str) -> None:
+        self._check()
+        if not self.heartbeat.renew_now():
+            raise jobs.LeaseLost(self.heartbeat.lease)

@@ -1,8 +1,9 @@
 """One fine-tuning job from start to finish: claim the row → build the TrainSpec → train → record the outcome.
 
-The database row is the truth. Every transition is a conditional UPDATE on the row's status and on this worker's
-lease (control.jobs), so the worker never overwrites a state someone else set (the API's cancel, a reaper that
-gave the job to another worker). A training failure is recorded on the job and never raised: the task returns
+The database row is the truth. Every transition, and every other write for the job, is conditional on the row's
+status and on this worker's lease (control.jobs), so the worker never overwrites a state someone else set (the
+API's cancel, a reaper that gave the job to another worker). A worker that finds its lease gone stops at once and
+records nothing. A training failure is recorded on the job and never raised: the task returns
 normally, its message is acked, and the worker takes the next job.
 """
 
@@ -35,59 +36,64 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     settings = settings or get_settings()
     url = settings.resolved_database_url
     storage = Storage(settings.resolved_artifact_root)
-    owner = worker_id()
-    if not _claim(url, job_id, owner, settings):
+    lease = _claim(url, job_id, worker_id(), settings)
+    if lease is None:
         log.info("job %s is not queued (duplicate delivery, or cancelled before it started); skipping", job_id)
         return "skipped"
     try:
-        with Heartbeat(job_id, owner, settings) as heartbeat:  # from the claim on: importing torch takes seconds
+        with Heartbeat(lease, settings) as heartbeat:  # from the claim on: importing torch takes seconds
             faults.reached("claimed", settings)
             # torch comes in with these: imported per task, never when the worker starts (see worker.app).
             from neat_core.train import train
             from worker.progress import DbProgress, LeaseWatch
 
-            spec = train_spec(url, job_id, settings, storage)
-            callbacks = [DbProgress(job_id, url, storage), LeaseWatch(heartbeat), *faults.callbacks(settings)]
+            spec = train_spec(url, lease, settings, storage)
+            # LeaseWatch first: once the lease is gone, no other callback writes anything
+            callbacks = [LeaseWatch(heartbeat), DbProgress(lease, url, storage), *faults.callbacks(settings)]
             result = train(spec, callbacks=callbacks)
-        if heartbeat.lost.is_set():  # another worker has the job now: record nothing
-            log.warning("job %s: lease lost during training; leaving the job to its new worker", job_id)
-            return "lost"
+        if heartbeat.lost.is_set():
+            raise jobs.LeaseLost(lease)
         faults.reached("trained", settings)
+    except jobs.LeaseLost:  # another worker has the job now: record nothing (every write would be refused anyway)
+        log.warning("job %s: lease lost (attempt %s); leaving the job to its new worker", job_id, lease.attempt)
+        return "lost"
     except (NeatCoreError, FileGone) as e:  # the data or the request is at fault: tell the user what and where
         log.warning("job %s failed: %s", job_id, e)
         error = {"code": e.code, "message": str(e), "param": getattr(e, "field", None)}
-        return _failed(url, job_id, owner, error)
+        return _failed(url, lease, error)
     except Exception as e:  # a bug, or out of memory: the job fails, the worker lives on
         log.exception("job %s failed", job_id)
         error = {"code": "training_error", "message": f"{type(e).__name__}: {e}", "param": None}
-        return _failed(url, job_id, owner, error)
+        return _failed(url, lease, error)
     except BaseException:
         # The worker is shutting down mid-job. With late acks the message goes back to the broker; put the row
         # back in the queue too, so that the redelivery can claim it and resume from the last checkpoint.
-        _release(url, job_id, owner)
+        _release(url, lease)
         raise
     if result.cancelled:
-        return _cancelled(url, job_id, owner, result)
-    return _succeeded(url, job_id, owner, storage, result)
+        return _cancelled(url, lease, result)
+    return _succeeded(url, lease, storage, result)
 
 
-def _claim(url: str, job_id: str, owner: str, settings: Settings) -> bool:
+def _claim(url: str, job_id: str, owner: str, settings: Settings) -> jobs.Lease | None:
     # One statement decides: of two deliveries of the same id, or a claim racing the API's cancel, one wins.
     def write(session: Session) -> int | None:
         attempt = jobs.claim(session, job_id, owner, settings.lease_seconds)
         if attempt == 1:
             add_event(session, job_id, "Fine-tuning job started")
         elif attempt is not None:
-            add_event(session, job_id, f"Fine-tuning job started again (attempt {attempt} of {settings.max_attempts})")
+            add_event(session, job_id, f"Fine-tuning job started again (attempt {attempt})")
         return attempt
 
-    return with_retries(url, write) is not None
+    attempt = with_retries(url, write)
+    return None if attempt is None else jobs.Lease(job_id, owner, attempt)
 
 
 def _recorded(session: Session, job_id: str, done: bool, status: JobStatus, message: str, *, level: str = "info",
               data: dict | None = None) -> str:  # fmt: skip
-    """The event of an outcome this worker recorded; or, when its transition lost (the job was cancelled or
-    taken back meanwhile), a log line and the status someone else set."""
+    """The event of an outcome this worker recorded (in the transaction whose fenced UPDATE holds the job row
+    locked, so it is fenced too); or, when its transition lost (the job was cancelled or taken back meanwhile), a
+    log line and the status someone else set."""
     if done:
         add_event(session, job_id, message, level=level, data=data)
         return status
@@ -96,38 +102,40 @@ def _recorded(session: Session, job_id: str, done: bool, status: JobStatus, mess
     return current
 
 
-def _succeeded(url: str, job_id: str, owner: str, storage: Storage, result: TrainResult) -> str:
+def _succeeded(url: str, lease: jobs.Lease, storage: Storage, result: TrainResult) -> str:
     def write(session: Session) -> str:
-        done = jobs.succeed(session, job_id, owner, artifact_key=storage.key(result.adapter_dir),
+        done = jobs.succeed(session, lease, artifact_key=storage.key(result.adapter_dir),
                             trained_tokens=result.trained_tokens)  # fmt: skip
         data = {"step": result.steps, **result.metrics}
-        return _recorded(session, job_id, done, JobStatus.SUCCEEDED, "The job has successfully completed", data=data)
+        return _recorded(
+            session, lease.job_id, done, JobStatus.SUCCEEDED, "The job has successfully completed", data=data
+        )
 
     return with_retries(url, write)
 
 
-def _cancelled(url: str, job_id: str, owner: str, result: TrainResult) -> str:
+def _cancelled(url: str, lease: jobs.Lease, result: TrainResult) -> str:
     def write(session: Session) -> str:
-        done = jobs.cancel(session, job_id, owner, trained_tokens=result.trained_tokens)
+        done = jobs.cancel(session, lease, trained_tokens=result.trained_tokens)
         message = f"Job cancelled at step {result.steps}; last checkpoint kept"
-        return _recorded(session, job_id, done, JobStatus.CANCELLED, message)
+        return _recorded(session, lease.job_id, done, JobStatus.CANCELLED, message)
 
     return with_retries(url, write)
 
 
-def _failed(url: str, job_id: str, owner: str, error: dict[str, Any]) -> str:
+def _failed(url: str, lease: jobs.Lease, error: dict[str, Any]) -> str:
     def write(session: Session) -> str:
-        done = jobs.fail(session, job_id, owner, error)
+        done = jobs.fail(session, lease, error)
         message = f"Fine-tuning job failed: {error['message']}"
-        return _recorded(session, job_id, done, JobStatus.FAILED, message, level="error")
+        return _recorded(session, lease.job_id, done, JobStatus.FAILED, message, level="error")
 
     return with_retries(url, write)
 
 
-def _release(url: str, job_id: str, owner: str) -> None:
+def _release(url: str, lease: jobs.Lease) -> None:
     with session_scope(url) as session:
-        if jobs.release(session, job_id, owner):
-            add_event(session, job_id, "Worker stopped mid-job; the job is queued again", level="warn")
+        if jobs.release(session, lease):
+            add_event(session, lease.job_id, "Worker stopped mid-job; the job is queued again", level="warn")
         else:  # it was being cancelled anyway
-            done = jobs.cancel(session, job_id, owner)
-            _recorded(session, job_id, done, JobStatus.CANCELLED, "Job cancelled; last checkpoint kept")
+            done = jobs.cancel(session, lease)
+            _recorded(session, lease.job_id, done, JobStatus.CANCELLED, "Job cancelled; last checkpoint kept")

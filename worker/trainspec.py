@@ -1,5 +1,10 @@
-"""A job row → the `TrainSpec` neat_core trains: the files it names, its working directory, and the checkpoint an
-earlier attempt left there to resume from."""
+"""A job row → the `TrainSpec` neat_core trains: the files it names, its attempt's working directory, and the
+checkpoint an earlier attempt left to resume from.
+
+Each attempt works in a folder of its own, `<org>/jobs/<job>/attempt-<n>/` (checkpoints/ and adapter/), so a
+worker that lost its lease while paused and resumes cannot write into its successor's folder. An attempt resumes
+from the newest checkpoint any earlier attempt *recorded* (a `checkpoints` row, written fenced on its lease, whose
+directory is complete on disk): a directory a zombie finished after the hand-over has no row and is never read."""
 
 from __future__ import annotations
 
@@ -9,9 +14,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from control import jobs
 from control.db import session_scope
-from control.events import add_event
-from control.orm import File, Job
+from control.orm import Checkpoint, File, Job
 from control.settings import Settings
 from control.storage import Storage, job_key
 
@@ -31,11 +36,16 @@ class FileGone(Exception):
         super().__init__(f"{field} '{file_id}' no longer exists; upload it again and create a new job.")
 
 
-def train_spec(url: str, job_id: str, settings: Settings, storage: Storage) -> TrainSpec:
-    from neat_core.train import TrainSpec, checkpoint_step, latest_checkpoint
+def attempt_key(org_id: str, job_id: str, attempt: int) -> str:
+    """An attempt's working directory: its checkpoints/ and adapter/."""
+    return f"{job_key(org_id, job_id)}/attempt-{attempt}"
+
+
+def train_spec(url: str, lease: jobs.Lease, settings: Settings, storage: Storage) -> TrainSpec:
+    from neat_core.train import TrainSpec, checkpoint_step
 
     with session_scope(url) as session:
-        job = session.scalar(select(Job).where(Job.id == job_id))
+        job = session.scalar(select(Job).where(Job.id == lease.job_id))
         training_file = _file_path(session, storage, job, "training_file")
         validation_file = _file_path(session, storage, job, "validation_file") if job.validation_file else None
         adapter = dict(job.adapter)
@@ -46,7 +56,7 @@ def train_spec(url: str, job_id: str, settings: Settings, storage: Storage) -> T
             base_model=job.model,
             training_file=training_file,
             validation_file=validation_file,
-            output_dir=storage.path(job_key(job.organization_id, job.id)),
+            output_dir=storage.path(attempt_key(job.organization_id, job.id, lease.attempt)),
             method=method,
             adapter=adapter,
             **schedule,
@@ -55,12 +65,28 @@ def train_spec(url: str, job_id: str, settings: Settings, storage: Storage) -> T
             device=settings.device,
             cache_dir=settings.model_cache_dir,
         )
-        # A checkpoint in the job's own directory comes from an earlier attempt (a cancel, a lost worker):
-        # continue from it rather than start over.
-        spec.resume_from = latest_checkpoint(spec.checkpoint_dir)
+        # A checkpoint an earlier attempt recorded (a lost worker, a worker that shut down): continue from it
+        # rather than start over.
+        spec.resume_from = _resume_point(session, storage, job.id)
         if spec.resume_from is not None:
-            add_event(session, job.id, f"Resuming from checkpoint at step {checkpoint_step(spec.resume_from)}")
+            message = f"Resuming from checkpoint at step {checkpoint_step(spec.resume_from)}"
+            if not jobs.add_fenced_event(session, lease, message):
+                raise jobs.LeaseLost(lease)
         return spec
+
+
+def _resume_point(session: Session, storage: Storage, job_id: str) -> Path | None:
+    """The newest recorded checkpoint of the job whose directory is complete (a rename makes it so)."""
+    rows = session.scalars(
+        select(Checkpoint.storage_key)
+        .where(Checkpoint.job_id == job_id, Checkpoint.pruned.is_(False))
+        .order_by(Checkpoint.step_number.desc(), Checkpoint.seq.desc())
+    )
+    for key in rows:
+        path = storage.path(key)
+        if (path / "state.json").is_file():
+            return path
+    return None
 
 
 def _file_path(session: Session, storage: Storage, job: Job, field: str) -> Path:

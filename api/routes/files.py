@@ -16,6 +16,7 @@ from api.idempotency import Claim, request_hash
 from api.pagination import owned, paginate
 from api.quotas import check_storage_quota
 from api.schemas import file_object, page
+from control import jobs
 from control.ids import new_id
 from control.orm import File
 from control.storage import TooLarge, file_key
@@ -125,7 +126,15 @@ def retrieve_file(session: SessionDep, org: CurrentOrg, file_id: str) -> dict:
 
 @router.delete("/{file_id}")
 def delete_file(session: SessionDep, org: CurrentOrg, storage: StorageDep, file_id: str) -> dict:
-    row = _get(session, org, file_id)
+    # The row is locked (Postgres) while we look for jobs that use it; job creation reads it FOR SHARE, so a job
+    # created at the same moment either waits for this delete (then finds no file) or makes it answer 409.
+    row = session.scalar(owned(File, org).where(File.id == file_id).with_for_update())
+    if row is None:
+        raise not_found("file", file_id)
+    job_id = jobs.active_job_using(session, org, file_id)
+    if job_id is not None:
+        raise APIError(409, f"File {file_id} is in use by job {job_id}, which has not finished; cancel the job or "
+                       "wait for it to finish, then delete the file.", code="file_in_use", param="file_id")  # fmt: skip
     session.delete(row)
     session.commit()
     storage.delete(row.storage_key)

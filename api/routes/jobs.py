@@ -45,7 +45,8 @@ def _get(session, org: str, job_id: str) -> Job:
 
 
 def _file(session, org: str, file_id: str, param: str) -> File:
-    row = session.scalar(owned(File, org).where(File.id == file_id))
+    # FOR SHARE (Postgres): a concurrent DELETE /v1/files of this file waits until the job is created, then sees it
+    row = session.scalar(owned(File, org).where(File.id == file_id).with_for_update(read=True))
     if row is None:
         raise APIError(400, f"{param} '{file_id}' does not exist.", code="file_not_found", param=param)
     return row

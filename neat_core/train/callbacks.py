@@ -25,6 +25,11 @@ class Callback:
     def on_epoch_end(self, loop: LoopState, metrics: dict[str, float]) -> None:
         """After the last batch of an epoch (`loop.epoch` is the epoch just finished)."""
 
+    def before_save(self, loop: LoopState, what: str) -> None:
+        """Before the loop writes a checkpoint (`what` = "checkpoint") or the finished adapter ("artifact"). A
+        caller that may no longer write anything (it lost the job to another process) raises here: the exception
+        leaves `train` and nothing is written."""
+
     def on_checkpoint(self, loop: LoopState, path: Path, metrics: dict[str, float]) -> None:
         """After a checkpoint directory is complete on disk."""
 

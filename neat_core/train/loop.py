@@ -251,6 +251,8 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
                 cb.on_evaluate(loop, metrics)
 
     def checkpoint() -> Path:
+        for cb in callbacks:
+            cb.before_save(loop, "checkpoint")
         path = save_checkpoint(
             spec.checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler, loop=loop,
             metrics=metrics, fingerprint=fingerprint, method_state=method_state, keep_last=spec.keep_checkpoints,
@@ -299,6 +301,8 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
                 cb.on_epoch_end(loop, metrics)
             loop.epoch, loop.batch_in_epoch = loop.epoch + 1, 0
 
+    for cb in callbacks:
+        cb.before_save(loop, "artifact")
     manifest = _manifest(spec, run, loop, metrics, hyperparameters, method_state)
     adapter_dir = save_artifact(model, spec.adapter_dir, base_model=spec.base_model, manifest=manifest)
     return result("succeeded", adapter_dir)

@@ -249,3 +249,22 @@ def test_retrieve_content_delete(api):
 def test_unknown_file_is_404(api, method, suffix):
     error = assert_error(api.request(method, f"/v1/files/file-missing{suffix}"), 404, code="file_not_found")
     assert "file-missing" in error["message"]
+
+
+def test_a_file_in_use_by_an_unfinished_job_cannot_be_deleted(api):
+    training, validation = api.upload_ok(chat_rows())["id"], api.upload_ok(chat_rows())["id"]
+    job_id = api.create_job_ok(training, validation_file=validation)["id"]
+    blobs = stored_files(api)
+
+    for file_id in (training, validation):
+        error = assert_error(api.delete(f"/v1/files/{file_id}"), 409, code="file_in_use", param="file_id")
+        assert job_id in error["message"] and file_id in error["message"]
+        assert api.get(f"/v1/files/{file_id}").status_code == 200  # nothing deleted: row and blob kept
+    assert stored_files(api) == blobs
+
+    api.set_job(job_id, status="running")  # a worker has it: still in use
+    assert_error(api.delete(f"/v1/files/{training}"), 409, code="file_in_use")
+    api.set_job(job_id, status="cancelled")  # finished: the files are free to go
+    for file_id in (training, validation):
+        assert api.delete(f"/v1/files/{file_id}").json()["deleted"] is True
+    assert stored_files(api) == []

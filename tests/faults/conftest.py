@@ -9,7 +9,7 @@ import pytest
 
 from control.db import session_scope
 from control.settings import Settings
-from tests.services import ServiceError, create_database, postgres, redis
+from tests.services import ServiceError, create_database, postgres, postgres_available, redis
 from tests.worker.conftest import make_settings
 
 
@@ -39,3 +39,16 @@ def settings(servers, tmp_path) -> Settings:
     with session_scope(url) as session:
         session.add(Organization(id=ORG, name="Test org"))
     return settings
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request, tmp_path) -> Settings:
+    """For the transition-level tests (test_leases.py, test_fences.py): a fresh database, SQLite and Postgres (where
+    this machine has it), with a 30 s lease and `max_attempts` 3."""
+    if request.param == "postgres":
+        if not postgres_available():
+            pytest.skip("no Postgres server binaries on this machine")
+        settings = request.getfixturevalue("settings")  # a fresh Postgres database
+    else:
+        settings = make_settings(tmp_path / "data")
+    return settings.model_copy(update={"lease_seconds": 30.0, "max_attempts": 3})

@@ -30,7 +30,13 @@ from worker.runner import run_job
 TWO_EPOCHS = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": "auto"}  # 16 rows: 8 steps
 # One job, killed at each point in turn (a fresh worker each time), then finished by a worker without a fault.
 KILL_POINTS = ["claimed", "loading", "step:3", "checkpoint:1", "artifact", "trained"]
-LEASE = {"NEAT_LEASE_SECONDS": "3", "NEAT_HEARTBEAT_SECONDS": "0.5", "NEAT_REAPER_SECONDS": "0.5"}
+LEASE = {
+    "NEAT_LEASE_SECONDS": "3",
+    "NEAT_HEARTBEAT_SECONDS": "0.5",
+    "NEAT_REAPER_SECONDS": "0.5",
+    "NEAT_RETRY_BACKOFF_SECONDS": "0.2",
+    "NEAT_RETRY_BACKOFF_MAX_SECONDS": "1",
+}
 
 
 def start_worker(settings: Settings, log: Path, **env: str) -> subprocess.Popen:

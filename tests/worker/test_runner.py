@@ -88,7 +88,7 @@ def test_job_trains_and_reports_progress(settings, tiny_models):
     assert rows[-1].metrics["step"] == 8 and "valid_loss" in rows[-1].metrics
     assert sum(e.message.startswith("Checkpoint saved at step") for e in events) == 4
 
-    assert job.artifact_key == f"{job_key(ORG, job_id)}/adapter"
+    assert job.artifact_key == f"{job_key(ORG, job_id)}/attempt-1/adapter"  # each attempt works in its own folder
     artifact = storage.path(job.artifact_key)
     assert (artifact / "adapter_config.json").is_file() and (artifact / "manifest.json").is_file()
 
@@ -130,7 +130,7 @@ def test_cancel_stops_after_the_step_and_keeps_a_checkpoint(settings, tiny_model
     assert [r.step_number for r in rows] == [2, 3]  # the scheduled one, and the one written on cancel
     storage = Storage(settings.resolved_artifact_root)
     assert (storage.path(rows[-1].storage_key) / "adapter" / "adapter_model.safetensors").is_file()
-    assert not storage.path(f"{job_key(ORG, job_id)}/adapter").exists()
+    assert not storage.path(f"{job_key(ORG, job_id)}/attempt-1/adapter").exists()
 
 
 def test_requeued_job_resumes_from_its_checkpoint(settings, tiny_models, cancel_after_step, monkeypatch):
@@ -147,7 +147,7 @@ def test_requeued_job_resumes_from_its_checkpoint(settings, tiny_models, cancel_
     assert job.status == "succeeded" and job.attempts == 2
     events = get_events(settings, job_id)[n_before:]
     assert [e.message for e in events[:2]] == [
-        "Fine-tuning job started again (attempt 2 of 3)",
+        "Fine-tuning job started again (attempt 2)",
         "Resuming from checkpoint at step 3",
     ]
     assert step_events(events) == [4, 5, 6, 7, 8]  # continued, not restarted
