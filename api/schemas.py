@@ -16,7 +16,8 @@ class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n_epochs: Auto | Annotated[int, Field(ge=1, le=100)] = "auto"
     batch_size: Auto | Annotated[int, Field(ge=1, le=1024)] = "auto"
-    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
+    # NaN and ±inf are refused as such ("finite number"): NaN would otherwise fail `le` with a baffling message
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] = "auto"
 
 
 class Supervised(BaseModel):

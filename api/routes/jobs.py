@@ -143,7 +143,9 @@ def cancel_job(session: SessionDep, org: CurrentOrg, job_id: str) -> dict:
         add_event(session, job.id, "Cancellation requested; the job stops after its current step")
     session.commit()
     session.refresh(job)
-    if job.status in FINISHED and not stopped:
+    # Cancelling is idempotent: a job already cancelled (by a concurrent request that won the race, or earlier)
+    # or being cancelled answers as the winning request did. Only a job that ended otherwise cannot be cancelled.
+    if job.status in FINISHED and job.status != JobStatus.CANCELLED:
         raise APIError(409, f"Job {job.id} has already {job.status}.", code="job_not_cancellable")
     return job_object(job)
 

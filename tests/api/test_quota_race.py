@@ -34,7 +34,8 @@ def _wait_until_up(port: int, log: Path, timeout: float = 120) -> None:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     raise AssertionError(f"the API did not start; its log:\n{log.read_text(errors='replace')[-4000:]}")
 
 
