@@ -49,3 +49,24 @@ def test_hostile_file_names_are_stored_as_plain_names(api, filename):
     else:
         assert_error(r, r.status_code)
         assert 400 <= r.status_code < 500 and nothing_stored(api)
+
+
+@pytest.mark.parametrize(
+    "content_type, body",
+    [
+        ("multipart/form-data", b"no boundary at all"),
+        ("multipart/form-data; boundary=xyz", b"--xyz\r\nContent-Disposition: form-data\r\n\r\nno name\r\n--xyz--\r\n"),
+        ("multipart/form-data; boundary=xyz", b"--xyz\r\nnot a header line\r\n\r\n"),
+    ],
+)
+def test_broken_multipart_bodies_get_an_error_code(api, content_type, body):
+    r = api.post("/v1/files", content=body, headers={"Content-Type": content_type})
+    error = assert_error(r, 400)
+    assert error["code"], error  # clients branch on the code: never null
+    assert nothing_stored(api)
+
+
+def test_a_huge_classification_input_is_refused_naming_the_limit(api):
+    r = api.post("/v1/classifications", json={"model": "ft:whatever", "input": ["x"] * 100_000})
+    error = assert_error(r, 400, code="invalid_request", param="input")
+    assert "at most 2048 texts" in error["message"] and "valid string" not in error["message"], error

@@ -9,6 +9,7 @@ import io
 import json
 import sqlite3
 import tarfile
+import threading
 
 import pytest
 
@@ -201,6 +202,24 @@ def test_bad_hyperparameters(api, chat_file, form, name, value):
 
 
 @sqlite_only
+@pytest.mark.parametrize("form", ["method", "legacy"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_a_learning_rate_multiplier_that_is_not_finite_is_named_so(api, chat_file, form, value):
+    """JSON as Python writes it (NaN, Infinity): refused as not finite, not as "less than or equal to 100"."""
+    hyperparameters = f'{{"learning_rate_multiplier": {value}}}'
+    if form == "method":
+        spec = f'"method": {{"type": "supervised", "supervised": {{"hyperparameters": {hyperparameters}}}}}'
+        param = "method.supervised.hyperparameters.learning_rate_multiplier"
+    else:
+        spec, param = f'"hyperparameters": {hyperparameters}', "hyperparameters.learning_rate_multiplier"
+    body = f'{{"model": "{SMOLLM2}", "training_file": "{chat_file}", {spec}}}'
+    r = api.post("/v1/fine_tuning/jobs", content=body.encode(), headers={"Content-Type": "application/json"})
+    error = assert_error(r, 400, code="invalid_request", param=param)
+    assert "finite number" in error["message"] and "less than" not in error["message"], error
+    assert api.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+@sqlite_only
 @pytest.mark.parametrize("name, value", BAD_HYPERPARAMETERS[:1])
 def test_bad_hyperparameter_param_is_the_field(api, chat_file, name, value):
     error = assert_error(api.create_job(chat_file, hyperparameters={name: value}), 400)
@@ -248,7 +267,30 @@ def test_cancel_queued_job(api, chat_file):
     events = api.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
     assert len(events) == 3 and "cancel" in events[-1]["message"].lower()
 
-    assert_error(api.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel"), 409, code="job_not_cancellable")
+    again = api.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")  # idempotent: the same answer, nothing changes
+    assert (again.status_code, again.json()["status"]) == (200, "cancelled")
+    assert len(api.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]) == 3
+
+
+def test_concurrent_cancels_of_a_queued_job_all_answer_cancelled(api, chat_file):
+    job_id = api.create_job_ok(chat_file)["id"]
+    barrier, responses = threading.Barrier(6), []
+
+    def cancel():
+        barrier.wait()
+        responses.append(api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel"))
+
+    threads = [threading.Thread(target=cancel) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [(r.status_code, r.json()["status"]) for r in responses] == [(200, "cancelled")] * 6, [
+        r.text for r in responses
+    ]
+    assert len({r.json()["finished_at"] for r in responses}) == 1  # one cancellation, reported six times
+    events = api.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+    assert [e["message"] for e in events].count("Job cancelled before it started") == 1
 
 
 def test_cancel_running_job_asks_it_to_stop(api, chat_file):
