@@ -5,70 +5,25 @@ shape, and the database holds exactly 20 jobs. On SQLite and on Postgres: each t
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import func, select, update
 
 from control.orm import Job, Organization
-from tests.api import assert_error, chat_rows
-from tests.services import free_port
+from tests.api import api_processes, assert_error, chat_rows
 
-ROOT = Path(__file__).resolve().parents[2]
 LIMIT, ATTEMPTS, PROCESSES = 20, 50, 2
-
-
-def _wait_until_up(port: int, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"the API did not start; its log:\n{log.read_text(errors='replace')[-4000:]}")
 
 
 @pytest.fixture
 def api_ports(api, tmp_path) -> Iterator[list[int]]:
     """Two uvicorn processes serving the app over the test's database, broker and storage."""
-    settings = api.settings
-    env = {
-        **os.environ,
-        "NEAT_DATA_DIR": str(settings.data_dir),
-        "NEAT_DATABASE_URL": settings.resolved_database_url,
-        "NEAT_BROKER_URL": settings.resolved_broker_url,
-        "NEAT_ARTIFACT_ROOT": str(settings.resolved_artifact_root),
-        "NEAT_SERVING": "false",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT),
-    }
-    log, procs, ports = tmp_path / "api.log", [], []
-    try:
-        for _ in range(PROCESSES):
-            port = free_port()
-            command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
-            with open(log, "ab") as out:
-                procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=out,
-                                              start_new_session=True))  # fmt: skip
-            ports.append(port)
-        for port in ports:
-            _wait_until_up(port, log)
+    with api_processes(api.settings, tmp_path / "api.log", PROCESSES) as ports:
         yield ports
-    finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
 
 
 def test_concurrent_job_creations_admit_exactly_the_limit(api, api_ports):
