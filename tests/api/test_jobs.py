@@ -12,9 +12,10 @@ import tarfile
 import threading
 
 import pytest
+from sqlalchemy import func, select
 
 from control.ids import new_id
-from control.orm import Checkpoint, JobEvent
+from control.orm import Checkpoint, IdempotencyKey, Job, JobEvent
 from control.storage import job_key
 from tests.api import (
     LORA,
@@ -199,6 +200,41 @@ def test_bad_hyperparameters(api, chat_file, form, name, value):
     error = assert_error(api.create_job(chat_file, **body), 400, code="invalid_request")
     assert error["param"].startswith(prefix + name)
     assert api.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+OVERSIZE_SPECS = [  # (fields of the body, the param the 400 names, the limit its message states)
+    ({"adapter": {"type": "lora", "target_modules": [f"m{i}" for i in range(200_000)]}}, "adapter.target_modules",
+     "at most 256 entries"),
+    ({"adapter": {"type": "lora", "target_modules": ["q" * 257]}}, "adapter.target_modules", "at most 256 characters"),
+    ({"adapter": {"type": "lora", "r": [[[[8]]]]}}, "adapter.r", "at most 3 levels"),
+    ({"adapter": {"type": "neat", **{f"h{i}": 1 for i in range(33)}}}, "adapter", "at most 32 hyperparameters"),
+    ({"adapter": {"type": "t" * 65}}, "adapter.type", "at most 64 characters"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", "at most 16 items"),
+    ({"metadata": {"k" * 65: "v"}}, "metadata." + "k" * 65, "at most 64 characters"),
+    ({"metadata": {"k": "v" * 513}}, "metadata.k", "at most 512 characters"),
+    ({"suffix": "s" * 41}, "suffix", "at most 40 characters"),
+    ({"model": "m" * 256}, "model", "at most 255 characters"),
+    ({"validation_file": "f" * 65}, "validation_file", "at most 64 characters"),
+]  # fmt: skip
+
+
+@sqlite_only
+@pytest.mark.parametrize("fields, param, limit", OVERSIZE_SPECS)
+def test_oversize_job_specs_are_refused_naming_the_field_and_the_limit(api, chat_file, fields, param, limit):
+    r = api.create_job(chat_file, headers={"Idempotency-Key": "big"}, **fields)
+    error = assert_error(r, 400, code="invalid_request", param=param)
+    assert limit in error["message"] and len(error["message"]) < 300, error  # the value is not quoted back
+    with api.session() as session:  # nothing stored: no job, not even the idempotency key's claim
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
+        assert session.scalar(select(func.count()).select_from(IdempotencyKey)) == 0
+
+
+@sqlite_only
+def test_a_job_spec_at_the_limits_is_accepted(api, chat_file):
+    modules = [f"model.layers.{i}.self_attn.q_proj" for i in range(256)]
+    job = api.create_job_ok(chat_file, suffix="s" * 40, metadata={f"k{i}": "v" * 512 for i in range(16)},
+                            adapter={"type": "lora", "target_modules": modules})  # fmt: skip
+    assert job["adapter"]["target_modules"] == modules and len(job["metadata"]) == 16
 
 
 @sqlite_only
