@@ -63,8 +63,8 @@ async def completions(
 
 
 # What every organisation may see of an engine: its load and batching, which identify no one.
-SHARED_FIGURES = ("base_model", "task", "bytes_budget", "queue_depth", "running", "forward_passes", "mean_batch_size",
-                  "max_batch_size", "batch_sizes")  # fmt: skip
+SHARED_FIGURES = ("base_model", "task", "bytes_budget", "queue_depth", "rows_running", "forward_passes",
+                  "mean_batch_size", "max_batch_size", "batch_sizes")  # fmt: skip
 # The adapter cache's figures, shown for the caller's own adapters only: everyone's totals would tell an
 # organisation how many adapters others have loaded, how big, and how often they are used.
 OWN_FIGURES = {"adapters_loaded": 0, "adapters_pinned": 0, "bytes_used": 0, "hits": 0, "misses": 0, "evictions": 0,
