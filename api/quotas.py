@@ -3,7 +3,9 @@ with `Retry-After`, before anything is stored.
 
 Limits come from the organisation's row, else from settings. Quotas (active jobs, stored bytes) are counted in the
 database, so they hold across API processes; the inference rate is a sliding one-minute window kept in each API
-process (with N API processes an organisation gets up to N × its rate; see docs/operations.md).
+process (with N API processes an organisation gets up to N × its rate; see docs/operations.md). The active-jobs
+quota is decided by `control.jobs.create`, in the job's own transaction under a per-organisation lock (so that
+concurrent creations cannot all see room for one more); here it only becomes the 429.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from sqlalchemy.orm import Session
 
 from api.deps import CurrentOrg, SessionDep, SettingsDep
 from api.errors import APIError
-from control.jobs import UNFINISHED
-from control.orm import File, Job, Organization
+from control.jobs import ActiveJobLimit
+from control.orm import File, Organization
 from control.settings import Settings
 
 
@@ -30,14 +32,9 @@ def _limit(session: Session, org: str, field: str, default: int) -> int:
     return default if own is None else int(own)
 
 
-def check_job_quota(session: Session, org: str, settings: Settings) -> None:
-    limit = _limit(session, org, "max_active_jobs", settings.max_active_jobs)
-    active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.organization_id == org, Job.status.in_(UNFINISHED))
-    )
-    if active >= limit:
-        message = f"Your organisation has {active} queued or running jobs; its limit is {limit}."
-        raise APIError(429, message, code="quota_exceeded", headers={"Retry-After": "60"})
+def job_quota_error(refused: ActiveJobLimit) -> APIError:
+    message = f"Your organisation has {refused.active} queued or running jobs; its limit is {refused.limit}."
+    return APIError(429, message, code="quota_exceeded", headers={"Retry-After": "60"})
 
 
 def check_storage_quota(session: Session, org: str, incoming: int, settings: Settings) -> None:

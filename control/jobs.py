@@ -1,6 +1,6 @@
 """The job state machine: a job's statuses, the sets of them that mean something, and every transition.
 
-    create            (new) → validating_files → queued     (the API, in one transaction)
+    create            (new) → validating_files → queued     (the API, in one transaction, if the quota admits it)
     cancel_unstarted  validating_files | queued → cancelled  (the API)
     request_cancel    running → cancelling                   (the API)
     claim             queued → running, under a lease        (a worker)
@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 
 from control.events import add_event
 from control.ids import new_id, now
-from control.orm import Checkpoint, Job, JobAttempt, JobEvent
+from control.orm import Checkpoint, Job, JobAttempt, JobEvent, Organization
 
 
 class JobStatus(StrEnum):
@@ -121,15 +121,58 @@ def active_job_using(session: Session, organization_id: str, file_id: str) -> st
 # --- the web tier's transitions -------------------------------------------------------------------------------
 
 
-def create(session: Session, job: Job) -> Job:
-    """Insert a new job (its files already validated by the caller) and queue it: `sent_at` is now, because the
-    caller sends its message right after the commit."""
+class ActiveJobLimit(Exception):
+    """The organisation already has `limit` unfinished jobs: the new one was not admitted (nothing written)."""
+
+    def __init__(self, active: int, limit: int):
+        super().__init__(f"{active} unfinished jobs; the limit is {limit}")
+        self.active, self.limit = active, limit
+
+
+def create(session: Session, job: Job, *, default_max_active: int) -> Job:
+    """Admit a new job (its files already validated by the caller) under its organisation's `max_active_jobs`
+    (else `default_max_active`), insert it and queue it: `sent_at` is now, because the caller sends its message
+    right after the commit. Raises ActiveJobLimit, having written nothing, when the organisation is at its limit.
+
+    Admission is counted under a per-organisation lock held until the caller's commit, so concurrent creations
+    (in any number of API processes) take turns and each counts every job committed before it: 50 at once against
+    a limit of 20 admit exactly 20. See `_lock_organization` for how each database takes the lock. (Not a counter
+    column: every transition out of UNFINISHED would have to decrement it, and one that did not would drift the
+    quota for good; the count of rows is the truth.)"""
+    own_limit = _lock_organization(session, job.organization_id)
+    limit = default_max_active if own_limit is None else own_limit
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.organization_id == job.organization_id,
+                                                    Job.status.in_(UNFINISHED))
+    )  # fmt: skip
+    if active >= limit:
+        raise ActiveJobLimit(active, limit)
     job.status = JobStatus.VALIDATING_FILES
     session.add(job)
     add_event(session, job.id, f"Created fine-tuning job: {job.id}")
     job.status, job.sent_at = JobStatus.QUEUED, time.time()
     add_event(session, job.id, "Files validated; job queued")
     return job
+
+
+def _lock_organization(session: Session, org: str) -> int | None:
+    """Lock `org` for a job admission until the transaction ends; returns its own `max_active_jobs`.
+
+    Postgres: the organisation's row `FOR NO KEY UPDATE`. A concurrent admission for the same organisation waits
+    on it, and then (read committed: each statement sees what was committed before it began) counts the job the
+    other one committed. NO KEY: inserts that merely reference the row (files, keys, idempotency keys) take a key
+    share lock and are not held up.
+    SQLite: `BEGIN IMMEDIATE`, the database's write lock, taken before the count. Python's sqlite3 runs a SELECT
+    outside any transaction and begins one only at the first write, so without it two admissions both count,
+    then both insert; a plain deferred BEGIN would instead fail the second writer (its read snapshot is stale).
+    Other writers wait for the lock up to the busy timeout (control.db); a connection already in a transaction
+    has written, so it holds the write lock already."""
+    connection = session.connection()
+    if connection.dialect.name == "sqlite" and not connection.connection.dbapi_connection.in_transaction:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    return session.scalar(
+        select(Organization.max_active_jobs).where(Organization.id == org).with_for_update(key_share=True)
+    )
 
 
 def cancel_unstarted(session: Session, job_id: str) -> bool:

@@ -109,6 +109,10 @@ def revoke_key(session: Session, key_id: str) -> bool:
 
 
 def list_keys(session: Session, org_id: str) -> list[ApiKey]:
+    """The organisation's keys, revoked ones included; LookupError for an unknown organisation (not an empty
+    list: an operator's typo must not look like an organisation without keys)."""
+    if session.scalar(select(Organization.id).where(Organization.id == org_id)) is None:
+        raise LookupError(f"organisation {org_id!r} does not exist")
     return list(session.scalars(select(ApiKey).where(ApiKey.organization_id == org_id).order_by(ApiKey.seq)))
 
 
