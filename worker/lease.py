@@ -23,7 +23,9 @@ import time
 import uuid
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from control import jobs
 from control.db import session_scope
@@ -90,10 +92,18 @@ def reap(settings: Settings) -> list[str]:
         expired = jobs.expired_leases(session, now)
     requeued = []
     for lease in expired:
-        with session_scope(url) as session:
-            expiry = jobs.expire(session, lease, settings.max_attempts, now,
-                                 backoff_seconds=settings.retry_backoff_seconds,
-                                 backoff_max_seconds=settings.retry_backoff_max_seconds)  # fmt: skip
+        try:
+            with session_scope(url) as session:
+                _bounded_lock_wait(session)
+                expiry = jobs.expire(session, lease, settings.max_attempts, now,
+                                     backoff_seconds=settings.retry_backoff_seconds,
+                                     backoff_max_seconds=settings.retry_backoff_max_seconds)  # fmt: skip
+        except OperationalError as e:
+            if getattr(e.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                raise
+            log.warning("job %s: its row is locked by a transaction that does not end (a worker paused inside a "
+                        "write?); trying again next round", lease.job_id)  # fmt: skip
+            continue
         if expiry is None:  # another reaper acted, or the lease was renewed meanwhile
             continue
         if expiry.status == jobs.JobStatus.QUEUED:
@@ -102,6 +112,18 @@ def reap(settings: Settings) -> list[str]:
             requeued.append(lease.job_id)
         log.warning("job %s: lease of %s expired; now %s", lease.job_id, lease.owner, expiry.status)
     return requeued + redeliver(settings, now)
+
+
+LOCK_NOT_AVAILABLE = "55P03"  # Postgres: lock_timeout ran out
+REAPER_LOCK_WAIT = "5s"
+
+
+def _bounded_lock_wait(session: Session) -> None:
+    """A worker paused (SIGSTOP) in the middle of one of its writes keeps the job's row locked for as long as it is
+    paused: on Postgres, wait for such a lock at most REAPER_LOCK_WAIT, so that one stuck row does not stop this
+    reaper from taking back every other expired job. (SQLite: its busy timeout bounds every wait already.)"""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"SET LOCAL lock_timeout = '{REAPER_LOCK_WAIT}'"))
 
 
 def redeliver(settings: Settings, now: float) -> list[str]:

@@ -7,6 +7,7 @@ machine has it. Like test_leases.py, no worker process: each test plays the part
   and then writes nothing.
 - Infrastructure losses are retried with a backoff that doubles while the job makes no progress; only a job lost
   `max_attempts` times in a row at the same checkpoint (a poison job) fails, with `worker_lost`.
+- A worker paused inside a write keeps the job's row locked: the reaper does not wait for it forever.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from control.ids import new_id
 from control.jobs import JobStatus, Lease
 from control.orm import Checkpoint, JobEvent
 from tests.faults.test_leases import attempts, events, expire_now, new_job, row, run
+from worker.lease import reap
 
 
 def checkpoint(settings, lease: Lease, step: int) -> bool:
@@ -164,3 +166,27 @@ def test_a_release_breaks_a_run_of_losses(db):
         else:
             assert lose(db, job_id).status == JobStatus.QUEUED
     assert [a.outcome for a in attempts(db, job_id)] == ["lost", "lost", "released", "lost", "lost"]
+
+
+def test_a_row_locked_by_a_paused_writer_does_not_stop_the_reaper(db):
+    """A worker paused in the middle of one of its writes holds the job's row locked while it is paused. On
+    Postgres the reaper waits for that lock a few seconds at most, takes back every other expired job, and takes
+    this one once the lock is gone."""
+    if not db.resolved_database_url.startswith("postgresql"):
+        pytest.skip("SQLite: a paused writer holds the whole database, and its busy timeout bounds every wait")
+    stuck, other = new_job(db), new_job(db)
+    for job_id, owner in ((stuck, "paused"), (other, "dead")):
+        run(db, jobs.claim, job_id, owner, db.lease_seconds)
+        expire_now(db, job_id)
+    paused = session_factory(db.resolved_database_url)()
+    try:
+        # its lease has run out but no reaper has acted yet, so the write goes through, and stays uncommitted
+        assert jobs.add_fenced_event(paused, Lease(stuck, "paused", 1), "Step 1/8")
+        started = time.monotonic()
+        assert reap(db) == [other]
+        assert time.monotonic() - started < 15
+        assert row(db, stuck).status == JobStatus.RUNNING
+    finally:
+        paused.rollback()
+        paused.close()
+    assert reap(db) == [stuck]
