@@ -15,7 +15,7 @@ from collections import defaultdict, deque
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentOrg, SessionDep, SettingsDep
@@ -41,12 +41,32 @@ def check_job_quota(session: Session, org: str, settings: Settings) -> None:
 
 
 def check_storage_quota(session: Session, org: str, incoming: int, settings: Settings) -> None:
+    """429 if `incoming` more bytes would take the organisation over its storage limit, as counted now. Cheap and
+    early (before a file is validated), but two uploads may both pass it: `admit_storage` is what decides."""
     limit = _limit(session, org, "max_storage_bytes", settings.max_storage_bytes)
     used = session.scalar(select(func.coalesce(func.sum(File.bytes), 0)).where(File.organization_id == org))
     if used + incoming > limit:
         raise APIError(429, f"This file ({incoming:,} bytes) would bring your organisation's files to "
                        f"{used + incoming:,} bytes, over its limit of {limit:,}; delete files first.",
                        code="quota_exceeded", param="file", headers={"Retry-After": "3600"})  # fmt: skip
+
+
+def admit_storage(session: Session, org: str, incoming: int, settings: Settings) -> None:
+    """The storage quota, unraceable: lock the organisation's row, then count and check, in the transaction that
+    inserts the file's row; the caller commits (or rolls back) right after, which lets the lock go.
+
+    Counting and inserting in two steps let 20 concurrent uploads against room for 3 files store 8: each counted
+    before any other had committed. The lock makes them take turns, and each counts what the ones before it
+    committed: on Postgres the UPDATE takes the row's lock (a second upload waits for the first's commit, and under
+    READ COMMITTED its next statement, the count, sees that commit); on SQLite any write takes the database's one
+    write lock, held to the commit, and a transaction whose first statement is that write reads the newest data.
+    The UPDATE changes nothing (name = name) and is the same statement on both databases, where
+    `SELECT ... FOR UPDATE` would lock nothing on SQLite. The lock is held for a count and an insert, never while a
+    body streams in or a file is validated."""
+    locked = session.execute(update(Organization).where(Organization.id == org).values(name=Organization.name))
+    if locked.rowcount != 1:  # every key belongs to an organisation row (foreign key), so this is a bug
+        raise RuntimeError(f"organisation {org!r} has no row to lock")
+    check_storage_quota(session, org, incoming, settings)
 
 
 class RateLimiter:

@@ -153,11 +153,15 @@ def cancel(session: Session, job_id: str, owner: str, *, trained_tokens: int | N
     return _finish(session, job_id, owner, {JobStatus.CANCELLING}, JobStatus.CANCELLED, **values)
 
 
-def release(session: Session, job_id: str, owner: str) -> bool:
+def release(session: Session, job_id: str, owner: str, *, resend_later_from: float | None = None) -> bool:
     """running → queued: the worker is shutting down mid-job; the redelivered message resumes it from its last
-    checkpoint. (A job being cancelled is not released: the caller `cancel`s it instead.)"""
+    checkpoint. (A job being cancelled is not released: the caller `cancel`s it instead.)
+
+    `resend_later_from` (a time): the job's message counts as sent then, and nobody sends it now, so the reapers
+    send it once it has waited `redeliver_seconds`: how a job that hit a full disk waits for space."""
+    later = {} if resend_later_from is None else {"sent_at": resend_later_from}
     released = _update(session, job_id, {JobStatus.RUNNING}, owner=owner, status=JobStatus.QUEUED,
-                       estimated_finish=None, lease_owner=None, lease_expires_at=None)  # fmt: skip
+                       estimated_finish=None, lease_owner=None, lease_expires_at=None, **later)  # fmt: skip
     if released:
         _end_attempt(session, job_id, owner, AttemptOutcome.RELEASED)
     return released
