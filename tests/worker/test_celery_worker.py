@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from api import queue
+from control import queue
 from control.settings import get_settings
 from control.storage import Storage
 from tests.conftest import chat_rows, classification_rows
