@@ -20,7 +20,7 @@ FROM source AS api
 RUN pip install --require-hashes --no-deps -r requirements/api.txt \
  && pip install --no-deps --no-build-isolation .
 EXPOSE 8000
-CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000", "--http", "api.http:OpenAIErrorsHTTP"]
 
 # docker build --target worker -t neat-worker .   (celery worker, one per GPU)
 # The GPU fleet's image takes PyPI's CUDA build of torch (requirements/worker-gpu.txt). A CPU-only image:

@@ -23,6 +23,7 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "inval
           405: "invalid_request_error", 408: "invalid_request_error", 409: "invalid_request_error",
           413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
           503: "service_unavailable", 507: "server_error"}  # fmt: skip
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -88,9 +89,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(400, message, "invalid_request", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(error_body(exc.status_code, str(exc.detail), code, None), status_code=exc.status_code)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # The framework's own refusals (no route, wrong method, a body it cannot parse) get a code too: clients
+        # branch on `code`, never on the message.
+        status = exc.status_code
+        if status == 400 and request.headers.get("content-type", "").lower().startswith("multipart/"):
+            code = "invalid_multipart"  # Starlette's multipart parser refused the body (no boundary, bad parts)
+        else:
+            code = _HTTP_CODES.get(status, "invalid_request" if 400 <= status < 500 else "server_error")
+        return JSONResponse(error_body(status, str(exc.detail), code, None), status_code=status,
+                            headers=getattr(exc, "headers", None))  # fmt: skip
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)

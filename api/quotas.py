@@ -3,7 +3,9 @@ with `Retry-After`, before anything is stored.
 
 Limits come from the organisation's row, else from settings. Quotas (active jobs, stored bytes) are counted in the
 database, so they hold across API processes; the inference rate is a sliding one-minute window kept in each API
-process (with N API processes an organisation gets up to N × its rate; see docs/operations.md).
+process (with N API processes an organisation gets up to N × its rate; see docs/operations.md). The active-jobs
+quota is decided by `control.jobs.create`, in the job's own transaction under a per-organisation lock (so that
+concurrent creations cannot all see room for one more); here it only becomes the 429.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from collections import defaultdict, deque
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentOrg, SessionDep, SettingsDep
 from api.errors import APIError
-from control.jobs import UNFINISHED
-from control.orm import File, Job, Organization
+from control.jobs import ActiveJobLimit
+from control.keys import lock_organization
+from control.orm import File, Organization
 from control.settings import Settings
 
 
@@ -30,14 +33,9 @@ def _limit(session: Session, org: str, field: str, default: int) -> int:
     return default if own is None else int(own)
 
 
-def check_job_quota(session: Session, org: str, settings: Settings) -> None:
-    limit = _limit(session, org, "max_active_jobs", settings.max_active_jobs)
-    active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.organization_id == org, Job.status.in_(UNFINISHED))
-    )
-    if active >= limit:
-        message = f"Your organisation has {active} queued or running jobs; its limit is {limit}."
-        raise APIError(429, message, code="quota_exceeded", headers={"Retry-After": "60"})
+def job_quota_error(refused: ActiveJobLimit) -> APIError:
+    message = f"Your organisation has {refused.active} queued or running jobs; its limit is {refused.limit}."
+    return APIError(429, message, code="quota_exceeded", headers={"Retry-After": "60"})
 
 
 def check_storage_quota(session: Session, org: str, incoming: int, settings: Settings) -> None:
@@ -52,19 +50,15 @@ def check_storage_quota(session: Session, org: str, incoming: int, settings: Set
 
 
 def admit_storage(session: Session, org: str, incoming: int, settings: Settings) -> None:
-    """The storage quota, unraceable: lock the organisation's row, then count and check, in the transaction that
-    inserts the file's row; the caller commits (or rolls back) right after, which lets the lock go.
+    """The storage quota, unraceable: under the organisation's lock (control.keys.lock_organization, held until
+    the caller's commit or rollback, right after it inserts the file's row), count the stored bytes and check.
 
     Counting and inserting in two steps let 20 concurrent uploads against room for 3 files store 8: each counted
-    before any other had committed. The lock makes them take turns, and each counts what the ones before it
-    committed: on Postgres the UPDATE takes the row's lock (a second upload waits for the first's commit, and under
-    READ COMMITTED its next statement, the count, sees that commit); on SQLite any write takes the database's one
-    write lock, held to the commit, and a transaction whose first statement is that write reads the newest data.
-    The UPDATE changes nothing (name = name) and is the same statement on both databases, where
-    `SELECT ... FOR UPDATE` would lock nothing on SQLite. The lock is held for a count and an insert, never while a
-    body streams in or a file is validated."""
-    locked = session.execute(update(Organization).where(Organization.id == org).values(name=Organization.name))
-    if locked.rowcount != 1:  # every key belongs to an organisation row (foreign key), so this is a bug
+    before any other had committed. Under the lock they take turns and each counts what the ones before it
+    committed. The lock is held for a count, an insert and a rename, never while a body streams in or a file is
+    validated. (Not a counter column: every delete would have to decrement it, and the sum of the rows is the
+    truth.)"""
+    if lock_organization(session, org) is None:  # every key belongs to an organisation row (foreign key)
         raise RuntimeError(f"organisation {org!r} has no row to lock")
     check_storage_quota(session, org, incoming, settings)
 

@@ -4,19 +4,57 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from control.jobs import fine_tuned_model_name
 from control.orm import Checkpoint, File, Job, JobEvent
 
 Auto = Literal["auto"]
 
+# Bounds on what a job spec may hold (docs/operations.md, "Job spec limits"): checked while the body is parsed, so a
+# spec over one is refused with a 400 naming the field and the limit before anything (an idempotency key, a job) is
+# written, and before a method's own checks see it (which quote a bad value back).
+MAX_MODEL_ID = 255
+MAX_FILE_ID = 64
+MAX_SUFFIX = 40
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's
+MAX_ADAPTER_TYPE = 64
+MAX_ADAPTER_FIELDS = 32  # hyperparameters in `adapter`, besides `type`
+MAX_LIST_ENTRIES = 256  # in any list in `adapter` (target_modules: module names, patterns or full paths)
+MAX_STRING = 256  # characters of any string in `adapter`
+MAX_DEPTH = 3  # nesting of lists and objects in an `adapter` hyperparameter
+
+
+def _too_big(what: str, limit: int, got: int) -> PydanticCustomError:
+    return PydanticCustomError(
+        "too_big", "at most {limit} {what}, got {got}", {"limit": limit, "what": what, "got": got}
+    )
+
+
+def _bounded(value: Any, depth: int = 0) -> Any:
+    """Any JSON value an adapter hyperparameter may hold, refused once it is bigger than the bounds above (its
+    shape is the method's business: neat_core's specs check it next)."""
+    if isinstance(value, str) and len(value) > MAX_STRING:
+        raise _too_big("characters in a string", MAX_STRING, len(value))
+    if isinstance(value, list | dict):
+        if depth >= MAX_DEPTH:
+            raise _too_big("levels of nesting", MAX_DEPTH, depth + 1)
+        if len(value) > MAX_LIST_ENTRIES:
+            raise _too_big("entries", MAX_LIST_ENTRIES, len(value))
+        for item in value.values() if isinstance(value, dict) else value:
+            _bounded(item, depth + 1)
+        for key in value if isinstance(value, dict) else ():
+            _bounded(key, depth + 1)
+    return value
+
 
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n_epochs: Auto | Annotated[int, Field(ge=1, le=100)] = "auto"
     batch_size: Auto | Annotated[int, Field(ge=1, le=1024)] = "auto"
-    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
+    # NaN and ±inf are refused as such ("finite number"): NaN would otherwise fail `le` with a baffling message
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] = "auto"
 
 
 class Supervised(BaseModel):
@@ -34,18 +72,28 @@ class Adapter(BaseModel):
     """`type` plus the method's own hyperparameters (peft's names), checked against neat_core's specs."""
 
     model_config = ConfigDict(extra="allow")
-    type: str = "neat"
+    # each extra field (a hyperparameter) is bounded on its own, so that an error names it: adapter.target_modules
+    __pydantic_extra__: dict[str, Annotated[Any, BeforeValidator(_bounded)]] = Field(init=False)
+    type: Annotated[str, Field(min_length=1, max_length=MAX_ADAPTER_TYPE)] = "neat"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and len(data) - ("type" in data) > MAX_ADAPTER_FIELDS:
+            raise _too_big("hyperparameters", MAX_ADAPTER_FIELDS, len(data) - ("type" in data))
+        return data
 
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: Annotated[str, Field(min_length=1, max_length=255)]
-    training_file: Annotated[str, Field(min_length=1, max_length=64)]
-    validation_file: Annotated[str, Field(min_length=1, max_length=64)] | None = None
-    suffix: Annotated[str, Field(max_length=40, pattern=r"^[A-Za-z0-9_-]*$")] | None = None
+    model: Annotated[str, Field(min_length=1, max_length=MAX_MODEL_ID)]
+    training_file: Annotated[str, Field(min_length=1, max_length=MAX_FILE_ID)]
+    validation_file: Annotated[str, Field(min_length=1, max_length=MAX_FILE_ID)] | None = None
+    suffix: Annotated[str, Field(max_length=MAX_SUFFIX, pattern=r"^[A-Za-z0-9_-]*$")] | None = None
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
-    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
-                        Field(max_length=16)] | None = None  # fmt: skip
+    metadata: Annotated[dict[Annotated[str, Field(max_length=MAX_METADATA_KEY)],
+                             Annotated[str, Field(max_length=MAX_METADATA_VALUE)]],
+                        Field(max_length=MAX_METADATA_PAIRS)] | None = None  # fmt: skip
     method: Method | None = None
     hyperparameters: Hyperparameters | None = None  # OpenAI's legacy top-level form
     adapter: Adapter | None = None

@@ -1,6 +1,6 @@
 """The job state machine: a job's statuses, the sets of them that mean something, and every transition.
 
-    create            (new) → validating_files → queued     (the API, in one transaction)
+    create            (new) → validating_files → queued     (the API, in one transaction, if the quota admits it)
     cancel_unstarted  validating_files | queued → cancelled  (the API)
     request_cancel    running → cancelling                   (the API)
     claim             queued → running, under a lease        (a worker)
@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from control.events import add_event
 from control.ids import now
+from control.keys import lock_organization
 from control.orm import Job, JobAttempt
 
 
@@ -84,15 +85,45 @@ def is_cancelling(session: Session, job_id: str) -> bool:
 # --- the web tier's transitions -------------------------------------------------------------------------------
 
 
-def create(session: Session, job: Job) -> Job:
-    """Insert a new job (its files already validated by the caller) and queue it: `sent_at` is now, because the
-    caller sends its message right after the commit."""
+class ActiveJobLimit(Exception):
+    """The organisation already has `limit` unfinished jobs: the new one was not admitted (nothing written)."""
+
+    def __init__(self, active: int, limit: int):
+        super().__init__(f"{active} unfinished jobs; the limit is {limit}")
+        self.active, self.limit = active, limit
+
+
+def create(session: Session, job: Job, *, default_max_active: int) -> Job:
+    """Admit a new job (its files already validated by the caller) under its organisation's `max_active_jobs`
+    (else `default_max_active`), insert it and queue it: `sent_at` is now, because the caller sends its message
+    right after the commit. Raises ActiveJobLimit, having written nothing, when the organisation is at its limit.
+
+    Admission is counted under a per-organisation lock held until the caller's commit, so concurrent creations
+    (in any number of API processes) take turns and each counts every job committed before it: 50 at once against
+    a limit of 20 admit exactly 20. See `_lock_organization` for how each database takes the lock. (Not a counter
+    column: every transition out of UNFINISHED would have to decrement it, and one that did not would drift the
+    quota for good; the count of rows is the truth.)"""
+    own_limit = _lock_organization(session, job.organization_id)
+    limit = default_max_active if own_limit is None else own_limit
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.organization_id == job.organization_id,
+                                                    Job.status.in_(UNFINISHED))
+    )  # fmt: skip
+    if active >= limit:
+        raise ActiveJobLimit(active, limit)
     job.status = JobStatus.VALIDATING_FILES
     session.add(job)
     add_event(session, job.id, f"Created fine-tuning job: {job.id}")
     job.status, job.sent_at = JobStatus.QUEUED, time.time()
     add_event(session, job.id, "Files validated; job queued")
     return job
+
+
+def _lock_organization(session: Session, org: str) -> int | None:
+    """Lock `org` for a job admission until the transaction ends (control.keys.lock_organization, the same lock
+    that admits an upload's bytes); returns its own `max_active_jobs`."""
+    row = lock_organization(session, org)
+    return None if row is None else row.max_active_jobs
 
 
 def cancel_unstarted(session: Session, job_id: str) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 MAX_TOKENS = 2048
 MAX_INPUTS = 2048  # texts in one classification request
@@ -40,8 +41,8 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # the SDK may send fields we don't act on (`user`, `logit_bias`, ...)
     model: Annotated[str, Field(min_length=1)]
     max_tokens: MaxTokens | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
     stop: str | list[str] | None = None
     n: int | None = None
@@ -94,6 +95,16 @@ class ClassificationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: Annotated[str, Field(min_length=1)]
     input: str | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _bounded(cls, value: object) -> object:
+        # Before the union: a list over the bound would otherwise be reported by the union's first branch
+        # ("input.str: Input should be a valid string"), and only after validating every one of its items.
+        if isinstance(value, list) and len(value) > MAX_INPUTS:
+            raise PydanticCustomError("too_long", "at most {limit} texts, got {count}",
+                                      {"limit": MAX_INPUTS, "count": len(value)})  # fmt: skip
+        return value
 
     @property
     def texts(self) -> list[str]:

@@ -58,6 +58,7 @@ class ModelHost:
         self._solo_loader = solo_loader
         self._engine_factory = engine_factory
         self._solo: OrderedDict[str, BatchEngine] = OrderedDict()  # model name -> its own engine, LRU order
+        self._solo_owners: dict[str, str | None] = {}  # model name -> its owner (for the stats), while loaded
         self._engines: dict[tuple[str, str], BatchEngine] = {}  # (base model, task) -> shared engine
         self._loading: dict[Any, threading.Lock] = {}  # per model / engine: concurrent first requests load once
         self._lock = threading.Lock()  # guards the dicts; never held while loading or running a model
@@ -73,7 +74,11 @@ class ModelHost:
 
     def solo(self, ref: ModelRef) -> BatchEngine:
         """The engine of a model served alone, loading it on first use (and evicting the least recently used)."""
-        return self._once(self._solo, ref.name, lambda: self._solo_loader(ref), lru=True)
+        engine = self._once(self._solo, ref.name, lambda: self._solo_loader(ref), lru=True)
+        with self._lock:
+            self._solo_owners = {n: o for n, o in self._solo_owners.items() if n in self._solo}  # evicted: gone
+            self._solo_owners[ref.name] = ref.owner
+        return engine
 
     def engine(self, base_model: str, task: str) -> BatchEngine:
         """The batching engine of a base model, loading the base model on first use."""
@@ -133,16 +138,20 @@ class ModelHost:
             engine.cache.evict(name)
 
     def stats(self) -> dict[str, Any]:
-        """Per engine: its figures and the adapters loaded in it (with their owners); the models served alone."""
+        """Per engine: its figures, the adapters loaded in it (with their owners) and its cache figures per owner
+        (`owners`, what the API may show each organisation); the models served alone, and their owners. The
+        operator's view: the API shows a caller only its own part (api.routes.inference.serving_stats)."""
         with self._lock:
             engines = dict(self._engines)
             solo = dict(self._solo)
+            solo_owners = {name: self._solo_owners.get(name) for name in solo}
         data = []
         for (base_model, task), engine in engines.items():
             adapters = [{"id": a.adapter_id, "owner": a.owner} for a in engine.cache.loaded()]
-            data.append({"base_model": base_model, "task": task, **engine.stats(), "adapters": adapters})
+            data.append({"base_model": base_model, "task": task, **engine.stats(), "adapters": adapters,
+                         "owners": engine.cache.owner_stats()})  # fmt: skip
         solo_running = sum(engine.running for engine in solo.values())
-        return {"engines": data, "solo_models": sorted(solo), "solo_running": solo_running}
+        return {"engines": data, "solo_models": sorted(solo), "solo_owners": solo_owners, "solo_running": solo_running}
 
     def running(self) -> int:
         """Rows in generation right now, over every engine."""

@@ -16,6 +16,7 @@ import sys
 
 import uvicorn
 
+from api.http import OpenAIErrorsHTTP
 from api.main import create_app
 from control.backends import Backend
 from control.db import session_scope
@@ -70,7 +71,7 @@ def main() -> None:
           flush=True)  # fmt: skip
     try:
         uvicorn.run(create_app(backend=embedded_backend(settings)), host=settings.host, port=settings.port,
-                    log_level="info")  # fmt: skip
+                    http=OpenAIErrorsHTTP, log_level="info")  # fmt: skip
     finally:
         stop_worker(worker)
 

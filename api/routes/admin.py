@@ -71,8 +71,12 @@ def new_key(org_id: str, session: SessionDep) -> dict:
 
 @router.get("/organizations/{org_id}/api_keys")
 def keys(org_id: str, session: SessionDep) -> dict:
+    try:
+        rows = list_keys(session, org_id)
+    except LookupError as e:
+        raise APIError(404, str(e), code="organization_not_found") from e
     data = [{"object": "api_key", "id": k.id, "prefix": k.prefix, "created_at": k.created_at,
-             "revoked_at": k.revoked_at} for k in list_keys(session, org_id)]  # fmt: skip
+             "revoked_at": k.revoked_at} for k in rows]  # fmt: skip
     return {"object": "list", "data": data}
 
 

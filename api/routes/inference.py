@@ -62,17 +62,30 @@ async def completions(
     return await _generate(backend, target, body)
 
 
+# What every organisation may see of an engine: its load and batching, which identify no one.
+SHARED_FIGURES = ("base_model", "task", "bytes_budget", "queue_depth", "rows_running", "forward_passes",
+                  "mean_batch_size", "max_batch_size", "batch_sizes")  # fmt: skip
+# The adapter cache's figures, shown for the caller's own adapters only: everyone's totals would tell an
+# organisation how many adapters others have loaded, how big, and how often they are used.
+OWN_FIGURES = {"adapters_loaded": 0, "adapters_pinned": 0, "bytes_used": 0, "hits": 0, "misses": 0, "evictions": 0,
+               "mean_load_ms": 0.0}  # fmt: skip
+
+
 @router.get("/serving/stats")
 async def serving_stats(org: CurrentOrg, backend: BackendDep) -> dict:
-    """What the inference tier serves: per base model (and server), adapters loaded and bytes used, cache hits
-    and misses, batch sizes and queue depth. Only the caller's own adapters are named."""
+    """What the inference tier serves: per base model (and server) its batch sizes and queue depth, and the caller's
+    own adapters in its cache (their count, bytes, hits and misses). Nothing about another organisation's: the
+    servers report cache figures per owner, and only the caller's are passed on (an allow-list, so a figure added
+    to the servers' stats stays internal until it is listed here)."""
     engines, solo = [], 0
     for server in await backend.stats():
         for engine in server.get("engines", []):
-            adapters = engine.pop("adapters", [])
-            mine = sorted(a["id"] for a in adapters if a.get("owner") == org)
-            engines.append({"server": server["server"], **engine, "your_adapters": mine})
-        solo += len(server.get("solo_models", []))
+            mine = sorted(a["id"] for a in engine.get("adapters", []) if a.get("owner") == org)
+            own = {**OWN_FIGURES, **engine.get("owners", {}).get(org, {})}
+            shared = {k: engine[k] for k in SHARED_FIGURES if k in engine}
+            engines.append({"server": server["server"], **shared, **{k: own[k] for k in OWN_FIGURES},
+                            "your_adapters": mine})  # fmt: skip
+        solo += sum(1 for owner in server.get("solo_owners", {}).values() if owner == org)
     return {"object": "serving.stats", "engines": engines, "solo_models_loaded": solo}
 
 

@@ -19,7 +19,7 @@ from api.deps import CurrentOrg, IdempotencyHeader, SessionClosingRoute, Session
 from api.errors import APIError, not_found
 from api.idempotency import Claim, request_hash
 from api.pagination import owned, paginate
-from api.quotas import check_job_quota
+from api.quotas import job_quota_error
 from api.schemas import Adapter, JobCreate, checkpoint_object, event_object, job_object, page
 from control import jobs
 from control.events import add_event
@@ -61,6 +61,7 @@ def create_job(body: JobCreate, session: SessionDep, org: CurrentOrg, settings: 
     try:
         job = _create_job(body, session, org, settings, claimed)
     except BaseException:
+        session.rollback()  # first: on SQLite the admission holds the write lock, which the release needs
         if claimed is not None:
             claimed.release()
         raise
@@ -87,7 +88,6 @@ def _create_job(body: JobCreate, session: Session, org: str, settings: Settings,
     if task not in tasks:
         raise APIError(400, f"{body.model} cannot be fine-tuned on {training.format} data ({task}); it supports: "
                        f"{', '.join(tasks)}.", code="incompatible_model", param="model")  # fmt: skip
-    check_job_quota(session, org, settings)
     adapter = body.adapter or Adapter()
     try:
         check_hyperparameters(adapter.type, adapter.model_extra or {})
@@ -109,7 +109,10 @@ def _create_job(body: JobCreate, session: Session, org: str, settings: Settings,
         hyperparameters=body.requested_hyperparameters().model_dump(),
         adapter={"type": adapter.type, **(adapter.model_extra or {})},
     )
-    jobs.create(session, job)  # queued: the message goes out right after the commit
+    try:  # last: the admission holds its organisation's lock until the commit
+        jobs.create(session, job, default_max_active=settings.max_active_jobs)  # queued; sent after the commit
+    except jobs.ActiveJobLimit as refused:
+        raise job_quota_error(refused) from None
     if claimed is not None:
         session.flush()
         claimed.record(session, job_object(job))  # in the job's own transaction: both or neither
@@ -140,7 +143,9 @@ def cancel_job(session: SessionDep, org: CurrentOrg, job_id: str) -> dict:
         add_event(session, job.id, "Cancellation requested; the job stops after its current step")
     session.commit()
     session.refresh(job)
-    if job.status in FINISHED and not stopped:
+    # Cancelling is idempotent: a job already cancelled (by a concurrent request that won the race, or earlier)
+    # or being cancelled answers as the winning request did. Only a job that ended otherwise cannot be cancelled.
+    if job.status in FINISHED and job.status != JobStatus.CANCELLED:
         raise APIError(409, f"Job {job.id} has already {job.status}.", code="job_not_cancellable")
     return job_object(job)
 

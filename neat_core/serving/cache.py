@@ -39,6 +39,16 @@ class AdapterRef:
 
 
 @dataclass
+class _Traffic:
+    """One organisation's cache traffic (its adapters' hits, misses and evictions), for its own stats."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    load_seconds: float = 0.0
+
+
+@dataclass
 class _Entry:
     ref: AdapterRef
     nbytes: int
@@ -62,6 +72,7 @@ class AdapterCache:
         self._lock = threading.Lock()  # guards the dicts and counters; never held while loading
         self.hits = self.misses = self.evictions = 0
         self.load_seconds_total = 0.0
+        self._traffic: dict[str, _Traffic] = {}  # per owning organisation (adapters without an owner: no one's)
 
     def acquire(self, ref: AdapterRef, caller: str | None) -> None:
         """Make `ref` servable and pin it until `release`. Raises AdapterAccessError for another organisation's
@@ -69,13 +80,13 @@ class AdapterCache:
         self._check_owner(ref, caller)
         with self._lock:
             if self._pin_if_loaded(ref):
-                self.hits += 1
+                self._hit(ref)
                 return
             key_lock = self._loading.setdefault(ref.adapter_id, threading.Lock())
         with key_lock:  # concurrent first requests: one loads, the others wait and then hit
             with self._lock:
                 if self._pin_if_loaded(ref):
-                    self.hits += 1
+                    self._hit(ref)
                     return
             try:
                 start = time.perf_counter()
@@ -86,8 +97,12 @@ class AdapterCache:
                     self.model.add(factors)
                 with self._lock:
                     self._entries[ref.adapter_id] = _Entry(ref, factors.nbytes, pins=1)
+                    seconds = time.perf_counter() - start
                     self.misses += 1
-                    self.load_seconds_total += time.perf_counter() - start
+                    self.load_seconds_total += seconds
+                    if (traffic := self._traffic_of(ref.owner)) is not None:
+                        traffic.misses += 1
+                        traffic.load_seconds += seconds
                 log.info("loaded adapter %s (%d bytes)", ref.adapter_id, factors.nbytes)
             finally:
                 with self._lock:
@@ -131,6 +146,31 @@ class AdapterCache:
                 "mean_load_ms": round(1000 * self.load_seconds_total / self.misses, 2) if self.misses else 0.0,
             }
 
+    def owner_stats(self) -> dict[str, dict[str, float | int]]:
+        """`stats`' adapter and traffic figures per owning organisation: what may be shown to that organisation,
+        which must see nothing of another's (adapters without an owner are no one's)."""
+        with self._lock:
+            out = {owner: {"adapters_loaded": 0, "adapters_pinned": 0, "bytes_used": 0, "hits": t.hits,
+                           "misses": t.misses, "evictions": t.evictions,
+                           "mean_load_ms": round(1000 * t.load_seconds / t.misses, 2) if t.misses else 0.0}
+                   for owner, t in self._traffic.items()}  # fmt: skip
+            for entry in self._entries.values():
+                if (mine := out.get(entry.ref.owner)) is not None:
+                    mine["adapters_loaded"] += 1
+                    mine["adapters_pinned"] += 1 if entry.pins else 0
+                    mine["bytes_used"] += entry.nbytes
+            return out
+
+    def _traffic_of(self, owner: str | None) -> _Traffic | None:
+        """The owner's traffic counters (created on first use); None for an adapter without an owner. Holds
+        self._lock."""
+        return None if owner is None else self._traffic.setdefault(owner, _Traffic())
+
+    def _hit(self, ref: AdapterRef) -> None:
+        self.hits += 1
+        if (traffic := self._traffic_of(ref.owner)) is not None:
+            traffic.hits += 1
+
     def _check_owner(self, ref: AdapterRef, caller: str | None) -> None:
         with self._lock:
             cached = self._entries.get(ref.adapter_id)
@@ -156,8 +196,10 @@ class AdapterCache:
             self._drop(adapter_id)
 
     def _drop(self, adapter_id: str) -> None:
-        del self._entries[adapter_id]
+        entry = self._entries.pop(adapter_id)
         with self._model_lock:
             self.model.remove(adapter_id)
         self.evictions += 1
+        if (traffic := self._traffic_of(entry.ref.owner)) is not None:
+            traffic.evictions += 1
         log.info("evicted adapter %s", adapter_id)

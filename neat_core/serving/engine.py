@@ -99,7 +99,7 @@ class BatchEngine(Scheduler, GenerationMixin, ClassificationMixin):
         return {
             **self.cache.stats(),
             "queue_depth": self._inbox.qsize(),
-            "running": self.running,
+            "rows_running": self.running,
             "forward_passes": passes,
             "mean_batch_size": round(rows / passes, 2) if passes else 0.0,
             "max_batch_size": max(self.batch_sizes, default=0),

@@ -5,7 +5,15 @@ fixtures are in `conftest.py`."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +22,9 @@ from sqlalchemy import select
 
 from control.orm import Job
 from control.storage import job_key
+from tests.services import free_port
 
+ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MIN_EXAMPLES = 10  # the test apps' `min_examples`
@@ -115,3 +125,48 @@ def assert_same_as_missing(theirs: httpx.Response, missing: httpx.Response, real
     assert theirs.status_code == missing.status_code, (theirs.text, missing.text)
     assert theirs.json() == json.loads(missing.text.replace(fake_id, real_id)), (theirs.text, missing.text)
     assert dict(theirs.headers).keys() == dict(missing.headers).keys()
+
+
+@contextmanager
+def api_processes(settings, log: Path, count: int = 1) -> Iterator[list[int]]:
+    """`count` real API processes (uvicorn, as deployed: with api.http's protocol) over `settings`' database, broker
+    and storage, on loopback; yields their ports, and stops them on exit."""
+    env = {
+        **os.environ,
+        "NEAT_DATA_DIR": str(settings.data_dir),
+        "NEAT_DATABASE_URL": settings.resolved_database_url,
+        "NEAT_BROKER_URL": settings.resolved_broker_url,
+        "NEAT_ARTIFACT_ROOT": str(settings.resolved_artifact_root),
+        "NEAT_SERVING": "false",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    procs, ports = [], []
+    try:
+        for _ in range(count):
+            port = free_port()
+            command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
+                       "--http", "api.http:OpenAIErrorsHTTP"]  # fmt: skip
+            with open(log, "ab") as out:
+                procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=out,
+                                              start_new_session=True))  # fmt: skip
+            ports.append(port)
+        for port in ports:
+            _wait_until_up(port, log)
+        yield ports
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+def _wait_until_up(port: int, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"the API did not start; its log:\n{log.read_text(errors='replace')[-4000:]}")

@@ -9,11 +9,13 @@ import io
 import json
 import sqlite3
 import tarfile
+import threading
 
 import pytest
+from sqlalchemy import func, select
 
 from control.ids import new_id
-from control.orm import Checkpoint, JobEvent
+from control.orm import Checkpoint, IdempotencyKey, Job, JobEvent
 from control.storage import job_key
 from tests.api import (
     LORA,
@@ -200,6 +202,59 @@ def test_bad_hyperparameters(api, chat_file, form, name, value):
     assert api.get("/v1/fine_tuning/jobs").json()["data"] == []
 
 
+OVERSIZE_SPECS = [  # (fields of the body, the param the 400 names, the limit its message states)
+    ({"adapter": {"type": "lora", "target_modules": [f"m{i}" for i in range(200_000)]}}, "adapter.target_modules",
+     "at most 256 entries"),
+    ({"adapter": {"type": "lora", "target_modules": ["q" * 257]}}, "adapter.target_modules", "at most 256 characters"),
+    ({"adapter": {"type": "lora", "r": [[[[8]]]]}}, "adapter.r", "at most 3 levels"),
+    ({"adapter": {"type": "neat", **{f"h{i}": 1 for i in range(33)}}}, "adapter", "at most 32 hyperparameters"),
+    ({"adapter": {"type": "t" * 65}}, "adapter.type", "at most 64 characters"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", "at most 16 items"),
+    ({"metadata": {"k" * 65: "v"}}, "metadata." + "k" * 65, "at most 64 characters"),
+    ({"metadata": {"k": "v" * 513}}, "metadata.k", "at most 512 characters"),
+    ({"suffix": "s" * 41}, "suffix", "at most 40 characters"),
+    ({"model": "m" * 256}, "model", "at most 255 characters"),
+    ({"validation_file": "f" * 65}, "validation_file", "at most 64 characters"),
+]  # fmt: skip
+
+
+@sqlite_only
+@pytest.mark.parametrize("fields, param, limit", OVERSIZE_SPECS)
+def test_oversize_job_specs_are_refused_naming_the_field_and_the_limit(api, chat_file, fields, param, limit):
+    r = api.create_job(chat_file, headers={"Idempotency-Key": "big"}, **fields)
+    error = assert_error(r, 400, code="invalid_request", param=param)
+    assert limit in error["message"] and len(error["message"]) < 300, error  # the value is not quoted back
+    with api.session() as session:  # nothing stored: no job, not even the idempotency key's claim
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
+        assert session.scalar(select(func.count()).select_from(IdempotencyKey)) == 0
+
+
+@sqlite_only
+def test_a_job_spec_at_the_limits_is_accepted(api, chat_file):
+    modules = [f"model.layers.{i}.self_attn.q_proj" for i in range(256)]
+    job = api.create_job_ok(chat_file, suffix="s" * 40, metadata={f"k{i}": "v" * 512 for i in range(16)},
+                            adapter={"type": "lora", "target_modules": modules})  # fmt: skip
+    assert job["adapter"]["target_modules"] == modules and len(job["metadata"]) == 16
+
+
+@sqlite_only
+@pytest.mark.parametrize("form", ["method", "legacy"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_a_learning_rate_multiplier_that_is_not_finite_is_named_so(api, chat_file, form, value):
+    """JSON as Python writes it (NaN, Infinity): refused as not finite, not as "less than or equal to 100"."""
+    hyperparameters = f'{{"learning_rate_multiplier": {value}}}'
+    if form == "method":
+        spec = f'"method": {{"type": "supervised", "supervised": {{"hyperparameters": {hyperparameters}}}}}'
+        param = "method.supervised.hyperparameters.learning_rate_multiplier"
+    else:
+        spec, param = f'"hyperparameters": {hyperparameters}', "hyperparameters.learning_rate_multiplier"
+    body = f'{{"model": "{SMOLLM2}", "training_file": "{chat_file}", {spec}}}'
+    r = api.post("/v1/fine_tuning/jobs", content=body.encode(), headers={"Content-Type": "application/json"})
+    error = assert_error(r, 400, code="invalid_request", param=param)
+    assert "finite number" in error["message"] and "less than" not in error["message"], error
+    assert api.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
 @sqlite_only
 @pytest.mark.parametrize("name, value", BAD_HYPERPARAMETERS[:1])
 def test_bad_hyperparameter_param_is_the_field(api, chat_file, name, value):
@@ -248,7 +303,30 @@ def test_cancel_queued_job(api, chat_file):
     events = api.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
     assert len(events) == 3 and "cancel" in events[-1]["message"].lower()
 
-    assert_error(api.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel"), 409, code="job_not_cancellable")
+    again = api.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")  # idempotent: the same answer, nothing changes
+    assert (again.status_code, again.json()["status"]) == (200, "cancelled")
+    assert len(api.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]) == 3
+
+
+def test_concurrent_cancels_of_a_queued_job_all_answer_cancelled(api, chat_file):
+    job_id = api.create_job_ok(chat_file)["id"]
+    barrier, responses = threading.Barrier(6), []
+
+    def cancel():
+        barrier.wait()
+        responses.append(api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel"))
+
+    threads = [threading.Thread(target=cancel) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [(r.status_code, r.json()["status"]) for r in responses] == [(200, "cancelled")] * 6, [
+        r.text for r in responses
+    ]
+    assert len({r.json()["finished_at"] for r in responses}) == 1  # one cancellation, reported six times
+    events = api.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+    assert [e["message"] for e in events].count("Job cancelled before it started") == 1
 
 
 def test_cancel_running_job_asks_it_to_stop(api, chat_file):

@@ -97,6 +97,13 @@ def test_admin_api_manages_organisations_and_keys(admin, api):
     listed = admin.client.get("/v1/admin/organizations/acme/api_keys", headers=as_admin()).json()["data"]
     assert [k["id"] for k in listed] == [created["id"]] and "key" not in listed[0]
 
+    # an unknown organisation is 404, not an empty list (an operator's typo must not look like "no keys")
+    missing = admin.client.get("/v1/admin/organizations/no-such-org/api_keys", headers=as_admin())
+    assert "no-such-org" in assert_error(missing, 404, code="organization_not_found")["message"]
+    admin.client.post("/v1/admin/organizations", headers=as_admin(), json={"id": "keyless"})
+    keyless = admin.client.get("/v1/admin/organizations/keyless/api_keys", headers=as_admin())
+    assert (keyless.status_code, keyless.json()["data"]) == (200, [])
+
     assert admin.client.delete(f"/v1/admin/api_keys/{created['id']}", headers=as_admin()).status_code == 200
     assert_error(admin.client.get("/v1/files", headers=acme), 401, code="invalid_api_key")
     assert_error(admin.client.delete(f"/v1/admin/api_keys/{created['id']}", headers=as_admin()), 404)
@@ -124,6 +131,8 @@ def test_admin_command_line(api):
         assert time.monotonic() < deadline, "a revoked key still works after key_cache_seconds"
         time.sleep(0.2)
     missing = run("create-key", "no-such-org")
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    missing = run("list-keys", "no-such-org")
     assert missing.returncode == 1 and "does not exist" in missing.stderr
 
 

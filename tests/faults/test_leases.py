@@ -36,7 +36,7 @@ def new_job(settings: Settings, **values) -> str:
     job = Job(id=new_id("ftjob"), organization_id=ORG, model="m", task="classification", training_file="file-x",
               seed=0, hyperparameters={}, adapter={"type": "neat"})  # fmt: skip
     with session_scope(settings.resolved_database_url) as session:
-        jobs.create(session, job)
+        jobs.create(session, job, default_max_active=settings.max_active_jobs)
         for name, value in values.items():
             setattr(job, name, value)
     return job.id

@@ -73,7 +73,16 @@ def test_stats_name_only_the_callers_own_adapters(service, tiny_models):
     assert service.other_org_model in theirs["your_adapters"] and service.chat_model not in theirs["your_adapters"]
     for key in ("adapters_loaded", "bytes_used", "bytes_budget", "hits", "misses", "queue_depth", "batch_sizes"):
         assert key in mine
-    assert mine["adapters_loaded"] >= 2 and mine["bytes_used"] > 0
+    # the cache figures are the caller's own: its adapters, their bytes, their hits and misses; never B's
+    assert mine["adapters_loaded"] == len(mine["your_adapters"]) and mine["bytes_used"] > 0
+    own = ("adapters_loaded", "adapters_pinned", "bytes_used", "hits", "misses", "evictions", "mean_load_ms")
+    for _ in range(3):
+        _chat(b, service.other_org_model, 1)
+    assert {k: _causal_engine(_stats(a), str(tiny_models["llama"]))[k] for k in own} == {k: mine[k] for k in own}
+    assert _causal_engine(_stats(b), str(tiny_models["llama"]))["hits"] >= theirs["hits"] + 3
+    shared = ("base_model", "task", "bytes_budget", "queue_depth", "rows_running", "forward_passes", "mean_batch_size",
+              "max_batch_size", "batch_sizes")  # fmt: skip
+    assert set(mine) == {"server", "your_adapters", *shared, *own}
 
 
 def test_another_organisations_model_is_not_found_and_never_batched(service, tiny_models):

@@ -215,6 +215,31 @@ def test_concurrent_first_requests_load_an_adapter_once(tiny_models, saved):
         engine.close()
 
 
+def test_cache_figures_are_kept_per_owner(tiny_models, saved):
+    """What /v1/serving/stats may show an organisation: its own adapters' count, bytes and traffic, none of
+    another's."""
+    engine = make_engine("llama", tiny_models)
+    mine, theirs = refs(saved, "llama", owner="org-a")["neat-a"], refs(saved, "llama", owner="org-b")["neat-b"]
+    greedy = SamplingParams(max_tokens=2)
+    try:
+        size = {r.owner: load_factors(r.path, engine.model.model).nbytes for r in (mine, theirs)}
+        for _ in range(3):
+            list(engine.generate(prompt(1, 4), mine, greedy, caller="org-a"))
+        list(engine.generate(prompt(2, 4), theirs, greedy, caller="org-b"))
+        figures = ("adapters_loaded", "bytes_used", "hits", "misses", "evictions")
+        owners = engine.cache.owner_stats()
+        assert [owners["org-a"][k] for k in figures] == [1, size["org-a"], 2, 1, 0]
+        assert [owners["org-b"][k] for k in figures] == [1, size["org-b"], 0, 1, 0]
+        totals = engine.stats()  # the operator's view: everyone's
+        assert [totals[k] for k in figures] == [2, size["org-a"] + size["org-b"], 2, 2, 0]
+        assert engine.cache.evict("neat-b")
+        owners = engine.cache.owner_stats()
+        assert [owners["org-b"][k] for k in ("adapters_loaded", "bytes_used", "evictions")] == [0, 0, 1]
+        assert owners["org-a"]["evictions"] == 0 and owners["org-a"]["adapters_loaded"] == 1
+    finally:
+        engine.close()
+
+
 def test_another_organisations_adapter_is_refused_before_it_is_batched(tiny_models, saved):
     engine = make_engine("llama", tiny_models)
     theirs = refs(saved, "llama", owner="org-b")["neat-a"]
