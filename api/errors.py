@@ -15,12 +15,14 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from control.backends import BackendError
+from control.storage import DiskFull
 
 log = logging.getLogger("api")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
-          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}  # fmt: skip
+          405: "invalid_request_error", 408: "invalid_request_error", 409: "invalid_request_error",
+          413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable", 507: "server_error"}  # fmt: skip
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -111,6 +113,14 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("database connection pool exhausted: %s", exc)
         body = error_body(503, "The service is overloaded; retry shortly.", "service_overloaded", None)
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(DiskFull)
+    async def _disk_full(_: Request, exc: DiskFull) -> JSONResponse:
+        # the artifact volume is full: nothing was stored, and a retry once there is space succeeds
+        log.error("storage full: %s", exc)
+        body = error_body(507, "The service's storage is full; nothing was stored. Retry later.", "storage_full",
+                          None)  # fmt: skip
+        return JSONResponse(body, status_code=507, headers={"Retry-After": "60"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

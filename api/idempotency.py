@@ -4,8 +4,11 @@ retry must not create a second file or job.
 The same key (per organisation and endpoint) with the same request replays the first response; with a different
 request it answers 422; while the first request is still running it answers 409. The key is claimed in a short
 transaction of its own before the work starts (so a concurrent duplicate sees it at once), and its response is
-stored in the same transaction as the thing it created, so a crash leaves either both or neither: a claim whose
-request died without committing is taken over after `STALE_SECONDS`. A request that fails frees its key.
+stored in the same transaction as the thing it created, so a crash leaves either both or neither. A request that
+fails frees its key. A claim whose API process died (a crash, a kill, a lost machine) has no one to free it: the
+claim names its process (`owner`, control.processes), and a retry that finds that process gone on this host takes
+the key over at once, well within the openai client's retries (2, about a second apart). A process on another host
+cannot be checked from here; its claim is taken over once it is `STALE_SECONDS` old.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from sqlalchemy.orm import Session
 from api.errors import APIError
 from control.db import session_scope
 from control.orm import IdempotencyKey
+from control.processes import process_alive, process_token
 
 MAX_KEY_LENGTH = 255
 STALE_SECONDS = 300.0  # an in-flight claim this old belongs to a request that died before committing
@@ -64,7 +68,7 @@ def claim(url: str, org: str, endpoint: str, key: str | None, digest: str) -> Cl
     try:
         with session_scope(url) as session:
             row = IdempotencyKey(organization_id=org, endpoint=endpoint, key=key, request_hash=digest,
-                                 state="in_flight", created_at=time.time())  # fmt: skip
+                                 state="in_flight", owner=process_token(), created_at=time.time())  # fmt: skip
             session.add(row)
             session.flush()
             return Claim(url, row.seq)
@@ -84,11 +88,13 @@ def claim(url: str, org: str, endpoint: str, key: str | None, digest: str) -> Cl
         if row.state == "done":
             return JSONResponse(row.response_body, status_code=row.response_status,
                                 headers={"Idempotent-Replayed": "true"})  # fmt: skip
-        taken = session.execute(  # a claim whose request died before committing: take it over
+        if process_alive(row.owner) and row.created_at >= time.time() - STALE_SECONDS:
+            raise _in_progress()  # its request is still running
+        taken = session.execute(  # a claim whose request died before committing: take it over (one retry wins)
             update(IdempotencyKey)
             .where(IdempotencyKey.seq == row.seq, IdempotencyKey.state == "in_flight")
-            .where(IdempotencyKey.created_at < time.time() - STALE_SECONDS)
-            .values(created_at=time.time())
+            .where(IdempotencyKey.created_at == row.created_at)
+            .values(owner=process_token(), created_at=time.time())
         ).rowcount
         if taken:
             return Claim(url, row.seq)

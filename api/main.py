@@ -23,6 +23,7 @@ from control.backends import Backend
 from control.db import session_scope, with_retries
 from control.keys import add_key
 from control.settings import Settings, get_settings
+from control.sweeper import Sweeper
 
 log = logging.getLogger("api.main")
 
@@ -37,12 +38,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         except (OperationalError, DBAPIError):
             # The database is away: start anyway (answering 503 until it is back) and add the key once it is.
             threading.Thread(target=_bootstrap_key, args=(settings,), name="bootstrap-key", daemon=True).start()
+    # Temporary bytes a killed API process (or worker) left on the volume: removed now, and every sweep_seconds.
+    sweeper = await asyncio.to_thread(Sweeper(settings).start)
     if app.state.backend is None:
         app.state.backend = configured(settings)
     backend = app.state.backend
     if backend is not None and settings.serving and settings.serving_preload:  # the API answers meanwhile
         app.state.preloading = asyncio.create_task(preload(settings, backend))
     yield
+    sweeper.stop()
     if app.state.backend is not None:
         await app.state.backend.close()
 

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from api.deps import CurrentOrg, SessionDep, SettingsDep
 from api.errors import APIError
 from control.jobs import ActiveJobLimit
+from control.keys import lock_organization
 from control.orm import File, Organization
 from control.settings import Settings
 
@@ -38,12 +39,28 @@ def job_quota_error(refused: ActiveJobLimit) -> APIError:
 
 
 def check_storage_quota(session: Session, org: str, incoming: int, settings: Settings) -> None:
+    """429 if `incoming` more bytes would take the organisation over its storage limit, as counted now. Cheap and
+    early (before a file is validated), but two uploads may both pass it: `admit_storage` is what decides."""
     limit = _limit(session, org, "max_storage_bytes", settings.max_storage_bytes)
     used = session.scalar(select(func.coalesce(func.sum(File.bytes), 0)).where(File.organization_id == org))
     if used + incoming > limit:
         raise APIError(429, f"This file ({incoming:,} bytes) would bring your organisation's files to "
                        f"{used + incoming:,} bytes, over its limit of {limit:,}; delete files first.",
                        code="quota_exceeded", param="file", headers={"Retry-After": "3600"})  # fmt: skip
+
+
+def admit_storage(session: Session, org: str, incoming: int, settings: Settings) -> None:
+    """The storage quota, unraceable: under the organisation's lock (control.keys.lock_organization, held until
+    the caller's commit or rollback, right after it inserts the file's row), count the stored bytes and check.
+
+    Counting and inserting in two steps let 20 concurrent uploads against room for 3 files store 8: each counted
+    before any other had committed. Under the lock they take turns and each counts what the ones before it
+    committed. The lock is held for a count, an insert and a rename, never while a body streams in or a file is
+    validated. (Not a counter column: every delete would have to decrement it, and the sum of the rows is the
+    truth.)"""
+    if lock_organization(session, org) is None:  # every key belongs to an organisation row (foreign key)
+        raise RuntimeError(f"organisation {org!r} has no row to lock")
+    check_storage_quota(session, org, incoming, settings)
 
 
 class RateLimiter:

@@ -44,7 +44,8 @@ from sqlalchemy.orm import Session
 
 from control.events import add_event
 from control.ids import new_id, now
-from control.orm import Checkpoint, Job, JobAttempt, JobEvent, Organization
+from control.keys import lock_organization
+from control.orm import Checkpoint, Job, JobAttempt, JobEvent
 
 
 class JobStatus(StrEnum):
@@ -156,23 +157,10 @@ def create(session: Session, job: Job, *, default_max_active: int) -> Job:
 
 
 def _lock_organization(session: Session, org: str) -> int | None:
-    """Lock `org` for a job admission until the transaction ends; returns its own `max_active_jobs`.
-
-    Postgres: the organisation's row `FOR NO KEY UPDATE`. A concurrent admission for the same organisation waits
-    on it, and then (read committed: each statement sees what was committed before it began) counts the job the
-    other one committed. NO KEY: inserts that merely reference the row (files, keys, idempotency keys) take a key
-    share lock and are not held up.
-    SQLite: `BEGIN IMMEDIATE`, the database's write lock, taken before the count. Python's sqlite3 runs a SELECT
-    outside any transaction and begins one only at the first write, so without it two admissions both count,
-    then both insert; a plain deferred BEGIN would instead fail the second writer (its read snapshot is stale).
-    Other writers wait for the lock up to the busy timeout (control.db); a connection already in a transaction
-    has written, so it holds the write lock already."""
-    connection = session.connection()
-    if connection.dialect.name == "sqlite" and not connection.connection.dbapi_connection.in_transaction:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-    return session.scalar(
-        select(Organization.max_active_jobs).where(Organization.id == org).with_for_update(key_share=True)
-    )
+    """Lock `org` for a job admission until the transaction ends (control.keys.lock_organization, the same lock
+    that admits an upload's bytes); returns its own `max_active_jobs`."""
+    row = lock_organization(session, org)
+    return None if row is None else row.max_active_jobs
 
 
 def cancel_unstarted(session: Session, job_id: str) -> bool:
@@ -271,11 +259,15 @@ def cancel(session: Session, lease: Lease, *, trained_tokens: int | None = None)
     return _finish(session, lease, {JobStatus.CANCELLING}, JobStatus.CANCELLED, **values)
 
 
-def release(session: Session, lease: Lease) -> bool:
+def release(session: Session, lease: Lease, *, resend_later_from: float | None = None) -> bool:
     """running → queued: the worker is shutting down mid-job; the redelivered message resumes it from its last
-    checkpoint. (A job being cancelled is not released: the caller `cancel`s it instead.)"""
+    checkpoint. (A job being cancelled is not released: the caller `cancel`s it instead.)
+
+    `resend_later_from` (a time): the job's message counts as sent then, and nobody sends it now, so the reapers
+    send it once it has waited `redeliver_seconds`: how a job that hit a full disk waits for space."""
+    later = {} if resend_later_from is None else {"sent_at": resend_later_from}
     released = _fenced_update(session, lease, {JobStatus.RUNNING}, status=JobStatus.QUEUED, estimated_finish=None,
-                              lease_owner=None, lease_expires_at=None)  # fmt: skip
+                              lease_owner=None, lease_expires_at=None, **later)  # fmt: skip
     if released:
         _end_attempt(session, lease, AttemptOutcome.RELEASED)
     return released

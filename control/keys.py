@@ -72,6 +72,26 @@ def add_key(session: Session, org_id: str, key: str | None = None) -> str:
     return key
 
 
+def lock_organization(session: Session, org: str) -> Organization | None:
+    """Lock organisation `org` until the transaction ends, and return its row (None if there is none): what
+    admissions against a per-organisation quota count under (control.jobs.create: active jobs; api.quotas.
+    admit_storage: stored bytes), so that concurrent ones take turns and each counts what the others committed.
+
+    Postgres: the organisation's row `FOR NO KEY UPDATE`. A concurrent admission for the same organisation waits
+    on it, and then (read committed: each statement sees what was committed before it began) counts the job or
+    file the other one committed. NO KEY: inserts that merely reference the row (files, keys, idempotency keys)
+    take a key share lock and are not held up.
+    SQLite: `BEGIN IMMEDIATE`, the database's write lock, taken before the count. Python's sqlite3 runs a SELECT
+    outside any transaction and begins one only at the first write, so without it two admissions both count,
+    then both insert; a plain deferred BEGIN would instead fail the second writer (its read snapshot is stale).
+    Other writers wait for the lock up to the busy timeout (control.db); a connection already in a transaction
+    has written, so it holds the write lock already."""
+    connection = session.connection()
+    if connection.dialect.name == "sqlite" and not connection.connection.dbapi_connection.in_transaction:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    return session.scalar(select(Organization).where(Organization.id == org).with_for_update(key_share=True))
+
+
 def key_is_active(session: Session, key: str) -> bool:
     row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
     return row is not None and row.revoked_at is None

@@ -121,6 +121,9 @@ class IdempotencyKey(Base):
     key: Mapped[str] = mapped_column(String(255))
     request_hash: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16))  # in_flight | done
+    # While in flight: the API process handling it (control.processes), so that a retry after that process died
+    # takes the key over at once instead of waiting out `STALE_SECONDS`.
+    owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     response_body: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)

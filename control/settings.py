@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     admin_api_key: str | None = None  # enables /v1/admin (organisations and keys); unset: those routes are 404
 
     max_upload_bytes: int = 512 * 1024 * 1024
+    upload_idle_seconds: float = 300.0  # an upload that sends nothing for this long is cut off (408)
+    # Temporary bytes (control.storage.sweep): an entry nobody wrote to for `temp_max_age_seconds` is abandoned
+    # (it must exceed `upload_idle_seconds` and the longest single checkpoint or adapter write); every API and
+    # worker process sweeps at start and every `sweep_seconds`.
+    temp_max_age_seconds: float = 3600.0
+    sweep_seconds: float = 600.0
     # Default per-organisation limits (each organisation may have its own: `python -m api.admin set-limits`).
     max_active_jobs: int = 20  # queued + running jobs
     max_storage_bytes: int = 50 * 1024**3  # all files together

@@ -60,25 +60,29 @@ def save_artifact(model: PeftModel, out_dir: Path, *, base_model: str, manifest:
     method = method_of(model)
     model.peft_config[model.active_adapter].base_model_name_or_path = base_model
     tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, save_embedding_layers=False)  # True/"auto" would look the base up on a hub
-    weights_hash = base_weights_sha256(model)
-    if method.exportable_to_lora:
-        export_lora(model, tmp / "lora", base_model_id=base_model, base_weights_hash=weights_hash)
-    full = {
-        "format_version": FORMAT_VERSION,
-        "created_at": int(time.time()),
-        "method": method.name,
-        "base_model": base_model,
-        "base_weights_sha256": weights_hash,
-        **parameter_counts(model),
-        "versions": library_versions(),
-        **manifest,
-    }
-    (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
+    try:  # a write that fails (a full disk, an interrupt) removes its temporary directory; a killed one is swept
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, save_embedding_layers=False)  # True/"auto" would look the base up on a hub
+        weights_hash = base_weights_sha256(model)
+        if method.exportable_to_lora:
+            export_lora(model, tmp / "lora", base_model_id=base_model, base_weights_hash=weights_hash)
+        full = {
+            "format_version": FORMAT_VERSION,
+            "created_at": int(time.time()),
+            "method": method.name,
+            "base_model": base_model,
+            "base_weights_sha256": weights_hash,
+            **parameter_counts(model),
+            "versions": library_versions(),
+            **manifest,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out_dir
 
 

@@ -91,22 +91,26 @@ def export_lora(
 
     out = Path(out_dir)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir(parents=True)
-    lora_config.save_pretrained(tmp)
-    save_file(tensors, tmp / "adapter_model.safetensors")
-    (tmp / "export.json").write_text(
-        json.dumps(
-            {
-                "source_method": method.name,
-                "rank": r,
-                "base_weights_sha256": base_weights_hash or base_weights_sha256(model),
-            },
-            indent=2,
+    try:  # a write that fails removes its temporary directory
+        tmp.mkdir(parents=True)
+        lora_config.save_pretrained(tmp)
+        save_file(tensors, tmp / "adapter_model.safetensors")
+        (tmp / "export.json").write_text(
+            json.dumps(
+                {
+                    "source_method": method.name,
+                    "rank": r,
+                    "base_weights_sha256": base_weights_hash or base_weights_sha256(model),
+                },
+                indent=2,
+            )
         )
-    )
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

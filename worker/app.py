@@ -12,6 +12,7 @@ from celery import signals
 
 from control.queue import make_celery
 from control.settings import get_settings
+from control.sweeper import Sweeper
 from worker.lease import Reaper
 
 app = make_celery(get_settings())
@@ -22,14 +23,20 @@ app.conf.include = ["worker.tasks"]  # imported when the worker starts, so the t
 def _start_reaper(**_: object) -> None:
     # Every worker process reaps expired leases (worker.lease): the jobs of a worker that died are picked up by
     # whichever worker is still alive, or by the next one to start.
-    global _reaper
+    # And every worker process sweeps the temporary bytes (half-written checkpoints and adapters, uploads) that
+    # killed processes left on the volume (control.sweeper).
+    global _reaper, _sweeper
     _reaper = Reaper(get_settings()).start()
+    _sweeper = Sweeper(get_settings()).start()
 
 
 @signals.worker_shutdown.connect
 def _stop_reaper(**_: object) -> None:
     if _reaper is not None:
         _reaper.stop()
+    if _sweeper is not None:
+        _sweeper.stop()
 
 
 _reaper: Reaper | None = None
+_sweeper: Sweeper | None = None

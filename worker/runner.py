@@ -10,6 +10,7 @@ normally, its message is acked, and the worker takes the next job.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
@@ -19,7 +20,7 @@ from control.db import session_scope, with_retries
 from control.events import add_event
 from control.jobs import JobStatus
 from control.settings import Settings, get_settings
-from control.storage import Storage
+from control.storage import Storage, no_space
 from neat_core.errors import NeatCoreError
 from worker import faults
 from worker.lease import Heartbeat, worker_id
@@ -62,6 +63,8 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         error = {"code": e.code, "message": str(e), "param": getattr(e, "field", None)}
         return _failed(url, lease, error)
     except Exception as e:  # a bug, or out of memory: the job fails, the worker lives on
+        if no_space(e):  # not the job's fault: it waits for space and resumes from its last checkpoint
+            return _out_of_space(url, lease, settings, e)
         log.exception("job %s failed", job_id)
         error = {"code": "training_error", "message": f"{type(e).__name__}: {e}", "param": None}
         return _failed(url, lease, error)
@@ -128,6 +131,29 @@ def _failed(url: str, lease: jobs.Lease, error: dict[str, Any]) -> str:
         done = jobs.fail(session, lease, error)
         message = f"Fine-tuning job failed: {error['message']}"
         return _recorded(session, lease.job_id, done, JobStatus.FAILED, message, level="error")
+
+    return with_retries(url, write)
+
+
+def _out_of_space(url: str, lease: jobs.Lease, settings: Settings, e: Exception) -> str:
+    """The storage volume filled up (a checkpoint, the adapter, or anything else written): put the job back in the
+    queue, to be sent again after `redeliver_seconds`, when it resumes from its last complete checkpoint (a write
+    cut short by the full disk removed its own temporary directory, and a half-written one is never read). After
+    `max_attempts` claims it fails with `storage_full`, not `training_error`: retrying it then succeeds."""
+    job_id, attempt = lease.job_id, lease.attempt
+    log.error("job %s: the storage volume is full (%s)", job_id, e)
+    if attempt >= settings.max_attempts:
+        message = f"The service's storage stayed full over {attempt} attempts; retry the job later."
+        error = {"code": "storage_full", "message": message, "param": None}
+        return _failed(url, lease, error)
+
+    def write(session: Session) -> str:
+        if jobs.release(session, lease, resend_later_from=time.time()):
+            add_event(session, job_id, "The service's storage is full; the job is queued again and will resume "
+                      f"from its last checkpoint in about {settings.redeliver_seconds:g} seconds", level="warn",
+                      data={"type": "storage_full", "attempt": attempt})  # fmt: skip
+            return JobStatus.QUEUED
+        return _recorded(session, job_id, False, JobStatus.QUEUED, "")
 
     return with_retries(url, write)
 

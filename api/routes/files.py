@@ -1,12 +1,12 @@
-"""/v1/files: uploads are validated line by line before anything is stored."""
+"""/v1/files: uploads are streamed into a temporary file under the size limit (api.uploads), validated line by
+line, and stored together with their row, within the organisation's storage quota (api.quotas.admit_storage)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from api import idempotency
@@ -14,21 +14,16 @@ from api.deps import CurrentOrg, IdempotencyHeader, SessionClosingRoute, Session
 from api.errors import APIError, not_found
 from api.idempotency import Claim, request_hash
 from api.pagination import owned, paginate
-from api.quotas import check_storage_quota
+from api.quotas import admit_storage, check_storage_quota
 from api.schemas import file_object, page
+from api.uploads import OPENAPI, disk_full, receive_upload
 from control import jobs
 from control.ids import new_id
 from control.orm import File
-from control.storage import TooLarge, file_key
+from control.storage import DiskFull, file_key
 from neat_core.data.formats import validate_jsonl
 
 router = APIRouter(route_class=SessionClosingRoute, prefix="/v1/files", tags=["files"])
-CHUNK = 1 << 20
-
-
-def _chunks(upload: UploadFile):
-    while chunk := upload.file.read(CHUNK):
-        yield chunk
 
 
 def _plain_name(name: str | None) -> str:
@@ -45,47 +40,50 @@ def _get(session, org: str, file_id: str) -> File:
     return row
 
 
-@router.post("")
+@router.post("", openapi_extra=OPENAPI)
 def upload_file(
+    request: Request,
     session: SessionDep,
     org: CurrentOrg,
     storage: StorageDep,
     settings: SettingsDep,
-    file: UploadFile,
-    purpose: Annotated[str, Form()],
     idempotency_key: IdempotencyHeader = None,
 ) -> Any:
-    if purpose != "fine-tune":
-        raise APIError(400, "purpose must be 'fine-tune'.", code="invalid_purpose", param="purpose")
-    try:
-        temp, size, sha256 = storage.receive(_chunks(file), settings.max_upload_bytes)
-    except TooLarge as e:
-        raise APIError(413, f"File is {e}.", code="file_too_large", param="file") from e
+    upload = receive_upload(request, storage, settings.max_upload_bytes, settings.upload_idle_seconds)
     claimed: Claim | JSONResponse | None = None
     try:
-        check_storage_quota(session, org, size, settings)
-        digest = request_hash(sha256, size, purpose, file.filename)
+        purpose = upload.fields.get("purpose")
+        if purpose is None:
+            raise APIError(400, "purpose is required ('fine-tune').", code="invalid_request", param="purpose")
+        if purpose != "fine-tune":
+            raise APIError(400, "purpose must be 'fine-tune'.", code="invalid_purpose", param="purpose")
+        digest = request_hash(upload.sha256, upload.size, purpose, upload.filename)
         claimed = idempotency.claim(settings.resolved_database_url, org, "files", idempotency_key, digest)
         if isinstance(claimed, JSONResponse):
-            return claimed  # a retry of an upload that was already stored
-        report = validate_jsonl(temp, min_examples=settings.min_examples, max_line_bytes=settings.max_line_bytes)
+            return claimed  # a retry of an upload that was already stored (whatever the quota says now)
+        check_storage_quota(session, org, upload.size, settings)  # early and cheap; `admit_storage` decides
+        report = validate_jsonl(upload.temp, min_examples=settings.min_examples,
+                                max_line_bytes=settings.max_line_bytes)  # fmt: skip
         if not report.ok:
             raise APIError(400, f"Invalid training file: {report.errors[0]['message']}", code="invalid_file",
                            param="file", extra={"errors": report.errors})  # fmt: skip
-        filename = _plain_name(file.filename)
         file_id = new_id("file")
         row = File(
             id=file_id,
             organization_id=org,
-            filename=filename,
+            filename=_plain_name(upload.filename),
             purpose=purpose,
-            bytes=size,
-            sha256=sha256,
+            bytes=upload.size,
+            sha256=upload.sha256,
             format=report.format.value,
             num_examples=report.num_examples,
             storage_key=file_key(org, file_id),
         )
-        storage.commit(temp, row.storage_key)
+        admit_storage(session, org, upload.size, settings)  # locks the organisation until the commit below
+        try:
+            storage.commit(upload.temp, row.storage_key)
+        except DiskFull as e:
+            raise disk_full() from e
         session.add(row)
         if claimed is not None:
             session.flush()  # fills in the defaults (created_at) that the response shows
@@ -96,11 +94,12 @@ def upload_file(
             storage.delete(row.storage_key)  # no blob without its row
             raise
     except BaseException:
+        session.rollback()  # let go of the organisation's lock before the key's release writes (SQLite: one writer)
         if isinstance(claimed, Claim):
             claimed.release()
         raise
     finally:
-        Path(temp).unlink(missing_ok=True)
+        upload.temp.unlink(missing_ok=True)
     return file_object(row)
 
 

@@ -95,27 +95,31 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{loop.step:06d}"
     tmp = root / f".{final.name}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir()
-    model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
-    opt_tensors, opt_meta = _optimizer_to_safe(optimizer)
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, tmp / "rng.safetensors")
-    state = {
-        "loop": asdict(loop),
-        "scheduler": scheduler.state_dict(),
-        "optimizer": opt_meta,
-        "metrics": metrics,
-        "fingerprint": fingerprint,
-        "method_state": method_state or {},
-    }
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. a cancel right after a scheduled save) replaces it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    try:  # a write that fails (a full disk, an interrupt) removes its temporary directory; a killed one is swept
+        tmp.mkdir()
+        model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
+        opt_tensors, opt_meta = _optimizer_to_safe(optimizer)
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, tmp / "rng.safetensors")
+        state = {
+            "loop": asdict(loop),
+            "scheduler": scheduler.state_dict(),
+            "optimizer": opt_meta,
+            "metrics": metrics,
+            "fingerprint": fingerprint,
+            "method_state": method_state or {},
+        }
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving the same step (e.g. a cancel right after a scheduled save) replaces it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if keep_last:
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

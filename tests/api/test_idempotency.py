@@ -4,15 +4,26 @@ keys are per organisation. Also through the stock openai client, which retries P
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
+import httpx
 import openai
 from sqlalchemy import func, select
 
 from api.idempotency import claim, request_hash
 from api.schemas import JobCreate
+from control.db import session_factory
 from control.orm import File, IdempotencyKey, Job
-from tests.api import assert_error, chat_rows, jsonl
+from tests.api import assert_error, chat_rows, jsonl, sqlite_only
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def key(value: str) -> dict[str, str]:
@@ -113,3 +124,76 @@ def test_the_openai_client_retry_with_its_key_creates_one_job(api):
     retried = client.fine_tuning.jobs.create(model="HuggingFaceTB/SmolLM2-135M-Instruct", training_file=file_id,
                                              extra_headers=key("sdk-retry"))  # fmt: skip
     assert retried.id == first.id and count(api, Job) == 1
+
+
+@sqlite_only
+def test_a_retry_after_the_api_process_died_mid_upload_succeeds(db_url, orgs, tmp_path):
+    """Two real API processes behind one listening socket (as behind a load balancer). The one handling an upload
+    with an Idempotency-Key is SIGKILLed while it holds the key; the stock openai client's own retries (its
+    defaults) reach the other process, which sees the key's process gone, takes the key over and stores the file
+    once. (Before, the key stayed in flight and every retry got 409 for 300 s.)"""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.set_inheritable(True)
+    port = listener.getsockname()[1]
+    env = {**os.environ, "NEAT_DATA_DIR": str(tmp_path / "data"), "NEAT_DATABASE_URL": db_url,
+           "NEAT_ARTIFACT_ROOT": str(tmp_path / "artifacts"), "NEAT_SERVING": "false", "HF_HUB_OFFLINE": "1",
+           "NEAT_MIN_EXAMPLES": "10", "PYTHONPATH": str(ROOT)}  # fmt: skip
+    command = [sys.executable, "-m", "uvicorn", "api.main:app", "--fd", str(listener.fileno())]
+    log = tmp_path / "api.log"
+    with open(log, "ab") as out:
+        apis = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=out, pass_fds=(listener.fileno(),),
+                                 start_new_session=True) for _ in range(2)]  # fmt: skip
+    try:
+        wait_until(lambda: log.read_text().count("Application startup complete") == 2 and _healthy(port), 90, log)
+        # Big enough that validating it takes a while: the window in which its process holds the key.
+        body = jsonl(chat_rows(10)) * 30_000
+        client = openai.OpenAI(api_key=orgs[0].key, base_url=f"http://127.0.0.1:{port}/v1", timeout=120)
+        outcome: dict = {}
+
+        def upload() -> None:
+            try:
+                outcome["file"] = client.files.create(file=("big.jsonl", body), purpose="fine-tune",
+                                                      extra_headers=key("crash-1"))  # fmt: skip
+            except Exception as e:  # noqa: BLE001 (reported below)
+                outcome["error"] = e
+
+        thread = threading.Thread(target=upload)
+        thread.start()
+        holder = wait_until(lambda: _in_flight_owner(db_url), 120, log)
+        pid = int(holder.split(".")[1])
+        assert pid in [p.pid for p in apis]
+        os.kill(pid, signal.SIGKILL)  # mid-request, holding the key: nothing of its own frees it
+        thread.join(timeout=180)
+        assert "error" not in outcome, outcome.get("error")
+        file_id = outcome["file"].id
+        with session_factory(db_url)() as session:
+            assert session.scalar(select(func.count()).select_from(File)) == 1
+            row = session.scalar(select(IdempotencyKey))
+            assert row.state == "done" and row.response_body["id"] == file_id
+    finally:
+        for api in apis:
+            if api.poll() is None:
+                os.killpg(api.pid, signal.SIGKILL)
+                api.wait(timeout=30)
+        listener.close()
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _in_flight_owner(url: str) -> str | None:
+    with session_factory(url)() as session:
+        return session.scalar(select(IdempotencyKey.owner).where(IdempotencyKey.state == "in_flight"))
+
+
+def wait_until(predicate, timeout: float, log):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out; API log:\n{log.read_text(errors='replace')[-3000:]}")

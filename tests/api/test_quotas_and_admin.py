@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -133,3 +134,32 @@ def test_admin_command_line(api):
     assert missing.returncode == 1 and "does not exist" in missing.stderr
     missing = run("list-keys", "no-such-org")
     assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_concurrent_uploads_never_exceed_the_storage_quota(admin):
+    """20 uploads at once against room for 3 files: exactly 3 are stored (counting and inserting in two steps let
+    8 through); the others get 429 and leave nothing behind. On SQLite and on Postgres."""
+    body = jsonl(chat_rows())
+    set_limits(admin, admin.a.id, max_storage_bytes=3 * len(body))
+    barrier, responses = threading.Barrier(20), []
+
+    def upload() -> None:
+        barrier.wait()
+        responses.append(admin.upload(chat_rows()))
+
+    threads = [threading.Thread(target=upload) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    accepted = [r for r in responses if r.status_code == 200]
+    for r in responses:
+        if r.status_code != 200:
+            assert_error(r, 429, code="quota_exceeded", param="file")
+    assert len(responses) == 20 and len(accepted) == 3
+    with admin.session() as session:
+        stored = session.scalar(select(func.sum(File.bytes)).where(File.organization_id == admin.a.id))
+    assert stored == 3 * len(body) and count(admin, File, admin.a.id) == 3
+    assert len([p for p in admin.artifact_root.rglob("file-*") if p.is_file()]) == 3
+    temp = admin.artifact_root / ".tmp"
+    assert not temp.exists() or list(temp.iterdir()) == []

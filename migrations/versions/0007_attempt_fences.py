@@ -1,8 +1,8 @@
 """job_attempts.last_write_at (an attempt's last fenced write: when a lost one really ended) and
 job_attempts.checkpoint_step (where a lost attempt was lost: the poison-job rule)
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-01 23:30:00
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006"
-down_revision = "0005"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
