@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
+from api.bodies import InferenceBodyLimit
 from api.errors import install_error_handlers
 from api.quotas import RateLimiter
 from api.remote import configured
@@ -70,6 +71,7 @@ def create_app(backend: Backend | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(InferenceBodyLimit)
     app.state.backend = backend  # None: created from settings on first use (api.routes.inference.get_backend)
     app.state.inference_rate = RateLimiter()  # requests per minute per organisation, in this process
     for module in (files, jobs, models, inference, admin):

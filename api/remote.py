@@ -208,7 +208,9 @@ def _error(response: httpx.Response, target: Target) -> BackendError:
         return BackendError(404, f"The model '{target.name}' does not exist.", "model_not_found", "model")
     message = error.get("message") if isinstance(error.get("message"), str) else "The inference server failed."
     code = error.get("code") if isinstance(error.get("code"), str) else None
-    return BackendError(response.status_code, message, code, error.get("param"))
+    retry = response.headers.get("retry-after", "")
+    retry_after = int(retry) if retry.isdigit() else None  # e.g. a 429 for an organisation's full queue share
+    return BackendError(response.status_code, message, code, error.get("param"), retry_after)
 
 
 def _none_reachable() -> BackendError:

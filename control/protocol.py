@@ -13,6 +13,14 @@ MAX_TOKENS = 2048
 MAX_INPUTS = 2048  # texts in one classification request
 MAX_STOPS = 4
 DEFAULT_MAX_TOKENS = 256
+# Characters, checked before anything is tokenized (tokenizing is the expensive, memory-hungry step: three
+# 4,000,000-word prompts took an API process to 8.8 GB). Generous for any context served here: 4 Mi characters of
+# prompt is 16 characters per token of a 256k-token context. The inference tier also bounds a prompt by the model's
+# own context (`inference.text.CHARS_PER_TOKEN`); these are the same for every model, so they stop a request
+# before it leaves the API.
+MAX_PROMPT_CHARS = 2**22  # a completion's prompt, or a chat's messages together
+MAX_TEXT_CHARS = 2**15  # one classification text (32 Ki characters; a classifier reads 512 tokens at most)
+MAX_INPUT_CHARS = 2**24  # a classification request's texts together (16 Mi characters)
 
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
 
@@ -78,9 +86,23 @@ class GenerationRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+def _too_long(what: str, count: int, limit: int) -> PydanticCustomError:
+    return PydanticCustomError("too_long", "{what} is {count} characters; the limit is {limit}",
+                               {"what": what, "count": count, "limit": limit})  # fmt: skip
+
+
 class ChatRequest(GenerationRequest):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: MaxTokens | None = None  # OpenAI's newer name for max_tokens; wins when both are sent
+
+    @field_validator("messages")
+    @classmethod
+    def _bounded(cls, messages: list[Message]) -> list[Message]:
+        count = sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content)
+                    for m in messages)  # fmt: skip
+        if count > MAX_PROMPT_CHARS:
+            raise _too_long("the messages' content", count, MAX_PROMPT_CHARS)
+        return messages
 
     @property
     def tokens_wanted(self) -> int:
@@ -89,6 +111,13 @@ class ChatRequest(GenerationRequest):
 
 class CompletionRequest(GenerationRequest):
     prompt: str
+
+    @field_validator("prompt")
+    @classmethod
+    def _bounded(cls, prompt: str) -> str:
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise _too_long("the prompt", len(prompt), MAX_PROMPT_CHARS)
+        return prompt
 
 
 class ClassificationRequest(BaseModel):
@@ -104,6 +133,12 @@ class ClassificationRequest(BaseModel):
         if isinstance(value, list) and len(value) > MAX_INPUTS:
             raise PydanticCustomError("too_long", "at most {limit} texts, got {count}",
                                       {"limit": MAX_INPUTS, "count": len(value)})  # fmt: skip
+        texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        lengths = [len(t) for t in texts if isinstance(t, str)]
+        if (longest := max(lengths, default=0)) > MAX_TEXT_CHARS:
+            raise _too_long(f"text {lengths.index(longest)}", longest, MAX_TEXT_CHARS)
+        if sum(lengths) > MAX_INPUT_CHARS:
+            raise _too_long("the texts together", sum(lengths), MAX_INPUT_CHARS)
         return value
 
     @property

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     admin_api_key: str | None = None  # enables /v1/admin (organisations and keys); unset: those routes are 404
 
     max_upload_bytes: int = 512 * 1024 * 1024
+    # An inference request's JSON body (chat, completion, classification), refused with a 413 past it before it is
+    # parsed; what fits is then bounded in characters (control.protocol) before anything is tokenized.
+    max_inference_body_bytes: int = 32 * 1024 * 1024
     upload_idle_seconds: float = 300.0  # an upload that sends nothing for this long is cut off (408)
     # Temporary bytes (control.storage.sweep): an entry nobody wrote to for `temp_max_age_seconds` is abandoned
     # (it must exceed `upload_idle_seconds` and the longest single checkpoint or adapter write); every API and
@@ -50,6 +53,7 @@ class Settings(BaseSettings):
     serving_max_models: int = 2  # whole models kept for adapters that cannot be batched (each a base copy)
     serving_cache_mb: int = 1024  # adapter factors kept per base model (least recently used evicted first)
     serving_max_batch: int = 32  # rows per forward pass
+    serving_max_queued_per_org: int = 8192  # rows one organisation may have waiting in an engine (then 429)
     serving_batch_window_ms: float = 5.0  # how long an idle engine waits for company before it starts a batch
     serving_preload: str = ""  # comma-separated model ids (fine-tuned or base) loaded at start
     # The inference tier. Empty `inference_servers`: the embedded launcher serves in its own process; otherwise

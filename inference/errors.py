@@ -59,3 +59,12 @@ class ServingError(InferenceError):
 
     status = 500
     code = "model_error"
+
+
+class Overloaded(InferenceError):
+    """The caller already has as much work waiting in the engine as one caller may (its fair share of the queue):
+    retry once some of it is done. Other organisations' requests are unaffected."""
+
+    status = 429
+    code = "engine_busy"
+    retry_after = 1

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from control.settings import Settings
-from inference.errors import ServingError, UnknownModel
+from inference.errors import Overloaded, ServingError, UnknownModel
 from inference.text import Generation, encode_prompt
 from neat_core.errors import ArtifactError
 from neat_core.methods.specs import is_batched
 from neat_core.models.catalog import CLASSIFICATION
-from neat_core.serving import AdapterAccessError, AdapterRef, BatchEngine, EngineClosed, SamplingParams
+from neat_core.serving import AdapterAccessError, AdapterRef, BatchEngine, EngineBusy, EngineClosed, SamplingParams
 
 log = logging.getLogger("inference.host")
 
@@ -109,7 +109,7 @@ class ModelHost:
         def run(engine: BatchEngine, adapter: AdapterRef | None) -> tuple[list[dict], int]:
             try:
                 return engine.classify(texts, adapter, ref.owner)
-            except (EngineClosed, AdapterAccessError, ArtifactError):
+            except (EngineClosed, EngineBusy, AdapterAccessError, ArtifactError):
                 raise
             except Exception as e:
                 log.exception("classification failed on %s", ref.name)
@@ -169,7 +169,14 @@ class ModelHost:
     def _run(self, ref: ModelRef, run: Callable[[BatchEngine, AdapterRef | None], Any]) -> Any:
         """run(the engine that serves `ref`, the adapter to apply in it), with neat_core's adapter errors as ours.
         A solo model's engine may retire between lookup and use (evicted from the LRU while this request was on
-        its way): then once more, on a fresh load."""
+        its way): then once more, on a fresh load. A caller with its share of the engine's queue already waiting
+        gets Overloaded (429)."""
+        try:
+            return self._run_once(ref, run)
+        except EngineBusy as e:
+            raise Overloaded(f"Too much of your work is already waiting for '{ref.name}': {e}. Retry shortly.") from e
+
+    def _run_once(self, ref: ModelRef, run: Callable[[BatchEngine, AdapterRef | None], Any]) -> Any:
         if self.batched(ref):
             with _adapter_errors(ref):
                 return run(self.engine(ref.base_model, ref.task), _adapter(ref))
@@ -263,6 +270,7 @@ def load_solo_engine(ref: ModelRef, *, settings: Settings) -> BatchEngine:
         max_batch=settings.serving_max_batch,
         window_s=settings.serving_batch_window_ms / 1000,
         max_length=max_length,
+        max_queued=settings.serving_max_queued_per_org,
     )
 
 
@@ -284,6 +292,7 @@ def load_batch_engine(base_model: str, task: str, *, settings: Settings) -> Batc
         max_batch=settings.serving_max_batch,
         window_s=settings.serving_batch_window_ms / 1000,
         max_length=min(context, 512) if task == CLASSIFICATION else context,
+        max_queued=settings.serving_max_queued_per_org,
     )
 
 

@@ -104,4 +104,5 @@ def _translated(param: str | None = None) -> Iterator[None]:
     try:
         yield
     except InferenceError as e:
-        raise BackendError(e.status, e.message, e.code, e.param or (param if e.status == 400 else None)) from e
+        param = e.param or (param if e.status == 400 else None)
+        raise BackendError(e.status, e.message, e.code, param, getattr(e, "retry_after", None)) from e

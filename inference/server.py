@@ -150,7 +150,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InferenceError)
     async def _inference_error(_: Request, exc: InferenceError) -> JSONResponse:
         body = answers.error_body(exc.status, exc.message, exc.code, exc.param)
-        return JSONResponse(body, status_code=exc.status)
+        retry_after = getattr(exc, "retry_after", None)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return JSONResponse(body, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -90,8 +90,26 @@ def context_budget(prompt_tokens: int, max_tokens: int, context: int | None) -> 
     return min(max_tokens, context - prompt_tokens)
 
 
+# A token is rarely more than a few characters of real text; 16 is generous (a run of spaces, a long number), so a
+# prompt past context x 16 characters cannot fit the context, and is refused before it is tokenized.
+CHARS_PER_TOKEN = 16
+
+
+def check_prompt_chars(chars: int, context: int | None) -> None:
+    """PromptError when a prompt of `chars` characters cannot fit `context` tokens, whatever it tokenizes to."""
+    if context is not None and chars > context * CHARS_PER_TOKEN:
+        raise PromptError(
+            f"The prompt is {chars:,} characters; this model's context of {context} tokens takes at most "
+            f"{context * CHARS_PER_TOKEN:,} characters ({CHARS_PER_TOKEN} per token).",
+            code="context_length_exceeded",
+        )
+
+
 def encode_prompt(engine: BatchEngine, prompt: str | list[dict]) -> list[int]:
-    """A raw prompt, or a chat (`messages`) rendered with the model's chat template, as token ids."""
+    """A raw prompt, or a chat (`messages`) rendered with the model's chat template, as token ids. Refused by its
+    length in characters before any tokenizing (`check_prompt_chars`), then by its tokens (`context_budget`)."""
+    chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+    check_prompt_chars(chars, engine.max_length)
     if isinstance(prompt, str):
         ids = engine.encode(prompt)
     else:

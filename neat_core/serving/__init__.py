@@ -9,7 +9,7 @@ from neat_core.serving.classification import length_buckets
 from neat_core.serving.engine import BatchEngine
 from neat_core.serving.factors import AdapterFactors, load_factors
 from neat_core.serving.generation import KV_CACHE, SamplingParams, TokenStream
-from neat_core.serving.scheduler import EngineClosed
+from neat_core.serving.scheduler import EngineBusy, EngineClosed
 
 __all__ = [
     "KV_CACHE",
@@ -18,6 +18,7 @@ __all__ = [
     "AdapterFactors",
     "AdapterRef",
     "BatchEngine",
+    "EngineBusy",
     "EngineClosed",
     "MultiAdapterLinear",
     "MultiAdapterModel",

@@ -1,6 +1,10 @@
 """The classification half of a `BatchEngine`: texts from concurrent requests are gathered together, sorted by
 length and run in as few padded passes as pays (`length_buckets`): an encoder's forward is compute-bound here, so
 padding a 7-token tweet to 59 costs what it pays for.
+
+Texts are tokenized by the request's thread, a slice at a time (so a big request's tokenizing never holds the
+tokenizer from other requests for long, nor the scheduler thread at all), each text first cut to what its
+`max_length` tokens can cover (`CHARS_PER_TOKEN` characters a token: the rest would be truncated away anyway).
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ import torch
 from neat_core.serving.cache import AdapterRef
 
 log = logging.getLogger("neat_core.serving")
+# A token covers rarely more than a few characters of text; past max_length x 16 characters a text is certainly
+# past max_length tokens, so what follows is never read and is cut before tokenizing.
+CHARS_PER_TOKEN = 16
+TOKENIZE_SLICE = 64  # texts tokenized per hold of the tokenizer lock
 
 
 def length_buckets(lengths: list[int], pass_overhead: int) -> list[list[int]]:
@@ -42,6 +50,7 @@ def length_buckets(lengths: list[int], pass_overhead: int) -> list[list[int]]:
 class _ClassifyRow:
     text: str
     adapter_id: str | None
+    ids: list[int] | None = None  # tokenized by the request's thread; None: by the scheduler's (bench/serving.py)
     done: threading.Event = field(default_factory=threading.Event)
     result: dict | None = None
     tokens: int = 0
@@ -62,8 +71,9 @@ class ClassificationMixin:
         if adapter is not None:
             self.cache.acquire(adapter, caller)
         try:
-            rows = [_ClassifyRow(text, adapter and adapter.adapter_id) for text in texts]
-            self._submit(rows)
+            rows = [_ClassifyRow(text, adapter and adapter.adapter_id, ids) for text, ids in zip(texts,
+                    self._tokenized(texts), strict=True)]  # fmt: skip
+            self._submit(rows, caller)
             for row in rows:
                 row.done.wait()
                 if row.error is not None:
@@ -73,6 +83,15 @@ class ClassificationMixin:
                 self.cache.release(adapter.adapter_id)
         return [row.result for row in rows], sum(row.tokens for row in rows)
 
+    def _tokenized(self, texts: list[str]) -> list[list[int]]:
+        cut = self.max_length * CHARS_PER_TOKEN
+        ids: list[list[int]] = []
+        for start in range(0, len(texts), TOKENIZE_SLICE):
+            chunk = [t[:cut] for t in texts[start : start + TOKENIZE_SLICE]]
+            with self.tokenizer_lock:
+                ids += self.tokenizer(chunk, truncation=True, max_length=self.max_length)["input_ids"]
+        return ids
+
     # ---- the scheduler thread ----
 
     def _classify_batch(self, rows: list[_ClassifyRow]) -> None:
@@ -80,8 +99,10 @@ class ClassificationMixin:
         if not rows:
             return
         try:
-            with self.tokenizer_lock:
-                ids = self.tokenizer([r.text for r in rows], truncation=True, max_length=self.max_length)["input_ids"]
+            if any(r.ids is None for r in rows):
+                for r, ids in zip(rows, self._tokenized([r.text for r in rows]), strict=True):
+                    r.ids = r.ids if r.ids is not None else ids
+            ids = [r.ids for r in rows]
             for chunk in length_buckets([len(i) for i in ids], self.pass_overhead):
                 self._classify_pass([rows[i] for i in chunk], [ids[i] for i in chunk])
         except Exception as e:

@@ -11,9 +11,13 @@ thread that runs the model. Requests from any thread go into an inbox:
   join the running batch at the next step (continuous batching). The key/value cache is one left-padded tensor
   per layer, (B, kv_heads, T, head_dim); explicit position ids and the attention mask make each row compute what
   it would compute alone.
-- **Classification.** Texts from concurrent requests are gathered the same way, sorted by length and run in as
-  few padded passes as pays (`length_buckets`): an encoder's forward is compute-bound here, so padding a 7-token
-  tweet to 59 costs what it pays for.
+- **Classification.** Texts are tokenized on the request's own thread (never the scheduler's), then gathered
+  from concurrent requests the same way, sorted by length and run in as few padded passes as pays
+  (`length_buckets`): an encoder's forward is compute-bound here, so padding a 7-token tweet to 59 costs what it
+  pays for.
+
+Work is taken round-robin by caller (the organisation a request is for), so one tenant's big request is interleaved
+with everyone else's: the guarantee is stated in `neat_core.serving.scheduler`.
 
 Sampling is per row with the request's own generator, so a seeded request gives the same tokens whatever else is
 in its batch. Written by hand because transformers' `generate` runs one fixed batch to its end (no joining rows),
@@ -35,11 +39,12 @@ from neat_core.serving.batched import MultiAdapterModel
 from neat_core.serving.cache import AdapterCache, AdapterRef
 from neat_core.serving.classification import ClassificationMixin, _ClassifyRow, length_buckets
 from neat_core.serving.generation import KV_CACHE, GenerationMixin, SamplingParams, TokenStream, _GenRequest
-from neat_core.serving.scheduler import EngineClosed, Scheduler
+from neat_core.serving.scheduler import EngineBusy, EngineClosed, Scheduler
 
 __all__ = [
     "KV_CACHE",
     "BatchEngine",
+    "EngineBusy",
     "EngineClosed",
     "SamplingParams",
     "TokenStream",
@@ -63,8 +68,9 @@ class BatchEngine(Scheduler, GenerationMixin, ClassificationMixin):
         window_s: float = 0.005,
         max_length: int | None = None,
         pass_overhead: int = 48,
+        max_queued: int = 8192,
     ):
-        Scheduler.__init__(self, task, max_batch, window_s)
+        Scheduler.__init__(self, task, max_batch, window_s, max_queued)
         self.tokenizer = tokenizer
         self.max_length = max_length or (128 if task == "classification" else None)
         self.pass_overhead = pass_overhead
@@ -98,7 +104,7 @@ class BatchEngine(Scheduler, GenerationMixin, ClassificationMixin):
         rows = sum(size * n for size, n in self.batch_sizes.items())
         return {
             **self.cache.stats(),
-            "queue_depth": self._inbox.qsize(),
+            "queue_depth": self.queue_depth(),
             "rows_running": self.running,
             "forward_passes": passes,
             "mean_batch_size": round(rows / passes, 2) if passes else 0.0,

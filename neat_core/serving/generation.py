@@ -20,7 +20,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from neat_core.serving.cache import AdapterRef
-from neat_core.serving.scheduler import EngineClosed
+from neat_core.serving.scheduler import EngineBusy, EngineClosed
 
 _DONE = object()  # end-of-stream marker in a generation's token queue
 
@@ -109,8 +109,8 @@ class GenerationMixin:
             generator.manual_seed(sampling.seed % 2**63 if sampling.seed is not None else torch.seed())
         request = _GenRequest(list(input_ids), adapter and adapter.adapter_id, sampling, stream, generator)
         try:
-            self._submit([request])
-        except EngineClosed:
+            self._submit([request], caller)
+        except (EngineClosed, EngineBusy):
             if adapter is not None:
                 self.cache.release(adapter.adapter_id)
             raise
