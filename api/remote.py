@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from control.backends import Backend, BackendError, Target, unavailable
-from control.protocol import ChatRequest, ClassificationRequest, CompletionRequest
+from control.protocol import CALLER_HEADER, ChatRequest, ClassificationRequest, CompletionRequest
 from control.settings import Settings
 
 log = logging.getLogger("api.remote")
@@ -132,12 +132,12 @@ class RemoteBackend:
             try:
                 if target.artifact is not None and (server, target.name) not in self._loaded:
                     await self._load(server, target)
-                response = await self._post(server, path, body, stream)
+                response = await self._post(server, path, body, stream, target.caller)
                 if response.status_code == 404 and target.artifact is not None:
                     await response.aclose()  # the server forgot the adapter (a restart): load it again, once
                     self._loaded.discard((server, target.name))
                     await self._load(server, target)
-                    response = await self._post(server, path, body, stream)
+                    response = await self._post(server, path, body, stream, target.caller)
             except _UNREACHABLE as e:
                 log.warning("inference server %s unreachable, trying the next: %s", server, e)
                 self._loaded = {(s, n) for s, n in self._loaded if s != server}  # it may come back empty
@@ -151,8 +151,9 @@ class RemoteBackend:
             return response
         raise _none_reachable()
 
-    async def _post(self, server: str, path: str, body: dict, stream: bool) -> httpx.Response:
-        request = self._client.build_request("POST", f"{server}{path}", json=body)
+    async def _post(self, server: str, path: str, body: dict, stream: bool, caller: str | None) -> httpx.Response:
+        headers = {CALLER_HEADER: caller} if caller else None  # whose share of the engine the request takes
+        request = self._client.build_request("POST", f"{server}{path}", json=body, headers=headers)
         return await self._client.send(request, stream=stream)
 
     async def _load(self, server: str, target: Target) -> None:

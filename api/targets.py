@@ -4,6 +4,7 @@ answers exactly like a missing one, and never reaches an inference server."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from sqlalchemy import select
@@ -42,7 +43,7 @@ def resolve(session: Session, org: str, storage: Storage, model_id: str, task: s
         if base is not None:
             if task != CAUSAL_LM or CAUSAL_LM not in base.tasks:
                 raise _wrong_endpoint(model_id, "a base model" if task == CLASSIFICATION else "a text encoder", task)
-            return Target(model_id, CAUSAL_LM, model_id)
+            return Target(model_id, CAUSAL_LM, model_id, caller=org)
         job = session.scalar(owned(Job, org).where(Job.fine_tuned_model == model_id, Job.status == JobStatus.SUCCEEDED))
     finally:
         session.close()
@@ -51,7 +52,7 @@ def resolve(session: Session, org: str, storage: Storage, model_id: str, task: s
     if job.task != task:
         kind = "a classification model" if job.task == CLASSIFICATION else "a text-generation model"
         raise _wrong_endpoint(model_id, kind, task)
-    return of_job(job, storage)
+    return dataclasses.replace(of_job(job, storage), caller=org)
 
 
 def _wrong_endpoint(model_id: str, kind: str, task: str) -> APIError:

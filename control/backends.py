@@ -27,6 +27,7 @@ class Target:
     artifact: str | None = None  # the adapter artifact's location on shared storage; None: the base model itself
     owner: str | None = None  # the organisation that owns the adapter
     method: str | None = None  # the adapter's method, as the job recorded it
+    caller: str | None = None  # the organisation asking: the engine shares its passes fairly between callers
 
     @property
     def lora(self) -> str | None:

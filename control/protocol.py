@@ -9,6 +9,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
+# The header the API names the asking organisation in, to an inference server (whose share of an engine a request
+# takes: neat_core.serving.scheduler). Internal: inference servers answer only the API's internal token.
+CALLER_HEADER = "X-Neat-Organization"
 MAX_TOKENS = 2048
 MAX_INPUTS = 2048  # texts in one classification request
 MAX_STOPS = 4

@@ -41,6 +41,13 @@ class ModelRef:
     artifact_dir: Path | None = None  # a fine-tuned adapter; None serves the base model itself
     owner: str | None = None  # the organisation that owns the adapter, as the API's records say
     method: str | None = None  # the adapter's method, as its manifest records it
+    caller: str | None = None  # the organisation asking (fair shares in the engine); None: the adapter's owner
+
+    @property
+    def fair_key(self) -> str | None:
+        """Whose share of the engine a request takes: the asking organisation (for an adapter, its owner: the API
+        lets no one else use it)."""
+        return self.caller or self.owner
 
 
 class ModelHost:
@@ -99,7 +106,7 @@ class ModelHost:
         Raises PromptError, UnknownModel or ServingError at once; iterate the result for the text."""
 
         def start(engine: BatchEngine, adapter: AdapterRef | None) -> Generation:
-            return Generation(engine, encode_prompt(engine, prompt), adapter, sampling, stop, ref.owner)
+            return Generation(engine, encode_prompt(engine, prompt), adapter, sampling, stop, ref.fair_key)
 
         return self._run(ref, start)
 
@@ -108,7 +115,7 @@ class ModelHost:
 
         def run(engine: BatchEngine, adapter: AdapterRef | None) -> tuple[list[dict], int]:
             try:
-                return engine.classify(texts, adapter, ref.owner)
+                return engine.classify(texts, adapter, ref.fair_key)
             except (EngineClosed, EngineBusy, AdapterAccessError, ArtifactError):
                 raise
             except Exception as e:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from api.main import create_app
 from control.ids import new_id
@@ -23,7 +23,7 @@ from inference.text import CHARS_PER_TOKEN
 from tests.api import assert_error
 from tests.inference.conftest import KEY_A, KEY_B, ORG_B, _job, make_client
 
-LONG_TEXT = "the service was slow but the staff were kind and the food was good " * 30  # ~2 KB, > 128 tokens
+LONG_TEXT = "the service was slow but the staff were kind and the food was good " * 10  # ~680 characters, > 128 tokens
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def b_classifier(service):
         name, job_id = job.fine_tuned_model, job.id
     yield name
     with session_scope(url) as session:
-        session.delete(session.get(Job, job_id))
+        session.execute(delete(Job).where(Job.id == job_id))
 
 
 def test_inference_requests_are_bounded_before_they_are_tokenized(service, tiny_models):
