@@ -21,7 +21,7 @@ log = logging.getLogger("neat_core.serving")
 # A token covers rarely more than a few characters of text; past max_length x 16 characters a text is certainly
 # past max_length tokens, so what follows is never read and is cut before tokenizing.
 CHARS_PER_TOKEN = 16
-TOKENIZE_SLICE = 64  # texts tokenized per hold of the tokenizer lock
+TOKENIZE_SLICE = 16  # texts tokenized per hold of the tokenizer lock: another request waits for one slice at most
 
 
 def length_buckets(lengths: list[int], pass_overhead: int) -> list[list[int]]:

@@ -97,9 +97,9 @@ def _p95(samples: list[float]) -> float:
     return statistics.quantiles(samples, n=20)[-1]
 
 
-def test_a_big_classification_does_not_hold_up_another_organisations_small_ones(service, b_classifier):
+def test_a_big_classification_does_not_hold_up_another_organisations_small_ones(service, b_classifier, tiny_models):
     # A small pass size, so the test is quick: a small request waits for the pass running and its own.
-    settings = service.settings.model_copy(update={"serving_max_batch": 8})
+    settings = service.settings.model_copy(update={"serving_max_batch": 4})
     backend = InProcessBackend(settings)
     app = create_app(backend=backend)
     app.dependency_overrides[get_settings] = lambda: settings
@@ -115,7 +115,8 @@ def test_a_big_classification_does_not_hold_up_another_organisations_small_ones(
     try:
         assert a.post("/v1/classifications", json={"model": service.classifier, "input": ["warm"]}).status_code == 200
         small()  # both adapters loaded
-        idle = [small() for _ in range(20)]
+        engine = backend.host.engine(str(tiny_models["bert"]), "classification")  # the one both are served by
+        idle = [small() for _ in range(40)]
 
         big_answer: dict = {}
         refusals: list[int] = []
@@ -126,15 +127,20 @@ def test_a_big_classification_does_not_hold_up_another_organisations_small_ones(
 
         def oversized() -> None:
             for _ in range(3):
-                r = a.post("/v1/completions", json={"model": service.chat_model, "prompt": "w " * MAX_PROMPT_CHARS})
+                r = a.post(
+                    "/v1/completions", json={"model": service.chat_model, "prompt": "w" * (MAX_PROMPT_CHARS + 1)}
+                )
                 refusals.append(r.status_code)
 
         threads = [threading.Thread(target=big), threading.Thread(target=oversized)]
         for t in threads:
             t.start()
-        time.sleep(0.2)  # A's work is queued
+        # Meanwhile B keeps sending. Counted: B's requests while A's classification is queued in the engine and
+        # served (while it is still being parsed and tokenized, this one process's CPU is what B waits for).
+        while engine.queue_depth() == 0 and threads[0].is_alive():
+            small()
         loaded = []
-        while threads[0].is_alive():  # B's requests while A's big one is being served
+        while threads[0].is_alive():
             loaded.append(small())
         for t in threads:
             t.join()
@@ -149,3 +155,19 @@ def test_a_big_classification_does_not_hold_up_another_organisations_small_ones(
     idle_p95, loaded_p95 = _p95(idle), _p95(loaded)
     print(f"B idle p95 {idle_p95 * 1000:.1f} ms, loaded p95 {loaded_p95 * 1000:.1f} ms over {len(loaded)} requests")
     assert loaded_p95 <= 3 * idle_p95, (idle, loaded)
+
+
+def test_more_waiting_work_than_an_organisations_share_gets_a_429(service):
+    settings = service.settings.model_copy(update={"serving_max_queued_per_org": 4})
+    backend = InProcessBackend(settings)
+    app = create_app(backend=backend)
+    app.dependency_overrides[get_settings] = lambda: settings
+    a = TestClient(app, headers={"Authorization": f"Bearer {KEY_A}"})
+    try:
+        r = a.post("/v1/classifications", json={"model": service.classifier, "input": ["x"] * 5})
+        error = assert_error(r, 429, code="engine_busy")
+        assert r.headers["Retry-After"] == "1" and "at most 4" in error["message"], error
+        r = a.post("/v1/classifications", json={"model": service.classifier, "input": ["x"] * 4})
+        assert r.status_code == 200, r.text
+    finally:
+        backend.host.close()
