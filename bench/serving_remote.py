@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,31 +23,15 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.services import free_port, process  # noqa: E402  (the suite's service processes)
+
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 KEY, TOKEN = "sk-bench-remote", "bench-internal-token"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
 def _process(command: list[str], env: dict, log: Path):
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-        try:
-            yield proc
-        finally:
-            for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(proc.pid, sig)
-                    proc.wait(timeout=wait)
-                    break
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    continue
+    return process(command, env, log, cwd=ROOT)
 
 
 def _wait(url: str, log: Path, timeout: float = 180) -> None:
@@ -71,13 +53,13 @@ def deployment(kind: str, root: Path, args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NEAT_DATA_DIR": str(data), "NEAT_BOOTSTRAP_API_KEY": KEY,
            "NEAT_SERVING_MAX_BATCH": str(args.clients), "NEAT_SERVING_BATCH_WINDOW_MS": str(args.window_ms),
            "NEAT_INFERENCE_RPM": "100000000"}  # fmt: skip
-    port = _port()
+    port = free_port()
     env["NEAT_PORT"] = str(port)
     with ExitStack() as stack:
         if kind == "embedded":
             stack.enter_context(_process([sys.executable, "-m", "launch"], env, root / f"{kind}.log"))
         else:
-            server = _port()
+            server = free_port()
             env.update(NEAT_INTERNAL_TOKEN=TOKEN, NEAT_INFERENCE_SERVERS=f"http://127.0.0.1:{server}")
             stack.enter_context(_process([sys.executable, "-m", "inference", "--port", str(server)], env,
                                          root / "inference.log"))  # fmt: skip

@@ -83,6 +83,24 @@ def redis_available() -> bool:
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
+@contextmanager
+def process(command: list[str], env: dict, log: Path, cwd: Path | None = None) -> Iterator[subprocess.Popen]:
+    """A service process in its own session (its children go with it), output to `log`; stopped on exit with
+    SIGTERM, then SIGKILL."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=wait)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -18,8 +18,8 @@ import pytest
 
 from api.remote import rank
 from tests.conftest import MINILM, SMOLLM2, classification_rows
-from tests.e2e.test_service_flow import ROOT, Service, _free_port, _jsonl, _process, _wait_for, _wait_healthy
-from tests.services import postgres, redis
+from tests.e2e.test_service_flow import ROOT, Service, _jsonl, _process, _wait_for, _wait_healthy
+from tests.services import free_port, postgres, redis
 
 TOKEN = "tier-internal-token"
 KEY_A, KEY_B = "sk-tier-org-a", "sk-tier-org-b"
@@ -54,14 +54,14 @@ def tier(tmp_path_factory):
         stack.enter_context(_process([sys.executable, "-m", *worker], env, logs[0]))
         servers = {}
         for i in range(2):
-            port = _free_port()
+            port = free_port()
             url, log = f"http://127.0.0.1:{port}", tmp / f"inference-{i}.log"
             servers[url] = stack.enter_context(
                 _process([sys.executable, "-m", "inference", "--port", str(port)], env, log)
             )
             logs.append(log)
         env["NEAT_INFERENCE_SERVERS"] = ",".join(servers)
-        port = _free_port()
+        port = free_port()
         api = ["uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
         stack.enter_context(_process([sys.executable, "-m", *api], env, logs[1]))
         for url, log in zip(servers, logs[2:], strict=True):

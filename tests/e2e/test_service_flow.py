@@ -12,13 +12,11 @@ import io
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import openai
 import pytest
 
 from tests.conftest import MINILM, SMOLLM2, chat_rows, classification_rows
-from tests.services import postgres, redis
+from tests.services import free_port, postgres, process, redis
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = ROOT / "tests" / "neat_core" / "stock_peft_probe.py"
@@ -49,27 +47,8 @@ class Service:
         return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-4000:] for p in self.logs if p.exists())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
 def _process(command: list[str], env: dict, log: Path):
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-        try:
-            yield proc
-        finally:
-            for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(proc.pid, sig)
-                    proc.wait(timeout=wait)
-                    break
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    continue
+    return process(command, env, log, cwd=ROOT)
 
 
 def _wait_healthy(url: str, log: Path, timeout: float = 120, path: str = "/healthz") -> None:
@@ -87,7 +66,7 @@ def _wait_healthy(url: str, log: Path, timeout: float = 120, path: str = "/healt
 @pytest.fixture(scope="module", params=["distributed", "embedded"])
 def service(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -108,7 +87,7 @@ def service(request, tmp_path_factory):
             logs = [tmp / "worker.log", tmp / "api.log", tmp / "inference.log"]
             worker = ["celery", "-A", "worker.app", "worker", "--pool=prefork", "--concurrency=1", "-Q", "training"]
             stack.enter_context(_process([sys.executable, "-m", *worker], env, logs[0]))
-            inference_url = f"http://127.0.0.1:{_free_port()}"
+            inference_url = f"http://127.0.0.1:{free_port()}"
             env["NEAT_INTERNAL_TOKEN"] = "e2e-internal-token"
             env["NEAT_INFERENCE_SERVERS"] = inference_url
             server = [sys.executable, "-m", "inference", "--port", inference_url.rsplit(":", 1)[1]]
