@@ -28,7 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serving_remote import _port, _process, _wait  # noqa: E402
+from bench.serving_remote import _process, _wait  # noqa: E402
+from tests.services import free_port  # noqa: E402
 
 ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 GENERATOR = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -105,7 +106,7 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="neat-fair-"))
     classifier_a, classifier_b = prepare(root / "data", args.encoder)
-    port = _port()
+    port = free_port()
     env = {**os.environ, "NEAT_DATA_DIR": str(root / "data"), "NEAT_PORT": str(port), "PYTHONPATH": str(ROOT),
            "NEAT_INFERENCE_RPM": "100000000", "NEAT_BOOTSTRAP_API_KEY": KEY_A, "NEAT_BOOTSTRAP_ORG": ORG_A}  # fmt: skip
     with _process([sys.executable, "-m", "launch"], env, root / "api.log") as api:
@@ -143,6 +144,8 @@ def main() -> None:
             while not all(p.ready() for p in pending.values()):
                 loaded.append(small())
             answers = {name: p.get() for name, p in pending.items()}
+        rss_peak = rss_mb(api.pid)
+        time.sleep(3)  # the engine gives freed memory back once idle (at most once a second)
         rss_after = rss_mb(api.pid)
 
     print(f"# B's one-line classifications, idle vs while A's requests are in ({os.cpu_count()} CPUs)\n")
@@ -151,7 +154,10 @@ def main() -> None:
     for name, values in (("idle", idle), ("loaded", loaded)):
         print(f"| {name} | {len(values)} | {pct(values, 50):.1f} | {pct(values, 95):.1f} | {max(values) * 1000:.1f} |")
     print(f"\nloaded p95 / idle p95: {pct(loaded, 95) / pct(idle, 95):.2f}")
-    print(f"API process RSS: {rss_before:.0f} MB before A's requests, {rss_after:.0f} MB after")
+    print(
+        f"API process RSS: {rss_before:.0f} MB before A's requests, {rss_peak:.0f} MB as they ended, "
+        f"{rss_after:.0f} MB 3 s later ({rss_after / rss_before:.2f}x)"
+    )
     print(f"A's admissible classification: {admissible} texts of {args.text_bytes} characters")
     for name, got in answers.items():
         print(f"A's {name}: {got}")

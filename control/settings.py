@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     serving_max_models: int = 2  # whole models kept for adapters that cannot be batched (each a base copy)
     serving_cache_mb: int = 1024  # adapter factors kept per base model (least recently used evicted first)
     serving_max_batch: int = 32  # rows per forward pass
+    serving_pass_tokens: int = 512  # token positions per classification pass: the longest wait a pass can impose
+    serving_lanes: int = 2  # classification passes of different organisations that run at once
     serving_max_queued_per_org: int = 8192  # rows one organisation may have waiting in an engine (then 429)
     serving_batch_window_ms: float = 5.0  # how long an idle engine waits for company before it starts a batch
     serving_preload: str = ""  # comma-separated model ids (fine-tuned or base) loaded at start

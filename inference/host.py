@@ -278,6 +278,8 @@ def load_solo_engine(ref: ModelRef, *, settings: Settings) -> BatchEngine:
         window_s=settings.serving_batch_window_ms / 1000,
         max_length=max_length,
         max_queued=settings.serving_max_queued_per_org,
+        pass_tokens=settings.serving_pass_tokens,
+        lanes=settings.serving_lanes,
     )
 
 
@@ -300,6 +302,8 @@ def load_batch_engine(base_model: str, task: str, *, settings: Settings) -> Batc
         window_s=settings.serving_batch_window_ms / 1000,
         max_length=min(context, 512) if task == CLASSIFICATION else context,
         max_queued=settings.serving_max_queued_per_org,
+        pass_tokens=settings.serving_pass_tokens,
+        lanes=settings.serving_lanes,
     )
 
 

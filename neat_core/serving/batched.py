@@ -15,6 +15,7 @@ still wraps the model per adapter), and NEAT's factors are computed here, not by
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,8 +29,9 @@ from neat_core.errors import ArtifactError
 from neat_core.serving.factors import AdapterFactors
 
 
-class SlotContext:
-    """The current batch's slot per row, shared by every wrapped layer of one `MultiAdapterModel`."""
+class SlotContext(threading.local):
+    """The current batch's slot per row, shared by every wrapped layer of one `MultiAdapterModel`. Per thread:
+    passes of different callers may run at once, each on its own thread with its own rows."""
 
     def __init__(self) -> None:
         self.idx: Tensor | None = None  # (B,) long; None = every row on the base model

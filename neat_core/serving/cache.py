@@ -21,6 +21,7 @@ from pathlib import Path
 
 from neat_core.serving.batched import MultiAdapterModel
 from neat_core.serving.factors import load_factors
+from neat_core.serving.locks import ModelLock
 
 log = logging.getLogger("neat_core.serving")
 
@@ -63,7 +64,7 @@ class AdapterCache:
     passes. Loading (disk reads, NEAT's hidden matrices) happens outside it, in the requesting thread.
     """
 
-    def __init__(self, model: MultiAdapterModel, budget_bytes: int, model_lock: threading.Lock):
+    def __init__(self, model: MultiAdapterModel, budget_bytes: int, model_lock: ModelLock):
         self.model = model
         self.budget_bytes = budget_bytes
         self._model_lock = model_lock

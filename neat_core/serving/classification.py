@@ -125,7 +125,7 @@ class ClassificationMixin:
             mask[row, span] = 1
         adapter_ids = [r.adapter_id for r in rows]
         self.batch_sizes[len(rows)] += 1
-        with self._model_lock, torch.inference_mode():
+        with self._model_lock.shared(), torch.inference_mode():
             logits = self.model.classify(input_ids.to(self.device), mask.to(self.device), adapter_ids)
             labels = [self.model.labels(a) for a in adapter_ids]
         for r, row_logits, names, row_ids in zip(rows, logits, labels, ids, strict=True):

@@ -69,8 +69,10 @@ class BatchEngine(Scheduler, GenerationMixin, ClassificationMixin):
         max_length: int | None = None,
         pass_overhead: int = 48,
         max_queued: int = 8192,
+        pass_tokens: int | None = None,
+        lanes: int = 2,
     ):
-        Scheduler.__init__(self, task, max_batch, window_s, max_queued)
+        Scheduler.__init__(self, task, max_batch, window_s, max_queued, pass_tokens, lanes)
         self.tokenizer = tokenizer
         self.max_length = max_length or (128 if task == "classification" else None)
         self.pass_overhead = pass_overhead

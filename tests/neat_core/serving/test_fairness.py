@@ -48,8 +48,9 @@ def test_a_small_request_waits_a_few_passes_whatever_another_caller_queued(tiny_
 
 
 def test_rows_are_taken_round_robin_by_caller(tiny_models, saved):
-    """Three callers' work queued at once: every gathered batch holds each caller's rows in turn."""
-    engine = make_engine("bert", tiny_models, max_batch=6, window_s=0.0, max_length=32)
+    """Three callers' work queued at once: every gathered batch holds each caller's rows in turn (one lane, so
+    every pass waits for the one before)."""
+    engine = make_engine("bert", tiny_models, max_batch=6, window_s=0.0, max_length=32, lanes=1)
     try:
         done: list[str] = []
 
@@ -71,6 +72,45 @@ def test_rows_are_taken_round_robin_by_caller(tiny_models, saved):
         engine.close()
     # b (4 rows) and c (2 rows) each finish within two batches of six, long before a's 30 rows
     assert order[-1] == "a", order
+
+
+def test_another_callers_pass_runs_beside_a_long_one(tiny_models, saved):
+    """A's pass is held inside the model; B's request is still answered, on the second lane. With one lane (or
+    passes run one after another) B would wait for A's pass, which waits for B: the test would time out."""
+    engine = make_engine("bert", tiny_models, max_batch=4, window_s=0.0, max_length=64)
+    release, inside = threading.Event(), threading.Event()
+    run_pass = engine._classify_pass
+    held_out: list[bool] = []  # per held pass: whether B was served while it was held
+
+    def held(rows, ids):  # A's passes wait inside, as a long forward would
+        if any(row.text == LONG for row in rows):
+            inside.set()
+            held_out.append(release.wait(10))
+        run_pass(rows, ids)
+
+    engine._classify_pass = held
+    try:
+        a = threading.Thread(target=lambda: engine.classify([LONG] * 8, None, "org-a"))
+        a.start()
+        assert inside.wait(30)
+        rows, _ = engine.classify(["good day"], None, "org-b")  # while A's pass is held
+        release.set()
+        a.join(30)
+        assert not a.is_alive() and len(rows) == 1
+        assert held_out and all(held_out), "B waited for A's held pass"
+    finally:
+        release.set()
+        engine.close()
+
+
+def test_a_pass_holds_at_most_pass_tokens(tiny_models, saved):
+    """Rows of 64 tokens with a 128-token budget: passes of two rows, not of `max_batch`."""
+    engine = make_engine("bert", tiny_models, max_batch=16, window_s=0.05, max_length=64, pass_tokens=128)
+    try:
+        engine.classify([LONG] * 16, None, "org-a")
+    finally:
+        engine.close()
+    assert engine.batch_sizes == {2: 8}
 
 
 def test_a_callers_backlog_is_capped_and_others_are_still_served(tiny_models, saved):
