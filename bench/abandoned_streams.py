@@ -11,6 +11,12 @@ the generations would have run on (their remaining tokens times the measured ste
 
     python bench/abandoned_streams.py                        # 32 and 64 streams, both topologies
     python bench/abandoned_streams.py --streams 8 --topologies remote
+    python bench/abandoned_streams.py --drop idle --max-tokens 300   # clients that stop reading, still connected
+
+With `--drop idle` the clients stop reading but keep their connections open (a client that breaks out of its loop
+over the stream without closing it, and keeps its HTTP client): to the server that is a slow reader, not a
+departure, and its rows run on; the kernel's socket buffers take a few hundred kilobytes of events before anything
+pushes back, more than a whole 2,000-token stream.
 """
 
 from __future__ import annotations
@@ -64,9 +70,11 @@ class Sampler:
                 self._stop.wait(self.every_s)
 
 
-def abandon(url: str, streams: int, max_tokens: int, sample_ms: float, hold_s: float, bound_s: float) -> dict:
+def abandon(url: str, streams: int, max_tokens: int, sample_ms: float, hold_s: float, bound_s: float,
+            drop: str = "close") -> dict:  # fmt: skip
     started = threading.Barrier(streams + 1, timeout=300)  # every stream has its first chunk
-    leave = threading.Event()  # every client closes its connection now
+    leave = threading.Event()  # every client stops reading now (and, with drop "close", closes its connection)
+    done = threading.Event()  # the measurement is over
 
     def client() -> None:
         body = {"model": MODEL, "messages": CHAT, "stream": True, "max_tokens": max_tokens, "temperature": 0,
@@ -80,6 +88,8 @@ def abandon(url: str, streams: int, max_tokens: int, sample_ms: float, hold_s: f
                         break  # the first content chunk
                 started.wait()
                 leave.wait()
+                if drop == "idle":  # a client that stops reading but keeps its connection (and its client) open
+                    done.wait()
             # leaving the block closed the response unread: the connection is closed, as a client that dies
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(streams)]
@@ -98,6 +108,7 @@ def abandon(url: str, streams: int, max_tokens: int, sample_ms: float, hold_s: f
                                                           or sampler.now()[0] < closed):  # fmt: skip
             time.sleep(sample_ms / 1000)
         t1, rows1, passes1 = sampler.now()
+    done.set()
     for t in threads:
         t.join(timeout=30)
     return {"streams": streams, "rows_at_close": rows0, "rows_left": rows1, "seconds": t1 - closed,
@@ -112,6 +123,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=2000)
     parser.add_argument("--sample-ms", type=float, default=50)
     parser.add_argument("--hold-s", type=float, default=3, help="streams held open after their first chunk")
+    parser.add_argument(
+        "--drop",
+        choices=["close", "idle"],
+        default="close",
+        help="close: clients close their connections; idle: they stop reading, connections open",
+    )
     parser.add_argument("--bound-s", type=float, default=60, help="give up waiting for the rows after this long")
     args = parser.parse_args()
     # deployment() sizes the engine's batch by `clients`: every stream gets a row at once.
@@ -122,7 +139,7 @@ def main() -> None:
     for kind in args.topologies:
         with deployment(kind, root, settings) as url:
             for n in args.streams:
-                r = abandon(url, n, args.max_tokens, args.sample_ms, args.hold_s, args.bound_s)
+                r = abandon(url, n, args.max_tokens, args.sample_ms, args.hold_s, args.bound_s, args.drop)
                 line = (f"| {kind} | {n} | {r['rows_at_close']} | {r['rows_left']} | {r['seconds']:.2f} | "
                         f"{r['steps']} | {r['step_s']:.3f} | {r['would_run_s']:.0f} |")  # fmt: skip
                 print(line, flush=True)
