@@ -1,5 +1,7 @@
 """Engine and sessions. SQLite (embedded) gets WAL, foreign keys and a busy timeout so the API and a worker
-process can share the file; Postgres needs nothing special."""
+process can share the file. Postgres gets `idle_in_transaction_session_timeout` (`Settings.idle_transaction_seconds`):
+a process stopped in the middle of a transaction (SIGSTOP, a frozen VM) is disconnected by the server and its row
+locks released, instead of holding up everyone who needs those rows until it is resumed."""
 
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from control.settings import get_settings
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, idle_transaction_seconds: float | None = None) -> Engine:
+    """An engine for `url`; on Postgres, sessions idle in a transaction for `idle_transaction_seconds` (default: the
+    settings') are ended by the server (0: never)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -32,7 +36,14 @@ def make_engine(url: str) -> Engine:
         return engine
     # Sync routes run in anyio's thread pool (40 threads): the pool keeps a connection for each, so that a burst of
     # requests waits on the database rather than on opening connections (Postgres forks a process per connection).
-    return create_engine(url, pool_pre_ping=True, pool_size=40, max_overflow=10, pool_timeout=10)
+    if idle_transaction_seconds is None:
+        idle_transaction_seconds = get_settings().idle_transaction_seconds
+    # Set at connection start (libpq `options`), so every connection of the pool has it from its first statement.
+    # A connection the server ended this way fails its next statement with an OperationalError: `with_retries`
+    # runs the work again on a fresh one, and `pool_pre_ping` keeps such connections from being handed out.
+    options = f"-c idle_in_transaction_session_timeout={round(idle_transaction_seconds * 1000)}"
+    return create_engine(url, pool_pre_ping=True, pool_size=40, max_overflow=10, pool_timeout=10,
+                         connect_args={"options": options})  # fmt: skip
 
 
 @lru_cache(maxsize=8)

@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     # it fails (`worker_lost`) only once `max_attempts` attempts in a row were lost at the same point (the same
     # last checkpoint: a poison job). Losses between which the job made progress never fail it.
     lease_seconds: float = 60.0
+    # Postgres ends a session that sits idle inside a transaction this long (`idle_in_transaction_session_timeout`),
+    # releasing its row locks: a worker paused (SIGSTOP) mid-transaction would otherwise hold its job row locked and
+    # block the reaper and the job's next owner for as long as it stays paused. None: `lease_seconds`, so the lock
+    # is gone by the time the lease has run out; 0: never. Every transaction of ours is a few statements long.
+    db_idle_transaction_seconds: float | None = None
     heartbeat_seconds: float = 10.0
     reaper_seconds: float = 15.0
     max_attempts: int = 3
@@ -90,6 +95,10 @@ class Settings(BaseSettings):
     @property
     def resolved_broker_url(self) -> str:
         return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    @property
+    def idle_transaction_seconds(self) -> float:
+        return self.lease_seconds if self.db_idle_transaction_seconds is None else self.db_idle_transaction_seconds
 
     @property
     def inference_server_urls(self) -> list[str]:

@@ -4,7 +4,8 @@ checkpoint an earlier attempt left to resume from.
 Each attempt works in a folder of its own, `<org>/jobs/<job>/attempt-<n>/` (checkpoints/ and adapter/), so a
 worker that lost its lease while paused and resumes cannot write into its successor's folder. An attempt resumes
 from the newest checkpoint any earlier attempt *recorded* (a `checkpoints` row, written fenced on its lease, whose
-directory is complete on disk): a directory a zombie finished after the hand-over has no row and is never read."""
+directory is complete on disk): a directory a zombie finished after the hand-over has no row and is never read.
+Once the job is final, the folders of the attempts that lost are removed (control.attempts)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from control import jobs
+from control.attempts import attempt_key
 from control.db import session_scope
 from control.orm import Checkpoint, File, Job
 from control.settings import Settings
-from control.storage import Storage, job_key
+from control.storage import Storage
 
 if TYPE_CHECKING:  # torch-heavy: imported inside train_spec (see worker.runner.run_job)
     from neat_core.train import TrainSpec
@@ -34,11 +36,6 @@ class FileGone(Exception):
     def __init__(self, field: str, file_id: str):
         self.field = field
         super().__init__(f"{field} '{file_id}' no longer exists; upload it again and create a new job.")
-
-
-def attempt_key(org_id: str, job_id: str, attempt: int) -> str:
-    """An attempt's working directory: its checkpoints/ and adapter/."""
-    return f"{job_key(org_id, job_id)}/attempt-{attempt}"
 
 
 def train_spec(url: str, lease: jobs.Lease, settings: Settings, storage: Storage) -> TrainSpec:

@@ -142,6 +142,7 @@ class Scheduler:
                     state = self._prefill(new, state)
                     running, new = running + new, []
                     running, state = self._prune(running, state)
+                    self.running = len(running)  # counted as they join, not a decode step later
                 if running:
                     state = self._decode(running, state)
                     running, state = self._prune(running, state)

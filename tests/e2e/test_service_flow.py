@@ -224,3 +224,49 @@ def test_full_flow_with_the_openai_client(service, tmp_path):
     final = _wait_for(client, long_job.id, {"cancelled"}, service, timeout=120)
     assert final.fine_tuned_model is None
     assert client.fine_tuning.jobs.checkpoints.list(long_job.id).data, "the last checkpoint is kept"
+
+
+ABANDONED_STREAMS = 6
+
+
+def test_streams_whose_clients_leave_stop_generating(service):
+    """Streamed chat completions on SmolLM2 through the API (the stock client; EOS ignored, 1,000 tokens each, far
+    longer than this test) whose clients close their connections after the first content chunk: the engine's
+    running rows drop to 0 within a few decode steps and seconds, long before any generation would have ended.
+    Embedded, the API cancels the generation in its own process; distributed, it closes its stream from the
+    inference server, which cancels it there."""
+    client = service.client()
+    messages = [{"role": "user", "content": "Tell me a long story about colours."}]
+
+    def engine(http: httpx.Client) -> dict:
+        engines = http.get("/v1/serving/stats").json()["engines"]
+        (smollm2,) = [e for e in engines if e["base_model"] == SMOLLM2]
+        return smollm2
+
+    streams = []
+    for _ in range(ABANDONED_STREAMS):
+        stream = client.chat.completions.create(model=SMOLLM2, messages=messages, max_tokens=1000, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break  # the first content chunk
+        streams.append(stream)
+    with service.http() as http:
+        deadline = time.monotonic() + 10  # the last row is counted once its prefill step has ended
+        while engine(http)["rows_running"] < ABANDONED_STREAMS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        before = engine(http)
+        assert before["rows_running"] == ABANDONED_STREAMS, before
+        for stream in streams:
+            stream.close()  # the connection goes: as a client that gives up, or dies
+        left = time.monotonic()
+        while (after := engine(http))["rows_running"] and time.monotonic() - left < 20:
+            time.sleep(0.05)
+        seconds, steps = time.monotonic() - left, after["forward_passes"] - before["forward_passes"]
+    still = f"{after['rows_running']} rows still generating {seconds:.1f} s after their clients left ({steps} steps)"
+    assert after["rows_running"] == 0, still
+    # A row leaves at the engine's next step once its cancel arrives; the cancel crosses the API (and, distributed,
+    # the inference server) on event loops that share this machine with the engine, so allow a few steps' slack.
+    # Not cancelled, the rows would have run ~990 more steps.
+    assert steps <= 12, f"the rows ran {steps} decode steps after their clients left"
+    assert seconds < 20

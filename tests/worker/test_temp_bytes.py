@@ -41,10 +41,15 @@ def run_killed(settings, job_id: str, fault: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "fault, leftover",
-    [("checkpoint:2", "attempt-1/checkpoints/.step-*.tmp"), ("artifact", "attempt-1/.adapter.*.tmp")],
+    "fault, leftover, kept",
+    [
+        # killed before its first checkpoint: the lost attempt's folder holds nothing the job keeps
+        ("checkpoint:2", "attempt-1/checkpoints/.step-*.tmp", ["attempt-2"]),
+        # killed writing the adapter: the second attempt resumed from the first's last checkpoint, which stays
+        ("artifact", "attempt-1/.adapter.*.tmp", ["attempt-1", "attempt-2"]),
+    ],
 )
-def test_a_killed_write_is_swept_and_the_job_still_succeeds(settings, tiny_models, fault, leftover):
+def test_a_killed_write_is_swept_and_the_job_still_succeeds(settings, tiny_models, fault, leftover, kept):
     job_id = insert_job(settings, tiny_models["bert"], classification_rows(16), hyperparameters=TWO_EPOCHS)
     run_killed(settings, job_id, fault)
     job_dir = Storage(settings.resolved_artifact_root).path(job_key(ORG, job_id))
@@ -66,3 +71,9 @@ def test_a_killed_write_is_swept_and_the_job_still_succeeds(settings, tiny_model
         and (Storage(settings.resolved_artifact_root).path(job.artifact_key) / "manifest.json").is_file()
     )
     assert list(job_dir.rglob("*.tmp")) == []
+
+    # Final: the sweep removes the folders of the attempts that lost, but not one holding the job's last checkpoint.
+    assert sorted(p.name for p in job_dir.iterdir()) == ["attempt-1", "attempt-2"]
+    Sweeper(settings.model_copy(update={"lease_seconds": 0.0})).sweep()  # no grace: the job has just finished
+    assert sorted(p.name for p in job_dir.iterdir()) == kept
+    assert (Storage(settings.resolved_artifact_root).path(job.artifact_key) / "manifest.json").is_file()
