@@ -111,8 +111,8 @@ def evaluate(model, dataset: list[dict], collate: Collator, batch_size: int, tas
         c, n = _correct(logits, labels, task)
         correct, counted = correct + c, counted + n
     model.train()
-    accuracy = "valid_accuracy" if task == "classification" else "valid_token_accuracy"
-    return {"valid_loss": loss_sum / max(1, counted), accuracy: correct / max(1, counted)}
+    accuracy = "full_valid_accuracy" if task == "classification" else "full_valid_mean_token_accuracy"
+    return {"full_valid_loss": loss_sum / max(1, counted), accuracy: correct / max(1, counted)}
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -198,7 +198,7 @@ def _log_step(loop: LoopState, metrics: dict, run: _Run, out, batch: dict, lr: f
     loop.batch_in_epoch += 1
     loop.trained_tokens += int(batch["attention_mask"].sum())
     correct, counted = _correct(out.logits.detach(), batch["labels"], run.task)
-    accuracy_key = "train_accuracy" if run.task == "classification" else "train_token_accuracy"
+    accuracy_key = "train_accuracy" if run.task == "classification" else "train_mean_token_accuracy"
     metrics.update(
         train_loss=float(out.loss.detach()),
         learning_rate=lr,

@@ -66,7 +66,7 @@ def test_progress_callbacks_and_artifact(tiny_models, tmp_path):
     assert [s[1] for s in steps] == list(range(1, 11))
     assert all({"train_loss", "learning_rate", "train_accuracy", "epoch"} <= set(s[2]) for s in steps)
     evaluations = [e for e in rec.events if e[0] == "evaluate"]
-    assert evaluations and all({"valid_loss", "valid_accuracy"} <= set(e[2]) for e in evaluations)
+    assert evaluations and all({"full_valid_loss", "full_valid_accuracy"} <= set(e[2]) for e in evaluations)
     saved = [e[1] for e in rec.events if e[0] == "checkpoint"]
     assert saved == [3, 5, 6, 9, 10]  # every 3 steps, each epoch end (5, 10), and the last step
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-000009", "step-000010"]
@@ -74,7 +74,7 @@ def test_progress_callbacks_and_artifact(tiny_models, tmp_path):
     manifest = json.loads((result.adapter_dir / "manifest.json").read_text())
     assert manifest["method"] == "neat" and manifest["labels"] == ["negative", "positive"]
     assert manifest["hyperparameters"]["learning_rate"] == result.hyperparameters["learning_rate"]
-    assert manifest["metrics"]["valid_accuracy"] == result.metrics["valid_accuracy"]
+    assert manifest["metrics"]["full_valid_accuracy"] == result.metrics["full_valid_accuracy"]
     assert len(manifest["base_weights_sha256"]) == 64 and len(manifest["training_file_sha256"]) == 64
     assert {"torch", "transformers", "peft"} <= set(manifest["versions"])
     assert sorted(p.name for p in result.adapter_dir.iterdir()) == [
