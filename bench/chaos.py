@@ -34,9 +34,10 @@ Measured, and printed as markdown at the end (goals marked; the exit status is 1
   worker's lease (its outcome) or is a reaper's (taking back another worker's job, resending a message). And a
   file in a lost attempt's folder modified after its hand-over (the audited update that took the lease away). Goal 0;
 - leaked bytes: once every job has finished and temporary entries have aged past `NEAT_TEMP_MAX_AGE_SECONDS` (30)
-  and the processes' sweepers (every 5 s) have run, whatever is left under `.tmp/`, and any `.step-*.tmp` /
-  `.adapter.*.tmp` folder. Goal 0. Lost attempts' folders are kept by design (a later attempt resumes from their
-  recorded checkpoints; they go with the job's folder), so they are reported, not counted;
+  and the processes' sweepers (every 5 s) have run, whatever is left under `.tmp/`, and any `.<name>.<hex>.tmp`
+  folder neat_core writes a checkpoint or an adapter into (`.step-*`, `.adapter.*`). Goal 0. (Each kill's line in
+  the fault table says what was on disk right after it, so the count is not vacuous.) Lost attempts' folders are
+  kept by design, a later attempt resumes from their recorded checkpoints: reported, not counted;
 - faults by kind, `job_restarted` events, attempts per job;
 - the API's answers: 5xx responses on the wire (503 while Postgres is away is by design: `Retry-After`), 5xx and
   connection failures left after the client's retries on polls; goal: no 500 at all;
@@ -258,14 +259,21 @@ class Faults(threading.Thread):
         busy = self.cluster.busy_slots()
         return self.rng.choice(sorted(busy or self.cluster.workers)), "training" if busy else "idle"
 
+    def _temporary(self) -> str:
+        """What is on disk right after a kill: the partial upload or half-written checkpoint the sweep must
+        remove (and any other writer's live one)."""
+        found = leftovers(self.cluster.settings.resolved_artifact_root)
+        return f"{len(found)} temporary entries on disk after it ({sum(b for _, b in found):,} bytes)"
+
     def worker_kill(self) -> str:
         slot, state = self._pick_worker()
         proc = self.cluster.workers[slot]
         say(f"FAULT worker_kill: SIGKILL worker {slot} (pid {proc.pid}, {state})")
         _kill(proc)
+        left = self._temporary()
         time.sleep(1)  # a supervisor's restart delay
         self.cluster.start_worker(slot)
-        return f"worker {slot} ({state})"
+        return f"worker {slot} ({state}); {left}"
 
     def worker_pause(self) -> str:
         slot, state = self._pick_worker()
@@ -284,10 +292,11 @@ class Faults(threading.Thread):
     def api_kill(self) -> str:
         say("FAULT api_kill: SIGKILL the API")
         self.cluster.kill_api()
+        left = self._temporary()
         time.sleep(1)
         self.cluster.start_api()
         say("       api_kill: a new API answers")
-        return "restarted"
+        return left
 
     def redis_restart(self) -> str:
         say("FAULT redis_restart: a fresh Redis on the same port, without persistence")
@@ -555,20 +564,27 @@ def late_files(url: str, root: Path) -> list[str]:
 
 
 def leftovers(root: Path) -> list[tuple[str, int]]:
-    """Temporary entries left anywhere under the artifact root, with their bytes."""
+    """Temporary entries anywhere under the artifact root, with their bytes. (os.walk: it skips what vanishes
+    under it, as temporary entries do while the service runs.)"""
     found = []
-    for path in root.rglob("*"):
-        name = path.name
-        temporary = path.parent == root / ".tmp" or (name.startswith((".step-", ".adapter.")) and ".tmp" in name)
-        if temporary:
-            found.append((str(path.relative_to(root)), _bytes(path)))
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            # neat_core's temporary folders are `.<final name>.<hex>.tmp` (.step-*, .adapter.*, .lora.*)
+            if Path(folder) == root / ".tmp" or (name.startswith(".") and name.endswith(".tmp")):
+                found.append((str(path.relative_to(root)), _bytes(path)))
     return found
 
 
 def _bytes(path: Path) -> int:
-    if path.is_dir() and not path.is_symlink():
-        return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file())
-    return path.lstat().st_size
+    files = [Path(d) / f for d, _, names in os.walk(path) for f in names] if path.is_dir() else [path]
+    total = 0
+    for file in files:
+        try:
+            total += file.lstat().st_size
+        except OSError:  # removed meanwhile
+            continue
+    return total
 
 
 def kept_attempts(url: str, root: Path) -> tuple[int, int]:
