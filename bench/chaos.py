@@ -62,6 +62,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter, defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -571,7 +572,7 @@ def leftovers(root: Path) -> list[tuple[str, int]]:
         for name in dirs + files:
             path = Path(folder) / name
             # neat_core's temporary folders are `.<final name>.<hex>.tmp` (.step-*, .adapter.*, .lora.*)
-            if Path(folder) == root / ".tmp" or (name.startswith(".") and name.endswith(".tmp")):
+            if Path(folder) == root / ".tmp" or (name.startswith(".") and name.endswith(".tmp") and name != ".tmp"):
                 found.append((str(path.relative_to(root)), _bytes(path)))
     return found
 
@@ -610,6 +611,7 @@ def compare_adapters(pg: str, jobs: list[Submitted], root: Path, work: Path) -> 
 
     logging.set_verbosity_error()  # the base model's load report, once per quiet run
     logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
     from tests.worker.conftest import get_job, insert_job, make_settings
     from worker.runner import run_job
