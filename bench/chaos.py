@@ -712,7 +712,7 @@ def report(args, cluster: Cluster, faults: Faults, uploads: Uploads, client: Cli
         f"| job polls | {client.polls:,}; failed after the client's retries: {listed(client.poll_failures)} |",
         f"| background uploads stored | {uploads.stored} of {args.upload_mb:g} MB at {args.upload_rate:g} MB/s |",
         f"| uploads/creations/deletes retried by the client | {listed(client.retries)} |",
-        f"| wall time | {wall:.0f} s (faults {args.duration:g} s, then the drain) |",
+        f"| wall time | {wall:.0f} s (faults {args.duration:g} s, the drain, the sweepers' wait; not the quiet runs) |",
         "",
         "Goals: " + "; ".join(f"{'✓' if ok else '✗'} {name}" for name, ok in goals.items()),
         "",
