@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from neat_core.errors import CheckpointError, DataFormatError
 from neat_core.train import Callback, CancelFlag, TrainSpec, latest_checkpoint, list_checkpoints, train
@@ -126,10 +127,30 @@ def test_checkpoints_hold_no_pickle(tiny_models, tmp_path):
         "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
+        "manifest.json",  # adapter/ is an artifact of its own: a checkpoint is servable
         "optimizer.safetensors",
         "rng.safetensors",
         "state.json",
     ]
+
+
+def test_a_checkpoint_adapter_loads_as_an_artifact_and_answers_as_its_step_did(tiny_models, tmp_path):
+    """A checkpoint's adapter/ is an artifact: the last checkpoint's gives exactly the final artifact's logits,
+    and an earlier one's its own step's (different) model."""
+    from neat_core.artifacts import load_artifact, read_manifest
+
+    result = train(_spec(tiny_models, tmp_path, max_steps=4, n_epochs=1, checkpoint_every=2))
+    step_2, step_4 = (result.last_checkpoint.parent / f"step-00000{n}" / "adapter" for n in (2, 4))
+    assert read_manifest(step_2)["steps"] == 2 and read_manifest(step_4)["steps"] == 4
+    assert read_manifest(step_4)["base_weights_sha256"] == read_manifest(result.adapter_dir)["base_weights_sha256"]
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+
+    def logits(directory):
+        with torch.no_grad():
+            return load_artifact(directory, device="cpu").model(input_ids=ids).logits
+
+    torch.testing.assert_close(logits(step_4), logits(result.adapter_dir), rtol=0, atol=0)
+    assert not torch.allclose(logits(step_2), logits(step_4))
 
 
 def test_single_label_classification_is_refused(tiny_models, tmp_path):
