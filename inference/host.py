@@ -280,6 +280,7 @@ def load_solo_engine(ref: ModelRef, *, settings: Settings) -> BatchEngine:
         max_queued=settings.serving_max_queued_per_org,
         pass_tokens=settings.serving_pass_tokens,
         lanes=settings.serving_lanes,
+        reserved_rows=settings.serving_reserved_rows,
     )
 
 
@@ -304,6 +305,7 @@ def load_batch_engine(base_model: str, task: str, *, settings: Settings) -> Batc
         max_queued=settings.serving_max_queued_per_org,
         pass_tokens=settings.serving_pass_tokens,
         lanes=settings.serving_lanes,
+        reserved_rows=settings.serving_reserved_rows,
     )
 
 

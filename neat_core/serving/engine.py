@@ -71,8 +71,9 @@ class BatchEngine(Scheduler, GenerationMixin, ClassificationMixin):
         max_queued: int = 8192,
         pass_tokens: int | None = None,
         lanes: int = 2,
+        reserved_rows: int = 0,
     ):
-        Scheduler.__init__(self, task, max_batch, window_s, max_queued, pass_tokens, lanes)
+        Scheduler.__init__(self, task, max_batch, window_s, max_queued, pass_tokens, lanes, reserved_rows)
         self.tokenizer = tokenizer
         self.max_length = max_length or (128 if task == "classification" else None)
         self.pass_overhead = pass_overhead

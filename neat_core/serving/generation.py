@@ -86,6 +86,7 @@ class _GenRequest:
     stream: TokenStream
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
+    caller: Any = None  # the organisation it is for: the scheduler caps each one's running rows
 
 
 class GenerationMixin:
@@ -107,7 +108,8 @@ class GenerationMixin:
         if sampling.temperature > 0:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(sampling.seed % 2**63 if sampling.seed is not None else torch.seed())
-        request = _GenRequest(list(input_ids), adapter and adapter.adapter_id, sampling, stream, generator)
+        adapter_id = adapter and adapter.adapter_id
+        request = _GenRequest(list(input_ids), adapter_id, sampling, stream, generator, caller=caller)
         try:
             self._submit([request], caller)
         except (EngineClosed, EngineBusy):
