@@ -219,19 +219,41 @@ def test_another_orgs_model_answers_like_a_missing_one(client, service):
     _error(_chat(client, service.running_model, max_tokens=2), 404, "model_not_found")
 
 
-def test_model_for_the_wrong_endpoint(client, service):
+def test_model_for_the_wrong_endpoint_names_the_right_one(client, service):
     on_causal = client.post("/v1/classifications", json={"model": service.chat_model, "input": "x"})
-    assert _error(on_causal, 400, "invalid_model_for_endpoint")["param"] == "model"
-    _error(_chat(client, service.classifier), 400, "invalid_model_for_endpoint")
-    _error(
+    error = _error(on_causal, 400, "invalid_model_for_endpoint")
+    assert error["param"] == "model" and "/v1/chat/completions" in error["message"]
+    error = _error(_chat(client, service.classifier), 400, "invalid_model_for_endpoint")
+    assert "/v1/classifications" in error["message"] and "/v1/chat" not in error["message"]
+    error = _error(
         client.post("/v1/completions", json={"model": service.classifier, "prompt": "x"}),
         400,
         "invalid_model_for_endpoint",
     )
-    _error(_chat(client, MINILM), 400, "invalid_model_for_endpoint")  # an encoder cannot generate
-    _error(
+    assert "/v1/classifications" in error["message"] and "/v1/completions" not in error["message"]
+    error = _error(_chat(client, MINILM), 400, "invalid_model_for_endpoint")  # an encoder cannot generate
+    assert "/v1/classifications" in error["message"] and "fine-tune" in error["message"]
+    error = _error(
         client.post("/v1/classifications", json={"model": SMOLLM2, "input": "x"}), 400, "invalid_model_for_endpoint"
     )  # a base model has no trained head
+    assert "/v1/chat/completions" in error["message"]
+
+
+def test_inference_answers_carry_the_rate_limit_headers(client, service):
+    def window(r) -> tuple[int, int, float]:
+        assert r.status_code == 200, r.text
+        h = r.headers
+        reset = float(h["x-ratelimit-reset-requests"].removesuffix("s"))
+        return int(h["x-ratelimit-limit-requests"]), int(h["x-ratelimit-remaining-requests"]), reset
+
+    limit, first, reset = window(_chat(client, service.chat_model, max_tokens=1))
+    assert limit == service.settings.inference_rpm and 0 <= first < limit and 0 < reset <= 60
+    _, second, _ = window(_chat(client, service.chat_model, max_tokens=1, stream=True))  # a response of its own
+    _, third, _ = window(
+        client.post("/v1/completions", json={"model": service.chat_model, "prompt": "x", "max_tokens": 1})
+    )
+    _, fourth, _ = window(client.post("/v1/classifications", json={"model": service.classifier, "input": "x"}))
+    assert [second, third, fourth] == [first - 1, first - 2, first - 3]
 
 
 @pytest.mark.parametrize(

@@ -293,3 +293,24 @@ def tiny_tokenizer(tiny_models):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_models["llama"])
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_streamed_logprobs_are_the_whole_answers_chunk_by_chunk(client, service, route):
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    asked = {"temperature": 0, "max_tokens": 10, **({"logprobs": True, "top_logprobs": 2} if route == CHAT else
+                                                    {"logprobs": 2})}  # fmt: skip
+    whole = ok(client, route, service.chat_model, **asked)
+    (ChatCompletion if route == CHAT else Completion).model_validate(whole)  # the SDK's own types read it
+    events = _events(post(client, route, service.chat_model, stream=True, **asked))[:-1]
+    parts = [c["logprobs"] for e in events for c in e["choices"] if c["logprobs"] is not None]
+    if route == CHAT:
+        for event in events:
+            ChatCompletionChunk.model_validate(event)
+        assert [t for p in parts for t in p["content"]] == whole["choices"][0]["logprobs"]["content"]
+    else:
+        expected = whole["choices"][0]["logprobs"]
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert [x for p in parts for x in p[key]] == expected[key], key
