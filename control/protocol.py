@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 # The header the API names the asking organisation in, to an inference server (whose share of an engine a request
@@ -25,7 +25,7 @@ MAX_PROMPT_CHARS = 2**22  # a completion's prompt, or a chat's messages together
 MAX_TEXT_CHARS = 2**15  # one classification text (32 Ki characters; a classifier reads 512 tokens at most)
 MAX_INPUT_CHARS = 2**24  # a classification request's texts together (16 Mi characters)
 
-MAX_PROMPTS = 128  # prompts in one completion request (a row each)
+MAX_ROWS = 128  # rows one request may ask for: its prompts (a completion may send a list) times n
 MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's bound)
 MAX_TOP_LOGPROBS = 20  # alternatives per token, chat (OpenAI's bound)
 MAX_COMPLETION_LOGPROBS = 5  # alternatives per token, completions (OpenAI's bound)
@@ -64,9 +64,7 @@ class StreamOptions(BaseModel):
 # nothing (None, and the neutral values listed); any other value is refused with 400 `unsupported_parameter`
 # naming the field, never accepted and ignored. docs/serving.md has the table; tests/inference/test_parameters.py
 # goes through every field of the openai SDK's request types, so a new SDK field fails until it is decided.
-REFUSED_COMMON: dict[str, tuple[Any, ...]] = {"n": (1,)}  # n > 1 would be extra rows; one choice for now
 REFUSED_CHAT: dict[str, tuple[Any, ...]] = {
-    **REFUSED_COMMON,
     "audio": (),
     "function_call": ("none",),
     "functions": ([],),
@@ -87,7 +85,7 @@ REFUSED_CHAT: dict[str, tuple[Any, ...]] = {
     "verbosity": (),
     "web_search_options": (),
 }
-REFUSED_COMPLETION: dict[str, tuple[Any, ...]] = {**REFUSED_COMMON, "best_of": (1,), "suffix": ("",)}
+REFUSED_COMPLETION: dict[str, tuple[Any, ...]] = {"best_of": (1,), "suffix": ("",)}
 
 
 def refuse_unless_neutral(name: str, value: Any, neutral: tuple[Any, ...]) -> Any:
@@ -123,7 +121,7 @@ class GenerationRequest(BaseModel):
     frequency_penalty: Penalty | None = None
     user: Annotated[str, Field(max_length=256)] | None = None  # the caller's end user: logged with the request
     ignore_eos: bool | None = None  # vLLM's extension: generate exactly max_tokens (benchmarks, tests)
-    n: Any = None  # refused unless 1 (REFUSED_COMMON)
+    n: Annotated[int, Field(ge=1, le=MAX_ROWS)] | None = None  # choices per prompt: a row each in the batch
 
     @field_validator("logit_bias")
     @classmethod
@@ -260,14 +258,21 @@ class CompletionRequest(GenerationRequest):
     def _bounded(cls, prompt: object) -> object:
         # Before the union, so an oversized list is refused before its items are validated (as classifications).
         prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
-        if len(prompts) > MAX_PROMPTS:
+        if len(prompts) > MAX_ROWS:
             raise PydanticCustomError("too_long", "at most {limit} prompts, got {count}",
-                                      {"limit": MAX_PROMPTS, "count": len(prompts)})  # fmt: skip
+                                      {"limit": MAX_ROWS, "count": len(prompts)})  # fmt: skip
         # A token id counts as a character: a token is at least one, so the bound stays as tight.
         count = sum(len(p) for p in prompts if isinstance(p, str | list))
         if count > MAX_PROMPT_CHARS:
             raise _too_long("the prompt", count, MAX_PROMPT_CHARS)
         return prompt
+
+    @model_validator(mode="after")
+    def _rows_bounded(self) -> CompletionRequest:
+        if len(self.prompts) * (self.n or 1) > MAX_ROWS:
+            raise PydanticCustomError("too_long", "prompts times n is {count}; at most {limit} choices per request",
+                                      {"count": len(self.prompts) * (self.n or 1), "limit": MAX_ROWS})  # fmt: skip
+        return self
 
     @property
     def prompts(self) -> list[str | list[int]]:

@@ -4,6 +4,7 @@ an answer is the same whichever way it travels."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -19,12 +20,13 @@ log = logging.getLogger("inference.answers")
 
 
 class Choices:
-    """The generations of one request: one per prompt (a completion may send a list), all queued at once so they
-    share the engine's passes; each becomes a choice, `index` in prompt order."""
+    """The generations of one request: `n` per prompt (a completion may send a list), all queued at once so they
+    share the engine's passes as rows of their own; each becomes a choice, `index` in prompt order then n."""
 
-    def __init__(self, generations: list[Generation], echoed: list[str]):
-        self.generations = generations
+    def __init__(self, generations: list[Generation], echoed: list[str], n: int):
+        self.generations = generations  # prompt by prompt, n choices each (OpenAI's `index` order)
         self.echoed = echoed  # per choice: the prompt text put before its completion (`echo`), else ""
+        self.n = n
 
     def cancel(self) -> None:
         for generation in self.generations:
@@ -49,20 +51,26 @@ def start(host: ModelHost, ref: ModelRef, request: ChatRequest | CompletionReque
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
     )
+    n = request.n or 1
     generations: list[Generation] = []
     try:
         for prompt in prompts:
-            generations.append(host.generate(ref, prompt, sampling, request.stops))
+            for j in range(n):
+                # Choice j of a seeded request samples with seed + j: reproducible, and choice 0 is the n=1 answer.
+                own = (
+                    sampling if j == 0 or request.seed is None else dataclasses.replace(sampling, seed=request.seed + j)
+                )
+                generations.append(host.generate(ref, prompt, own, request.stops))
     except PromptError as e:
         e.param = e.param or ("messages" if chat else "prompt")
         raise
     finally:
-        if len(generations) < len(prompts):  # one failed to start: the others must not run on unread
+        if len(generations) < len(prompts) * n:  # one failed to start: the others must not run on unread
             for generation in generations:
                 generation.cancel()
     echo = not chat and request.echo
-    echoed = [(p if isinstance(p, str) else host.decode(ref, p)) if echo else "" for p in prompts]
-    return Choices(generations, echoed)
+    echoed = [(p if isinstance(p, str) else host.decode(ref, p)) if echo else "" for p in prompts for _ in range(n)]
+    return Choices(generations, echoed, n)
 
 
 def answer(choices: Choices, request: GenerationRequest) -> dict:
@@ -170,7 +178,7 @@ def error_body(status: int, message: str, code: str | None, param: str | None) -
 
 
 def _usage(choices: Choices) -> dict[str, int]:
-    prompt = sum(g.prompt_tokens for g in choices.generations)
+    prompt = sum(g.prompt_tokens for g in choices.generations[:: choices.n])  # each prompt once, as OpenAI counts
     completion = sum(g.completion_tokens for g in choices.generations)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

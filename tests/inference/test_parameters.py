@@ -81,6 +81,23 @@ def check_prompt(client, route, model, tokenizer, **_):
     assert outside["param"] == "prompt"
 
 
+def check_n(client, route, model, **_):
+    one = ok(client, route, model, temperature=1, seed=7)
+    three = ok(client, route, model, temperature=1, seed=7, n=3)
+    assert [c["index"] for c in three["choices"]] == [0, 1, 2]
+    texts = [c["message"]["content"] if route == CHAT else c["text"] for c in three["choices"]]
+    assert texts[0] == text(one) and len(set(texts)) == 3  # choice j samples with seed + j
+    assert texts[1] == text(ok(client, route, model, temperature=1, seed=8))
+    assert three["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]  # the prompt counts once
+    assert three["usage"]["completion_tokens"] > one["usage"]["completion_tokens"]
+    if route == COMPLETIONS:  # prompt by prompt, n choices each
+        two = ok(client, route, model, prompt=[PROMPT, "Colour:"], temperature=1, seed=7, n=2)
+        assert [c["index"] for c in two["choices"]] == [0, 1, 2, 3]
+        assert two["choices"][0]["text"] == text(one)
+        assert two["choices"][2]["text"] == text(ok(client, route, model, prompt="Colour:", temperature=1, seed=7))
+    assert _error(post(client, route, model, n=129), 400, "invalid_request")["param"] == "n"
+
+
 def check_max_tokens(client, route, model, **_):
     body = ok(client, route, model, max_tokens=3, temperature=0)
     assert body["usage"]["completion_tokens"] == 3 and body["choices"][0]["finish_reason"] == "length"
@@ -198,6 +215,7 @@ def end_user_check(field: str) -> Callable:
 
 COMMON = {
     "model": check_model,
+    "n": check_n,
     "max_tokens": check_max_tokens,
     "temperature": check_temperature,
     "top_p": check_top_p,
@@ -224,7 +242,6 @@ HONOURED = {
 # Refused fields: a value that asks for something (each must answer 400 naming the field).
 ASKING = {
     CHAT: {
-        "n": 2,
         "audio": {"voice": "alloy", "format": "wav"},
         "function_call": "auto",
         "functions": [{"name": "f", "parameters": {}}],
@@ -245,7 +262,7 @@ ASKING = {
         "verbosity": "low",
         "web_search_options": {},
     },
-    COMPLETIONS: {"n": 2, "best_of": 2, "suffix": " and so on"},
+    COMPLETIONS: {"best_of": 2, "suffix": " and so on"},
 }
 PROTOCOL = {CHAT: REFUSED_CHAT, COMPLETIONS: REFUSED_COMPLETION}
 SDK = {CHAT: sdk_fields(chat_params), COMPLETIONS: sdk_fields(completion_params)}
