@@ -90,6 +90,11 @@ def check_n(client, route, model, **_):
     assert texts[1] == text(ok(client, route, model, temperature=1, seed=8))
     assert three["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]  # the prompt counts once
     assert three["usage"]["completion_tokens"] > one["usage"]["completion_tokens"]
+    events = _events(post(client, route, model, temperature=1, seed=7, n=3, stream=True))[:-1]
+    streamed = ["", "", ""]
+    for choice in (c for e in events for c in e["choices"]):
+        streamed[choice["index"]] += (choice["delta"].get("content") or "") if route == CHAT else choice["text"]
+    assert streamed == texts
     if route == COMPLETIONS:  # prompt by prompt, n choices each
         two = ok(client, route, model, prompt=[PROMPT, "Colour:"], temperature=1, seed=7, n=2)
         assert [c["index"] for c in two["choices"]] == [0, 1, 2, 3]
