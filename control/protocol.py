@@ -35,14 +35,52 @@ Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
 
 
+# Content parts and roles of OpenAI's messages that no model here can take: refused by name, never dropped.
+PART_KINDS = {"image_url": "image", "input_audio": "audio", "file": "file", "refusal": "refusal"}
+TOOL_ROLES = ("tool", "function")
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # e.g. `name`
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]  # `developer`: OpenAI's newer name for system
     content: str | list[TextPart]
+    # OpenAI's message fields that would need tools (or named participants) to mean anything: refused unless null.
+    name: Any = None
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    function_call: Any = None
+    audio: Any = None
+    refusal: Any = None
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _tool_roles(cls, role: Any) -> Any:
+        if role in TOOL_ROLES:
+            raise PydanticCustomError("unsupported_parameter", "{role} messages are not supported by this service yet",
+                                      {"role": role})  # fmt: skip
+        return role
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in PART_KINDS:
+                raise PydanticCustomError("unsupported_parameter", "{kind} inputs are not supported by this model",
+                                          {"kind": PART_KINDS[kind]})  # fmt: skip
+        return content
+
+    @field_validator("name", "tool_calls", "tool_call_id", "function_call", "audio", "refusal", mode="before")
+    @classmethod
+    def _refused(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_unless_neutral(
+            f"message {info.field_name}", value, ([],) if info.field_name == "tool_calls" else ()
+        )
 
     def plain(self) -> dict[str, str]:
         content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)

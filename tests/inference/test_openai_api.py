@@ -269,7 +269,27 @@ def test_invalid_sampling_parameters_answer_400_in_openai_shape(client, service,
 def test_unsupported_content_part_is_rejected(client, service):
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
     r = client.post("/v1/chat/completions", json={"model": service.chat_model, "messages": image})
-    _error(r, 400, "invalid_request")
+    error = _error(r, 400, "unsupported_parameter")
+    assert error["message"] == "image inputs are not supported by this model" and error["param"] == "messages.0.content"
+
+
+@pytest.mark.parametrize(
+    ("message", "param", "says"),
+    [
+        ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "messages.1.role", "tool messages"),
+        ({"role": "user", "content": "hi", "name": "ada"}, "messages.1.name", "message name"),
+        ({"role": "assistant", "content": "", "tool_calls": [{"id": "c1"}]}, "messages.1.tool_calls", "tool_calls"),
+        ({"role": "user", "content": "hi", "colour": "red"}, "messages.1.colour", "colour"),
+    ],
+)
+def test_message_fields_that_cannot_be_honoured_are_refused_by_name(client, service, message, param, says):
+    r = client.post("/v1/chat/completions", json={"model": service.chat_model, "messages": [HELLO[1], message]})
+    error = _error(r, 400, "unknown_parameter" if "colour" in param else "unsupported_parameter")
+    assert error["param"] == param and says in error["message"]
+    neutral = {"role": "assistant", "content": "ok", "name": None, "tool_calls": [], "refusal": None}
+    ok = client.post("/v1/chat/completions", json={"model": service.chat_model, "messages": [HELLO[1], neutral],
+                                                   "max_tokens": 1})  # fmt: skip
+    assert ok.status_code == 200, ok.text
 
 
 def test_a_model_that_cannot_load_answers_500_in_openai_shape(client, service):
