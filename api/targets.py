@@ -20,7 +20,7 @@ from control.jobs import JobStatus, fine_tuned_model_name
 from control.orm import Checkpoint, Job
 from control.settings import Settings
 from control.storage import Storage
-from neat_core.models.catalog import CAUSAL_LM, CLASSIFICATION, entry
+from neat_core.models.catalog import CAUSAL_LM, entry
 
 log = logging.getLogger("api.targets")
 CHECKPOINT_MODEL = re.compile(r"^(?P<model>ft:.+):ckpt-step-(?P<step>\d+)$")  # checkpoint_object's names
@@ -45,12 +45,12 @@ def resolve(session: Session, org: str, storage: Storage, model_id: str, task: s
         base = entry(model_id)
         if base is not None:
             if task != CAUSAL_LM or CAUSAL_LM not in base.tasks:
-                raise _wrong_endpoint(model_id, "a base model" if task == CLASSIFICATION else "a text encoder", task)
+                raise _wrong_endpoint(model_id, CAUSAL_LM in base.tasks, base=True)
             return Target(model_id, CAUSAL_LM, model_id, caller=org)
         if CHECKPOINT_MODEL.match(model_id):
             job, checkpoint = checkpoint_of(session, org, model_id, storage)
             if job.task != task:
-                raise _wrong_endpoint(model_id, _kind(job), task)
+                raise _wrong_endpoint(model_id, job.task == CAUSAL_LM, base=False)
             return dataclasses.replace(of_checkpoint(job, checkpoint, storage), caller=org)
         job = session.scalar(owned(Job, org).where(Job.fine_tuned_model == model_id, Job.status == JobStatus.SUCCEEDED))
     finally:
@@ -58,7 +58,7 @@ def resolve(session: Session, org: str, storage: Storage, model_id: str, task: s
     if job is None or job.artifact_key is None:
         raise APIError(404, f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
     if job.task != task:
-        raise _wrong_endpoint(model_id, _kind(job), task)
+        raise _wrong_endpoint(model_id, job.task == CAUSAL_LM, base=False)
     return dataclasses.replace(of_job(job, storage), caller=org)
 
 
@@ -94,17 +94,16 @@ def of_checkpoint(job: Job, checkpoint: Checkpoint, storage: Storage) -> Target:
                   method=(job.adapter or {}).get("type"))  # fmt: skip
 
 
-def _kind(job: Job) -> str:
-    return "a classification model" if job.task == CLASSIFICATION else "a text-generation model"
-
-
-def _wrong_endpoint(model_id: str, kind: str, task: str) -> APIError:
-    if task == CLASSIFICATION:
-        use = "/v1/classifications with a fine-tuned classification model"
+def _wrong_endpoint(model_id: str, generates: bool, *, base: bool) -> APIError:
+    """400 naming the endpoint the model does serve (the one the caller should have used)."""
+    if generates:
+        kind = "a base text-generation model" if base else "a text-generation model"
+        use = "use it with /v1/chat/completions or /v1/completions"
+    elif base:
+        kind, use = "a text encoder", "fine-tune it for classification, then use the result with /v1/classifications"
     else:
-        use = "/v1/chat/completions or /v1/completions with a text-generation model"
-    message = f"The model '{model_id}' is {kind}; use {use}."
-    return APIError(400, message, code="invalid_model_for_endpoint", param="model")
+        kind, use = "a classification model", "use it with /v1/classifications"
+    return APIError(400, f"The model '{model_id}' is {kind}; {use}.", code="invalid_model_for_endpoint", param="model")
 
 
 def preload_targets(settings: Settings) -> list[Target]:
