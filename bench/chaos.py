@@ -31,13 +31,15 @@ Measured, and printed as markdown at the end (goals marked; the exit status is 1
   `checkpoints` and every update of `jobs`, with the writing connection's `application_name` (each worker process
   gets its own through PGAPPNAME) and the job row as that statement saw it. A worker's write counts as after lease
   loss when the row was not leased to that worker process, unless the same transaction moved it out of that
-  worker's lease (its outcome) or is a reaper's (taking back another worker's job, resending a message). And a
+  worker's lease (its outcome), is a reaper's (taking back another worker's job, resending a message), or is the
+  attempt-folder sweep's (only checkpoint rows of a finished job marked pruned: control.attempts). And a
   file in a lost attempt's folder modified after its hand-over (the audited update that took the lease away). Goal 0;
 - leaked bytes: once every job has finished and temporary entries have aged past `NEAT_TEMP_MAX_AGE_SECONDS` (30)
   and the processes' sweepers (every 5 s) have run, whatever is left under `.tmp/`, and any `.<name>.<hex>.tmp`
   folder neat_core writes a checkpoint or an adapter into (`.step-*`, `.adapter.*`). Goal 0. (Each kill's line in
   the fault table says what was on disk right after it, so the count is not vacuous.) Lost attempts' folders are
-  kept by design, a later attempt resumes from their recorded checkpoints: reported, not counted;
+  kept while their job runs (a later attempt resumes from their recorded checkpoints) and deleted once it has
+  finished (control.attempts): what is left is reported, not counted;
 - faults by kind, `job_restarted` events, attempts per job;
 - the API's answers: 5xx responses on the wire (503 while Postgres is away is by design: `Retry-After`), 5xx and
   connection failures left after the client's retries on polls; goal: no 500 at all;
@@ -499,7 +501,7 @@ def _pid(owner: str | None) -> int | None:
 
 def writes_after_lease_loss(url: str, apps: dict[str, int]) -> tuple[int, list[dict]]:
     """(worker writes audited, those made without the lease): see the module's docstring for the rule."""
-    leased = {s.value for s in LEASED}
+    leased, finished = {s.value for s in LEASED}, {s.value for s in FINISHED}
     with session_scope(url) as session:
         rows = [dict(r._mapping) for r in session.execute(text("SELECT * FROM chaos_writes ORDER BY seq"))]
     by_tx = defaultdict(list)
@@ -515,6 +517,10 @@ def writes_after_lease_loss(url: str, apps: dict[str, int]) -> tuple[int, list[d
                      for r in updates) or any(r["what"] == "sent_at" for r in updates)  # fmt: skip
         if reaper:
             continue  # a reaper thread's transaction (in any worker): taking back someone else's job, a resend
+        if all(r["tbl"] == "checkpoints" and r["what"].startswith("UPDATE") and r["cur_status"] in finished
+               for r in tx):  # fmt: skip
+            continue  # the attempt-folder sweep (control.attempts): a final job's other attempts marked pruned
+            # (a lease holder's checkpoint write always inserts its row first, in the same transaction)
         # this worker's leases the transaction ended (its outcome, a release): the rows after it are its own
         ending = {r["job_id"] for r in updates if _pid(r["old_owner"]) == pid and r["old_status"] in leased}
         for r in tx:
@@ -589,7 +595,8 @@ def _bytes(path: Path) -> int:
 
 
 def kept_attempts(url: str, root: Path) -> tuple[int, int]:
-    """(folders, bytes) of attempts that did not finish their job: kept by design beside the winning one."""
+    """(folders, bytes) of attempts that did not finish their job, left at the end (the attempt sweep deletes a
+    finished job's; the one holding its newest recorded checkpoint is kept)."""
     with session_scope(url) as session:
         rows = session.execute(
             select(Job.organization_id, JobAttempt.job_id, JobAttempt.attempt)
@@ -706,8 +713,7 @@ def report(args, cluster: Cluster, faults: Faults, uploads: Uploads, client: Cli
         f"| writes after lease loss | {len(late_rows)} rows (of {audited:,} audited worker writes), {len(files)} "
         f"files |",
         f"| leaked bytes after the sweep | {sum(b for _, b in leaked):,} ({len(leaked)} entries) |",
-        f"| lost attempts' folders (kept by design) | {kept_folders}, {kept_bytes:,} bytes; {checkpoints} "
-        f"checkpoint rows |",
+        f"| lost attempts' folders left | {kept_folders}, {kept_bytes:,} bytes; {checkpoints} checkpoint rows |",
         f"| API 5xx on the wire | {listed(client.wire)} |",
         f"| job polls | {client.polls:,}; failed after the client's retries: {listed(client.poll_failures)} |",
         f"| background uploads stored | {uploads.stored} of {args.upload_mb:g} MB at {args.upload_rate:g} MB/s |",

@@ -118,9 +118,12 @@ def _recorded(session: Session, job_id: str, done: bool, status: JobStatus, mess
 def _results_file(url: str, lease: jobs.Lease, storage: Storage, result: TrainResult) -> dict[str, Any]:
     """The job's results CSV (control.results), written into this attempt's folder beside its adapter (so that a
     lost attempt's file goes with its folder); the values of its `files` row, added with the job's success."""
-    with session_scope(url) as session:
-        steps = results.metrics_by_step(session, lease.job_id)
-        organization = session.scalar(select(Job.organization_id).where(Job.id == lease.job_id))
+
+    def read(session: Session) -> tuple[dict, str]:
+        owner = session.scalar(select(Job.organization_id).where(Job.id == lease.job_id))
+        return results.metrics_by_step(session, lease.job_id), owner
+
+    steps, organization = with_retries(url, read)
     body = results.results_csv(steps)
     temp = storage.temp_path()
     try:

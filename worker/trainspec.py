@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from control import jobs
 from control.attempts import attempt_key
-from control.db import session_scope
+from control.db import with_retries
 from control.orm import Checkpoint, File, Job
 from control.settings import Settings
 from control.storage import Storage
@@ -39,37 +39,42 @@ class FileGone(Exception):
 
 
 def train_spec(url: str, lease: jobs.Lease, settings: Settings, storage: Storage) -> TrainSpec:
+    """The job's TrainSpec, read in one transaction that is run again while the database is away (a restart
+    right after the claim must not fail the job: the chaos soak caught exactly that)."""
+    return with_retries(url, lambda session: _train_spec(session, lease, settings, storage))
+
+
+def _train_spec(session: Session, lease: jobs.Lease, settings: Settings, storage: Storage) -> TrainSpec:
     from neat_core.train import TrainSpec, checkpoint_step
 
-    with session_scope(url) as session:
-        job = session.scalar(select(Job).where(Job.id == lease.job_id))
-        training_file = _file_path(session, storage, job, "training_file")
-        validation_file = _file_path(session, storage, job, "validation_file") if job.validation_file else None
-        adapter = dict(job.adapter)
-        method = adapter.pop("type", "neat")
-        # "auto" passes through: neat_core resolves it once it has the model and the data.
-        schedule = {k: v for k, v in job.hyperparameters.items() if k in SCHEDULE_FIELDS}
-        spec = TrainSpec(
-            base_model=job.model,
-            training_file=training_file,
-            validation_file=validation_file,
-            output_dir=storage.path(attempt_key(job.organization_id, job.id, lease.attempt)),
-            method=method,
-            adapter=adapter,
-            **schedule,
-            seed=job.seed,
-            checkpoint_every=settings.checkpoint_every,
-            device=settings.device,
-            cache_dir=settings.model_cache_dir,
-        )
-        # A checkpoint an earlier attempt recorded (a lost worker, a worker that shut down): continue from it
-        # rather than start over.
-        spec.resume_from = _resume_point(session, storage, job.id)
-        if spec.resume_from is not None:
-            message = f"Resuming from checkpoint at step {checkpoint_step(spec.resume_from)}"
-            if not jobs.add_fenced_event(session, lease, message):
-                raise jobs.LeaseLost(lease)
-        return spec
+    job = session.scalar(select(Job).where(Job.id == lease.job_id))
+    training_file = _file_path(session, storage, job, "training_file")
+    validation_file = _file_path(session, storage, job, "validation_file") if job.validation_file else None
+    adapter = dict(job.adapter)
+    method = adapter.pop("type", "neat")
+    # "auto" passes through: neat_core resolves it once it has the model and the data.
+    schedule = {k: v for k, v in job.hyperparameters.items() if k in SCHEDULE_FIELDS}
+    spec = TrainSpec(
+        base_model=job.model,
+        training_file=training_file,
+        validation_file=validation_file,
+        output_dir=storage.path(attempt_key(job.organization_id, job.id, lease.attempt)),
+        method=method,
+        adapter=adapter,
+        **schedule,
+        seed=job.seed,
+        checkpoint_every=settings.checkpoint_every,
+        device=settings.device,
+        cache_dir=settings.model_cache_dir,
+    )
+    # A checkpoint an earlier attempt recorded (a lost worker, a worker that shut down): continue from it
+    # rather than start over.
+    spec.resume_from = _resume_point(session, storage, job.id)
+    if spec.resume_from is not None:
+        message = f"Resuming from checkpoint at step {checkpoint_step(spec.resume_from)}"
+        if not jobs.add_fenced_event(session, lease, message):
+            raise jobs.LeaseLost(lease)
+    return spec
 
 
 def _resume_point(session: Session, storage: Storage, job_id: str) -> Path | None:

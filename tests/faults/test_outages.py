@@ -122,3 +122,28 @@ def test_a_running_job_survives_redis_postgres_and_api_restarts(settings, tiny_m
     assert_never_held_twice(attempts(settings, job_id))
     ours, expected = adapter(settings, job_id), adapter(reference_settings, reference)
     assert max((ours[k] - expected[k]).abs().max().item() for k in ours) <= 1e-6
+
+
+def test_reading_the_job_right_after_its_claim_waits_out_a_database_restart(settings, tiny_models):
+    """The chaos soak's finding: Postgres restarted between a job's claim and the read of its spec, and the job
+    failed with `training_error` (connection refused). The read now waits for the database, like every write."""
+    import threading
+
+    from control import jobs
+    from control.db import session_scope
+    from control.storage import Storage
+    from worker.trainspec import train_spec
+
+    job_id = insert_job(settings, tiny_models["bert"], classification_rows(8))
+    url = settings.resolved_database_url
+    with session_scope(url) as session:
+        attempt = jobs.claim(session, job_id, "test-worker", 60.0)
+    lease = jobs.Lease(job_id, "test-worker", attempt)
+    postgres_ctl(url, "stop")
+    restarted = threading.Timer(2.0, postgres_ctl, args=(url, "start"))
+    restarted.start()
+    try:
+        spec = train_spec(url, lease, settings, Storage(settings.resolved_artifact_root))
+    finally:
+        restarted.join()
+    assert spec.base_model == str(tiny_models["bert"]) and spec.training_file.is_file()
