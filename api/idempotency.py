@@ -9,18 +9,24 @@ fails frees its key. A claim whose API process died (a crash, a kill, a lost mac
 claim names its process (`owner`, control.processes), and a retry that finds that process gone on this host takes
 the key over at once, well within the openai client's retries (2, about a second apart). A process on another host
 cannot be checked from here; its claim is taken over once it is `STALE_SECONDS` old.
+
+A request can also die in a process that lives on: the database went away mid-request, so neither its commit nor
+the release of its key could be written. Each process keeps the claims its running requests hold (`_live`), so a
+retry that lands on the owning process and finds the claim's request gone takes the key over at once too (the
+chaos soak found such keys answering 409 for the whole 300 s).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import JSONResponse
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, event, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,6 +37,8 @@ from control.processes import process_alive, process_token
 
 MAX_KEY_LENGTH = 255
 STALE_SECONDS = 300.0  # an in-flight claim this old belongs to a request that died before committing
+_live: set[int] = set()  # the claims (rows) this process's running requests hold
+_live_lock = threading.Lock()
 
 
 def request_hash(*parts: Any) -> str:
@@ -50,12 +58,35 @@ class Claim:
             .where(IdempotencyKey.seq == self.row_id)
             .values(state="done", response_status=status, response_body=body)
         )
+        event.listen(session, "after_commit", lambda _: _forget(self.row_id), once=True)  # done: replayed from now
 
     def release(self) -> None:
-        with session_scope(self.url) as session:
-            session.execute(
-                delete(IdempotencyKey).where(IdempotencyKey.seq == self.row_id, IdempotencyKey.state == "in_flight")
-            )
+        try:
+            with session_scope(self.url) as session:
+                session.execute(
+                    delete(IdempotencyKey).where(IdempotencyKey.seq == self.row_id, IdempotencyKey.state == "in_flight")
+                )
+        finally:  # written or not (the database may be what failed), no request of ours holds it any more
+            _forget(self.row_id)
+
+
+def _hold(row_id: int) -> None:
+    with _live_lock:
+        _live.add(row_id)
+
+
+def _forget(row_id: int) -> None:
+    with _live_lock:
+        _live.discard(row_id)
+
+
+def _request_gone(owner: str | None, row_id: int) -> bool:
+    """Whether the request that claimed `row_id` has ended without finishing: its process is gone (on this host),
+    or it is this process and none of its requests holds the claim."""
+    if owner == process_token():
+        with _live_lock:
+            return row_id not in _live
+    return not process_alive(owner)
 
 
 def claim(url: str, org: str, endpoint: str, key: str | None, digest: str) -> Claim | JSONResponse | None:
@@ -71,6 +102,7 @@ def claim(url: str, org: str, endpoint: str, key: str | None, digest: str) -> Cl
                                  state="in_flight", owner=process_token(), created_at=time.time())  # fmt: skip
             session.add(row)
             session.flush()
+            _hold(row.seq)
             return Claim(url, row.seq)
     except IntegrityError:
         pass  # the key exists: decide from what it holds
@@ -88,7 +120,7 @@ def claim(url: str, org: str, endpoint: str, key: str | None, digest: str) -> Cl
         if row.state == "done":
             return JSONResponse(row.response_body, status_code=row.response_status,
                                 headers={"Idempotent-Replayed": "true"})  # fmt: skip
-        if process_alive(row.owner) and row.created_at >= time.time() - STALE_SECONDS:
+        if not _request_gone(row.owner, row.seq) and row.created_at >= time.time() - STALE_SECONDS:
             raise _in_progress()  # its request is still running
         taken = session.execute(  # a claim whose request died before committing: take it over (one retry wins)
             update(IdempotencyKey)
@@ -97,6 +129,7 @@ def claim(url: str, org: str, endpoint: str, key: str | None, digest: str) -> Cl
             .values(owner=process_token(), created_at=time.time())
         ).rowcount
         if taken:
+            _hold(row.seq)
             return Claim(url, row.seq)
     raise _in_progress()
 

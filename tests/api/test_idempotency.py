@@ -4,6 +4,7 @@ keys are per organisation. Also through the stock openai client, which retries P
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from api.idempotency import claim, request_hash
 from api.schemas import JobCreate
@@ -79,6 +82,25 @@ def test_a_request_still_in_flight_answers_409(api):
     assert count(api, Job) == 0
     held.release()  # the other request failed: its key is free again
     assert api.create_job(file_id, headers=key("busy")).status_code == 200
+
+
+def test_a_request_whose_key_release_failed_in_a_live_process_frees_its_key(api, tmp_path):
+    """The chaos soak's finding: the database went away mid-request, so the request failed and so did the release
+    of its key; the API process lived on, so the key answered 409 for 300 s. A retry reaching that process now
+    sees that none of its requests holds the key and takes it over."""
+    file_id = api.upload_ok(chat_rows())["id"]
+    job = JobCreate(model="HuggingFaceTB/SmolLM2-135M-Instruct", training_file=file_id)
+    digest = request_hash(job.model_dump(mode="json"), job.model_extra)
+    held = claim(api.settings.resolved_database_url, api.a.id, "fine_tuning.jobs", "orphan", digest)
+    unreachable = dataclasses.replace(held, url=f"sqlite:///{tmp_path / 'gone' / 'db.sqlite'}")
+    with pytest.raises(OperationalError):
+        unreachable.release()  # the release cannot be written: the row stays in flight, owned by this process
+    with api.session() as session:
+        assert session.scalar(select(IdempotencyKey.state).where(IdempotencyKey.key == "orphan")) == "in_flight"
+    r = api.create_job(file_id, headers=key("orphan"))
+    assert r.status_code == 200, r.text
+    assert api.create_job(file_id, headers=key("orphan")).json()["id"] == r.json()["id"]  # and replays
+    assert count(api, Job) == 1
 
 
 def test_concurrent_duplicates_create_one_job(api):
