@@ -25,6 +25,7 @@ from openai.pagination import SyncCursorPage, SyncPage
 from openai.types import FileDeleted, FileObject, Model, ModelDeleted
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.completion import Completion
+from openai.types.completion_choice import CompletionChoice
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 from openai.types.shared import ErrorObject
@@ -33,6 +34,18 @@ from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 
 class NonConforming(AssertionError):
     pass
+
+
+class _StreamedCompletionChoice(CompletionChoice):
+    finish_reason: Literal["stop", "length", "content_filter"] | None  # type: ignore[assignment]
+
+
+class CompletionChunk(Completion):
+    """A `/v1/completions` stream event: the SDK parses each as a `Completion`, whose choices' `finish_reason` is
+    declared non-null, yet OpenAI's own API sends `null` on every event before a choice's last one (as the chat
+    chunks' type declares). That one field is loosened, explicitly here; everything else is `Completion`'s."""
+
+    choices: list[_StreamedCompletionChoice]  # type: ignore[assignment]
 
 
 class _Error(BaseModel):
@@ -94,7 +107,7 @@ ROUTES: dict[tuple[str, str], Callable[[Any], None]] = {
 }
 STREAMS: dict[tuple[str, str], type[BaseModel]] = {
     ("POST", "/v1/chat/completions"): ChatCompletionChunk,
-    ("POST", "/v1/completions"): Completion,
+    ("POST", "/v1/completions"): CompletionChunk,
 }
 # Our own routes, which OpenAI has no type for: their success bodies are not checked (their errors are).
 UNTYPED: list[tuple[str, str]] = [
