@@ -5,8 +5,8 @@ log the same one), else a fresh `req_<32 hex>` (OpenAI's shape; the `openai` SDK
 middleware wraps the whole app, outside Starlette's error middleware, so a 500 carries the id as well.
 
 Log lines: a log record factory prefixes the message of any record made inside a request with `[<id>] ` and sets
-`record.request_id` (None outside requests), so the id shows whatever handlers and formats the process uses
-(uvicorn's access log included: it is written from within the request).
+`record.request_id` (None outside requests), so the id shows whatever handlers and formats the process uses (but
+in uvicorn's access lines, whose formatter builds its text from the record's arguments, not its message).
 """
 
 from __future__ import annotations
