@@ -52,6 +52,17 @@ def _app() -> FastAPI:
         events = [f"data: {json.dumps(CHUNK)}\n\n", f"data: {json.dumps(bad)}\n\n", "data: [DONE]\n\n"]
         return StreamingResponse(iter(events), media_type="text/event-stream")
 
+    @app.post("/v1/completions")
+    def completions_stream() -> StreamingResponse:
+        def event(finish_reason) -> str:
+            choice = {"index": 0, "text": "x", "logprobs": None, "finish_reason": finish_reason}
+            body = {"id": "c", "object": "text_completion", "created": 1, "model": "m", "choices": [choice]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        # null before the last event (as OpenAI sends it) passes; a value outside the enum does not
+        events = [event(None), event("stop"), event("finished"), "data: [DONE]\n\n"]
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
     return app
 
 
@@ -107,3 +118,10 @@ def test_check_body_directly():
     with pytest.raises(NonConforming):
         conformance.check_body("GET", "/v1/fine_tuning/jobs/x", 200, "application/json; charset=utf-8",
                                json.dumps({**JOB, "created_at": "yesterday"}).encode())  # fmt: skip
+
+
+def test_completions_stream_events_allow_only_a_null_finish_reason_beyond_the_sdk(client):
+    with client.stream("POST", "/v1/completions") as response:
+        lines = (line for line in response.iter_lines() if line)
+        assert next(lines) and next(lines)  # null, then "stop": both conform
+        _refused(lambda: list(lines), "finish_reason")
