@@ -97,6 +97,8 @@ ROUTES: dict[tuple[str, str], Callable[[Any], None]] = {
     ("GET", JOBS): _page(FineTuningJob, _List),
     ("GET", f"{JOBS}/{_ID}"): _one(FineTuningJob),
     ("POST", f"{JOBS}/{_ID}/cancel"): _one(FineTuningJob),
+    ("POST", f"{JOBS}/{_ID}/pause"): _one(FineTuningJob),
+    ("POST", f"{JOBS}/{_ID}/resume"): _one(FineTuningJob),
     ("GET", f"{JOBS}/{_ID}/events"): _page(FineTuningJobEvent, _List),
     ("GET", f"{JOBS}/{_ID}/checkpoints"): _page(FineTuningJobCheckpoint, _List),
     ("GET", "/v1/models"): _models_page,
