@@ -15,6 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from control.backends import BackendError
+from control.protocol import refusal
 from control.storage import DiskFull
 
 log = logging.getLogger("api")
@@ -102,8 +103,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         param, message = _first_problem(exc.errors())
-        message = f"{param}: {message}" if param else message
-        return JSONResponse(error_body(400, message, "invalid_request", param), status_code=400)
+        code, message = refusal(exc.errors()[0], param) or (
+            "invalid_request",
+            f"{param}: {message}" if param else message,
+        )
+        return JSONResponse(error_body(400, message, code, param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -16,7 +16,7 @@ import time
 from collections import defaultdict, deque
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -70,27 +70,42 @@ class RateLimiter:
         self._seen: defaultdict[str, deque[float]] = defaultdict(deque)
         self._lock = threading.Lock()
 
-    def admit(self, org: str, per_minute: int) -> float | None:
-        """None if the request may go ahead (and count it); else the seconds until it may."""
+    def admit(self, org: str, per_minute: int) -> tuple[float | None, int, float]:
+        """(None if the request may go ahead (and it is counted), else the seconds until it may; the requests left
+        in the window after this one; the seconds until the window is whole again)."""
         now = time.monotonic()
         with self._lock:
             seen = self._seen[org]
             while seen and seen[0] <= now - 60:
                 seen.popleft()
             if len(seen) >= per_minute:
-                return seen[0] + 60 - now
+                wait = seen[0] + 60 - now
+                return wait, 0, wait
             seen.append(now)
-            return None
+            return None, per_minute - len(seen), seen[0] + 60 - now
 
 
-def inference_rate(request: Request, session: SessionDep, org: CurrentOrg, settings: SettingsDep) -> None:
+def rate_headers(per_minute: int, remaining: int, reset_s: float) -> dict[str, str]:
+    """OpenAI's request rate-limit headers (`reset` in its duration format, e.g. "1.5s")."""
+    return {"x-ratelimit-limit-requests": str(per_minute), "x-ratelimit-remaining-requests": str(remaining),
+            "x-ratelimit-reset-requests": f"{max(0.0, reset_s):.3g}s"}  # fmt: skip
+
+
+def inference_rate(
+    request: Request, response: Response, session: SessionDep, org: CurrentOrg, settings: SettingsDep
+) -> dict[str, str]:
     """Dependency of the inference routes: 429 once the organisation is over its requests per minute. The window
-    lives on the app (`app.state.inference_rate`, set by create_app)."""
+    lives on the app (`app.state.inference_rate`, set by create_app). Puts the `x-ratelimit-*` headers on the
+    answer, and returns them for answers built as responses of their own (event streams)."""
     per_minute = _limit(session, org, "inference_rpm", settings.inference_rpm)
-    wait = request.app.state.inference_rate.admit(org, per_minute)
+    wait, remaining, reset = request.app.state.inference_rate.admit(org, per_minute)
+    headers = rate_headers(per_minute, remaining, reset)
     if wait is not None:
         raise APIError(429, f"Rate limit reached: {per_minute} inference requests per minute for your organisation.",
-                       code="rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})  # fmt: skip
+                       code="rate_limit_exceeded",
+                       headers={"Retry-After": str(max(1, math.ceil(wait))), **headers})  # fmt: skip
+    response.headers.update(headers)
+    return headers
 
 
-InferenceRate = Annotated[None, Depends(inference_rate)]
+InferenceRate = Annotated[dict[str, str], Depends(inference_rate)]

@@ -153,7 +153,7 @@ def job_object(row: Job) -> dict[str, Any]:
         "adapter": row.resolved_adapter or row.adapter,
         "training_file": row.training_file,
         "validation_file": row.validation_file,
-        "result_files": [],
+        "result_files": [row.result_file] if row.result_file else [],
         "trained_tokens": row.trained_tokens,
         "seed": row.seed,
         "metadata": row.user_metadata,

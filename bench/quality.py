@@ -80,7 +80,7 @@ def main() -> None:
     positive = sum(r["label"] == "positive" for r in heldout_rows) / len(heldout_rows)
     if args.model == "smollm2":
         train_rows, heldout_rows = as_completions(train_rows), as_completions(heldout_rows)
-    metric = "valid_accuracy" if args.model == "minilm" else "valid_token_accuracy"
+    metric = "full_valid_accuracy" if args.model == "minilm" else "full_valid_mean_token_accuracy"
     work = Path(tempfile.mkdtemp(prefix="neat-quality-"))
     train_file = write_jsonl(work / "train.jsonl", train_rows)
     heldout_file = write_jsonl(work / "heldout.jsonl", heldout_rows)
@@ -118,7 +118,7 @@ def main() -> None:
                 results.setdefault((method, mult), []).append(acc)
                 hp = result.hyperparameters
                 print(
-                    f"| {method} | {mult} | {seed} | {acc:.4f} | {result.metrics['valid_loss']:.4f} | "
+                    f"| {method} | {mult} | {seed} | {acc:.4f} | {result.metrics['full_valid_loss']:.4f} | "
                     f"{hp['learning_rate']:.2g} | {hp['n_epochs']} | {manifest['adapter_parameters']} | "
                     f"{manifest['trainable_parameters']} | {time.perf_counter() - start:.0f} |",
                     flush=True,

@@ -240,12 +240,16 @@ def add_fenced_event(session: Session, lease: Lease, message: str, *, level: str
                          level=level, type=type, message=message, data=data)  # fmt: skip
 
 
-def succeed(session: Session, lease: Lease, *, artifact_key: str, trained_tokens: int) -> bool:
+def succeed(
+    session: Session, lease: Lease, *, artifact_key: str, trained_tokens: int, result_file: str | None = None
+) -> bool:
     """running | cancelling → succeeded: a cancel that arrives during the last step is too late, the adapter is
-    complete."""
+    complete. `result_file`: the id of its results CSV (control.results), whose row the caller adds if this
+    returns True."""
     job = session.scalar(select(Job).where(Job.id == lease.job_id))
     return _finish(session, lease, LEASED, JobStatus.SUCCEEDED, artifact_key=artifact_key,
-                   fine_tuned_model=fine_tuned_model_name(job), trained_tokens=trained_tokens)  # fmt: skip
+                   fine_tuned_model=fine_tuned_model_name(job), trained_tokens=trained_tokens,
+                   result_file=result_file)  # fmt: skip
 
 
 def fail(session: Session, lease: Lease, error: dict[str, Any]) -> bool:

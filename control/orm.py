@@ -79,6 +79,7 @@ class Job(Base):
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     artifact_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    result_file: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the results CSV's file id
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # The worker training the job holds a lease it renews by heartbeat; once it expires a reaper requeues the job.
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)

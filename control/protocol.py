@@ -4,9 +4,9 @@ with the same models (this module imports nothing but pydantic, so the inference
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 # The header the API names the asking organisation in, to an inference server (whose share of an engine a request
@@ -25,18 +25,62 @@ MAX_PROMPT_CHARS = 2**22  # a completion's prompt, or a chat's messages together
 MAX_TEXT_CHARS = 2**15  # one classification text (32 Ki characters; a classifier reads 512 tokens at most)
 MAX_INPUT_CHARS = 2**24  # a classification request's texts together (16 Mi characters)
 
+MAX_ROWS = 128  # rows one request may ask for: its prompts (a completion may send a list) times n
+MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's bound)
+MAX_TOP_LOGPROBS = 20  # alternatives per token, chat (OpenAI's bound)
+MAX_COMPLETION_LOGPROBS = 5  # alternatives per token, completions (OpenAI's bound)
+
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
 
 
+# Content parts and roles of OpenAI's messages that no model here can take: refused by name, never dropped.
+PART_KINDS = {"image_url": "image", "input_audio": "audio", "file": "file", "refusal": "refusal"}
+TOOL_ROLES = ("tool", "function")
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # e.g. `name`
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]  # `developer`: OpenAI's newer name for system
     content: str | list[TextPart]
+    # OpenAI's message fields that would need tools (or named participants) to mean anything: refused unless null.
+    name: Any = None
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    function_call: Any = None
+    audio: Any = None
+    refusal: Any = None
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _tool_roles(cls, role: Any) -> Any:
+        if role in TOOL_ROLES:
+            raise PydanticCustomError("unsupported_parameter", "{role} messages are not supported by this service yet",
+                                      {"role": role})  # fmt: skip
+        return role
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in PART_KINDS:
+                raise PydanticCustomError("unsupported_parameter", "{kind} inputs are not supported by this model",
+                                          {"kind": PART_KINDS[kind]})  # fmt: skip
+        return content
+
+    @field_validator("name", "tool_calls", "tool_call_id", "function_call", "audio", "refusal", mode="before")
+    @classmethod
+    def _refused(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_unless_neutral(
+            f"message {info.field_name}", value, ([],) if info.field_name == "tool_calls" else ()
+        )
 
     def plain(self) -> dict[str, str]:
         content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
@@ -44,29 +88,88 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    include_obfuscation: Any = None  # refused unless false (`_refused`): no random padding is added to chunks
+
+    @field_validator("include_obfuscation", mode="before")
+    @classmethod
+    def _no_obfuscation(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_unless_neutral(f"stream_options.{info.field_name}", value, (False,))
+
+
+# OpenAI's request fields this service does not act on (yet). Each is accepted only at a value that asks for
+# nothing (None, and the neutral values listed); any other value is refused with 400 `unsupported_parameter`
+# naming the field, never accepted and ignored. docs/serving.md has the table; tests/inference/test_parameters.py
+# goes through every field of the openai SDK's request types, so a new SDK field fails until it is decided.
+REFUSED_CHAT: dict[str, tuple[Any, ...]] = {
+    "audio": (),
+    "function_call": ("none",),
+    "functions": ([],),
+    "metadata": ({},),  # tags a stored completion; nothing is stored (`store`)
+    "modalities": (["text"],),
+    "moderation": (),
+    "parallel_tool_calls": (),  # only means something with `tools`
+    "prediction": (),
+    "prompt_cache_key": (),  # no prompt cache whose routing it could steer
+    "prompt_cache_options": (),
+    "prompt_cache_retention": (),
+    "reasoning_effort": (),
+    "response_format": ({"type": "text"},),
+    "service_tier": ("auto", "default"),
+    "store": (False,),
+    "tool_choice": ("none",),
+    "tools": ([],),
+    "verbosity": (),
+    "web_search_options": (),
+}
+REFUSED_COMPLETION: dict[str, tuple[Any, ...]] = {"best_of": (1,), "suffix": ("",)}
+
+
+def refuse_unless_neutral(name: str, value: Any, neutral: tuple[Any, ...]) -> Any:
+    if value is None or any(value == v and type(value) is type(v) for v in neutral):
+        return value
+    raise PydanticCustomError("unsupported_parameter", "{name} is not supported by this service yet",
+                              {"name": name})  # fmt: skip
+
+
+def refusal(error: dict, param: str | None) -> tuple[str, str] | None:
+    """(code, message) when a validation error refuses a parameter by name (an unsupported value, or a field
+    outside the protocol), else None. Both tiers' error handlers answer these the same way."""
+    if error.get("type") == "unsupported_parameter":
+        return "unsupported_parameter", str(error.get("msg"))
+    if error.get("type") == "extra_forbidden":
+        return "unknown_parameter", f"Unrecognized request argument supplied: {param}"
+    return None
 
 
 class GenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # the SDK may send fields we don't act on (`user`, `logit_bias`, ...)
+    # Unknown fields are refused (400 naming them, `unknown_parameter`): a misspelt option must not pass silently.
+    model_config = ConfigDict(extra="forbid")
     model: Annotated[str, Field(min_length=1)]
     max_tokens: MaxTokens | None = None
     temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
     stop: str | list[str] | None = None
-    n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None  # the caller's end user: logged with the request
     ignore_eos: bool | None = None  # vLLM's extension: generate exactly max_tokens (benchmarks, tests)
+    n: Annotated[int, Field(ge=1, le=MAX_ROWS)] | None = None  # choices per prompt: a row each in the batch
 
-    @field_validator("n")
+    @field_validator("logit_bias")
     @classmethod
-    def _one_choice(cls, n: int | None) -> int | None:
-        if n is not None and n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias is not None:
+            if len(bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased")
+            if not all(k.isdigit() for k in bias):
+                raise ValueError("keys must be token ids (as strings)")
+        return bias
 
     @field_validator("stop")
     @classmethod
@@ -88,6 +191,15 @@ class GenerationRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        """None: no log-probabilities; else how many alternatives per token (0: the chosen token's only)."""
+        raise NotImplementedError
+
 
 def _too_long(what: str, count: int, limit: int) -> PydanticCustomError:
     return PydanticCustomError("too_long", "{what} is {count} characters; the limit is {limit}",
@@ -97,6 +209,41 @@ def _too_long(what: str, count: int, limit: int) -> PydanticCustomError:
 class ChatRequest(GenerationRequest):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: MaxTokens | None = None  # OpenAI's newer name for max_tokens; wins when both are sent
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    safety_identifier: Annotated[str, Field(max_length=256)] | None = None  # like `user`: logged
+    # Refused unless neutral (REFUSED_CHAT).
+    audio: Any = None
+    function_call: Any = None
+    functions: Any = None
+    metadata: Any = None
+    modalities: Any = None
+    moderation: Any = None
+    parallel_tool_calls: Any = None
+    prediction: Any = None
+    prompt_cache_key: Any = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+    reasoning_effort: Any = None
+    response_format: Any = None
+    service_tier: Any = None
+    store: Any = None
+    tool_choice: Any = None
+    tools: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+
+    @field_validator(*REFUSED_CHAT, mode="before")
+    @classmethod
+    def _refused(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_unless_neutral(info.field_name, value, REFUSED_CHAT[info.field_name])
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
 
     @field_validator("messages")
     @classmethod
@@ -111,16 +258,69 @@ class ChatRequest(GenerationRequest):
     def tokens_wanted(self) -> int:
         return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
 
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# A completion's prompt: a string, a list of strings, a list of token ids, or a list of lists of token ids. Each
+# prompt of a list is one choice. Token ids are checked against the model's vocabulary by the inference tier.
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Prompt = str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+
 
 class CompletionRequest(GenerationRequest):
-    prompt: str
+    prompt: Prompt
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+    echo: bool | None = None
+    # Refused unless neutral (REFUSED_COMPLETION).
+    best_of: Any = None
+    suffix: Any = None
 
-    @field_validator("prompt")
+    @field_validator(*REFUSED_COMPLETION, mode="before")
     @classmethod
-    def _bounded(cls, prompt: str) -> str:
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise _too_long("the prompt", len(prompt), MAX_PROMPT_CHARS)
+    def _refused(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_unless_neutral(info.field_name, value, REFUSED_COMPLETION[info.field_name])
+
+    @field_validator("echo")
+    @classmethod
+    def _echo_alone(cls, echo: bool | None, info: ValidationInfo) -> bool | None:
+        if echo and info.data.get("logprobs") is not None:  # would need the prompt's own log-probabilities
+            raise PydanticCustomError(
+                "unsupported_parameter", "echo with logprobs is not supported by this service yet"
+            )
+        return echo
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _bounded(cls, prompt: object) -> object:
+        # Before the union, so an oversized list is refused before its items are validated (as classifications).
+        prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+        if len(prompts) > MAX_ROWS:
+            raise PydanticCustomError("too_long", "at most {limit} prompts, got {count}",
+                                      {"limit": MAX_ROWS, "count": len(prompts)})  # fmt: skip
+        # A token id counts as a character: a token is at least one, so the bound stays as tight.
+        count = sum(len(p) for p in prompts if isinstance(p, str | list))
+        if count > MAX_PROMPT_CHARS:
+            raise _too_long("the prompt", count, MAX_PROMPT_CHARS)
         return prompt
+
+    @model_validator(mode="after")
+    def _rows_bounded(self) -> CompletionRequest:
+        if len(self.prompts) * (self.n or 1) > MAX_ROWS:
+            raise PydanticCustomError("too_long", "prompts times n is {count}; at most {limit} choices per request",
+                                      {"count": len(self.prompts) * (self.n or 1), "limit": MAX_ROWS})  # fmt: skip
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: one choice each, in order."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 class ClassificationRequest(BaseModel):

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     serving_max_batch: int = 32  # rows per forward pass
     serving_pass_tokens: int = 512  # token positions per classification pass: the longest wait a pass can impose
     serving_lanes: int = 2  # classification passes of different organisations that run at once
+    serving_reserved_rows: int = 4  # generation rows of a batch no one organisation may hold (room for others)
     serving_max_queued_per_org: int = 8192  # rows one organisation may have waiting in an engine (then 429)
     serving_batch_window_ms: float = 5.0  # how long an idle engine waits for company before it starts a batch
     serving_preload: str = ""  # comma-separated model ids (fine-tuned or base) loaded at start

@@ -4,6 +4,7 @@ an answer is the same whichever way it travels."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -18,40 +19,84 @@ from neat_core.serving import SamplingParams
 log = logging.getLogger("inference.answers")
 
 
-def start(host: ModelHost, ref: ModelRef, request: ChatRequest | CompletionRequest) -> Generation:
-    """Start the generation `request` asks for. Raises PromptError (naming the prompt's field), UnknownModel or
+class Choices:
+    """The generations of one request: `n` per prompt (a completion may send a list), all queued at once so they
+    share the engine's passes as rows of their own; each becomes a choice, `index` in prompt order then n."""
+
+    def __init__(self, generations: list[Generation], echoed: list[str], n: int):
+        self.generations = generations  # prompt by prompt, n choices each (OpenAI's `index` order)
+        self.echoed = echoed  # per choice: the prompt text put before its completion (`echo`), else ""
+        self.n = n
+
+    def cancel(self) -> None:
+        for generation in self.generations:
+            generation.cancel()
+
+
+def start(host: ModelHost, ref: ModelRef, request: ChatRequest | CompletionRequest) -> Choices:
+    """Start the generations `request` asks for. Raises PromptError (naming the prompt's field), UnknownModel or
     ServingError before anything is generated."""
     chat = isinstance(request, ChatRequest)
-    prompt = [m.plain() for m in request.messages] if chat else request.prompt
+    prompts = [[m.plain() for m in request.messages]] if chat else request.prompts
+    top = request.top_logprobs_wanted
     sampling = SamplingParams(
         max_tokens=request.tokens_wanted,
         temperature=1.0 if request.temperature is None else request.temperature,  # OpenAI's default
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed,
+        logprobs=top is not None,
+        top_logprobs=top or 0,
         ignore_eos=bool(request.ignore_eos),
+        logit_bias=request.bias,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
     )
+    n = request.n or 1
+    generations: list[Generation] = []
     try:
-        return host.generate(ref, prompt, sampling, request.stops)
+        for prompt in prompts:
+            for j in range(n):
+                # Choice j of a seeded request samples with seed + j: reproducible, and choice 0 is the n=1 answer.
+                own = (
+                    sampling if j == 0 or request.seed is None else dataclasses.replace(sampling, seed=request.seed + j)
+                )
+                generations.append(host.generate(ref, prompt, own, request.stops))
     except PromptError as e:
         e.param = e.param or ("messages" if chat else "prompt")
         raise
+    finally:
+        if len(generations) < len(prompts) * n:  # one failed to start: the others must not run on unread
+            for generation in generations:
+                generation.cancel()
+    echo = not chat and request.echo
+    echoed = [(p if isinstance(p, str) else host.decode(ref, p)) if echo else "" for p in prompts for _ in range(n)]
+    return Choices(generations, echoed, n)
 
 
-def answer(generation: Generation, request: GenerationRequest) -> dict:
-    """The whole completion (runs the generation to its end)."""
-    text = generation.text()
-    base = {"created": now(), "model": request.model, "system_fingerprint": None, "usage": _usage(generation)}
-    if isinstance(request, ChatRequest):
-        message = {"role": "assistant", "content": text, "refusal": None}
-        choice = {"index": 0, "message": message, "finish_reason": generation.finish_reason, "logprobs": None}
-        return {"id": new_id("chatcmpl"), "object": "chat.completion", **base, "choices": [choice]}
-    choice = {"index": 0, "text": text, "finish_reason": generation.finish_reason, "logprobs": None}
-    return {"id": new_id("cmpl"), "object": "text_completion", **base, "choices": [choice]}
+def answer(choices: Choices, request: GenerationRequest) -> dict:
+    """The whole completion (runs the generations to their end)."""
+    chat = isinstance(request, ChatRequest)
+    out = []
+    for i, (generation, echoed) in enumerate(zip(choices.generations, choices.echoed, strict=True)):
+        text = generation.text()
+        logprobs = _logprobs(generation, request, len(echoed))
+        if chat:
+            message = {"role": "assistant", "content": text, "refusal": None}
+            out.append({"index": i, "message": message, "finish_reason": generation.finish_reason,
+                        "logprobs": logprobs})  # fmt: skip
+        else:
+            out.append({"index": i, "text": echoed + text, "finish_reason": generation.finish_reason,
+                        "logprobs": logprobs})  # fmt: skip
+    base = {"created": now(), "model": request.model, "system_fingerprint": None, "usage": _usage(choices)}
+    if chat:
+        return {"id": new_id("chatcmpl"), "object": "chat.completion", **base, "choices": out}
+    return {"id": new_id("cmpl"), "object": "text_completion", **base, "choices": out}
 
 
-def events(generation: Generation, request: GenerationRequest) -> Iterator[dict]:
-    """The payloads of the event stream, without the closing `[DONE]` (the transport's). A model that fails
-    midway ends it with an error payload (the status line is gone; the SDK raises it)."""
+def events(choices: Choices, request: GenerationRequest) -> Iterator[dict]:
+    """The payloads of the event stream, without the closing `[DONE]` (the transport's). Choices stream one after
+    another (all generate at once; a later one's tokens wait in its queue). A model that fails midway ends it with
+    an error payload (the status line is gone; the SDK raises it)."""
     chat = isinstance(request, ChatRequest)
     base = {
         "id": new_id("chatcmpl" if chat else "cmpl"),
@@ -61,28 +106,61 @@ def events(generation: Generation, request: GenerationRequest) -> Iterator[dict]
         "system_fingerprint": None,
     }
 
-    def chunk(text: str | None, finish_reason: str | None = None) -> dict:
+    def chunk(index: int, text: str | None, logprobs: dict | None = None, finish_reason: str | None = None) -> dict:
         if chat:
             delta: dict[str, Any] = {} if text is None else {"content": text}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         return {**base, "choices": [choice]}
 
     try:
-        if chat:
-            first = chunk("")
-            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            yield first
-        for text in generation:
-            yield chunk(text)
+        for index, (generation, echoed) in enumerate(zip(choices.generations, choices.echoed, strict=True)):
+            if chat:
+                first = chunk(index, "")
+                first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+                yield first
+            offset = len(echoed)
+            if echoed:
+                yield chunk(index, echoed)
+            for text in generation:
+                yield chunk(index, text, _logprobs(generation, request, offset))
+                offset += len(text)
+            # What the last piece held back (a stop string's start that was not one) went out with it; the tokens
+            # read after it (the stop string's own) are reported with the final chunk.
+            yield chunk(index, None, _logprobs(generation, request, offset), generation.finish_reason)
     except ServingError as e:
         log.warning("stream failed: %s", e)
         yield error_body(e.status, e.message, e.code, None)
         return
-    yield chunk(None, generation.finish_reason)
     if request.include_usage:
-        yield {**base, "choices": [], "usage": _usage(generation)}
+        yield {**base, "choices": [], "usage": _usage(choices)}
+
+
+def _logprobs(generation: Generation, request: GenerationRequest, offset: int) -> dict | None:
+    """The log-probabilities of the tokens read since the last call, in OpenAI's shape for the route: chat's
+    `{"content": [{token, logprob, bytes, top_logprobs}], "refusal"}`, completions' `{tokens, token_logprobs,
+    top_logprobs, text_offset}` (`offset`: where the first token's text starts in the choice's text)."""
+    if request.top_logprobs_wanted is None:
+        return None
+    taken = generation.take_logprobs()
+    if isinstance(request, ChatRequest):
+
+        def entry(token: str, logprob: float) -> dict:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        content = [{**entry(t.token, t.logprob), "top_logprobs": [entry(a, lp) for a, lp in t.top]} for t in taken]
+        return {"content": content, "refusal": None}
+    offsets = []
+    for t in taken:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {
+        "tokens": [t.token for t in taken],
+        "token_logprobs": [t.logprob for t in taken],
+        "top_logprobs": [dict(t.top) for t in taken] if request.top_logprobs_wanted else None,
+        "text_offset": offsets,
+    }
 
 
 def classification(results: list[dict], tokens: int, model: str) -> dict:
@@ -99,8 +177,9 @@ def error_body(status: int, message: str, code: str | None, param: str | None) -
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _usage(generation: Generation) -> dict[str, int]:
-    prompt, completion = generation.prompt_tokens, generation.completion_tokens
+def _usage(choices: Choices) -> dict[str, int]:
+    prompt = sum(g.prompt_tokens for g in choices.generations[:: choices.n])  # each prompt once, as OpenAI counts
+    completion = sum(g.completion_tokens for g in choices.generations)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

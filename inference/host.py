@@ -100,7 +100,7 @@ class ModelHost:
         return self._once(self._engines, (base_model, task), create, lru=False)
 
     def generate(
-        self, ref: ModelRef, prompt: str | list[dict], sampling: SamplingParams, stop: tuple[str, ...] = ()
+        self, ref: ModelRef, prompt: str | list[int] | list[dict], sampling: SamplingParams, stop: tuple[str, ...] = ()
     ) -> Generation:
         """Start generating: a chat (`messages`, rendered with the model's chat template) or a raw prompt.
         Raises PromptError, UnknownModel or ServingError at once; iterate the result for the text."""
@@ -109,6 +109,10 @@ class ModelHost:
             return Generation(engine, encode_prompt(engine, prompt), adapter, sampling, stop, ref.fair_key)
 
         return self._run(ref, start)
+
+    def decode(self, ref: ModelRef, ids: list[int]) -> str:
+        """Token ids as text, by the tokenizer of the model that serves `ref` (a token-id prompt, echoed)."""
+        return self._run(ref, lambda engine, _: engine.decode(ids))
 
     def classify(self, ref: ModelRef, texts: list[str]) -> tuple[list[dict], int]:
         """([{"label", "probabilities"}] per text, prompt tokens)."""
@@ -280,6 +284,7 @@ def load_solo_engine(ref: ModelRef, *, settings: Settings) -> BatchEngine:
         max_queued=settings.serving_max_queued_per_org,
         pass_tokens=settings.serving_pass_tokens,
         lanes=settings.serving_lanes,
+        reserved_rows=settings.serving_reserved_rows,
     )
 
 
@@ -304,6 +309,7 @@ def load_batch_engine(base_model: str, task: str, *, settings: Settings) -> Batc
         max_queued=settings.serving_max_queued_per_org,
         pass_tokens=settings.serving_pass_tokens,
         lanes=settings.serving_lanes,
+        reserved_rows=settings.serving_reserved_rows,
     )
 
 

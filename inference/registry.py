@@ -66,8 +66,12 @@ class AdapterRegistry:
                 raise UnknownModel(name)
             ref = ModelRef(name, CAUSAL_LM, name)
             if CAUSAL_LM not in base.tasks:
-                raise WrongEndpoint(f"The model '{name}' is a text encoder; it has no trained head.", param="model")
+                message = f"The model '{name}' is a text encoder; fine-tune it for classification, then use the result"
+                raise WrongEndpoint(f"{message} with /v1/classifications.", param="model")
         if ref.task != task:
-            kind = "a classification model" if ref.task == CLASSIFICATION else "a text-generation model"
-            raise WrongEndpoint(f"The model '{name}' is {kind}.", param="model")
+            if ref.task == CLASSIFICATION:
+                message = f"The model '{name}' is a classification model; use it with /v1/classifications."
+            else:
+                message = f"The model '{name}' is a text-generation model; use it with /v1/chat/completions."
+            raise WrongEndpoint(message, param="model")
         return ref

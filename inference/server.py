@@ -29,6 +29,7 @@ from control.protocol import (
     CompletionRequest,
     LoadAdapterRequest,
     UnloadAdapterRequest,
+    refusal,
 )
 from control.settings import Settings, get_settings
 from inference import answers
@@ -167,7 +168,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         loc = [str(p) for p in (errors[0].get("loc", ()) if errors else ()) if p != "body"]
         param = ".".join(loc) or None
         message = errors[0].get("msg", "Invalid request.") if errors else "Invalid request."
-        return JSONResponse(answers.error_body(400, message, "invalid_request", param), status_code=400)
+        code, message = (refusal(errors[0], param) if errors else None) or ("invalid_request", message)
+        return JSONResponse(answers.error_body(400, message, code, param), status_code=400)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -39,6 +39,12 @@ class Generation:
         self.completion_tokens = 0
         self._stopped_by_string = False
         self._engine = engine
+        self.token_ids: list[int] = []  # the tokens read from the engine so far
+        self._logprobs_taken = 0
+        outside = [t for t, _ in sampling.logit_bias if not 0 <= t < engine.vocab_size]
+        if outside:
+            raise PromptError(f"logit_bias names token ids outside this model's vocabulary (0..{engine.vocab_size - 1})"
+                              f": {outside[:5]}", param="logit_bias")  # fmt: skip
         sampling = dataclasses.replace(sampling, max_tokens=self.max_new_tokens)
         self._stream = engine.generate(input_ids, adapter, sampling, caller)
 
@@ -71,11 +77,37 @@ class Generation:
         """The whole completion (for non-streaming answers)."""
         return "".join(self)
 
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The log-probabilities (when asked for) of the tokens read since the last call: a streamed chunk carries
+        those of the tokens its text came from. They cover every token generated, the one that completed a stop
+        string included."""
+        stream, start = self._stream, self._logprobs_taken
+        end = min(len(self.token_ids), len(stream.logprobs))
+        self._logprobs_taken = end
+        text = self._engine.token_text
+        taken = []
+        for i in range(start, end):
+            top = stream.top_logprobs[i] if stream.top_logprobs else []
+            taken.append(TokenLogprob(text(self.token_ids[i]), stream.logprobs[i], [(text(a), lp) for a, lp in top]))
+        return taken
+
     def _pieces(self) -> Iterator[str]:
+        def read() -> Iterator[int]:
+            for token in self._stream:
+                self.token_ids.append(token)
+                yield token
+
         try:
-            yield from _decoded(self._stream, self._engine.decode)
+            yield from _decoded(read(), self._engine.decode)
         except Exception as e:
             raise ServingError("The model failed while generating.") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token: str  # the token's own text
+    logprob: float
+    top: list[tuple[str, float]]  # the most likely tokens at its step (top_logprobs), with theirs
 
 
 def context_budget(prompt_tokens: int, max_tokens: int, context: int | None) -> int:
@@ -105,9 +137,15 @@ def check_prompt_chars(chars: int, context: int | None) -> None:
         )
 
 
-def encode_prompt(engine: BatchEngine, prompt: str | list[dict]) -> list[int]:
-    """A raw prompt, or a chat (`messages`) rendered with the model's chat template, as token ids. Refused by its
-    length in characters before any tokenizing (`check_prompt_chars`), then by its tokens (`context_budget`)."""
+def encode_prompt(engine: BatchEngine, prompt: str | list[int] | list[dict]) -> list[int]:
+    """A raw prompt, token ids, or a chat (`messages`) rendered with the model's chat template, as token ids.
+    Refused by its length in characters before any tokenizing (`check_prompt_chars`), then by its tokens
+    (`context_budget`)."""
+    if prompt and isinstance(prompt, list) and isinstance(prompt[0], int):
+        if outside := [t for t in prompt if not 0 <= t < engine.vocab_size]:
+            raise PromptError(f"The prompt has token ids outside this model's vocabulary "
+                              f"(0..{engine.vocab_size - 1}): {outside[:5]}")  # fmt: skip
+        return list(prompt)
     chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
     check_prompt_chars(chars, engine.max_length)
     if isinstance(prompt, str):

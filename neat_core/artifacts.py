@@ -57,26 +57,10 @@ def library_versions() -> dict[str, str]:
 
 def save_artifact(model: PeftModel, out_dir: Path, *, base_model: str, manifest: dict[str, Any]) -> Path:
     """Write the artifact atomically (temporary directory, then rename); returns its path."""
-    method = method_of(model)
-    model.peft_config[model.active_adapter].base_model_name_or_path = base_model
     tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex}.tmp"
     try:  # a write that fails (a full disk, an interrupt) removes its temporary directory; a killed one is swept
         tmp.mkdir(parents=True)
-        model.save_pretrained(tmp, save_embedding_layers=False)  # True/"auto" would look the base up on a hub
-        weights_hash = base_weights_sha256(model)
-        if method.exportable_to_lora:
-            export_lora(model, tmp / "lora", base_model_id=base_model, base_weights_hash=weights_hash)
-        full = {
-            "format_version": FORMAT_VERSION,
-            "created_at": int(time.time()),
-            "method": method.name,
-            "base_model": base_model,
-            "base_weights_sha256": weights_hash,
-            **parameter_counts(model),
-            "versions": library_versions(),
-            **manifest,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
+        write_adapter(model, tmp, base_model=base_model, manifest=manifest)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)
@@ -84,6 +68,38 @@ def save_artifact(model: PeftModel, out_dir: Path, *, base_model: str, manifest:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def write_adapter(
+    model: PeftModel,
+    directory: Path,
+    *,
+    base_model: str,
+    manifest: dict[str, Any],
+    weights_hash: str | None = None,
+    export: bool = True,
+) -> None:
+    """An artifact's files into `directory`: peft's, the LoRA export (`export`, where the method's update is
+    low-rank) and manifest.json. Also a checkpoint's `adapter/` (no export there: it costs a pass over the
+    adapted weights, and a checkpoint is served from the native files). `weights_hash`: `base_weights_sha256`
+    when the caller has it (hashing reads every adapted base weight; the base is frozen, so once per run)."""
+    method = method_of(model)
+    model.peft_config[model.active_adapter].base_model_name_or_path = base_model
+    model.save_pretrained(directory, save_embedding_layers=False)  # True/"auto" would look the base up on a hub
+    weights_hash = weights_hash or base_weights_sha256(model)
+    if export and method.exportable_to_lora:
+        export_lora(model, directory / "lora", base_model_id=base_model, base_weights_hash=weights_hash)
+    full = {
+        "format_version": FORMAT_VERSION,
+        "created_at": int(time.time()),
+        "method": method.name,
+        "base_model": base_model,
+        "base_weights_sha256": weights_hash,
+        **parameter_counts(model),
+        "versions": library_versions(),
+        **manifest,
+    }
+    (directory / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
 
 
 def read_manifest(adapter_dir: Path) -> dict[str, Any]:

@@ -34,8 +34,8 @@ class PrintProgress(Callback):
 
     def on_evaluate(self, loop, metrics):
         print(
-            f"  step {loop.step:4d}  valid_loss {metrics['valid_loss']:.4f}  "
-            f"valid_accuracy {metrics['valid_accuracy']:.3f}",
+            f"  step {loop.step:4d}  full_valid_loss {metrics['full_valid_loss']:.4f}  "
+            f"full_valid_accuracy {metrics['full_valid_accuracy']:.3f}",
             flush=True,
         )
 

@@ -227,14 +227,16 @@ def postgres(tmpdir: str | os.PathLike) -> Iterator[str]:
 _CLUSTERS: dict[int, tuple] = {}  # port -> (bin dir, data dir, user, base dir, log, server options)
 
 
-def postgres_ctl(url: str, action: str) -> None:
+def postgres_ctl(url: str, action: str, mode: str | None = None) -> None:
     """`pg_ctl stop` / `start` / `restart` the cluster behind `url` (one that `postgres()` started): the outage
-    tests take the database away under running services."""
+    tests take the database away under running services. `mode` is pg_ctl's shutdown mode for stop and restart
+    (`fast` unless given; `immediate` is a crash: no checkpoint, recovery from the WAL at the next start)."""
     from sqlalchemy.engine import make_url
 
     bin_dir, data, user, base, log, options = _CLUSTERS[make_url(url).port]
     command = [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", str(START_TIMEOUT_S)]
-    command += ["-m", "fast"] if action == "stop" else ["-o", options]
+    command += ["-m", mode or "fast"] if action in ("stop", "restart") else []
+    command += [] if action == "stop" else ["-o", options]
     done = _pg([*command, action], user, base, START_TIMEOUT_S + 10)
     if done.returncode != 0:
         raise ServiceError(f"pg_ctl {action} failed:\n{done.stdout}\n{done.stderr}\nlog:\n{_tail(log)}")

@@ -82,7 +82,7 @@ class DbProgress(Callback):
                 return False
             if event_due:
                 # `metrics` also carries the last validation results; those have their own events.
-                train = {k: v for k, v in metrics.items() if not k.startswith("valid_")}
+                train = {k: v for k, v in metrics.items() if not k.startswith("full_valid_")}
                 return self._metrics_event(session, step, f"training loss={metrics['train_loss']:.4f}", train)
             return True
 
@@ -90,8 +90,8 @@ class DbProgress(Callback):
         self._row_updated_at = time.monotonic()
 
     def on_evaluate(self, loop: LoopState, metrics: dict[str, float]) -> None:
-        valid = {k: v for k, v in metrics.items() if k.startswith("valid_")}
-        summary = f"validation loss={metrics['valid_loss']:.4f}"
+        valid = {k: v for k, v in metrics.items() if k.startswith("full_valid_")}
+        summary = f"validation loss={metrics['full_valid_loss']:.4f}"
         self._write(lambda session: self._metrics_event(session, loop.step, summary, valid))
 
     def on_checkpoint(self, loop: LoopState, path: Path, metrics: dict[str, float]) -> None:

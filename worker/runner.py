@@ -9,16 +9,20 @@ normally, its message is acked, and the worker takes the next job.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from control import jobs
+from control import jobs, results
 from control.db import session_scope, with_retries
 from control.events import add_event
+from control.ids import new_id
 from control.jobs import JobStatus
+from control.orm import File, Job
 from control.settings import Settings, get_settings
 from control.storage import Storage, no_space
 from neat_core.errors import NeatCoreError
@@ -75,7 +79,13 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         raise
     if result.cancelled:
         return _cancelled(url, lease, result)
-    return _succeeded(url, lease, storage, result)
+    try:
+        results = _results_file(url, lease, storage, result)
+    except OSError as e:
+        if no_space(e):  # the adapter is complete; the job resumes from its last checkpoint once there is space
+            return _out_of_space(url, lease, settings, e)
+        raise
+    return _succeeded(url, lease, storage, result, results)
 
 
 def _claim(url: str, job_id: str, owner: str, settings: Settings) -> jobs.Lease | None:
@@ -105,10 +115,30 @@ def _recorded(session: Session, job_id: str, done: bool, status: JobStatus, mess
     return current
 
 
-def _succeeded(url: str, lease: jobs.Lease, storage: Storage, result: TrainResult) -> str:
+def _results_file(url: str, lease: jobs.Lease, storage: Storage, result: TrainResult) -> dict[str, Any]:
+    """The job's results CSV (control.results), written into this attempt's folder beside its adapter (so that a
+    lost attempt's file goes with its folder); the values of its `files` row, added with the job's success."""
+    with session_scope(url) as session:
+        steps = results.metrics_by_step(session, lease.job_id)
+        organization = session.scalar(select(Job.organization_id).where(Job.id == lease.job_id))
+    body = results.results_csv(steps)
+    temp = storage.temp_path()
+    try:
+        temp.write_bytes(body)
+        path = storage.commit(temp, storage.key(result.adapter_dir.parent) + "/" + results.FILENAME)
+    finally:
+        temp.unlink(missing_ok=True)
+    return dict(id=new_id("file"), organization_id=organization, filename=results.FILENAME,
+                purpose=results.PURPOSE, bytes=len(body), sha256=hashlib.sha256(body).hexdigest(), format="csv",
+                num_examples=len(steps), storage_key=storage.key(path))  # fmt: skip
+
+
+def _succeeded(url: str, lease: jobs.Lease, storage: Storage, result: TrainResult, results_file: dict) -> str:
     def write(session: Session) -> str:
         done = jobs.succeed(session, lease, artifact_key=storage.key(result.adapter_dir),
-                            trained_tokens=result.trained_tokens)  # fmt: skip
+                            trained_tokens=result.trained_tokens, result_file=results_file["id"])  # fmt: skip
+        if done:
+            session.add(File(**results_file))
         data = {"step": result.steps, **result.metrics}
         return _recorded(
             session, lease.job_id, done, JobStatus.SUCCEEDED, "The job has successfully completed", data=data

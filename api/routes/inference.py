@@ -43,10 +43,15 @@ BackendDep = Annotated[Backend, Depends(get_backend)]
 
 @router.post("/chat/completions")
 async def chat_completions(
-    body: ChatRequest, session: SessionDep, org: CurrentOrg, storage: StorageDep, backend: BackendDep, _: InferenceRate
+    body: ChatRequest,
+    session: SessionDep,
+    org: CurrentOrg,
+    storage: StorageDep,
+    backend: BackendDep,
+    rate: InferenceRate,
 ):
     target = await run_in_threadpool(resolve, session, org, storage, body.model, CAUSAL_LM)
-    return await _generate(backend, target, body)
+    return await _generate(backend, target, body, rate)
 
 
 @router.post("/completions")
@@ -56,10 +61,10 @@ async def completions(
     org: CurrentOrg,
     storage: StorageDep,
     backend: BackendDep,
-    _: InferenceRate,
+    rate: InferenceRate,
 ):
     target = await run_in_threadpool(resolve, session, org, storage, body.model, CAUSAL_LM)
-    return await _generate(backend, target, body)
+    return await _generate(backend, target, body, rate)
 
 
 # What every organisation may see of an engine: its load and batching, which identify no one.
@@ -102,7 +107,10 @@ async def classifications(
     return await backend.classify(target, body)
 
 
-async def _generate(backend: Backend, target: Target, body: ChatRequest | CompletionRequest):
+async def _generate(backend: Backend, target: Target, body: ChatRequest | CompletionRequest, rate: dict[str, str]):
+    end_user = body.user or getattr(body, "safety_identifier", None)
+    if end_user:  # OpenAI's `user` / `safety_identifier`: which of the caller's users asked, for abuse tracing
+        log.info("inference request of %s on %s for end user %r", target.caller, target.name, end_user)
     if not body.stream:
         return await backend.complete(target, body)
     events = await backend.stream(target, body)  # raises (and answers with a status) before anything is sent
@@ -118,4 +126,5 @@ async def _generate(backend: Backend, target: Target, body: ChatRequest | Comple
         if not failed:
             yield "data: [DONE]\n\n"
 
-    return StreamingResponse(encode(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    # A response of its own: the rate headers the dependency set on the default response do not reach it.
+    return StreamingResponse(encode(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **rate})

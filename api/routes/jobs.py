@@ -22,10 +22,11 @@ from api.idempotency import Claim, request_hash
 from api.pagination import known_params, owned, paginate
 from api.quotas import job_quota_error
 from api.schemas import MAX_METADATA_KEY, Adapter, JobCreate, checkpoint_object, event_object, job_object, page
+from api.targets import checkpoint_of
 from control import jobs
 from control.events import add_event
 from control.ids import new_id
-from control.jobs import FINISHED, JobStatus
+from control.jobs import FINISHED, JobStatus, fine_tuned_model_name
 from control.orm import Checkpoint, File, Job, JobEvent
 from control.queue import enqueue
 from control.settings import Settings
@@ -201,14 +202,22 @@ NATIVE_FILES = ("adapter_config.json", "adapter_model.safetensors", "manifest.js
 
 @router.get("/{job_id}/adapter")
 def download_adapter(session: SessionDep, org: CurrentOrg, storage: StorageDep, job_id: str,
-                     format: Literal["native", "lora"] = "native") -> Response:  # fmt: skip
+                     format: Literal["native", "lora"] = "native",
+                     checkpoint: int | None = None) -> Response:  # fmt: skip
     job = _get(session, org, job_id)
-    if jobs.model_deleted(job):
+    if checkpoint is not None:  # a checkpoint's adapter (any job status), as `ft:…:ckpt-step-N` serves it
+        if format == "lora":
+            raise APIError(400, "A checkpoint's adapter comes in the native format only; the job's final adapter "
+                           "also has a LoRA form.", code="not_exportable", param="format")  # fmt: skip
+        _, row = checkpoint_of(session, org, f"{fine_tuned_model_name(job)}:ckpt-step-{checkpoint}", storage)
+        root = storage.path(row.storage_key) / "adapter"
+    elif jobs.model_deleted(job):
         raise APIError(409, f"Job {job.id}'s fine-tuned model {job.fine_tuned_model} has been deleted, and its adapter "
                        "with it.", code="model_deleted")  # fmt: skip
-    if job.status != JobStatus.SUCCEEDED or not job.artifact_key:
+    elif job.status != JobStatus.SUCCEEDED or not job.artifact_key:
         raise APIError(409, f"Job {job.id} has no adapter yet (status: {job.status}).", code="adapter_not_ready")
-    root = storage.path(job.artifact_key)
+    else:
+        root = storage.path(job.artifact_key)
     if format == "lora":
         if not (root / "lora").is_dir():
             raise APIError(400, "This adapter has no LoRA form.", code="not_exportable", param="format")
@@ -222,5 +231,9 @@ def download_adapter(session: SessionDep, org: CurrentOrg, storage: StorageDep, 
     return Response(
         buffer.getvalue(),
         media_type="application/gzip",
-        headers={"Content-Disposition": f'attachment; filename="{job.id}-{format}.tar.gz"'},
+        headers={"Content-Disposition": f'attachment; filename="{job.id}{_step(checkpoint)}-{format}.tar.gz"'},
     )
+
+
+def _step(checkpoint: int | None) -> str:
+    return "" if checkpoint is None else f"-step-{checkpoint}"

@@ -12,11 +12,13 @@ from api.deps import CurrentOrg, SessionClosingRoute, SessionDep, StorageDep
 from api.errors import APIError
 from api.pagination import known_params, owned
 from api.routes.inference import BackendDep
+from api.targets import CHECKPOINT_MODEL, checkpoint_of
 from control import jobs
 from control.backends import BackendError
 from control.events import add_event
-from control.jobs import JobStatus
+from control.jobs import JobStatus, fine_tuned_model_name
 from control.orm import Job
+from control.storage import Storage
 from neat_core.models.catalog import catalog, entry
 
 router = APIRouter(route_class=SessionClosingRoute, prefix="/v1/models", tags=["models"])
@@ -50,10 +52,14 @@ def list_models(session: SessionDep, org: CurrentOrg) -> dict:
 
 
 @router.get("/{model_id:path}")
-def retrieve_model(session: SessionDep, org: CurrentOrg, model_id: str) -> dict:
+def retrieve_model(session: SessionDep, org: CurrentOrg, storage: StorageDep, model_id: str) -> dict:
     base = entry(model_id)
     if base is not None:
         return _base(base)
+    if CHECKPOINT_MODEL.match(model_id):  # a checkpoint is a model of its own, whatever its job's status
+        job, checkpoint = checkpoint_of(session, org, model_id, storage)
+        return {"id": model_id, "object": "model", "created": checkpoint.created_at, "owned_by": org,
+                "parent": fine_tuned_model_name(job), "tasks": [job.task]}  # fmt: skip
     job = _owned_model(session, org, model_id)
     if job is None or jobs.model_deleted(job):
         raise missing(model_id, job)
@@ -66,7 +72,7 @@ async def delete_model(session: SessionDep, org: CurrentOrg, storage: StorageDep
     """OpenAI's ModelDeleted. The job keeps its record (and names the model it made); the model is unloaded from
     serving and its artifact removed. The database decides first: once committed, no request resolves the model
     (api.targets), whatever a server still has cached, and a second delete answers 404."""
-    key = await run_in_threadpool(_forget, session, org, model_id)
+    key = await run_in_threadpool(_forget, session, org, storage, model_id)
     try:
         await backend.unload(model_id)
     except BackendError:
@@ -76,12 +82,17 @@ async def delete_model(session: SessionDep, org: CurrentOrg, storage: StorageDep
     return {"id": model_id, "object": "model", "deleted": True}
 
 
-def _forget(session: Session, org: str, model_id: str) -> str:
+def _forget(session: Session, org: str, storage: Storage, model_id: str) -> str:
     """Marks the model deleted (committed) and returns its artifact's key; closes the session."""
     try:
         if entry(model_id) is not None:
             raise APIError(403, f"The model '{model_id}' is a base model of this service; only fine-tuned models can "
                            "be deleted.", code="model_not_deletable", param="model")  # fmt: skip
+        if CHECKPOINT_MODEL.match(model_id):
+            checkpoint_of(session, org, model_id, storage)  # (another organisation's, or none: 404 as missing)
+            raise APIError(403, f"The model '{model_id}' is a checkpoint of a job; checkpoints cannot be deleted on "
+                           "their own (the job keeps its last few).", code="model_not_deletable",
+                           param="model")  # fmt: skip
         job = _owned_model(session, org, model_id)
         if job is None or jobs.model_deleted(job):
             raise missing(model_id, job)

@@ -71,13 +71,15 @@ class BatchEngine(Scheduler, GenerationMixin, ClassificationMixin):
         max_queued: int = 8192,
         pass_tokens: int | None = None,
         lanes: int = 2,
+        reserved_rows: int = 0,
     ):
-        Scheduler.__init__(self, task, max_batch, window_s, max_queued, pass_tokens, lanes)
+        Scheduler.__init__(self, task, max_batch, window_s, max_queued, pass_tokens, lanes, reserved_rows)
         self.tokenizer = tokenizer
         self.max_length = max_length or (128 if task == "classification" else None)
         self.pass_overhead = pass_overhead
         self.device = next(model.parameters()).device
         self.model = MultiAdapterModel(model.eval())
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0]) if task != "classification" else 0
         self.cache = AdapterCache(self.model, cache_bytes, self._model_lock)
         self.tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to call from several threads
         self._eos = self._eos_ids(model, tokenizer)
@@ -92,6 +94,11 @@ class BatchEngine(Scheduler, GenerationMixin, ClassificationMixin):
     def decode(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token: int) -> str:
+        """One token's own text, special tokens included (as log-probabilities name them)."""
+        with self.tokenizer_lock:
+            return self.tokenizer.decode([token])
 
     def chat_prompt(self, messages: list[dict]) -> str:
         with self.tokenizer_lock:

@@ -36,7 +36,15 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     logprobs: bool = False  # record each chosen token's log-probability (OpenAI's `logprobs`)
+    top_logprobs: int = 0  # with logprobs: also the k most likely tokens at each step, and theirs
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks; vLLM's option of the same name)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated so far
+
+    @property
+    def shapes_logits(self) -> bool:
+        return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty)
 
 
 class TokenStream:
@@ -49,6 +57,7 @@ class TokenStream:
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.logprobs: list[float] = []  # per generated token, when asked for
+        self.top_logprobs: list[list[tuple[int, float]]] = []  # per generated token: (token id, log-probability)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._cancelled = threading.Event()
 
@@ -86,11 +95,12 @@ class _GenRequest:
     stream: TokenStream
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
+    caller: Any = None  # the organisation it is for: the scheduler caps each one's running rows
 
 
 class GenerationMixin:
     """`BatchEngine`'s generation: `generate` (any thread) and the steps the scheduler thread runs. Uses the
-    engine's `task`, `device`, `tokenizer`, `cache`, `max_length`, `_eos`, `_submit` and `_forward`."""
+    engine's `task`, `device`, `tokenizer`, `cache`, `max_length`, `vocab_size`, `_eos`, `_submit` and `_forward`."""
 
     def generate(
         self, input_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams, caller: str | None = None
@@ -100,6 +110,9 @@ class GenerationMixin:
             raise ValueError("this engine serves classification")
         if not input_ids:
             raise ValueError("empty prompt")
+        outside = [t for t in [*input_ids, *(t for t, _ in sampling.logit_bias)] if not 0 <= t < self.vocab_size]
+        if outside:  # checked here: an index past the logits would fail the whole batch's step
+            raise ValueError(f"token ids outside the vocabulary (0..{self.vocab_size - 1}): {outside[:5]}")
         if adapter is not None:
             self.cache.acquire(adapter, caller)  # raises before anything is queued
         stream = TokenStream(len(input_ids))
@@ -107,7 +120,8 @@ class GenerationMixin:
         if sampling.temperature > 0:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(sampling.seed % 2**63 if sampling.seed is not None else torch.seed())
-        request = _GenRequest(list(input_ids), adapter and adapter.adapter_id, sampling, stream, generator)
+        adapter_id = adapter and adapter.adapter_id
+        request = _GenRequest(list(input_ids), adapter_id, sampling, stream, generator, caller=caller)
         try:
             self._submit([request], caller)
         except (EngineClosed, EngineBusy):
@@ -168,9 +182,17 @@ class GenerationMixin:
         for r, row, best in zip(requests, logits, greedy, strict=True):
             if self._finished(r):  # ended already (cancelled between steps); its row leaves after this step
                 continue
-            token = best if r.sampling.temperature <= 0 else self._sample(row, r)
-            if r.sampling.logprobs:
-                r.stream.logprobs.append(float(row.log_softmax(-1)[token]))
+            scores = self._shaped(row, r) if r.sampling.shapes_logits else row
+            if r.sampling.temperature > 0:
+                token = self._sample(scores, r)
+            else:
+                token = best if scores is row else int(scores.argmax())
+            if r.sampling.logprobs:  # the model's own distribution, before bias and penalties (as vLLM reports)
+                logp = row.log_softmax(-1)
+                r.stream.logprobs.append(float(logp[token]))
+                if r.sampling.top_logprobs:
+                    values, ids = logp.topk(r.sampling.top_logprobs)
+                    r.stream.top_logprobs.append(list(zip(ids.tolist(), values.tolist(), strict=True)))
             r.tokens.append(token)
             r.stream._put(token)
             if token in self._eos and not r.sampling.ignore_eos:
@@ -181,6 +203,20 @@ class GenerationMixin:
                 self._end(r, "length")
             elif r.stream.cancelled:
                 self._end(r, "stop")
+
+    @staticmethod
+    def _shaped(logits: Tensor, r: _GenRequest) -> Tensor:
+        """logits: (V,). A copy with the row's logit_bias added and its presence/frequency penalties (OpenAI's
+        definitions, over the tokens this row generated so far) subtracted: from the row's own state only, so
+        its batch-mates never change its answer."""
+        s, logits = r.sampling, logits.clone()
+        if s.logit_bias:
+            ids = torch.tensor([t for t, _ in s.logit_bias], device=logits.device)
+            logits.index_add_(0, ids, torch.tensor([b for _, b in s.logit_bias], device=logits.device))
+        if (s.presence_penalty or s.frequency_penalty) and r.tokens:
+            ids, counts = torch.tensor(r.tokens, device=logits.device).unique(return_counts=True)
+            logits.index_add_(0, ids, -(s.frequency_penalty * counts.float() + s.presence_penalty))
+        return logits
 
     @staticmethod
     def _sample(logits: Tensor, r: _GenRequest) -> int:

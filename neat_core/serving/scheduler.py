@@ -15,7 +15,9 @@ so no tenant can fill the engine's memory with its backlog.
 
 The guarantees:
 - Generation: rows join the running batch as running rows finish, taken round-robin by caller in the same way,
-  so a request waits for room in the batch, never behind another caller's backlog.
+  so a request waits for room in the batch, never behind another caller's backlog. No caller holds more than
+  `max_batch - reserved_rows` running rows: while one caller fills the batch, another's request joins at the
+  next step rather than after one of its long generations ends.
 - Classification: a pass holds at most `pass_tokens` token positions (always at least one row), and each caller
   has at most one pass running. Up to `lanes` passes of different callers run at once, so a caller's request
   starts at once while fewer than `lanes` other callers have a pass running. Otherwise it starts when the first
@@ -63,6 +65,7 @@ class Scheduler:
         max_queued: int = 8192,
         pass_tokens: int | None = None,
         lanes: int = 2,
+        reserved_rows: int = 0,
     ) -> None:
         self.task = task
         self.max_batch = max_batch
@@ -77,6 +80,7 @@ class Scheduler:
         self._queued: Counter = Counter()  # caller -> items submitted and not yet in a pass (under _submit_lock)
         self._model_lock = ModelLock()  # shared by forwards; the cache changes slots only while none runs
         self.lanes = lanes  # classification passes of different callers that may run at once
+        self.reserved_rows = reserved_rows  # generation rows no single caller may take: room for the others
         self._inbox: queue.Queue = queue.Queue()
         self._closed = threading.Event()
         self._retiring = False  # `retire()`: stop once idle
@@ -136,7 +140,8 @@ class Scheduler:
                 break
             new: list = []
             try:
-                new = self._gather(block=not running, room=self.max_batch - len(running))
+                held = Counter(r.caller for r in running)
+                new = self._gather(block=not running, room=self.max_batch - len(running), held=held)
                 new = [r for r in new if not self._finished(r)]  # cancelled while queued
                 if new:
                     state = self._prefill(new, state)
@@ -218,7 +223,7 @@ class Scheduler:
             _trim_heap()
             self._trimmed_at = time.monotonic()
 
-    def _gather(self, *, block: bool, room: int) -> list:
+    def _gather(self, *, block: bool, room: int, held: Counter | None = None) -> list:
         """Up to `room` queued items, taken round-robin over their callers. Idle: wait for one, then `window_s`
         more for company."""
         if block and not self._waiting:
@@ -242,7 +247,7 @@ class Scheduler:
                 break
             if item is not None:
                 self._wait(item)
-        return self._take(room)
+        return self._take(room, held=held)
 
     def _wait(self, entry: tuple) -> None:
         caller, item = entry
@@ -251,20 +256,28 @@ class Scheduler:
     def _waiting_rows(self) -> int:
         return sum(len(q) for q in self._waiting.values())
 
-    def _take(self, room: int, skip: set | None = None) -> list:
+    def _take(self, room: int, skip: set | None = None, held: Counter | None = None) -> list:
         """Up to `room` waiting items (and, with `pass_tokens`, at most that many tokens, though always one item),
         one per caller in turn; a caller served goes to the back of the turn order, so one cut short by a full pass
         is first in the next. With `skip` (callers with a pass running): only the others' items, as (caller, item)
-        pairs."""
+        pairs. With `held` (generation: each caller's running rows): no caller gets past `max_batch -
+        reserved_rows` rows, so the rest of the batch stays free for the others."""
         items: list = []
         taken: Counter = Counter()
         budget = self.pass_tokens if self.pass_tokens is not None and self.task == "classification" else None
+        cap = None if held is None else max(1, self.max_batch - self.reserved_rows)
         spent, full = 0, False
+
+        def eligible(caller: Any) -> bool:
+            return (skip is None or caller not in skip) and (cap is None or held[caller] + taken[caller] < cap)
+
         while not full and len(items) < room:
-            turn = [c for c in self._waiting if skip is None or c not in skip]
+            turn = [c for c in self._waiting if eligible(c)]
             if not turn:
                 break
             for caller in turn:
+                if not eligible(caller):
+                    continue
                 waiting = self._waiting[caller]
                 if budget is not None:
                     cost = _tokens(waiting[0])

@@ -20,7 +20,7 @@ class Callback:
         """After every optimiser step; `metrics` has train_loss, learning_rate and a train accuracy."""
 
     def on_evaluate(self, loop: LoopState, metrics: dict[str, float]) -> None:
-        """After a validation pass (valid_loss, valid_accuracy or valid_token_accuracy)."""
+        """After a validation pass (full_valid_loss, full_valid_accuracy or full_valid_mean_token_accuracy)."""
 
     def on_epoch_end(self, loop: LoopState, metrics: dict[str, float]) -> None:
         """After the last batch of an epoch (`loop.epoch` is the epoch just finished)."""

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -90,14 +91,20 @@ def save_checkpoint(
     fingerprint: dict[str, Any],
     method_state: dict[str, Any] | None = None,
     keep_last: int | None = None,
+    write_adapter: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write a checkpoint for `loop.step` under `root`; returns its final path."""
+    """Write a checkpoint for `loop.step` under `root`; returns its final path. `write_adapter(directory)` writes
+    the adapter's files (the training loop makes `adapter/` a servable artifact); by default peft's alone."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{loop.step:06d}"
     tmp = root / f".{final.name}.{uuid.uuid4().hex}.tmp"
     try:  # a write that fails (a full disk, an interrupt) removes its temporary directory; a killed one is swept
         tmp.mkdir()
-        model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
+        if write_adapter is None:
+            model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
+        else:
+            (tmp / "adapter").mkdir()
+            write_adapter(tmp / "adapter")
         opt_tensors, opt_meta = _optimizer_to_safe(optimizer)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         rng = {"cpu": torch.get_rng_state()}

@@ -13,17 +13,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from neat_core.artifacts import file_sha256, parameter_counts, save_artifact
+from neat_core.artifacts import file_sha256, parameter_counts, save_artifact, write_adapter
 from neat_core.data.encode import Collator, encode_examples, label_vocabulary
 from neat_core.data.formats import read_examples
 from neat_core.devices import autocast_dtype, resolve_device
 from neat_core.errors import DataFormatError
+from neat_core.export import base_weights_sha256
 from neat_core.methods import get_method
 from neat_core.models.loading import load_base
 from neat_core.train.callbacks import Callback
@@ -111,8 +113,8 @@ def evaluate(model, dataset: list[dict], collate: Collator, batch_size: int, tas
         c, n = _correct(logits, labels, task)
         correct, counted = correct + c, counted + n
     model.train()
-    accuracy = "valid_accuracy" if task == "classification" else "valid_token_accuracy"
-    return {"valid_loss": loss_sum / max(1, counted), accuracy: correct / max(1, counted)}
+    accuracy = "full_valid_accuracy" if task == "classification" else "full_valid_mean_token_accuracy"
+    return {"full_valid_loss": loss_sum / max(1, counted), accuracy: correct / max(1, counted)}
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -198,7 +200,7 @@ def _log_step(loop: LoopState, metrics: dict, run: _Run, out, batch: dict, lr: f
     loop.batch_in_epoch += 1
     loop.trained_tokens += int(batch["attention_mask"].sum())
     correct, counted = _correct(out.logits.detach(), batch["labels"], run.task)
-    accuracy_key = "train_accuracy" if run.task == "classification" else "train_token_accuracy"
+    accuracy_key = "train_accuracy" if run.task == "classification" else "train_mean_token_accuracy"
     metrics.update(
         train_loss=float(out.loss.detach()),
         learning_rate=lr,
@@ -244,6 +246,13 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
     for cb in callbacks:
         cb.on_train_begin(loop, {"hyperparameters": hyperparameters, **parameter_counts(model), "task": run.task})
 
+    hashed: list[str] = []
+
+    def weights_hash() -> str:  # the frozen base's hash, for every checkpoint's manifest: computed once
+        if not hashed:
+            hashed.append(base_weights_sha256(model))
+        return hashed[0]
+
     def validate() -> None:
         if run.valid_set:
             metrics.update(evaluate(model, run.valid_set, run.collate, schedule.batch_size, run.task, device, amp))
@@ -253,9 +262,13 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
     def checkpoint() -> Path:
         for cb in callbacks:
             cb.before_save(loop, "checkpoint")
+        manifest = _manifest(spec, run, loop, metrics, hyperparameters, method_state)
+        adapter = partial(write_adapter, model, base_model=spec.base_model, manifest=manifest,
+                          weights_hash=weights_hash(), export=False)  # servable as a model of its own  # fmt: skip
         path = save_checkpoint(
             spec.checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler, loop=loop,
             metrics=metrics, fingerprint=fingerprint, method_state=method_state, keep_last=spec.keep_checkpoints,
+            write_adapter=adapter,
         )  # fmt: skip
         for cb in callbacks:
             cb.on_checkpoint(loop, path, metrics)

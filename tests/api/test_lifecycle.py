@@ -10,7 +10,7 @@ import openai
 import pytest
 from sqlalchemy import select
 
-from control.orm import Job
+from control.orm import Checkpoint, Job
 from tests.api import SMOLLM2, assert_error, chat_rows, finish_job, sqlite_only
 
 
@@ -128,6 +128,20 @@ def test_delete_fine_tuned_model(api, chat_file):
         _client(api).models.retrieve(model)
 
     assert_error(api.delete(f"/v1/models/{model}"), 404, code="model_not_found")  # a second delete
+
+
+@sqlite_only
+def test_checkpoint_models_cannot_be_deleted_on_their_own(api, owned_by_a):
+    checkpoint = f"{owned_by_a.model}:ckpt-step-5"
+    with api.session() as session:
+        key = session.scalar(select(Checkpoint.storage_key).where(Checkpoint.job_id == owned_by_a.job))
+    (api.artifact_root / key / "adapter").mkdir(parents=True)
+    (api.artifact_root / key / "adapter" / "manifest.json").write_text("{}")  # a servable checkpoint
+    assert (
+        "checkpoint" in assert_error(api.delete(f"/v1/models/{checkpoint}"), 403, code="model_not_deletable")["message"]
+    )
+    assert_error(api.delete(f"/v1/models/{checkpoint}", org=api.b), 404, code="model_not_found")
+    assert api.get(f"/v1/models/{checkpoint}").status_code == 200
 
 
 @sqlite_only

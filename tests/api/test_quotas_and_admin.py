@@ -75,6 +75,8 @@ def test_inference_requests_over_the_rate_limit_get_429(admin):
     r = admin.post("/v1/classifications", json=body)
     assert_error(r, 429, code="rate_limit_exceeded")
     assert 1 <= int(r.headers["Retry-After"]) <= 60
+    assert r.headers["x-ratelimit-limit-requests"] == "2" and r.headers["x-ratelimit-remaining-requests"] == "0"
+    assert 0 < float(r.headers["x-ratelimit-reset-requests"].removesuffix("s")) <= 60
     assert admin.post("/v1/classifications", json=body, org=admin.b).status_code == 404  # b has its own window
 
 

@@ -103,6 +103,19 @@ def test_inference_tier_routes_fails_over_cancels_and_keeps_tenants_apart(tier):
     assert any(e["base_model"] == SMOLLM2 for e in tier.stats(first)["engines"])
     assert not any(e["base_model"] == SMOLLM2 for e in tier.stats(second)["engines"])
 
+    # The request's parameters reach the server intact: a list prompt, n, logprobs, logit_bias; refusals too.
+    completion = client.completions.create(model=SMOLLM2, prompt=["The sky is", "Grass is"], n=2, max_tokens=3,
+                                           temperature=0, logprobs=2, logit_bias={"260": 100})  # fmt: skip
+    assert [c.index for c in completion.choices] == [0, 1, 2, 3]
+    for choice in completion.choices:
+        assert len(choice.logprobs.tokens) == 3 and len(set(choice.logprobs.tokens)) == 1  # token 260, every step
+        assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=SMOLLM2, messages=CHAT, tools=[{"type": "function", "function": {"name": "f"}}]
+        )
+    assert refused.value.code == "unsupported_parameter" and refused.value.param == "tools"
+
     # A client that leaves mid-stream frees its row on the server within a few decode steps.
     stream = client.chat.completions.create(model=SMOLLM2, messages=CHAT, max_tokens=1000, temperature=0, stream=True,
                                             extra_body={"ignore_eos": True})  # fmt: skip

@@ -183,6 +183,13 @@ def test_full_flow_with_the_openai_client(service, tmp_path):
     assert any(e.type == "metrics" for e in events)
     checkpoints = client.fine_tuning.jobs.checkpoints.list(cls_job.id).data
     assert checkpoints and all(c.step_number > 0 for c in checkpoints)
+    # The results CSV, read through the files API as OpenAI's clients read it: a row per step with metrics.
+    (results_id,) = chat_job.result_files
+    assert client.files.retrieve(results_id).purpose == "fine-tune-results"
+    lines = client.files.content(results_id).text.splitlines()
+    assert lines[0].startswith("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy")
+    train_steps = {e.data["step"] for e in events if e.type == "metrics" and "train_loss" in e.data}
+    assert {int(line.split(",")[0]) for line in lines[1:]} == train_steps
     model_ids = {m.id for m in client.models.list()}
     assert {MINILM, SMOLLM2, cls_job.fine_tuned_model, chat_job.fine_tuned_model} <= model_ids
 

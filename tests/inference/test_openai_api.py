@@ -160,8 +160,9 @@ def test_openai_client_completions_and_errors(client, service):
     with pytest.raises(openai.NotFoundError) as caught:
         sdk.chat.completions.create(model=service.other_org_model, messages=HELLO, max_tokens=2)
     assert caught.value.code == "model_not_found"
-    with pytest.raises(openai.BadRequestError):
-        sdk.chat.completions.create(model=service.chat_model, messages=HELLO, n=2)
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(model=service.chat_model, messages=HELLO, response_format={"type": "json_object"})
+    assert refused.value.code == "unsupported_parameter" and refused.value.param == "response_format"
 
 
 # --- /v1/completions -------------------------------------------------------------------------------------------------
@@ -219,24 +220,46 @@ def test_another_orgs_model_answers_like_a_missing_one(client, service):
     _error(_chat(client, service.running_model, max_tokens=2), 404, "model_not_found")
 
 
-def test_model_for_the_wrong_endpoint(client, service):
+def test_model_for_the_wrong_endpoint_names_the_right_one(client, service):
     on_causal = client.post("/v1/classifications", json={"model": service.chat_model, "input": "x"})
-    assert _error(on_causal, 400, "invalid_model_for_endpoint")["param"] == "model"
-    _error(_chat(client, service.classifier), 400, "invalid_model_for_endpoint")
-    _error(
+    error = _error(on_causal, 400, "invalid_model_for_endpoint")
+    assert error["param"] == "model" and "/v1/chat/completions" in error["message"]
+    error = _error(_chat(client, service.classifier), 400, "invalid_model_for_endpoint")
+    assert "/v1/classifications" in error["message"] and "/v1/chat" not in error["message"]
+    error = _error(
         client.post("/v1/completions", json={"model": service.classifier, "prompt": "x"}),
         400,
         "invalid_model_for_endpoint",
     )
-    _error(_chat(client, MINILM), 400, "invalid_model_for_endpoint")  # an encoder cannot generate
-    _error(
+    assert "/v1/classifications" in error["message"] and "/v1/completions" not in error["message"]
+    error = _error(_chat(client, MINILM), 400, "invalid_model_for_endpoint")  # an encoder cannot generate
+    assert "/v1/classifications" in error["message"] and "fine-tune" in error["message"]
+    error = _error(
         client.post("/v1/classifications", json={"model": SMOLLM2, "input": "x"}), 400, "invalid_model_for_endpoint"
     )  # a base model has no trained head
+    assert "/v1/chat/completions" in error["message"]
+
+
+def test_inference_answers_carry_the_rate_limit_headers(client, service):
+    def window(r) -> tuple[int, int, float]:
+        assert r.status_code == 200, r.text
+        h = r.headers
+        reset = float(h["x-ratelimit-reset-requests"].removesuffix("s"))
+        return int(h["x-ratelimit-limit-requests"]), int(h["x-ratelimit-remaining-requests"]), reset
+
+    limit, first, reset = window(_chat(client, service.chat_model, max_tokens=1))
+    assert limit == service.settings.inference_rpm and 0 <= first < limit and 0 < reset <= 60
+    _, second, _ = window(_chat(client, service.chat_model, max_tokens=1, stream=True))  # a response of its own
+    _, third, _ = window(
+        client.post("/v1/completions", json={"model": service.chat_model, "prompt": "x", "max_tokens": 1})
+    )
+    _, fourth, _ = window(client.post("/v1/classifications", json={"model": service.classifier, "input": "x"}))
+    assert [second, third, fourth] == [first - 1, first - 2, first - 3]
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("n", 2), ("temperature", 3), ("top_p", 0), ("max_tokens", 4096), ("stop", ["a", "b", "c", "d", "e"])],
+    [("n", 0), ("temperature", 3), ("top_p", 0), ("max_tokens", 4096), ("stop", ["a", "b", "c", "d", "e"])],
 )
 def test_invalid_sampling_parameters_answer_400_in_openai_shape(client, service, field, value):
     error = _error(_chat(client, service.chat_model, **{field: value}), 400, "invalid_request")
@@ -246,7 +269,27 @@ def test_invalid_sampling_parameters_answer_400_in_openai_shape(client, service,
 def test_unsupported_content_part_is_rejected(client, service):
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
     r = client.post("/v1/chat/completions", json={"model": service.chat_model, "messages": image})
-    _error(r, 400, "invalid_request")
+    error = _error(r, 400, "unsupported_parameter")
+    assert error["message"] == "image inputs are not supported by this model" and error["param"] == "messages.0.content"
+
+
+@pytest.mark.parametrize(
+    ("message", "param", "says"),
+    [
+        ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "messages.1.role", "tool messages"),
+        ({"role": "user", "content": "hi", "name": "ada"}, "messages.1.name", "message name"),
+        ({"role": "assistant", "content": "", "tool_calls": [{"id": "c1"}]}, "messages.1.tool_calls", "tool_calls"),
+        ({"role": "user", "content": "hi", "colour": "red"}, "messages.1.colour", "colour"),
+    ],
+)
+def test_message_fields_that_cannot_be_honoured_are_refused_by_name(client, service, message, param, says):
+    r = client.post("/v1/chat/completions", json={"model": service.chat_model, "messages": [HELLO[1], message]})
+    error = _error(r, 400, "unknown_parameter" if "colour" in param else "unsupported_parameter")
+    assert error["param"] == param and says in error["message"]
+    neutral = {"role": "assistant", "content": "ok", "name": None, "tool_calls": [], "refusal": None}
+    ok = client.post("/v1/chat/completions", json={"model": service.chat_model, "messages": [HELLO[1], neutral],
+                                                   "max_tokens": 1})  # fmt: skip
+    assert ok.status_code == 200, ok.text
 
 
 def test_a_model_that_cannot_load_answers_500_in_openai_shape(client, service):

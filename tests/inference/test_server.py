@@ -83,6 +83,13 @@ def test_classification_and_wrong_endpoint(server, service):
     assert [d["index"] for d in r.json()["data"]] == [0, 1] and r.json()["usage"]["prompt_tokens"] > 0
     wrong = server.post("/v1/chat/completions", json={"model": name, "messages": HELLO})
     assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "invalid_model_for_endpoint"
+    assert "/v1/classifications" in wrong.json()["error"]["message"]
+    # The inference server refuses by name too (a request the API did not validate first).
+    refused = server.post("/v1/chat/completions", json={"model": name, "messages": HELLO, "tools": [{"x": 1}]})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "unsupported_parameter"
+    assert refused.json()["error"]["param"] == "tools"
+    unknown = server.post("/v1/completions", json={"model": name, "prompt": "x", "sufix": "y"})
+    assert unknown.json()["error"]["code"] == "unknown_parameter" and unknown.json()["error"]["param"] == "sufix"
 
 
 def test_an_artifact_that_is_not_there_cannot_be_loaded(server, tmp_path):

@@ -35,7 +35,7 @@ def test_neat_on_minilm_trains_and_classifies(tmp_path, model_cache):
     )
     assert result.status == "succeeded" and result.steps == 4
     assert result.hyperparameters["adapter"]["target_modules"] == ["query", "value"]
-    assert {"train_loss", "valid_loss", "valid_accuracy"} <= set(result.metrics)
+    assert {"train_loss", "full_valid_loss", "full_valid_accuracy"} <= set(result.metrics)
 
     loaded = load_artifact(result.adapter_dir, cache_dir=model_cache)
     assert loaded.manifest["method"] == "neat" and loaded.manifest["labels"] == ["negative", "positive"]

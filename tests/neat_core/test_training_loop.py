@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from neat_core.errors import CheckpointError, DataFormatError
 from neat_core.train import Callback, CancelFlag, TrainSpec, latest_checkpoint, list_checkpoints, train
@@ -66,7 +67,7 @@ def test_progress_callbacks_and_artifact(tiny_models, tmp_path):
     assert [s[1] for s in steps] == list(range(1, 11))
     assert all({"train_loss", "learning_rate", "train_accuracy", "epoch"} <= set(s[2]) for s in steps)
     evaluations = [e for e in rec.events if e[0] == "evaluate"]
-    assert evaluations and all({"valid_loss", "valid_accuracy"} <= set(e[2]) for e in evaluations)
+    assert evaluations and all({"full_valid_loss", "full_valid_accuracy"} <= set(e[2]) for e in evaluations)
     saved = [e[1] for e in rec.events if e[0] == "checkpoint"]
     assert saved == [3, 5, 6, 9, 10]  # every 3 steps, each epoch end (5, 10), and the last step
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-000009", "step-000010"]
@@ -74,7 +75,7 @@ def test_progress_callbacks_and_artifact(tiny_models, tmp_path):
     manifest = json.loads((result.adapter_dir / "manifest.json").read_text())
     assert manifest["method"] == "neat" and manifest["labels"] == ["negative", "positive"]
     assert manifest["hyperparameters"]["learning_rate"] == result.hyperparameters["learning_rate"]
-    assert manifest["metrics"]["valid_accuracy"] == result.metrics["valid_accuracy"]
+    assert manifest["metrics"]["full_valid_accuracy"] == result.metrics["full_valid_accuracy"]
     assert len(manifest["base_weights_sha256"]) == 64 and len(manifest["training_file_sha256"]) == 64
     assert {"torch", "transformers", "peft"} <= set(manifest["versions"])
     assert sorted(p.name for p in result.adapter_dir.iterdir()) == [
@@ -126,10 +127,30 @@ def test_checkpoints_hold_no_pickle(tiny_models, tmp_path):
         "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
+        "manifest.json",  # adapter/ is an artifact of its own: a checkpoint is servable
         "optimizer.safetensors",
         "rng.safetensors",
         "state.json",
     ]
+
+
+def test_a_checkpoint_adapter_loads_as_an_artifact_and_answers_as_its_step_did(tiny_models, tmp_path):
+    """A checkpoint's adapter/ is an artifact: the last checkpoint's gives exactly the final artifact's logits,
+    and an earlier one's its own step's (different) model."""
+    from neat_core.artifacts import load_artifact, read_manifest
+
+    result = train(_spec(tiny_models, tmp_path, max_steps=4, n_epochs=1, checkpoint_every=2))
+    step_2, step_4 = (result.last_checkpoint.parent / f"step-00000{n}" / "adapter" for n in (2, 4))
+    assert read_manifest(step_2)["steps"] == 2 and read_manifest(step_4)["steps"] == 4
+    assert read_manifest(step_4)["base_weights_sha256"] == read_manifest(result.adapter_dir)["base_weights_sha256"]
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+
+    def logits(directory):
+        with torch.no_grad():
+            return load_artifact(directory, device="cpu").model(input_ids=ids).logits
+
+    torch.testing.assert_close(logits(step_4), logits(result.adapter_dir), rtol=0, atol=0)
+    assert not torch.allclose(logits(step_2), logits(step_4))
 
 
 def test_single_label_classification_is_refused(tiny_models, tmp_path):

@@ -96,7 +96,9 @@ def test_enqueued_job_is_trained_by_the_worker(settings, tiny_models, worker_log
     assert job.attempts == 1 and job.trained_tokens > 0
     assert (Storage(settings.resolved_artifact_root).path(job.artifact_key) / "manifest.json").is_file()
     metrics = [e.data for e in get_events(settings, job_id) if e.type == "metrics"]
-    assert any("train_token_accuracy" in m for m in metrics) and any("valid_token_accuracy" in m for m in metrics)
+    assert any("train_mean_token_accuracy" in m for m in metrics) and any(
+        "full_valid_mean_token_accuracy" in m for m in metrics
+    )
 
 
 def test_a_job_enqueued_twice_is_trained_once(settings, tiny_models, worker_log, enqueue):

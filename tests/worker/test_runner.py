@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 
 import pytest
@@ -9,7 +11,7 @@ from sqlalchemy import select, update
 
 from api.schemas import job_object
 from control.db import session_scope
-from control.orm import Checkpoint, Job
+from control.orm import Checkpoint, File, Job
 from control.storage import Storage, file_key, job_key
 from tests.conftest import classification_rows
 from tests.worker.conftest import ORG, get_events, get_job, insert_job
@@ -71,26 +73,53 @@ def test_job_trains_and_reports_progress(settings, tiny_models):
     assert events[0].message == "Fine-tuning job started"
     assert events[1].data["adapter_parameters"] > 0
     assert events[-1].message == "The job has successfully completed"
-    assert {"train_loss", "valid_loss", "valid_accuracy"} <= set(events[-1].data)
+    assert {"train_loss", "full_valid_loss", "full_valid_accuracy"} <= set(events[-1].data)
     assert step_events(events) == list(range(1, 9))
     metrics = [e.data for e in events if e.type == "metrics"]
     train = [m for m in metrics if "train_loss" in m]
     assert all({"total_steps", "learning_rate", "train_accuracy", "epoch"} <= set(m) for m in train)
-    assert not any("valid_loss" in m for m in train)
-    valid = [m for m in metrics if "valid_loss" in m]
-    assert [m["step"] for m in valid] == [2, 4, 6, 8] and all("valid_accuracy" in m for m in valid)
+    assert not any("full_valid_loss" in m for m in train)
+    valid = [m for m in metrics if "full_valid_loss" in m]
+    assert [m["step"] for m in valid] == [2, 4, 6, 8] and all("full_valid_accuracy" in m for m in valid)
 
     # checkpoint_every=2; neat_core keeps the last three on disk, so step 2's row is marked pruned.
     storage = Storage(settings.resolved_artifact_root)
     rows = checkpoints(settings, job_id)
     assert [(r.step_number, r.pruned) for r in rows] == [(2, True), (4, False), (6, False), (8, False)]
     assert [storage.path(r.storage_key).is_dir() for r in rows] == [False, True, True, True]
-    assert rows[-1].metrics["step"] == 8 and "valid_loss" in rows[-1].metrics
+    assert rows[-1].metrics["step"] == 8 and "full_valid_loss" in rows[-1].metrics
     assert sum(e.message.startswith("Checkpoint saved at step") for e in events) == 4
 
     assert job.artifact_key == f"{job_key(ORG, job_id)}/attempt-1/adapter"  # each attempt works in its own folder
     artifact = storage.path(job.artifact_key)
     assert (artifact / "adapter_config.json").is_file() and (artifact / "manifest.json").is_file()
+
+
+def test_a_succeeded_job_has_a_results_csv_that_says_what_its_events_said(settings, tiny_models):
+    job_id = insert_job(settings, tiny_models["bert"], classification_rows(16),
+                        validation_rows=classification_rows(8), hyperparameters=TWO_EPOCHS)  # fmt: skip
+    assert run_job(job_id, settings) == "succeeded"
+    job = get_job(settings, job_id)
+    assert job_object(job)["result_files"] == [job.result_file]
+    with session_scope(settings.resolved_database_url) as session:
+        file = session.scalars(select(File).where(File.id == job.result_file)).one()
+        assert (file.organization_id, file.purpose, file.filename) == (ORG, "fine-tune-results", "step_metrics.csv")
+    body = Storage(settings.resolved_artifact_root).path(file.storage_key).read_bytes()
+    assert file.bytes == len(body) and file.storage_key.startswith(f"{job_key(ORG, job_id)}/attempt-1/")
+    rows = list(csv.DictReader(io.StringIO(body.decode())))
+    assert list(rows[0]) == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy",
+                             "full_valid_loss", "full_valid_mean_token_accuracy"]  # fmt: skip
+    assert [int(r["step"]) for r in rows] == list(range(1, 9)) and file.num_examples == 8
+    events = [e.data for e in get_events(settings, job_id) if e.type == "metrics"]
+    for event in events:  # every figure of every metrics event is in the file, at its step
+        row = rows[event["step"] - 1]
+        if "train_loss" in event:
+            assert float(row["train_loss"]) == event["train_loss"]
+            assert float(row["train_accuracy"]) == event["train_accuracy"]
+        if "full_valid_loss" in event:
+            assert float(row["full_valid_loss"]) == float(row["valid_loss"]) == event["full_valid_loss"]
+            assert float(row["full_valid_mean_token_accuracy"]) == event["full_valid_accuracy"]
+    assert [r["step"] for r in rows if r["full_valid_loss"]] == ["2", "4", "6", "8"]
 
 
 def test_duplicate_delivery_changes_nothing(settings, tiny_models):

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from neat_core.serving import EngineBusy
-from tests.neat_core.serving.test_engine import make_engine, refs
+from neat_core.serving import EngineBusy, SamplingParams
+from tests.neat_core.serving.test_engine import make_engine, prompt, refs
 
 LONG = "the quick brown fox jumps over the lazy dog " * 20  # past the engine's max_length: truncated to it
 
@@ -111,6 +111,22 @@ def test_a_pass_holds_at_most_pass_tokens(tiny_models, saved):
     finally:
         engine.close()
     assert engine.batch_sizes == {2: 8}
+
+
+def test_one_caller_cannot_fill_a_generation_batch(tiny_models, saved):
+    """A holds long generations enough to fill the batch; B's request still joins at once (one row of four is
+    reserved from any one caller), so B's answer is done while all of A's are still generating."""
+    engine = make_engine("llama", tiny_models, max_batch=4, window_s=0.0, reserved_rows=1)
+    try:
+        a = [engine.generate(prompt(i, 4), None, SamplingParams(max_tokens=2000), "org-a") for i in range(6)]
+        _until(lambda: engine.running == 3)  # A's share: three rows of four; its other three wait
+        b = list(engine.generate(prompt(9, 4), None, SamplingParams(max_tokens=8), "org-b"))
+        assert len(b) == 8
+        assert engine.running >= 3 and not any(s.finish_reason for s in a), "B waited for A's generations"
+    finally:
+        for stream in a:
+            stream.cancel()
+        engine.close()
 
 
 def test_a_callers_backlog_is_capped_and_others_are_still_served(tiny_models, saved):
