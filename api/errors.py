@@ -20,12 +20,29 @@ from control.storage import DiskFull
 
 log = logging.getLogger("api")
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "invalid_request_error",
+          404: "invalid_request_error",
           405: "invalid_request_error", 408: "invalid_request_error", 409: "invalid_request_error",
           413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
           503: "service_unavailable", 507: "server_error"}  # fmt: skip
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# OpenAI's API routes this service does not have (its resources, and the job calls it lacks); an unknown path under
+# one of them answers `unsupported_route`, naming it, instead of the generic 404.
+OFFERED = ("/v1/files, /v1/fine_tuning/jobs, /v1/models, /v1/chat/completions, /v1/completions and "
+           "/v1/classifications (ours)")  # fmt: skip
+_UNOFFERED = re.compile(
+    r"^/v1/(embeddings|batches|uploads|images|audio|assistants|threads|responses|moderations|vector_stores|evals"
+    r"|realtime|containers|conversations|chatkit|videos|organization|projects|edits|engines|fine-tunes|webhooks"
+    r"|skills|fine_tuning/checkpoints|fine_tuning/alpha)(/.*)?$"
+    r"|^/v1/fine_tuning/jobs/[^/]+/(pause|resume)$"
+)
+
+
+def _unoffered(path: str) -> bool:
+    return _UNOFFERED.match(path) is not None
 
 
 class APIError(Exception):
@@ -97,6 +114,11 @@ def install_error_handlers(app: FastAPI) -> None:
         # The framework's own refusals (no route, wrong method, a body it cannot parse) get a code too: clients
         # branch on `code`, never on the message.
         status = exc.status_code
+        if status == 404 and exc.detail == "Not Found" and _unoffered(request.url.path):
+            # an OpenAI route this service does not have: say so, rather than a bare 404 a client takes for a typo
+            message = (f"{request.method} {request.url.path} is an OpenAI API route this service does not offer; it "
+                       f"offers {OFFERED}.")  # fmt: skip
+            return JSONResponse(error_body(404, message, "unsupported_route", None), status_code=404)
         if status == 400 and request.headers.get("content-type", "").lower().startswith("multipart/"):
             code = "invalid_multipart"  # Starlette's multipart parser refused the body (no boundary, bad parts)
         else:

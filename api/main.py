@@ -18,6 +18,7 @@ from api.bodies import InferenceBodyLimit
 from api.errors import install_error_handlers
 from api.quotas import RateLimiter
 from api.remote import configured
+from api.request_id import RequestId, install_log_ids
 from api.routes import admin, files, inference, jobs, models
 from api.targets import preload
 from control.backends import Backend
@@ -62,9 +63,16 @@ def _bootstrap_key(settings: Settings) -> None:
         log.exception("could not create the bootstrap API key")
 
 
+class _App(FastAPI):
+    def build_middleware_stack(self):  # noqa: ANN202
+        # outermost, around Starlette's error middleware too: every response, a 500 included, carries the id
+        return RequestId(super().build_middleware_stack())
+
+
 def create_app(backend: Backend | None = None) -> FastAPI:
     """The app; `backend` serves inference (None: the inference servers settings list, else 503 for inference)."""
-    app = FastAPI(
+    install_log_ids()
+    app = _App(
         title="NEAT fine-tuning",
         version="0.1.0",
         description="OpenAI-compatible fine-tuning with NEAT.",

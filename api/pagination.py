@@ -1,9 +1,11 @@
-"""Cursor pagination over rows of one organisation: `after=<id>` and `limit`, ordered by insertion (`seq`)."""
+"""Cursor pagination over rows of one organisation: `after=<id>` and `limit`, ordered by insertion (`seq`); and the
+lists' query parameters, of which an unknown one is refused rather than ignored."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from fastapi import Depends, Request
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
@@ -14,7 +16,8 @@ MAX_LIMIT = 100
 
 def paginate(session: Session, query: Select, model: Any, *, after: str | None, limit: int, newest_first: bool):
     """Returns (rows, has_more). `query` must already be scoped to the caller's organisation, so a cursor from
-    another organisation finds nothing and answers 400 like any unknown cursor."""
+    another organisation finds nothing and answers 400 like any unknown cursor. `after` continues the list past
+    that row in the list's own order (newest first: with older rows)."""
     if not 1 <= limit <= MAX_LIMIT:
         raise APIError(400, f"limit must be between 1 and {MAX_LIMIT}.", code="invalid_limit", param="limit")
     if after is not None:
@@ -29,3 +32,18 @@ def paginate(session: Session, query: Select, model: Any, *, after: str | None, 
 
 def owned(model: Any, org_id: str) -> Select:
     return select(model).where(model.organization_id == org_id)
+
+
+def known_params(*names: str, prefixes: tuple[str, ...] = ()) -> Any:
+    """A route dependency refusing any query parameter but `names` (and those starting with one of `prefixes`, such
+    as `metadata[`) with 400 `unsupported_parameter` naming it: a filter this service does not apply must not
+    answer as if it had been applied."""
+
+    def check(request: Request) -> None:
+        for name in request.query_params:
+            if name not in names and not name.startswith(prefixes):
+                allowed = ", ".join(names + tuple(f"{p}...]" for p in prefixes)) or "none"
+                raise APIError(400, f"Unknown query parameter '{name}' (this list takes: {allowed}).",
+                               code="unsupported_parameter", param=name)  # fmt: skip
+
+    return Depends(check)

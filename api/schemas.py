@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from control.jobs import fine_tuned_model_name
+from control.jobs import JobStatus, fine_tuned_model_name
 from control.orm import Checkpoint, File, Job, JobEvent
 
 Auto = Literal["auto"]
@@ -51,8 +51,9 @@ def _bounded(value: Any, depth: int = 0) -> Any:
 
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    n_epochs: Auto | Annotated[int, Field(ge=1, le=100)] = "auto"
-    batch_size: Auto | Annotated[int, Field(ge=1, le=1024)] = "auto"
+    # OpenAI's bounds (its create-job spec): n_epochs 1..50, batch_size 1..256, learning_rate_multiplier > 0
+    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
+    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
     # NaN and ±inf are refused as such ("finite number"): NaN would otherwise fail `le` with a baffling message
     learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] = "auto"
 
@@ -108,6 +109,12 @@ def page(data: list[dict], has_more: bool) -> dict:
     return {"object": "list", "data": data, "has_more": has_more}
 
 
+def files_page(data: list[dict], has_more: bool) -> dict:
+    """The files list also names its first and last ids (null when empty), as OpenAI's does."""
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    return {**page(data, has_more), "first_id": first, "last_id": last}
+
+
 def file_object(row: File) -> dict[str, Any]:
     return {
         "id": row.id,
@@ -116,12 +123,16 @@ def file_object(row: File) -> dict[str, Any]:
         "created_at": row.created_at,
         "filename": row.filename,
         "purpose": row.purpose,
-        "status": "processed",
-        "status_details": None,
+        "status": "processed",  # `status_details` (deprecated, a string when present) has nothing to say
         "format": row.format,
         "num_examples": row.num_examples,
         "sha256": row.sha256,
     }
+
+
+# The internal states OpenAI's status enum lacks, as the public status shows them: a job asked to cancel is still
+# running until its worker ends the step it is on (then it is cancelled; or succeeded, when that was the last step).
+PUBLIC_STATUS = {JobStatus.CANCELLING: JobStatus.RUNNING}
 
 
 def job_object(row: Job) -> dict[str, Any]:
@@ -135,7 +146,7 @@ def job_object(row: Job) -> dict[str, Any]:
         "model": row.model,
         "fine_tuned_model": row.fine_tuned_model,
         "organization_id": row.organization_id,
-        "status": row.status,
+        "status": PUBLIC_STATUS.get(row.status, row.status),
         "error": row.error,
         "hyperparameters": hyperparameters,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
@@ -159,7 +170,7 @@ def event_object(row: JobEvent) -> dict[str, Any]:
         "level": row.level,
         "message": row.message,
         "type": row.type,
-        "data": row.data,
+        "data": row.data if row.data is not None else {},  # an object in OpenAI's spec, never null
     }
 
 

@@ -56,7 +56,8 @@ def resolve(session: Session, org: str, storage: Storage, model_id: str, task: s
     finally:
         session.close()
     if job is None or job.artifact_key is None:
-        raise APIError(404, f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
+        gone = "has been deleted" if job is not None else "does not exist"  # (deleted: DELETE /v1/models)
+        raise APIError(404, f"The model '{model_id}' {gone}.", code="model_not_found", param="model")
     if job.task != task:
         raise _wrong_endpoint(model_id, job.task == CAUSAL_LM, base=False)
     return dataclasses.replace(of_job(job, storage), caller=org)

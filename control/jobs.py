@@ -263,6 +263,18 @@ def cancel(session: Session, lease: Lease, *, trained_tokens: int | None = None)
     return _finish(session, lease, {JobStatus.CANCELLING}, JobStatus.CANCELLED, **values)
 
 
+def delete_model(session: Session, job_id: str, artifact_key: str) -> bool:
+    """A succeeded job's fine-tuned model is deleted (DELETE /v1/models): the job keeps its record and its status,
+    and no longer names an artifact (`artifact_key` NULL on a succeeded job means exactly this). Conditional on the
+    key it had, so of two concurrent deletes one wins; the caller removes the artifact after the commit."""
+    query = update(Job).where(Job.id == job_id, Job.status == JobStatus.SUCCEEDED, Job.artifact_key == artifact_key)
+    return bool(session.execute(query.values(artifact_key=None)).rowcount)
+
+
+def model_deleted(job: Job) -> bool:
+    return job.status == JobStatus.SUCCEEDED and job.artifact_key is None
+
+
 def release(session: Session, lease: Lease, *, resend_later_from: float | None = None) -> bool:
     """running → queued: the worker is shutting down mid-job; the redelivered message resumes it from its last
     checkpoint. (A job being cancelled is not released: the caller `cancel`s it instead.)

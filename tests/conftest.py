@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 TINY_KINDS = ("bert", "llama", "gpt2")
+
+
+@pytest.fixture(autouse=True)
+def _openai_conformance() -> Iterator[None]:
+    """Fails the test when a response it received through a client hooked by `tests.conformance` (the API and
+    end-to-end suites' clients) did not conform to the `openai` SDK's type for its route, even where the test (or
+    the SDK) caught the error the check raised."""
+    from tests import conformance
+
+    conformance.MISMATCHES.clear()
+    yield
+    conformance.assert_no_mismatches()
 
 
 def _tiny_model(kind: str, tokenizer):

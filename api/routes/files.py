@@ -4,7 +4,7 @@ line, and stored together with their row, within the organisation's storage quot
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -13,9 +13,9 @@ from api import idempotency
 from api.deps import CurrentOrg, IdempotencyHeader, SessionClosingRoute, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, not_found
 from api.idempotency import Claim, request_hash
-from api.pagination import owned, paginate
+from api.pagination import known_params, owned, paginate
 from api.quotas import admit_storage, check_storage_quota
-from api.schemas import file_object, page
+from api.schemas import file_object, files_page
 from api.uploads import OPENAPI, disk_full, receive_upload
 from control import jobs
 from control.ids import new_id
@@ -103,19 +103,20 @@ def upload_file(
     return file_object(row)
 
 
-@router.get("")
+@router.get("", dependencies=[known_params("after", "limit", "purpose", "order")])
 def list_files(
     session: SessionDep,
     org: CurrentOrg,
     after: str | None = None,
     limit: Annotated[int, Query()] = 20,
     purpose: str | None = None,
+    order: Literal["asc", "desc"] = "desc",
 ) -> dict:
     query = owned(File, org)
     if purpose:
         query = query.where(File.purpose == purpose)
-    rows, has_more = paginate(session, query, File, after=after, limit=limit, newest_first=True)
-    return page([file_object(r) for r in rows], has_more)
+    rows, has_more = paginate(session, query, File, after=after, limit=limit, newest_first=order == "desc")
+    return files_page([file_object(r) for r in rows], has_more)
 
 
 @router.get("/{file_id}")

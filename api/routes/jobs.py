@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import secrets
 import tarfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import select
+from sqlalchemy import Select, Text, cast, or_, select
 from sqlalchemy.orm import Session
 
 from api import idempotency
 from api.deps import CurrentOrg, IdempotencyHeader, SessionClosingRoute, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, not_found
 from api.idempotency import Claim, request_hash
-from api.pagination import owned, paginate
+from api.pagination import known_params, owned, paginate
 from api.quotas import job_quota_error
-from api.schemas import Adapter, JobCreate, checkpoint_object, event_object, job_object, page
+from api.schemas import MAX_METADATA_KEY, Adapter, JobCreate, checkpoint_object, event_object, job_object, page
 from api.targets import checkpoint_of
 from control import jobs
 from control.events import add_event
@@ -122,11 +123,36 @@ def _create_job(body: JobCreate, session: Session, org: str, settings: Settings,
     return job
 
 
-@router.get("")
-def list_jobs(session: SessionDep, org: CurrentOrg, after: str | None = None,
+@router.get("", dependencies=[known_params("after", "limit", "metadata", prefixes=("metadata[",))])
+def list_jobs(request: Request, session: SessionDep, org: CurrentOrg, after: str | None = None,
               limit: Annotated[int, Query()] = 20) -> dict:  # fmt: skip
-    rows, has_more = paginate(session, owned(Job, org), Job, after=after, limit=limit, newest_first=True)
+    query = _metadata_filter(owned(Job, org), request.query_params.multi_items())
+    rows, has_more = paginate(session, query, Job, after=after, limit=limit, newest_first=True)
     return page([job_object(r) for r in rows], has_more)
+
+
+_METADATA_KEY = re.compile(r"^metadata\[(.+)\]$")
+_SAFE_KEY = re.compile(r"^[^\"\\]+$")  # a key the JSON path of SQLite's json_extract can name
+
+
+def _metadata_filter(query: Select, params: list[tuple[str, str]]) -> Select:
+    """OpenAI's filter: `metadata[k]=v` (every pair must match), or `metadata=null` (jobs without metadata)."""
+    for name, value in params:
+        if name == "metadata":
+            if value != "null":
+                raise APIError(400, "metadata filters are written metadata[key]=value, or metadata=null for jobs "
+                               "without metadata.", code="invalid_metadata_filter", param="metadata")  # fmt: skip
+            query = query.where(or_(Job.user_metadata.is_(None), cast(Job.user_metadata, Text).in_(["null", "{}"])))
+            continue
+        match = _METADATA_KEY.match(name)
+        if match is None:
+            continue  # not a metadata filter (known_params let it through)
+        key = match.group(1)
+        if len(key) > MAX_METADATA_KEY or not _SAFE_KEY.match(key):
+            raise APIError(400, f"Cannot filter on the metadata key {key!r}: keys are at most {MAX_METADATA_KEY} "
+                           "characters, without '\"' or '\\'.", code="invalid_metadata_filter", param=name)  # fmt: skip
+        query = query.where(Job.user_metadata[key].as_string() == value)
+    return query
 
 
 @router.get("/{job_id}")
@@ -152,16 +178,17 @@ def cancel_job(session: SessionDep, org: CurrentOrg, job_id: str) -> dict:
     return job_object(job)
 
 
-@router.get("/{job_id}/events")
+@router.get("/{job_id}/events", dependencies=[known_params("after", "limit")])
 def list_events(session: SessionDep, org: CurrentOrg, job_id: str, after: str | None = None,
                 limit: Annotated[int, Query()] = 20) -> dict:  # fmt: skip
     _get(session, org, job_id)
     query = select(JobEvent).where(JobEvent.job_id == job_id)
-    rows, has_more = paginate(session, query, JobEvent, after=after, limit=limit, newest_first=False)
+    # newest first, as OpenAI lists them: the first page shows where the job is now
+    rows, has_more = paginate(session, query, JobEvent, after=after, limit=limit, newest_first=True)
     return page([event_object(r) for r in rows], has_more)
 
 
-@router.get("/{job_id}/checkpoints")
+@router.get("/{job_id}/checkpoints", dependencies=[known_params("after", "limit")])
 def list_checkpoints(session: SessionDep, org: CurrentOrg, job_id: str, after: str | None = None,
                      limit: Annotated[int, Query()] = 10) -> dict:  # fmt: skip
     job = _get(session, org, job_id)
@@ -184,6 +211,9 @@ def download_adapter(session: SessionDep, org: CurrentOrg, storage: StorageDep, 
                            "also has a LoRA form.", code="not_exportable", param="format")  # fmt: skip
         _, row = checkpoint_of(session, org, f"{fine_tuned_model_name(job)}:ckpt-step-{checkpoint}", storage)
         root = storage.path(row.storage_key) / "adapter"
+    elif jobs.model_deleted(job):
+        raise APIError(409, f"Job {job.id}'s fine-tuned model {job.fine_tuned_model} has been deleted, and its adapter "
+                       "with it.", code="model_deleted")  # fmt: skip
     elif job.status != JobStatus.SUCCEEDED or not job.artifact_key:
         raise APIError(409, f"Job {job.id} has no adapter yet (status: {job.status}).", code="adapter_not_ready")
     else:

@@ -31,7 +31,7 @@ from control.orm import ApiKey, Checkpoint, Job, Organization
 from control.settings import Settings, get_settings
 from control.storage import job_key
 from inference.inprocess import InProcessBackend
-from tests import services
+from tests import conformance, services
 from tests.api import MIN_EXAMPLES, SMOLLM2, Owned, chat_rows, finish_job, jsonl
 
 DB_PARAMS = [
@@ -194,7 +194,7 @@ def make_api(db_url, orgs, tmp_path, broker_url):
         # As the embedded launcher builds it: inference in process (nothing loads until a model is asked for).
         app = create_app(backend=InProcessBackend(settings) if settings.serving else None)
         app.dependency_overrides[get_settings] = lambda: settings
-        return Api(TestClient(app), settings, *orgs)
+        return Api(conformance.install(TestClient(app)), settings, *orgs)
 
     return make
 

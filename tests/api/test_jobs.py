@@ -68,8 +68,8 @@ def test_create_with_defaults(api, chat_file, broker_url):
 
     events = api.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
     assert [e["object"] for e in events] == ["fine_tuning.job.event"] * 2
-    assert "Created" in events[0]["message"] and job["id"] in events[0]["message"]
-    assert "queued" in events[1]["message"]
+    assert "Created" in events[1]["message"] and job["id"] in events[1]["message"]  # newest first
+    assert "queued" in events[0]["message"]
     assert all(e["level"] == "info" and e["type"] == "message" for e in events)
 
     assert job["id"] in broker_job_ids(broker_url)  # enqueued after the commit
@@ -185,7 +185,17 @@ def test_missing_required_fields(api):
                  400)  # fmt: skip
 
 
-BAD_HYPERPARAMETERS = [("n_epochs", 0), ("batch_size", "x"), ("learning_rate_multiplier", -1), ("n_epochs", 1.5)]
+BAD_HYPERPARAMETERS = [
+    ("n_epochs", 0),
+    ("batch_size", "x"),
+    ("learning_rate_multiplier", -1),
+    ("n_epochs", 1.5),
+    ("n_epochs", 51),
+    ("n_epochs", 75),
+    ("batch_size", 0),
+    ("batch_size", 257),
+    ("learning_rate_multiplier", 0),
+]  # OpenAI's bounds: n_epochs 1..50, batch_size 1..256, lr > 0
 
 
 @sqlite_only
@@ -301,7 +311,7 @@ def test_cancel_queued_job(api, chat_file):
     assert cancelled.json()["finished_at"] is not None
     assert api.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "cancelled"
     events = api.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
-    assert len(events) == 3 and "cancel" in events[-1]["message"].lower()
+    assert len(events) == 3 and "cancel" in events[0]["message"].lower()
 
     again = api.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")  # idempotent: the same answer, nothing changes
     assert (again.status_code, again.json()["status"]) == (200, "cancelled")
@@ -334,11 +344,16 @@ def test_cancel_running_job_asks_it_to_stop(api, chat_file):
     api.set_job(job_id, status="running")
     response = api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
     assert response.status_code == 200, response.text
-    assert response.json()["status"] == "cancelling" and response.json()["finished_at"] is None
-    assert "cancel" in api.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"][-1]["message"].lower()
+    # Internally "cancelling"; OpenAI's status enum has no such value, so the job shows as running until its worker
+    # ends the current step (the event says a cancel was asked for).
+    assert response.json()["status"] == "running" and response.json()["finished_at"] is None
+    with api.session() as session:
+        assert session.scalar(select(Job.status).where(Job.id == job_id)) == "cancelling"
+    assert "cancel" in api.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"][0]["message"].lower()
 
     again = api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")  # asking twice is harmless
-    assert (again.status_code, again.json()["status"]) == (200, "cancelling")
+    assert (again.status_code, again.json()["status"]) == (200, "running")
+    assert [j["status"] for j in api.get("/v1/fine_tuning/jobs").json()["data"]] == ["running"]
 
 
 @sqlite_only
@@ -353,7 +368,7 @@ def test_cancel_finished_job_is_409(api, chat_file, status):
 # ---------------------------------------------------------------------------------------------------- events
 
 
-def test_events_oldest_first_with_pagination(api, chat_file):
+def test_events_newest_first_with_pagination(api, chat_file):
     job_id = api.create_job_ok(chat_file)["id"]
     with api.session() as session:
         for step in (1, 2, 3):
@@ -362,12 +377,15 @@ def test_events_oldest_first_with_pagination(api, chat_file):
     everything = api.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()
     assert everything["has_more"] is False
     messages = [e["message"] for e in everything["data"]]
-    assert messages[2:] == ["step 1", "step 2", "step 3"] and "Created" in messages[0]
+    # newest first, as OpenAI lists them: list_events(limit=n) shows the latest steps
+    assert messages[:3] == ["step 3", "step 2", "step 1"] and "Created" in messages[-1]
     metrics = everything["data"][2]
     assert metrics["type"] == "metrics" and metrics["data"] == {"step": 1, "train_loss": 1.0}
+    assert everything["data"][-1]["data"] == {}  # a message event's data: an object, as the spec has it
 
     first = api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 2}).json()
-    assert first["data"] == everything["data"][:2] and first["has_more"] is True
+    assert [e["message"] for e in first["data"]] == ["step 3", "step 2"] and first["has_more"] is True
+    assert first["data"] == everything["data"][:2]  # `after` = an event id: the page goes on with older events
     rest = api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"after": first["data"][-1]["id"]}).json()
     assert rest["data"] == everything["data"][2:] and rest["has_more"] is False
 

@@ -51,6 +51,10 @@ AIMED_AT_A = {
         ("GET", "/v1/fine_tuning/jobs/{job}/adapter?format=lora", None),
     ],
     ("GET", "/v1/models/{model_id}"): [("GET", "/v1/models/{model}", None)],
+    ("DELETE", "/v1/models/{model_id}"): [
+        ("DELETE", "/v1/models/{model}", None),
+        ("DELETE", "/v1/models/{model}:ckpt-step-5", None),
+    ],
     ("POST", "/v1/chat/completions"): [
         ("POST", "/v1/chat/completions", {"model": "{model}", "messages": [{"role": "user", "content": "hi"}]})
     ],

@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from api.remote import rank
+from tests import conformance
 from tests.conftest import MINILM, SMOLLM2, classification_rows
 from tests.e2e.test_service_flow import ROOT, Service, _jsonl, _process, _wait_for, _wait_healthy
 from tests.services import free_port, postgres, redis
@@ -132,10 +133,15 @@ def test_inference_tier_routes_fails_over_cancels_and_keeps_tenants_apart(tier):
 
     # Another organisation's model answers 404 and never reaches a server.
     before = tier.served()
-    other = openai.OpenAI(base_url=f"{tier.api.url}/v1", api_key=KEY_B, max_retries=0)
+    other = openai.OpenAI(
+        base_url=f"{tier.api.url}/v1",
+        api_key=KEY_B,
+        max_retries=0,
+        http_client=conformance.install(openai.DefaultHttpxClient()),
+    )
     with pytest.raises(openai.NotFoundError):
         other.chat.completions.create(model=job.fine_tuned_model, messages=CHAT, max_tokens=2)
-    with httpx.Client(base_url=tier.api.url, headers={"Authorization": f"Bearer {KEY_B}"}) as http:
+    with conformance.install(httpx.Client(base_url=tier.api.url, headers={"Authorization": f"Bearer {KEY_B}"})) as http:
         r = http.post("/v1/classifications", json={"model": job.fine_tuned_model, "input": "x"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert tier.served() == before

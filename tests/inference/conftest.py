@@ -18,6 +18,7 @@ from control.orm import ApiKey, Job, Organization
 from control.settings import Settings, get_settings
 from control.storage import Storage, job_key
 from inference.inprocess import InProcessBackend
+from tests import conformance
 from tests.conftest import chat_rows, classification_rows, write_jsonl
 
 ORG_A, ORG_B = "org-a", "org-b"
@@ -119,7 +120,7 @@ def make_client(settings: Settings, key: str = KEY_A) -> TestClient:
     """The API as the embedded launcher builds it (inference in process); with serving off, none is injected."""
     app = create_app(backend=backend_for(settings) if settings.serving else None)
     app.dependency_overrides[get_settings] = lambda: settings
-    return TestClient(app, headers={"Authorization": f"Bearer {key}"})
+    return conformance.install(TestClient(app, headers={"Authorization": f"Bearer {key}"}))
 
 
 @pytest.fixture
