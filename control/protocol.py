@@ -60,7 +60,7 @@ class Message(BaseModel):
     @field_validator("role", mode="before")
     @classmethod
     def _tool_roles(cls, role: Any) -> Any:
-        if role in TOOL_ROLES:
+        if isinstance(role, str) and role in TOOL_ROLES:  # anything else is for the type check to refuse
             raise PydanticCustomError("unsupported_parameter", "{role} messages are not supported by this service yet",
                                       {"role": role})  # fmt: skip
         return role
@@ -70,7 +70,7 @@ class Message(BaseModel):
     def _text_only(cls, content: Any) -> Any:
         for part in content if isinstance(content, list) else []:
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind in PART_KINDS:
+            if isinstance(kind, str) and kind in PART_KINDS:  # a dict or list `type` is not hashable
                 raise PydanticCustomError("unsupported_parameter", "{kind} inputs are not supported by this model",
                                           {"kind": PART_KINDS[kind]})  # fmt: skip
         return content

@@ -156,7 +156,7 @@ def test_create_for_each_compatible_format(api, rows, model):
         ({"adapter": {"type": "lily", "num_B": 1}}, 400, "invalid_hyperparameter", "adapter.num_B"),
         ({"adapter": {"type": "lily", "router_mode": "x"}}, 400, "invalid_hyperparameter", "adapter.router_mode"),
         ({"adapter": {"type": "pear", "sharing": "random"}}, 400, "invalid_hyperparameter", "adapter.sharing"),
-        ({"frobnicate": True}, 400, "invalid_request", "frobnicate"),
+        ({"frobnicate": True}, 400, "unknown_parameter", "frobnicate"),
         ({"suffix": "support bot"}, 400, "invalid_request", "suffix"),
         ({"suffix": "x" * 41}, 400, "invalid_request", "suffix"),
         ({"seed": -1}, 400, "invalid_request", "seed"),
