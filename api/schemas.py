@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from control.jobs import JobStatus, fine_tuned_model_name
 from control.orm import Checkpoint, File, Job, JobEvent
+from control.protocol import refuse_unless_neutral
 
 Auto = Literal["auto"]
 
@@ -65,8 +66,21 @@ class Supervised(BaseModel):
 
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised"] = "supervised"
+    # OpenAI's other types are refused by name (400 `unsupported_parameter`), never taken for supervised.
+    type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
     supervised: Supervised | None = None
+    dpo: Any = None
+    reinforcement: Any = None
+
+    @field_validator("type")
+    @classmethod
+    def _supervised_only(cls, value: str) -> str:
+        return refuse_unless_neutral(f"method type '{value}'", value, ("supervised",))
+
+    @field_validator("dpo", "reinforcement", mode="before")
+    @classmethod
+    def _refused(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_unless_neutral(f"method.{info.field_name}", value, ())
 
 
 class Adapter(BaseModel):
@@ -98,6 +112,12 @@ class JobCreate(BaseModel):
     method: Method | None = None
     hyperparameters: Hyperparameters | None = None  # OpenAI's legacy top-level form
     adapter: Adapter | None = None
+    integrations: Any = None  # OpenAI's (Weights & Biases): refused unless empty
+
+    @field_validator("integrations", mode="before")
+    @classmethod
+    def _no_integrations(cls, value: Any) -> Any:
+        return refuse_unless_neutral("integrations", value, ([],))
 
     def requested_hyperparameters(self) -> Hyperparameters:
         if self.method and self.method.supervised and self.method.supervised.hyperparameters:
