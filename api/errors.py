@@ -29,7 +29,7 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_la
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-# OpenAI's API routes this service does not have (its resources, and the job calls it lacks); an unknown path under
+# OpenAI's API routes this service does not have (its resources); an unknown path under
 # one of them answers `unsupported_route`, naming it, instead of the generic 404.
 OFFERED = ("/v1/files, /v1/fine_tuning/jobs, /v1/models, /v1/chat/completions, /v1/completions and "
            "/v1/classifications (ours)")  # fmt: skip
@@ -37,7 +37,6 @@ _UNOFFERED = re.compile(
     r"^/v1/(embeddings|batches|uploads|images|audio|assistants|threads|responses|moderations|vector_stores|evals"
     r"|realtime|containers|conversations|chatkit|videos|organization|projects|edits|engines|fine-tunes|webhooks"
     r"|skills|fine_tuning/checkpoints|fine_tuning/alpha)(/.*)?$"
-    r"|^/v1/fine_tuning/jobs/[^/]+/(pause|resume)$"
 )
 
 

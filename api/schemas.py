@@ -152,7 +152,9 @@ def file_object(row: File) -> dict[str, Any]:
 
 # The internal states OpenAI's status enum lacks, as the public status shows them: a job asked to cancel is still
 # running until its worker ends the step it is on (then it is cancelled; or succeeded, when that was the last step).
-PUBLIC_STATUS = {JobStatus.CANCELLING: JobStatus.RUNNING}
+# A job asked to pause is likewise running until it has saved its checkpoint; then it is `paused`, the status
+# OpenAI's pause answers with (its SDK's enum predates pause).
+PUBLIC_STATUS = {JobStatus.CANCELLING: JobStatus.RUNNING, JobStatus.PAUSING: JobStatus.RUNNING}
 
 
 def job_object(row: Job) -> dict[str, Any]:

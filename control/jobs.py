@@ -1,14 +1,17 @@
 """The job state machine: a job's statuses, the sets of them that mean something, and every transition.
 
     create            (new) → validating_files → queued     (the API, in one transaction, if the quota admits it)
-    cancel_unstarted  validating_files | queued → cancelled  (the API)
-    request_cancel    running → cancelling                   (the API)
+    cancel_unstarted  validating_files | queued | paused → cancelled  (the API)
+    request_cancel    running | pausing → cancelling         (the API)
+    request_pause     running → pausing; validating_files | queued → paused   (the API)
+    resume            paused → queued; pausing → running     (the API)
     claim             queued → running, under a lease        (a worker)
-    renew_lease       running | cancelling, same status      (the worker's heartbeat)
-    succeed | fail    running | cancelling → succeeded | failed
+    renew_lease       running | cancelling | pausing, same status   (the worker's heartbeat)
+    succeed | fail    running | cancelling | pausing → succeeded | failed
     cancel            cancelling → cancelled                 (the worker, at a requested cancel)
+    pause             pausing → paused                       (the worker, at a requested pause: its lease let go)
     release           running → queued                       (the worker, shutting down mid-job)
-    expire            running → queued | failed, cancelling → cancelled   (a reaper, once the lease expired)
+    expire            running → queued | failed, cancelling → cancelled, pausing → paused   (a reaper)
 
 and the worker's fenced writes while it trains: record_progress (job fields), insert_fenced / add_fenced_event
 (events, checkpoint rows).
@@ -55,17 +58,24 @@ class JobStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     CANCELLING = "cancelling"  # a cancel was requested; the worker stops after its current step
+    PAUSING = "pausing"  # a pause was requested; the worker saves a checkpoint after its step and lets go
+    PAUSED = "paused"  # no worker holds it; `resume` queues it again, to continue from its last checkpoint
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
 
 
 # Not finished yet: what the per-organisation `max_active_jobs` quota counts.
-UNFINISHED = frozenset({JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING})
-# No worker has it: a cancel ends it at once.
+UNFINISHED = frozenset({JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING,
+                        JobStatus.PAUSING, JobStatus.PAUSED})  # fmt: skip
+# Not started by a worker: a pause holds it at once.
 NOT_STARTED = frozenset({JobStatus.VALIDATING_FILES, JobStatus.QUEUED})
+# No worker has it: a cancel ends it at once.
+UNHELD = NOT_STARTED | {JobStatus.PAUSED}
 # A worker holds it under a lease, until that worker records the outcome or a reaper takes it back.
-LEASED = frozenset({JobStatus.RUNNING, JobStatus.CANCELLING})
+LEASED = frozenset({JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.PAUSING})
+# A worker holds it and was asked to stop after its current step.
+STOPPING = frozenset({JobStatus.CANCELLING, JobStatus.PAUSING})
 # Final: nothing changes the row any more.
 FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
@@ -77,6 +87,7 @@ class AttemptOutcome(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     RELEASED = "released"  # the worker shut down mid-job and put it back in the queue
+    PAUSED = "paused"  # the worker stopped at a requested pause
     LOST = "lost"  # the worker vanished; its attempt ends at its last fenced write
 
 
@@ -107,8 +118,9 @@ def status_of(session: Session, job_id: str) -> JobStatus | None:
     return None if status is None else JobStatus(status)
 
 
-def is_cancelling(session: Session, job_id: str) -> bool:
-    return status_of(session, job_id) == JobStatus.CANCELLING
+def stop_requested(session: Session, job_id: str) -> bool:
+    """Whether the worker should stop after its current step: a cancel or a pause was asked for."""
+    return status_of(session, job_id) in STOPPING
 
 
 def active_job_using(session: Session, organization_id: str, file_id: str) -> str | None:
@@ -164,13 +176,35 @@ def _lock_organization(session: Session, org: str) -> int | None:
 
 
 def cancel_unstarted(session: Session, job_id: str) -> bool:
-    """validating_files | queued → cancelled. A worker's claim races this one: one of the two wins."""
-    return _update(session, job_id, NOT_STARTED, status=JobStatus.CANCELLED, finished_at=now())
+    """validating_files | queued | paused → cancelled. A worker's claim races this one: one of the two wins."""
+    return _update(session, job_id, UNHELD, status=JobStatus.CANCELLED, finished_at=now())
 
 
 def request_cancel(session: Session, job_id: str) -> bool:
-    """running → cancelling: the worker sees it between steps, saves a checkpoint and records `cancel`."""
-    return _update(session, job_id, {JobStatus.RUNNING}, status=JobStatus.CANCELLING)
+    """running | pausing → cancelling: the worker sees it between steps, saves a checkpoint and records `cancel`."""
+    return _update(session, job_id, {JobStatus.RUNNING, JobStatus.PAUSING}, status=JobStatus.CANCELLING)
+
+
+def request_pause(session: Session, job_id: str) -> JobStatus | None:
+    """running → pausing (the worker sees it between steps, saves a checkpoint and records `pause`), or
+    validating_files | queued → paused at once (its queued message finds it not queued and is skipped). Returns
+    the status it moved to, or None."""
+    if _update(session, job_id, NOT_STARTED, status=JobStatus.PAUSED):
+        return JobStatus.PAUSED
+    if _update(session, job_id, {JobStatus.RUNNING}, status=JobStatus.PAUSING):
+        return JobStatus.PAUSING
+    return None
+
+
+def resume(session: Session, job_id: str) -> JobStatus | None:
+    """paused → queued (the caller sends its message; a worker resumes it from its newest recorded checkpoint),
+    or pausing → running (resumed before its worker stopped: the pause is simply withdrawn). Returns the status it
+    moved to, or None."""
+    if _update(session, job_id, {JobStatus.PAUSED}, status=JobStatus.QUEUED, sent_at=time.time()):
+        return JobStatus.QUEUED
+    if _update(session, job_id, {JobStatus.PAUSING}, status=JobStatus.RUNNING):
+        return JobStatus.RUNNING
+    return None
 
 
 # --- a worker's transitions and writes, fenced on its lease ------------------------------------------------------
@@ -275,6 +309,16 @@ def model_deleted(job: Job) -> bool:
     return job.status == JobStatus.SUCCEEDED and job.artifact_key is None
 
 
+def pause(session: Session, lease: Lease, *, trained_tokens: int | None = None) -> bool:
+    """pausing → paused: the worker stopped at a requested pause, its last checkpoint saved, and lets the job go."""
+    values = {} if trained_tokens is None else {"trained_tokens": trained_tokens}
+    paused = _fenced_update(session, lease, {JobStatus.PAUSING}, status=JobStatus.PAUSED, estimated_finish=None,
+                            lease_owner=None, lease_expires_at=None, **values)  # fmt: skip
+    if paused:
+        _end_attempt(session, lease, AttemptOutcome.PAUSED)
+    return paused
+
+
 def release(session: Session, lease: Lease, *, resend_later_from: float | None = None) -> bool:
     """running → queued: the worker is shutting down mid-job; the redelivered message resumes it from its last
     checkpoint. (A job being cancelled is not released: the caller `cancel`s it instead.)
@@ -333,6 +377,8 @@ def expire(session: Session, lease: ExpiredLease, max_attempts: int, at: float, 
     retry_in = 0.0
     if lease.status == JobStatus.CANCELLING:
         target, values = JobStatus.CANCELLED, {"finished_at": int(at)}
+    elif lease.status == JobStatus.PAUSING:
+        target, values = JobStatus.PAUSED, {}
     elif in_a_row >= max_attempts:
         where = "before its first checkpoint" if point is None else f"after its checkpoint at step {point}"
         error = {
@@ -369,6 +415,8 @@ def expire(session: Session, lease: ExpiredLease, max_attempts: int, at: float, 
                   data={"type": "job_restarted", "attempt": lease.attempts})  # fmt: skip
     elif target == JobStatus.FAILED:
         add_event(session, lease.job_id, f"Fine-tuning job failed: {values['error']['message']}", level="error")
+    elif target == JobStatus.PAUSED:
+        add_event(session, lease.job_id, "Job paused; resume it to continue from its last checkpoint")
     else:
         add_event(session, lease.job_id, "Job cancelled; last checkpoint kept")
     return Expiry(target, retry_in)

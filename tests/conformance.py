@@ -48,6 +48,13 @@ class CompletionChunk(Completion):
     choices: list[_StreamedCompletionChoice]  # type: ignore[assignment]
 
 
+class Job(FineTuningJob):
+    """A job: the SDK's `FineTuningJob`, whose status enum predates OpenAI's pause; `paused` is what OpenAI's pause
+    answers with, so that one value is added, explicitly here."""
+
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]  # type: ignore[assignment]
+
+
 class _Error(BaseModel):
     model_config = ConfigDict(extra="forbid")  # OpenAI's error body holds `error` and nothing else
     error: ErrorObject
@@ -93,12 +100,12 @@ ROUTES: dict[tuple[str, str], Callable[[Any], None]] = {
     ("GET", "/v1/files"): _page(FileObject, _FilesList),
     ("GET", f"/v1/files/{_ID}"): _one(FileObject),
     ("DELETE", f"/v1/files/{_ID}"): _one(FileDeleted),
-    ("POST", JOBS): _one(FineTuningJob),
-    ("GET", JOBS): _page(FineTuningJob, _List),
-    ("GET", f"{JOBS}/{_ID}"): _one(FineTuningJob),
-    ("POST", f"{JOBS}/{_ID}/cancel"): _one(FineTuningJob),
-    ("POST", f"{JOBS}/{_ID}/pause"): _one(FineTuningJob),
-    ("POST", f"{JOBS}/{_ID}/resume"): _one(FineTuningJob),
+    ("POST", JOBS): _one(Job),
+    ("GET", JOBS): _page(Job, _List),
+    ("GET", f"{JOBS}/{_ID}"): _one(Job),
+    ("POST", f"{JOBS}/{_ID}/cancel"): _one(Job),
+    ("POST", f"{JOBS}/{_ID}/pause"): _one(Job),
+    ("POST", f"{JOBS}/{_ID}/resume"): _one(Job),
     ("GET", f"{JOBS}/{_ID}/events"): _page(FineTuningJobEvent, _List),
     ("GET", f"{JOBS}/{_ID}/checkpoints"): _page(FineTuningJobCheckpoint, _List),
     ("GET", "/v1/models"): _models_page,

@@ -47,7 +47,7 @@ class DbProgress(Callback):
         self._start_step, self._start_time = 0, time.monotonic()
         self._row_updated_at = -math.inf
         self._polled_at = -math.inf
-        self._cancelling = False
+        self._stopping = False  # a cancel or a pause was seen
 
     def on_train_begin(self, loop: LoopState, info: dict[str, Any]) -> None:
         hp = info["hyperparameters"]
@@ -117,14 +117,14 @@ class DbProgress(Callback):
         self._write(write)
 
     def should_stop(self, loop: LoopState) -> bool:
-        if not self._cancelling and time.monotonic() - self._polled_at >= self.poll_seconds:
+        if not self._stopping and time.monotonic() - self._polled_at >= self.poll_seconds:
             self._polled_at = time.monotonic()
             try:
                 with session_scope(self.url) as session:
-                    self._cancelling = jobs.is_cancelling(session, self.job_id)
+                    self._stopping = jobs.stop_requested(session, self.job_id)
             except (OperationalError, DBAPIError):  # the database is away: a cancel waits until it is back
-                log.warning("job %s: cannot check for a cancel (database unavailable)", self.job_id)
-        return self._cancelling
+                log.warning("job %s: cannot check for a cancel or pause (database unavailable)", self.job_id)
+        return self._stopping
 
     def _estimated_finish(self, step: int) -> int | None:
         done = step - self._start_step

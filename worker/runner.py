@@ -23,6 +23,7 @@ from control.events import add_event
 from control.ids import new_id
 from control.jobs import JobStatus
 from control.orm import File, Job
+from control.queue import enqueue
 from control.settings import Settings, get_settings
 from control.storage import Storage, no_space
 from neat_core.errors import NeatCoreError
@@ -77,8 +78,8 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         # back in the queue too, so that the redelivery can claim it and resume from the last checkpoint.
         _release(url, lease)
         raise
-    if result.cancelled:
-        return _cancelled(url, lease, result)
+    if result.cancelled:  # stopped at a requested cancel or pause
+        return _stopped(url, lease, result, settings)
     try:
         results = _results_file(url, lease, storage, result)
     except OSError as e:
@@ -150,13 +151,29 @@ def _succeeded(url: str, lease: jobs.Lease, storage: Storage, result: TrainResul
     return with_retries(url, write)
 
 
-def _cancelled(url: str, lease: jobs.Lease, result: TrainResult) -> str:
-    def write(session: Session) -> str:
-        done = jobs.cancel(session, lease, trained_tokens=result.trained_tokens)
-        message = f"Job cancelled at step {result.steps}; last checkpoint kept"
-        return _recorded(session, lease.job_id, done, JobStatus.CANCELLED, message)
+def _stopped(url: str, lease: jobs.Lease, result: TrainResult, settings: Settings) -> str:
+    """The training stopped where it was asked to (its checkpoint saved): a cancel, or a pause; or a pause that was
+    withdrawn (resumed) after the worker saw it, which puts the job back in the queue to continue."""
 
-    return with_retries(url, write)
+    def write(session: Session) -> str:
+        if jobs.cancel(session, lease, trained_tokens=result.trained_tokens):
+            message = f"Job cancelled at step {result.steps}; last checkpoint kept"
+            return _recorded(session, lease.job_id, True, JobStatus.CANCELLED, message)
+        if jobs.pause(session, lease, trained_tokens=result.trained_tokens):
+            message = f"Job paused at step {result.steps}; resume it to continue from there"
+            return _recorded(session, lease.job_id, True, JobStatus.PAUSED, message)
+        if jobs.release(session, lease):
+            message = f"The pause was withdrawn; the job continues from step {result.steps}"
+            return _recorded(session, lease.job_id, True, JobStatus.QUEUED, message)
+        return _recorded(session, lease.job_id, False, JobStatus.CANCELLED, "")
+
+    status = with_retries(url, write)
+    if status == JobStatus.QUEUED:
+        try:
+            enqueue(lease.job_id, settings)
+        except Exception:  # noqa: BLE001  (the row is queued; the reapers resend it after `redeliver_seconds`)
+            log.exception("could not enqueue %s", lease.job_id)
+    return status
 
 
 def _failed(url: str, lease: jobs.Lease, error: dict[str, Any]) -> str:
@@ -195,6 +212,8 @@ def _release(url: str, lease: jobs.Lease) -> None:
     with session_scope(url) as session:
         if jobs.release(session, lease):
             add_event(session, lease.job_id, "Worker stopped mid-job; the job is queued again", level="warn")
+        elif jobs.pause(session, lease):  # it was being paused anyway
+            add_event(session, lease.job_id, "Job paused; resume it to continue from its last checkpoint")
         else:  # it was being cancelled anyway
             done = jobs.cancel(session, lease)
             _recorded(session, lease.job_id, done, JobStatus.CANCELLED, "Job cancelled; last checkpoint kept")

@@ -178,6 +178,46 @@ def cancel_job(session: SessionDep, org: CurrentOrg, job_id: str) -> dict:
     return job_object(job)
 
 
+@router.post("/{job_id}/pause")
+def pause_job(session: SessionDep, org: CurrentOrg, job_id: str) -> dict:
+    """OpenAI's pause: a running job saves a checkpoint after its current step and lets its worker go (it shows
+    `running` until then); a queued one is held at once. Pausing a paused (or pausing) job changes nothing."""
+    job = _get(session, org, job_id)
+    moved = jobs.request_pause(session, job.id)
+    if moved == JobStatus.PAUSED:
+        add_event(session, job.id, "Job paused before it started; resume it to queue it again")
+    elif moved == JobStatus.PAUSING:
+        add_event(session, job.id, "Pause requested; the job saves a checkpoint after its current step")
+    session.commit()
+    session.refresh(job)
+    if job.status not in (JobStatus.PAUSED, JobStatus.PAUSING):
+        raise APIError(409, f"Job {job.id} is {job_object(job)['status']}; only a queued or running job can be "
+                       "paused.", code="job_not_pausable")  # fmt: skip
+    return job_object(job)
+
+
+@router.post("/{job_id}/resume")
+def resume_job(session: SessionDep, org: CurrentOrg, settings: SettingsDep, job_id: str) -> dict:
+    """OpenAI's resume: a paused job is queued again and continues exactly from its last checkpoint."""
+    job = _get(session, org, job_id)
+    moved = jobs.resume(session, job.id)
+    if moved == JobStatus.QUEUED:
+        add_event(session, job.id, "Job resumed; it continues from its last checkpoint")
+    elif moved == JobStatus.RUNNING:
+        add_event(session, job.id, "Pause withdrawn; the job keeps running")
+    session.commit()
+    session.refresh(job)
+    if moved is None:
+        raise APIError(409, f"Job {job.id} is {job_object(job)['status']}; only a paused job can be resumed.",
+                       code="job_not_resumable")  # fmt: skip
+    if moved == JobStatus.QUEUED:
+        try:
+            enqueue(job.id, settings)
+        except Exception:  # noqa: BLE001  (the row stays queued; a worker's reaper sends it after redeliver_seconds)
+            log.exception("could not enqueue %s", job.id)
+    return job_object(job)
+
+
 @router.get("/{job_id}/events", dependencies=[known_params("after", "limit")])
 def list_events(session: SessionDep, org: CurrentOrg, job_id: str, after: str | None = None,
                 limit: Annotated[int, Query()] = 20) -> dict:  # fmt: skip

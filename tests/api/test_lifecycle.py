@@ -192,7 +192,7 @@ def test_every_response_carries_a_request_id(api, chat_file, caplog):
 UNOFFERED = [("POST", "/v1/embeddings"), ("POST", "/v1/batches"), ("GET", "/v1/batches/batch_1"),
              ("POST", "/v1/uploads"), ("POST", "/v1/images/generations"), ("POST", "/v1/audio/speech"),
              ("POST", "/v1/audio/transcriptions"), ("GET", "/v1/assistants"), ("POST", "/v1/responses"),
-             ("POST", "/v1/moderations"), ("POST", "/v1/fine_tuning/jobs/ftjob-1/pause")]  # fmt: skip
+             ("POST", "/v1/moderations"), ("GET", "/v1/fine_tuning/checkpoints/x/permissions")]  # fmt: skip
 
 
 @sqlite_only
@@ -209,3 +209,38 @@ def test_unsupported_routes_through_the_stock_client(api):
     assert refused.value.code == "unsupported_route" and "/v1/embeddings" in refused.value.message
     other = assert_error(api.get("/v1/nonsense"), 404, code="not_found")  # not an OpenAI route: the plain 404
     assert "does not offer" not in other["message"]
+
+
+# ---------------------------------------------------------------------------------------------------- pause, resume
+
+
+def test_pause_and_resume_through_the_stock_client(api, chat_file):
+    """A queued job is held at once; a running one is asked to stop after its step (it shows `running` until its
+    worker has saved a checkpoint and let go: tests/worker/test_runner.py runs that part and the exact resume)."""
+    client = _client(api)
+    queued = api.create_job_ok(chat_file)["id"]
+    assert client.fine_tuning.jobs.pause(queued).status == "paused"
+    assert client.fine_tuning.jobs.pause(queued).status == "paused"  # again: nothing changes
+    assert client.fine_tuning.jobs.retrieve(queued).status == "paused"
+    assert client.fine_tuning.jobs.resume(queued).status == "queued"
+    with pytest.raises(openai.ConflictError) as refused:
+        client.fine_tuning.jobs.resume(queued)  # not paused
+    assert refused.value.code == "job_not_resumable"
+
+    running = api.create_job_ok(chat_file)["id"]
+    api.set_job(running, status="running")
+    assert client.fine_tuning.jobs.pause(running).status == "running"  # until its worker stops
+    with api.session() as session:
+        assert session.scalar(select(Job.status).where(Job.id == running)) == "pausing"
+    assert client.fine_tuning.jobs.resume(running).status == "running"  # the pause withdrawn
+    with api.session() as session:
+        assert session.scalar(select(Job.status).where(Job.id == running)) == "running"
+
+    api.set_job(running, status="paused")
+    assert client.fine_tuning.jobs.cancel(running).status == "cancelled"  # a paused job has no worker to wait for
+    with pytest.raises(openai.ConflictError) as refused:
+        client.fine_tuning.jobs.pause(running)
+    assert refused.value.code == "job_not_pausable" and "cancelled" in refused.value.message
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(queued).data]
+    assert messages[:2] == ["Job resumed; it continues from its last checkpoint",
+                            "Job paused before it started; resume it to queue it again"]  # fmt: skip

@@ -41,6 +41,8 @@ AIMED_AT_A = {
     ("GET", "/v1/fine_tuning/jobs"): [("GET", "/v1/fine_tuning/jobs?after={job}", None)],
     ("GET", "/v1/fine_tuning/jobs/{job_id}"): [("GET", "/v1/fine_tuning/jobs/{job}", None)],
     ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel"): [("POST", "/v1/fine_tuning/jobs/{job}/cancel", None)],
+    ("POST", "/v1/fine_tuning/jobs/{job_id}/pause"): [("POST", "/v1/fine_tuning/jobs/{job}/pause", None)],
+    ("POST", "/v1/fine_tuning/jobs/{job_id}/resume"): [("POST", "/v1/fine_tuning/jobs/{job}/resume", None)],
     ("GET", "/v1/fine_tuning/jobs/{job_id}/events"): [
         ("GET", "/v1/fine_tuning/jobs/{job}/events", None),
         ("GET", "/v1/fine_tuning/jobs/{b_job}/events?after={event}", None),

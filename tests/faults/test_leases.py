@@ -166,6 +166,22 @@ def test_reaper_finishes_a_cancel_whose_worker_died(db):
     assert [a.outcome for a in attempts(db, job_id)] == [AttemptOutcome.LOST]
 
 
+def test_reaper_holds_a_pause_whose_worker_died(db):
+    """The worker died while pausing: the job is paused (its last checkpoint is where a resume continues), not
+    requeued against the customer's wish, and not failed."""
+    job_id = new_job(db)
+    run(db, jobs.claim, job_id, "w1", db.lease_seconds)
+    assert run(db, jobs.request_pause, job_id) == JobStatus.PAUSING
+    expire_now(db, job_id)
+    assert reap(db) == []  # nothing to resend
+    job = row(db, job_id)
+    assert (job.status, job.lease_owner, job.finished_at) == (JobStatus.PAUSED, None, None)
+    assert [a.outcome for a in attempts(db, job_id)] == [AttemptOutcome.LOST]
+    assert events(db, job_id)[-1].message == "Job paused; resume it to continue from its last checkpoint"
+    assert run(db, jobs.resume, job_id) == JobStatus.QUEUED
+    assert run(db, jobs.claim, job_id, "w2", db.lease_seconds) == 2  # a worker takes it up again
+
+
 def test_racing_reapers_and_a_late_renewal(db):
     job_id = new_job(db)
     run(db, jobs.claim, job_id, "w1", db.lease_seconds)

@@ -35,16 +35,14 @@ def cancel_after_step(monkeypatch):
     """Cancel as the API does (running → cancelling) right after step `n`: deterministic, where a thread would
     race steps that take milliseconds. The cancel is polled at every step instead of once a second."""
 
-    def arm(settings, job_id: str, n: int) -> None:
+    def arm(settings, job_id: str, n: int, status: str = "cancelling") -> None:  # or "pausing": a pause
         original = DbProgress.on_step_end
 
         def on_step_end(self, loop, metrics):
             original(self, loop, metrics)
             if loop.step == n:
                 with session_scope(settings.resolved_database_url) as session:
-                    session.execute(
-                        update(Job).where(Job.id == job_id, Job.status == "running").values(status="cancelling")
-                    )
+                    session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(status=status))
 
         monkeypatch.setattr(DbProgress, "on_step_end", on_step_end)
         monkeypatch.setattr(DbProgress, "poll_seconds", 0.0)
@@ -183,6 +181,38 @@ def test_requeued_job_resumes_from_its_checkpoint(settings, tiny_models, cancel_
     assert [r.step_number for r in checkpoints(settings, job_id)] == [2, 3, 4, 6, 8]
     manifest = Storage(settings.resolved_artifact_root).path(job.artifact_key) / "manifest.json"
     assert '"steps": 8' in manifest.read_text()
+
+
+def test_a_paused_job_resumes_to_the_adapter_of_an_uninterrupted_run(settings, tiny_models, cancel_after_step,
+                                                                     monkeypatch):  # fmt: skip
+    from safetensors.torch import load_file
+
+    from control import jobs
+
+    storage = Storage(settings.resolved_artifact_root)
+    quiet = insert_job(settings, tiny_models["bert"], classification_rows(16), hyperparameters=TWO_EPOCHS)
+    assert run_job(quiet, settings) == "succeeded"
+
+    job_id = insert_job(settings, tiny_models["bert"], classification_rows(16), hyperparameters=TWO_EPOCHS)
+    cancel_after_step(settings, job_id, 3, status="pausing")  # the API's pause, between steps 3 and 4
+    assert run_job(job_id, settings) == "paused"
+    monkeypatch.undo()
+    paused = get_job(settings, job_id)
+    assert paused.status == "paused" and paused.lease_owner is None and paused.finished_at is None
+    assert job_object(paused)["status"] == "paused"
+    assert get_events(settings, job_id)[-1].message == "Job paused at step 3; resume it to continue from there"
+    assert [r.step_number for r in checkpoints(settings, job_id)][-1] == 3  # stopped at a checkpoint
+    assert run_job(job_id, settings) == "skipped"  # a paused job's redelivered message claims nothing
+
+    with session_scope(settings.resolved_database_url) as session:
+        assert jobs.resume(session, job_id) == "queued"
+    assert run_job(job_id, settings) == "succeeded"
+    resumed = get_job(settings, job_id)
+    assert step_events(get_events(settings, job_id)) == [1, 2, 3, 4, 5, 6, 7, 8]  # continued, not restarted
+    expected = load_file(storage.path(get_job(settings, quiet).artifact_key) / "adapter_model.safetensors")
+    got = load_file(storage.path(resumed.artifact_key) / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    assert max(float((expected[k] - got[k]).abs().max()) for k in expected) <= 1e-6
 
 
 def test_data_that_breaks_training_fails_the_job(settings, tiny_models):
