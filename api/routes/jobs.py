@@ -68,10 +68,7 @@ def create_job(body: JobCreate, session: SessionDep, org: CurrentOrg, settings: 
         if claimed is not None:
             claimed.release()
         raise
-    try:  # after the commit: a worker that picks the message up must find the row
-        enqueue(job.id, settings)
-    except Exception:  # noqa: BLE001  (the row stays queued; a worker's reaper sends it after redeliver_seconds)
-        log.exception("could not enqueue %s", job.id)
+    _send(job.id, settings)  # after the commit: a worker that picks the message up must find the row
     return job_object(job)
 
 
@@ -211,10 +208,7 @@ def resume_job(session: SessionDep, org: CurrentOrg, settings: SettingsDep, job_
         raise APIError(409, f"Job {job.id} is {job_object(job)['status']}; only a paused job can be resumed.",
                        code="job_not_resumable")  # fmt: skip
     if moved == JobStatus.QUEUED:
-        try:
-            enqueue(job.id, settings)
-        except Exception:  # noqa: BLE001  (the row stays queued; a worker's reaper sends it after redeliver_seconds)
-            log.exception("could not enqueue %s", job.id)
+        _send(job.id, settings)
     return job_object(job)
 
 
@@ -277,3 +271,11 @@ def download_adapter(session: SessionDep, org: CurrentOrg, storage: StorageDep, 
 
 def _step(checkpoint: int | None) -> str:
     return "" if checkpoint is None else f"-step-{checkpoint}"
+
+
+def _send(job_id: str, settings: Settings) -> None:
+    """The queued job's message to the workers, once its row is committed."""
+    try:
+        enqueue(job_id, settings)
+    except Exception:  # noqa: BLE001  (the row stays queued; a worker's reaper sends it after redeliver_seconds)
+        log.exception("could not enqueue %s", job_id)
