@@ -48,7 +48,7 @@ class CompletionChunk(Completion):
     choices: list[_StreamedCompletionChoice]  # type: ignore[assignment]
 
 
-class Job(FineTuningJob):
+class FineTuningJobWithPause(FineTuningJob):
     """A job: the SDK's `FineTuningJob`, whose status enum predates OpenAI's pause; `paused` is what OpenAI's pause
     answers with, so that one value is added, explicitly here."""
 
@@ -100,12 +100,12 @@ ROUTES: dict[tuple[str, str], Callable[[Any], None]] = {
     ("GET", "/v1/files"): _page(FileObject, _FilesList),
     ("GET", f"/v1/files/{_ID}"): _one(FileObject),
     ("DELETE", f"/v1/files/{_ID}"): _one(FileDeleted),
-    ("POST", JOBS): _one(Job),
-    ("GET", JOBS): _page(Job, _List),
-    ("GET", f"{JOBS}/{_ID}"): _one(Job),
-    ("POST", f"{JOBS}/{_ID}/cancel"): _one(Job),
-    ("POST", f"{JOBS}/{_ID}/pause"): _one(Job),
-    ("POST", f"{JOBS}/{_ID}/resume"): _one(Job),
+    ("POST", JOBS): _one(FineTuningJobWithPause),
+    ("GET", JOBS): _page(FineTuningJobWithPause, _List),
+    ("GET", f"{JOBS}/{_ID}"): _one(FineTuningJobWithPause),
+    ("POST", f"{JOBS}/{_ID}/cancel"): _one(FineTuningJobWithPause),
+    ("POST", f"{JOBS}/{_ID}/pause"): _one(FineTuningJobWithPause),
+    ("POST", f"{JOBS}/{_ID}/resume"): _one(FineTuningJobWithPause),
     ("GET", f"{JOBS}/{_ID}/events"): _page(FineTuningJobEvent, _List),
     ("GET", f"{JOBS}/{_ID}/checkpoints"): _page(FineTuningJobCheckpoint, _List),
     ("GET", "/v1/models"): _models_page,
