@@ -15,7 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from control.backends import BackendError
-from control.protocol import refusal
+from control.protocol import named_param, refusal
 from control.storage import DiskFull
 
 log = logging.getLogger("api")
@@ -102,6 +102,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         param, message = _first_problem(exc.errors())
+        param = named_param(exc.errors()[0], param) if exc.errors() else param
         code, message = refusal(exc.errors()[0], param) or (
             "invalid_request",
             f"{param}: {message}" if param else message,

@@ -4,6 +4,7 @@ with the same models (this module imports nothing but pydantic, so the inference
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -42,27 +43,53 @@ class TextPart(BaseModel):
 
 # Content parts and roles of OpenAI's messages that no model here can take: refused by name, never dropped.
 PART_KINDS = {"image_url": "image", "input_audio": "audio", "file": "file", "refusal": "refusal"}
-TOOL_ROLES = ("tool", "function")
+LEGACY_ROLES = ("function",)  # OpenAI's deprecated function-calling role: `tool` replaced it
+MAX_TOOLS = 128  # OpenAI's bound
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # a function's or a response format's name (OpenAI's rule)
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(min_length=1)]
+    arguments: str  # a JSON object, as a string (OpenAI's shape)
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments: str) -> str:
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError("arguments must be a JSON object, as a string")
+        return arguments
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: Annotated[str, Field(min_length=1)]
+    type: Literal["function"]
+    function: FunctionCall
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]  # `developer`: OpenAI's newer name for system
-    content: str | list[TextPart]
-    # OpenAI's message fields that would need tools (or named participants) to mean anything: refused unless null.
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # `developer`: OpenAI's newer name for system
+    content: str | list[TextPart] | None = None  # None: an assistant message that only calls tools
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = None  # an assistant's calls
+    tool_call_id: Annotated[str, Field(min_length=1)] | None = None  # a tool message: the call it answers
+    # OpenAI's message fields with nothing to act on here: refused unless null.
     name: Any = None
-    tool_calls: Any = None
-    tool_call_id: Any = None
     function_call: Any = None
     audio: Any = None
     refusal: Any = None
 
     @field_validator("role", mode="before")
     @classmethod
-    def _tool_roles(cls, role: Any) -> Any:
-        if isinstance(role, str) and role in TOOL_ROLES:  # anything else is for the type check to refuse
-            raise PydanticCustomError("unsupported_parameter", "{role} messages are not supported by this service yet",
-                                      {"role": role})  # fmt: skip
+    def _legacy_roles(cls, role: Any) -> Any:
+        if isinstance(role, str) and role in LEGACY_ROLES:  # anything else is for the type check to refuse
+            raise PydanticCustomError("unsupported_parameter", "{role} messages are not supported by this service; "
+                                      "use tool messages", {"role": role})  # fmt: skip
         return role
 
     @field_validator("content", mode="before")
@@ -75,16 +102,86 @@ class Message(BaseModel):
                                           {"kind": PART_KINDS[kind]})  # fmt: skip
         return content
 
-    @field_validator("name", "tool_calls", "tool_call_id", "function_call", "audio", "refusal", mode="before")
+    @field_validator("name", "function_call", "audio", "refusal", mode="before")
     @classmethod
     def _refused(cls, value: Any, info: ValidationInfo) -> Any:
-        return refuse_unless_neutral(
-            f"message {info.field_name}", value, ([],) if info.field_name == "tool_calls" else ()
-        )
+        return refuse_unless_neutral(f"message {info.field_name}", value, ())
 
-    def plain(self) -> dict[str, str]:
-        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+    @model_validator(mode="after")
+    def _fields_of_its_role(self) -> Message:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.tool_call_id is None) != (self.role != "tool"):
+            raise ValueError("a tool message needs tool_call_id (the call it answers), and only it has one")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError("content is missing (only an assistant message with tool_calls may leave it out)")
+        return self
+
+    @property
+    def chars(self) -> int:
+        text = len(self.content) if isinstance(self.content, str) else sum(len(p.text) for p in self.content or [])
+        return text + sum(len(c.function.arguments) + len(c.function.name) for c in self.tool_calls or [])
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object; None: no arguments
+    strict: bool | None = None  # honoured always: the arguments are constrained to the schema either way
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _functions_only(cls, kind: Any) -> Any:
+        if kind == "custom":  # OpenAI's free-form tools: their grammars are not supported
+            raise PydanticCustomError("unsupported_parameter", "custom tools are not supported by this service yet")
+        return kind
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _functions_only(cls, kind: Any) -> Any:
+        if kind in ("allowed_tools", "custom"):
+            raise PydanticCustomError("unsupported_parameter", "tool_choice {kind} is not supported by this service "
+                                      "yet", {"kind": kind})  # fmt: skip
+        return kind
+
+
+class JsonSchemaFormat(BaseModel):
+    # `schema` is the field's name on the wire; the attribute is `schema_` (pydantic's BaseModel has `schema`).
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # honoured always: the output is constrained to the schema either way
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.json_schema is None) == (self.type == "json_schema"):
+            raise ValueError("json_schema goes with type json_schema, and only with it")
+        return self
 
 
 class StreamOptions(BaseModel):
@@ -109,17 +206,13 @@ REFUSED_CHAT: dict[str, tuple[Any, ...]] = {
     "metadata": ({},),  # tags a stored completion; nothing is stored (`store`)
     "modalities": (["text"],),
     "moderation": (),
-    "parallel_tool_calls": (),  # only means something with `tools`
     "prediction": (),
     "prompt_cache_key": (),  # no prompt cache whose routing it could steer
     "prompt_cache_options": (),
     "prompt_cache_retention": (),
     "reasoning_effort": (),
-    "response_format": ({"type": "text"},),
     "service_tier": ("auto", "default"),
     "store": (False,),
-    "tool_choice": ("none",),
-    "tools": ([],),
     "verbosity": (),
     "web_search_options": (),
 }
@@ -131,6 +224,12 @@ def refuse_unless_neutral(name: str, value: Any, neutral: tuple[Any, ...]) -> An
         return value
     raise PydanticCustomError("unsupported_parameter", "{name} is not supported by this service yet",
                               {"name": name})  # fmt: skip
+
+
+def named_param(error: dict, param: str | None) -> str | None:
+    """The field a validation error is about: the one it names (`_invalid`, a check across fields), else `param`
+    (where it was raised)."""
+    return (error.get("ctx") or {}).get("param") or param
 
 
 def refusal(error: dict, param: str | None) -> tuple[str, str] | None:
@@ -201,6 +300,11 @@ class GenerationRequest(BaseModel):
         raise NotImplementedError
 
 
+def _invalid(param: str, message: str, code: str = "invalid_field") -> PydanticCustomError:
+    """An error from a check across fields: `param` names the field it is about (`named_param` reads it)."""
+    return PydanticCustomError(code, "{text}", {"text": message, "param": param})
+
+
 def _too_long(what: str, count: int, limit: int) -> PydanticCustomError:
     return PydanticCustomError("too_long", "{what} is {count} characters; the limit is {limit}",
                                {"what": what, "count": count, "limit": limit})  # fmt: skip
@@ -212,6 +316,11 @@ class ChatRequest(GenerationRequest):
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     safety_identifier: Annotated[str, Field(max_length=256)] | None = None  # like `user`: logged
+    # Constrained decoding (neat_core.serving.grammar): the reply follows the format, or is tool calls.
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # Refused unless neutral (REFUSED_CHAT).
     audio: Any = None
     function_call: Any = None
@@ -219,17 +328,13 @@ class ChatRequest(GenerationRequest):
     metadata: Any = None
     modalities: Any = None
     moderation: Any = None
-    parallel_tool_calls: Any = None
     prediction: Any = None
     prompt_cache_key: Any = None
     prompt_cache_options: Any = None
     prompt_cache_retention: Any = None
     reasoning_effort: Any = None
-    response_format: Any = None
     service_tier: Any = None
     store: Any = None
-    tool_choice: Any = None
-    tools: Any = None
     verbosity: Any = None
     web_search_options: Any = None
 
@@ -248,11 +353,41 @@ class ChatRequest(GenerationRequest):
     @field_validator("messages")
     @classmethod
     def _bounded(cls, messages: list[Message]) -> list[Message]:
-        count = sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content)
-                    for m in messages)  # fmt: skip
+        count = sum(m.chars for m in messages)
         if count > MAX_PROMPT_CHARS:
             raise _too_long("the messages' content", count, MAX_PROMPT_CHARS)
+        called: set[str] = set()
+        for i, m in enumerate(messages):
+            called |= {c.id for c in m.tool_calls or []}
+            if m.tool_call_id is not None and m.tool_call_id not in called:
+                raise ValueError(f"message {i} answers tool call {m.tool_call_id!r}, which no earlier message made")
         return messages
+
+    @model_validator(mode="after")
+    def _tools_asked_for(self) -> ChatRequest:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise _invalid("tools", "function names must be unique")
+        if not names and (self.tool_choice is not None or self.parallel_tool_calls is not None):
+            raise _invalid("tool_choice" if self.tool_choice is not None else "parallel_tool_calls",
+                           "only allowed when tools are given")  # fmt: skip
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise _invalid("tool_choice", f"names {self.tool_choice.function.name!r}, which is not one of the tools")
+        if self.calls_tools and self.logprobs:
+            raise _invalid("logprobs", "logprobs with tools is not supported by this service yet",
+                           "unsupported_parameter")  # fmt: skip
+        return self
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the reply may be tool calls (tools given, and tool_choice is not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def choice(self) -> str | None:
+        """tool_choice as one string: "none", "auto", "required", a function's name, or None (auto)."""
+        named = isinstance(self.tool_choice, NamedToolChoice)
+        return self.tool_choice.function.name if named else self.tool_choice
 
     @property
     def tokens_wanted(self) -> int:

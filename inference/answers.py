@@ -14,6 +14,7 @@ from control.protocol import ChatRequest, CompletionRequest, GenerationRequest
 from inference.errors import PromptError, ServingError
 from inference.host import ModelHost, ModelRef
 from inference.text import Generation
+from neat_core.data.chat import TOOL_CLOSE, TOOL_OPEN, parse_tool_calls, reply_grammar
 from neat_core.serving import SamplingParams
 
 log = logging.getLogger("inference.answers")
@@ -37,7 +38,8 @@ def start(host: ModelHost, ref: ModelRef, request: ChatRequest | CompletionReque
     """Start the generations `request` asks for. Raises PromptError (naming the prompt's field), UnknownModel or
     ServingError before anything is generated."""
     chat = isinstance(request, ChatRequest)
-    prompts = [[m.plain() for m in request.messages]] if chat else request.prompts
+    prompts = [[m.model_dump(exclude_none=True) for m in request.messages]] if chat else request.prompts
+    tools = [t.model_dump(exclude_none=True) for t in request.tools] if chat and request.tools else None
     top = request.top_logprobs_wanted
     sampling = SamplingParams(
         max_tokens=request.tokens_wanted,
@@ -50,6 +52,7 @@ def start(host: ModelHost, ref: ModelRef, request: ChatRequest | CompletionReque
         logit_bias=request.bias,
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
+        grammar=_grammar(request) if chat else None,
     )
     n = request.n or 1
     generations: list[Generation] = []
@@ -60,8 +63,10 @@ def start(host: ModelHost, ref: ModelRef, request: ChatRequest | CompletionReque
                 own = (
                     sampling if j == 0 or request.seed is None else dataclasses.replace(sampling, seed=request.seed + j)
                 )
-                generations.append(host.generate(ref, prompt, own, request.stops))
+                generations.append(host.generate(ref, prompt, own, request.stops, tools))
     except PromptError as e:
+        if e.code == "invalid_schema":  # a schema the grammar cannot follow: the format's, else a tool's
+            e.param = "response_format" if request.response_format and request.response_format.json_schema else "tools"
         e.param = e.param or ("messages" if chat else "prompt")
         raise
     finally:
@@ -80,7 +85,13 @@ def answer(choices: Choices, request: GenerationRequest) -> dict:
     for i, (generation, echoed) in enumerate(zip(choices.generations, choices.echoed, strict=True)):
         text = generation.text()
         logprobs = _logprobs(generation, request, len(echoed))
-        if chat:
+        calls = parse_tool_calls(text) if chat and request.calls_tools else None
+        if calls:
+            message = {"role": "assistant", "content": None, "refusal": None,
+                       "tool_calls": [_tool_call(name, arguments) for name, arguments in calls]}  # fmt: skip
+            out.append({"index": i, "message": message, "finish_reason": _finish(generation, calls),
+                        "logprobs": logprobs})  # fmt: skip
+        elif chat:
             message = {"role": "assistant", "content": text, "refusal": None}
             out.append({"index": i, "message": message, "finish_reason": generation.finish_reason,
                         "logprobs": logprobs})  # fmt: skip
@@ -114,6 +125,10 @@ def events(choices: Choices, request: GenerationRequest) -> Iterator[dict]:
             choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         return {**base, "choices": [choice]}
 
+    def calls_chunk(index: int, calls: list[dict]) -> dict:
+        return {**base, "choices": [{"index": index, "delta": {"tool_calls": calls}, "logprobs": None,
+                                     "finish_reason": None}]}  # fmt: skip
+
     try:
         for index, (generation, echoed) in enumerate(zip(choices.generations, choices.echoed, strict=True)):
             if chat:
@@ -123,18 +138,85 @@ def events(choices: Choices, request: GenerationRequest) -> Iterator[dict]:
             offset = len(echoed)
             if echoed:
                 yield chunk(index, echoed)
-            for text in generation:
-                yield chunk(index, text, _logprobs(generation, request, offset))
-                offset += len(text)
+            split = _CallSplitter() if chat and request.calls_tools else None
+            for piece in generation:
+                text, calls = split.feed(piece) if split else (piece, [])
+                if text:
+                    yield chunk(index, text, _logprobs(generation, request, offset))
+                    offset += len(text)
+                for call in calls:  # OpenAI's order: the call's id and name, then its arguments
+                    yield calls_chunk(index, [{**call, "function": {**call["function"], "arguments": ""}}])
+                    arguments = {"arguments": call["function"]["arguments"]}
+                    yield calls_chunk(index, [{"index": call["index"], "function": arguments}])
+            if split and (rest := split.rest()):
+                yield chunk(index, rest)
             # What the last piece held back (a stop string's start that was not one) went out with it; the tokens
             # read after it (the stop string's own) are reported with the final chunk.
-            yield chunk(index, None, _logprobs(generation, request, offset), generation.finish_reason)
+            finish = _finish(generation, split.sent) if split else generation.finish_reason
+            yield chunk(index, None, _logprobs(generation, request, offset), finish)
     except ServingError as e:
         log.warning("stream failed: %s", e)
         yield error_body(e.status, e.message, e.code, None)
         return
     if request.include_usage:
         yield {**base, "choices": [], "usage": _usage(choices)}
+
+
+def _grammar(request: ChatRequest) -> str | None:
+    """The grammar the reply must follow (constrained decoding), or None for free text."""
+    fmt = request.response_format
+    return reply_grammar(
+        tools=[t.model_dump(exclude_none=True) for t in request.tools or []],
+        choice=request.choice,
+        parallel=request.parallel_tool_calls is not False,
+        json_reply=fmt is not None and fmt.type != "text",
+        schema=fmt.json_schema.schema_ if fmt is not None and fmt.json_schema else None,
+    )
+
+
+def _tool_call(name: str, arguments: str, index: int | None = None) -> dict:
+    call = {"id": new_id("call"), "type": "function", "function": {"name": name, "arguments": arguments}}
+    return call if index is None else {"index": index, **call}
+
+
+def _finish(generation: Generation, calls: list) -> str | None:
+    """OpenAI's finish reason for a reply: "tool_calls" when it ended after making calls."""
+    return "tool_calls" if calls and generation.finish_reason == "stop" else generation.finish_reason
+
+
+class _CallSplitter:
+    """A reply that may be tool calls, as it streams: free text passes through once it cannot be the start of a
+    call; a call is sent (as a streamed `tool_calls` entry) as soon as its block closes."""
+
+    def __init__(self):
+        self.buffer = ""  # text not yet sent
+        self.mode: str | None = None  # None: undecided; "text"; "calls"
+        self.sent: list[dict] = []
+
+    def feed(self, piece: str) -> tuple[str, list[dict]]:
+        """(text to send now, calls completed now)."""
+        if self.mode == "text":
+            return piece, []
+        self.buffer += piece
+        if self.mode is None:
+            head = self.buffer.lstrip()
+            if head.startswith(TOOL_OPEN):
+                self.mode = "calls"
+            elif TOOL_OPEN.startswith(head):  # whitespace, or a prefix of the tag: wait
+                return "", []
+            else:
+                self.mode, text, self.buffer = "text", self.buffer, ""
+                return text, []
+        done = self.buffer.rfind(TOOL_CLOSE)
+        parsed = parse_tool_calls(self.buffer[: done + len(TOOL_CLOSE)]) if done >= 0 else None
+        new = [_tool_call(n, a, len(self.sent) + k) for k, (n, a) in enumerate((parsed or [])[len(self.sent) :])]
+        self.sent += new
+        return "", new
+
+    def rest(self) -> str:
+        """At the end: text still held (a reply that was only whitespace or the tag's start); none for calls
+        (a block cut off by max_tokens is dropped; the finish reason says "length")."""
+        return self.buffer if self.mode is None else ""
 
 
 def _logprobs(generation: Generation, request: GenerationRequest, offset: int) -> dict | None:

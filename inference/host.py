@@ -100,13 +100,18 @@ class ModelHost:
         return self._once(self._engines, (base_model, task), create, lru=False)
 
     def generate(
-        self, ref: ModelRef, prompt: str | list[int] | list[dict], sampling: SamplingParams, stop: tuple[str, ...] = ()
+        self,
+        ref: ModelRef,
+        prompt: str | list[int] | list[dict],
+        sampling: SamplingParams,
+        stop: tuple[str, ...] = (),
+        tools: list[dict] | None = None,
     ) -> Generation:
-        """Start generating: a chat (`messages`, rendered with the model's chat template) or a raw prompt.
-        Raises PromptError, UnknownModel or ServingError at once; iterate the result for the text."""
+        """Start generating: a chat (OpenAI `messages` and `tools`, rendered with the model's chat template) or a
+        raw prompt. Raises PromptError, UnknownModel or ServingError at once; iterate the result for the text."""
 
         def start(engine: BatchEngine, adapter: AdapterRef | None) -> Generation:
-            return Generation(engine, encode_prompt(engine, prompt), adapter, sampling, stop, ref.fair_key)
+            return Generation(engine, encode_prompt(engine, prompt, tools), adapter, sampling, stop, ref.fair_key)
 
         return self._run(ref, start)
 

@@ -29,6 +29,7 @@ from control.protocol import (
     CompletionRequest,
     LoadAdapterRequest,
     UnloadAdapterRequest,
+    named_param,
     refusal,
 )
 from control.settings import Settings, get_settings
@@ -166,7 +167,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         loc = [str(p) for p in (errors[0].get("loc", ()) if errors else ()) if p != "body"]
-        param = ".".join(loc) or None
+        param = named_param(errors[0], ".".join(loc) or None) if errors else None
         message = errors[0].get("msg", "Invalid request.") if errors else "Invalid request."
         code, message = (refusal(errors[0], param) if errors else None) or ("invalid_request", message)
         return JSONResponse(answers.error_body(400, message, code, param), status_code=400)

@@ -12,7 +12,8 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 
 from inference.errors import PromptError, ServingError
-from neat_core.serving import AdapterRef, BatchEngine, SamplingParams
+from neat_core.data.chat import content_text
+from neat_core.serving import AdapterRef, BatchEngine, GrammarError, SamplingParams
 
 log = logging.getLogger("inference.text")
 
@@ -46,7 +47,10 @@ class Generation:
             raise PromptError(f"logit_bias names token ids outside this model's vocabulary (0..{engine.vocab_size - 1})"
                               f": {outside[:5]}", param="logit_bias")  # fmt: skip
         sampling = dataclasses.replace(sampling, max_tokens=self.max_new_tokens)
-        self._stream = engine.generate(input_ids, adapter, sampling, caller)
+        try:
+            self._stream = engine.generate(input_ids, adapter, sampling, caller)
+        except GrammarError as e:  # a JSON schema (response_format, a tool's parameters) it cannot follow
+            raise PromptError(f"The output format cannot be compiled: {e}", code="invalid_schema") from e
 
     def cancel(self) -> None:
         self._stream.cancel()
@@ -137,8 +141,11 @@ def check_prompt_chars(chars: int, context: int | None) -> None:
         )
 
 
-def encode_prompt(engine: BatchEngine, prompt: str | list[int] | list[dict]) -> list[int]:
-    """A raw prompt, token ids, or a chat (`messages`) rendered with the model's chat template, as token ids.
+def encode_prompt(
+    engine: BatchEngine, prompt: str | list[int] | list[dict], tools: list[dict] | None = None
+) -> list[int]:
+    """A raw prompt, token ids, or a chat (OpenAI `messages` and `tools`) rendered with the model's chat template,
+    as token ids.
     Refused by its length in characters before any tokenizing (`check_prompt_chars`), then by its tokens
     (`context_budget`)."""
     if prompt and isinstance(prompt, list) and isinstance(prompt[0], int):
@@ -146,7 +153,7 @@ def encode_prompt(engine: BatchEngine, prompt: str | list[int] | list[dict]) -> 
             raise PromptError(f"The prompt has token ids outside this model's vocabulary "
                               f"(0..{engine.vocab_size - 1}): {outside[:5]}")  # fmt: skip
         return list(prompt)
-    chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+    chars = len(prompt) if isinstance(prompt, str) else sum(len(content_text(m.get("content"))) for m in prompt)
     check_prompt_chars(chars, engine.max_length)
     if isinstance(prompt, str):
         ids = engine.encode(prompt)
@@ -154,7 +161,7 @@ def encode_prompt(engine: BatchEngine, prompt: str | list[int] | list[dict]) -> 
         from jinja2 import TemplateError
 
         try:
-            text = engine.chat_prompt(prompt)
+            text = engine.chat_prompt(prompt, tools)
         except (ValueError, TemplateError) as e:  # no chat template, or one that rejects this conversation
             raise PromptError(f"The model's chat template cannot render these messages: {e}") from e
         ids = engine.encode(text, add_special_tokens=False)  # the template wrote the special tokens

@@ -8,7 +8,7 @@ A tool call is written as Hermes' block, the form Qwen, Hermes and SmolLM3 were 
     </tool_call>
 
 one block per call, separated by a newline. Inference constrains the model to exactly this form
-(`tool_call_grammar`) and parses it back (`parse_tool_calls`); training data renders an assistant's `tool_calls`
+(`reply_grammar`) and parses it back (`parse_tool_calls`); training data renders an assistant's `tool_calls`
 the same way, so a model is trained on what it is later asked to write.
 
 A template that knows tools (its source uses `tools`) is given the tools and the structured messages, and writes
@@ -113,26 +113,36 @@ def _arguments(arguments: str | dict) -> Any:
 # ---- what the model writes: the grammar that constrains it, and parsing it back ----
 
 
-def tool_call_grammar(tools: list[dict], choice: str | None, parallel: bool) -> str | None:
-    """The llguidance Lark grammar a reply must follow, for the tools offered and `tool_choice`:
-      - "auto": free text that does not start with a tool call, or well-formed calls;
-      - "required": calls only; a function's name: calls of that function only;
-      - "none": None (free text; the tools are still in the prompt, as OpenAI does).
-    Each call's arguments follow the function's `parameters` schema. Several calls unless `parallel` is false."""
-    if choice == "none":
-        return None
+# One space after ':' and ',' and no other whitespace: a small model given free whitespace can spend its whole
+# budget on newlines.
+_COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def reply_grammar(
+    *, tools: list[dict] | None = None, choice: str | None = None, parallel: bool = True, json_reply: bool = False,
+    schema: dict | None = None,
+) -> str | None:  # fmt: skip
+    """The llguidance Lark grammar a chat reply must follow; None when it is free text.
+      - `json_reply`: the text is a JSON object following `schema` (any object when None): `response_format`.
+      - `tools` with `choice` "auto" (or None): that text, or well-formed tool calls (free text may not start with
+        one); "required": calls only; a function's name: one call of that function; "none": the text alone
+        (the tools are still in the prompt, as OpenAI does).
+    Each call's arguments follow its function's `parameters` schema; several calls unless `parallel` is false."""
+    text = f"%json {json.dumps({**(schema or {'type': 'object'}), 'x-guidance': _COMPACT})}" if json_reply else None
+    if not tools or choice == "none":
+        return f"start: {text}" if text else None
     offered = [t["function"] for t in tools if choice in (None, "auto", "required") or t["function"]["name"] == choice]
     one_of = [_call_schema(f) for f in offered]
-    call_schema = one_of[0] if len(one_of) == 1 else {"anyOf": one_of}
-    calls = 'call ("\\n" call)*' if parallel else "call"
+    calls = 'call ("\\n" call)*' if parallel and choice in (None, "auto", "required") else "call"
     rules = [
         f"calls: {calls}",
         f'call: "{TOOL_OPEN}\\n" body "\\n{TOOL_CLOSE}"',
-        f"body: %json {json.dumps(call_schema)}",
+        f"body: %json {json.dumps({'anyOf': one_of, 'x-guidance': _COMPACT})}",  # read at the schema's root only
     ]
-    if choice in (None, "auto"):
-        return "\n".join(["start: text | calls", "text: TEXT", f"TEXT: /(?s:.*)/ & ~/{TOOL_OPEN}(?s:.*)/", *rules])
-    return "\n".join(["start: calls", *rules])
+    if choice not in (None, "auto"):
+        return "\n".join(["start: calls", *rules])
+    text = text or f"TEXT\nTEXT: /(?s:.*)/ & ~/{TOOL_OPEN}(?s:.*)/"
+    return "\n".join(["start: text | calls", f"text: {text}", *rules])
 
 
 def _call_schema(function: dict) -> dict:
@@ -142,8 +152,6 @@ def _call_schema(function: dict) -> dict:
         "properties": {"name": {"const": function["name"]}, "arguments": parameters},
         "required": ["name", "arguments"],
         "additionalProperties": False,
-        # One space after ':' and ',' and none elsewhere: a small model cannot wander off into whitespace.
-        "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
     }
 
 

@@ -9,6 +9,7 @@ from neat_core.serving.classification import length_buckets
 from neat_core.serving.engine import BatchEngine
 from neat_core.serving.factors import AdapterFactors, load_factors
 from neat_core.serving.generation import KV_CACHE, SamplingParams, TokenStream
+from neat_core.serving.grammar import GrammarError
 from neat_core.serving.scheduler import EngineBusy, EngineClosed
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "BatchEngine",
     "EngineBusy",
     "EngineClosed",
+    "GrammarError",
     "MultiAdapterLinear",
     "MultiAdapterModel",
     "SamplingParams",

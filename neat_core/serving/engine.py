@@ -35,10 +35,12 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from neat_core.data import chat
 from neat_core.serving.batched import MultiAdapterModel
 from neat_core.serving.cache import AdapterCache, AdapterRef
 from neat_core.serving.classification import ClassificationMixin, _ClassifyRow, length_buckets
 from neat_core.serving.generation import KV_CACHE, GenerationMixin, SamplingParams, TokenStream, _GenRequest
+from neat_core.serving.grammar import Grammars
 from neat_core.serving.scheduler import EngineBusy, EngineClosed, Scheduler
 
 __all__ = [
@@ -82,6 +84,7 @@ class BatchEngine(Scheduler, GenerationMixin, ClassificationMixin):
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0]) if task != "classification" else 0
         self.cache = AdapterCache(self.model, cache_bytes, self._model_lock)
         self.tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to call from several threads
+        self.grammars = Grammars(tokenizer, self.vocab_size)
         self._eos = self._eos_ids(model, tokenizer)
         self._start()
 
@@ -100,9 +103,10 @@ class BatchEngine(Scheduler, GenerationMixin, ClassificationMixin):
         with self.tokenizer_lock:
             return self.tokenizer.decode([token])
 
-    def chat_prompt(self, messages: list[dict]) -> str:
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """OpenAI messages (and tools) through the model's chat template, ready for the assistant's turn."""
         with self.tokenizer_lock:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return chat.render(self.tokenizer, messages, tools, add_generation_prompt=True)
 
     def preload(self, adapter: AdapterRef) -> None:
         self.cache.acquire(adapter, adapter.owner)

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from neat_core.serving import grammar as constrained
 from neat_core.serving.cache import AdapterRef
 from neat_core.serving.scheduler import EngineBusy, EngineClosed
 
@@ -41,6 +42,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated so far
+    grammar: str | None = None  # llguidance Lark grammar the text must follow (`neat_core.serving.grammar`)
 
     @property
     def shapes_logits(self) -> bool:
@@ -96,16 +98,19 @@ class _GenRequest:
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
     caller: Any = None  # the organisation it is for: the scheduler caps each one's running rows
+    matcher: Any = None  # the grammar's state (llguidance.LLMatcher), for a constrained row
 
 
 class GenerationMixin:
     """`BatchEngine`'s generation: `generate` (any thread) and the steps the scheduler thread runs. Uses the
-    engine's `task`, `device`, `tokenizer`, `cache`, `max_length`, `vocab_size`, `_eos`, `_submit` and `_forward`."""
+    engine's `task`, `device`, `tokenizer`, `cache`, `max_length`, `vocab_size`, `grammars`, `_eos`, `_submit`
+    and `_forward`."""
 
     def generate(
         self, input_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams, caller: str | None = None
     ) -> TokenStream:
-        """Queue a generation; its adapter is checked against `caller` and loaded before it joins a batch."""
+        """Queue a generation; its adapter is checked against `caller` and loaded before it joins a batch.
+        Raises GrammarError (a ValueError) for a grammar that does not compile."""
         if self.task != "causal_lm":
             raise ValueError("this engine serves classification")
         if not input_ids:
@@ -113,6 +118,7 @@ class GenerationMixin:
         outside = [t for t in [*input_ids, *(t for t, _ in sampling.logit_bias)] if not 0 <= t < self.vocab_size]
         if outside:  # checked here: an index past the logits would fail the whole batch's step
             raise ValueError(f"token ids outside the vocabulary (0..{self.vocab_size - 1}): {outside[:5]}")
+        matcher = self.grammars.matcher(sampling.grammar) if sampling.grammar is not None else None
         if adapter is not None:
             self.cache.acquire(adapter, caller)  # raises before anything is queued
         stream = TokenStream(len(input_ids))
@@ -121,7 +127,7 @@ class GenerationMixin:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(sampling.seed % 2**63 if sampling.seed is not None else torch.seed())
         adapter_id = adapter and adapter.adapter_id
-        request = _GenRequest(list(input_ids), adapter_id, sampling, stream, generator, caller=caller)
+        request = _GenRequest(list(input_ids), adapter_id, sampling, stream, generator, caller=caller, matcher=matcher)
         try:
             self._submit([request], caller)
         except (EngineClosed, EngineBusy):
@@ -183,11 +189,13 @@ class GenerationMixin:
             if self._finished(r):  # ended already (cancelled between steps); its row leaves after this step
                 continue
             scores = self._shaped(row, r) if r.sampling.shapes_logits else row
+            if r.matcher is not None:  # only tokens that keep the text inside the row's grammar
+                scores = constrained.mask_(scores.clone() if scores is row else scores, r.matcher)
             if r.sampling.temperature > 0:
                 token = self._sample(scores, r)
             else:
                 token = best if scores is row else int(scores.argmax())
-            if r.sampling.logprobs:  # the model's own distribution, before bias and penalties (as vLLM reports)
+            if r.sampling.logprobs:  # the model's own distribution, before bias, penalties and grammar (as vLLM)
                 logp = row.log_softmax(-1)
                 r.stream.logprobs.append(float(logp[token]))
                 if r.sampling.top_logprobs:
@@ -195,7 +203,8 @@ class GenerationMixin:
                     r.stream.top_logprobs.append(list(zip(ids.tolist(), values.tolist(), strict=True)))
             r.tokens.append(token)
             r.stream._put(token)
-            if token in self._eos and not r.sampling.ignore_eos:
+            complete = r.matcher is not None and constrained.advance(r.matcher, token)
+            if (token in self._eos and not r.sampling.ignore_eos) or complete:
                 self._end(r, "stop")
             elif len(r.tokens) >= r.sampling.max_tokens or (
                 self.max_length is not None and len(r.input_ids) + len(r.tokens) >= self.max_length

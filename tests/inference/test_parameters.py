@@ -6,6 +6,7 @@ other, never with expected text."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
@@ -218,6 +219,107 @@ def end_user_check(field: str) -> Callable:
     return check
 
 
+# A schema whose every valid answer is short, so even the tiny random model ends it within the token budget.
+DIGIT = {"type": "integer", "minimum": 0, "maximum": 9}
+SMALL = {"type": "object", "properties": {"n": DIGIT, "ok": {"type": "boolean"}}, "required": ["n", "ok"],
+         "additionalProperties": False}  # fmt: skip
+
+
+def function(name: str) -> dict:
+    return {"type": "function", "function": {"name": name, "description": f"{name} a digit", "parameters": {
+        "type": "object", "properties": {"n": DIGIT}, "required": ["n"], "additionalProperties": False}}}  # fmt: skip
+
+
+TOOLS = [function("f"), function("g")]
+
+
+def calls(body: dict) -> list[tuple[str, dict]]:
+    message = body["choices"][0]["message"]
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message.get("tool_calls") or []]
+
+
+def check_response_format(client, route, model, **_):
+    for seed in range(3):
+        asked = {"temperature": 1, "seed": seed, "max_tokens": 40}
+        free = text(ok(client, route, model, **asked))
+        fmt = {"type": "json_schema", "json_schema": {"name": "small", "schema": SMALL, "strict": True}}
+        body = ok(client, route, model, response_format=fmt, **asked)
+        answer = json.loads(text(body))  # the same request, constrained: schema-valid JSON
+        assert set(answer) == {"n", "ok"} and answer["n"] in range(10) and isinstance(answer["ok"], bool)
+        assert body["choices"][0]["finish_reason"] == "stop" and text(body) != free
+    # Any object: the random model writes one endless string, so only its start is checked here;
+    # tests/e2e/test_structured.py has SmolLM2 write whole objects.
+    any_object = text(ok(client, route, model, temperature=0, response_format={"type": "json_object"}))
+    assert any_object.startswith("{") and not text(ok(client, route, model, temperature=0)).startswith("{")
+    assert text(ok(client, route, model, temperature=0, response_format={"type": "text"})) == text(
+        ok(client, route, model, temperature=0)
+    )
+    broken = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "$ref": "#/nowhere"}}}
+    assert _error(post(client, route, model, response_format=broken), 400, "invalid_schema")["param"] == (
+        "response_format"
+    )
+    assert _error(post(client, route, model, response_format={"type": "xml"}), 400, "invalid_request")["param"] == (
+        "response_format.type"
+    )
+
+
+def check_tools(client, route, model, **_):
+    for seed in range(3):
+        body = ok(client, route, model, tools=TOOLS, tool_choice="required", temperature=1, seed=seed, max_tokens=60)
+        made = calls(body)
+        assert made and all(name in ("f", "g") and args["n"] in range(10) for name, args in made)
+        assert body["choices"][0]["finish_reason"] == "tool_calls" and body["choices"][0]["message"]["content"] is None
+    # Streamed as OpenAI streams them: per call an entry with its id and name, then its arguments.
+    asked = {"tools": TOOLS, "tool_choice": "required", "temperature": 0, "max_tokens": 60}
+    events = _events(post(client, route, model, stream=True, **asked))[:-1]
+    streamed: dict[int, dict] = {}
+    for delta in (c["delta"] for e in events for c in e["choices"]):
+        for entry in delta.get("tool_calls", []):
+            call = streamed.setdefault(entry["index"], {"name": "", "arguments": ""})
+            call["name"] += entry.get("function", {}).get("name", "")
+            call["arguments"] += entry["function"].get("arguments", "")
+            assert "id" not in entry or entry["id"].startswith("call")
+    assert [(c["name"], json.loads(c["arguments"])) for c in streamed.values()] == calls(ok(client, route, model,
+                                                                                           **asked))  # fmt: skip
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    # The tools reach the model: its prompt is longer with them.
+    assert (
+        ok(client, route, model, tools=TOOLS)["usage"]["prompt_tokens"]
+        > ok(client, route, model)["usage"]["prompt_tokens"]
+    )
+    custom = [{"type": "custom", "custom": {"name": "c"}}]
+    assert _error(post(client, route, model, tools=custom), 400, "unsupported_parameter")["param"] == "tools.0.type"
+
+
+def check_tool_choice(client, route, model, **_):
+    for seed in range(3):
+        named = ok(client, route, model, tools=TOOLS, temperature=1, seed=seed, max_tokens=60,
+                   tool_choice={"type": "function", "function": {"name": "g"}})  # fmt: skip
+        assert [name for name, _ in calls(named)] == ["g"]  # that function, once
+    plain = ok(client, route, model, tools=TOOLS, tool_choice="none", temperature=0)
+    assert calls(plain) == [] and plain["choices"][0]["finish_reason"] in ("stop", "length")
+    assert text(plain) == text(ok(client, route, model, tools=TOOLS, tool_choice="none", temperature=0))
+    assert _error(post(client, route, model, tool_choice="auto"), 400, "invalid_request")["param"] == "tool_choice"
+    unknown = {"type": "function", "function": {"name": "h"}}
+    assert (
+        _error(post(client, route, model, tools=TOOLS, tool_choice=unknown), 400, "invalid_request")["param"]
+        == "tool_choice"
+    )
+
+
+def check_parallel_tool_calls(client, route, model, tokenizer, **_):
+    # With the end of the reply forbidden by logit_bias, a reply may only go on with another call where parallel
+    # calls are allowed; with them off, the grammar ends it after one call whatever the bias says.
+    # One tool, so that two calls fit the tiny model's 256-token context after the prompt that describes it.
+    no_end = {"logit_bias": {str(tokenizer.eos_token_id): -100}, "tools": TOOLS[:1], "tool_choice": "required",
+              "temperature": 0, "max_tokens": 80}  # fmt: skip
+    assert len(calls(ok(client, route, model, parallel_tool_calls=False, **no_end))) == 1
+    assert len(calls(ok(client, route, model, parallel_tool_calls=True, **no_end))) >= 2
+    assert _error(post(client, route, model, parallel_tool_calls=True), 400, "invalid_request")["param"] == (
+        "parallel_tool_calls"
+    )
+
+
 COMMON = {
     "model": check_model,
     "n": check_n,
@@ -241,6 +343,10 @@ HONOURED = {
         "max_completion_tokens": check_max_completion_tokens,
         "top_logprobs": check_top_logprobs,
         "safety_identifier": end_user_check("safety_identifier"),
+        "response_format": check_response_format,
+        "tools": check_tools,
+        "tool_choice": check_tool_choice,
+        "parallel_tool_calls": check_parallel_tool_calls,
     },
     COMPLETIONS: {**COMMON, "prompt": check_prompt, "echo": check_echo},
 }
@@ -253,17 +359,13 @@ ASKING = {
         "metadata": {"k": "v"},
         "modalities": ["text", "audio"],
         "moderation": {"model": "omni-moderation-latest"},
-        "parallel_tool_calls": True,
         "prediction": {"type": "content", "content": "x"},
         "prompt_cache_key": "k",
         "prompt_cache_options": {"key": "k"},
         "prompt_cache_retention": "24h",
         "reasoning_effort": "low",
-        "response_format": {"type": "json_object"},
         "service_tier": "priority",
         "store": True,
-        "tool_choice": "auto",
-        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
         "verbosity": "low",
         "web_search_options": {},
     },
