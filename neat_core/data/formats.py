@@ -247,8 +247,8 @@ def _check_chat(obj: dict) -> None:
     if not isinstance(messages, list):
         raise _Invalid("invalid_field", f"'messages' must be an array, not {_json_type(messages)}")
     functions = _check_tools(obj["tools"]) if "tools" in obj else None
-    calls: set[str] = set()  # ids of the calls made so far, and of those already answered
-    answered: set[str] = set()
+    calls: set[str] = set()  # the ids of the calls made so far
+    answered: set[str] = set()  # ... and of those a tool message answered
     assistants = trainable = 0
     for i, message in enumerate(messages):
         where = f"messages[{i}]."
@@ -260,13 +260,16 @@ def _check_chat(obj: dict) -> None:
         if role not in ROLES:  # a non-string role is just as invalid; `in` on a tuple never raises
             raise _Invalid("invalid_role", f"{where}role is {role!r}; allowed: {', '.join(ROLES)}")
         for key, owner in (("tool_calls", "assistant"), ("tool_call_id", "tool")):
-            if key in message and role != owner:  # known fields: refused where they would mean nothing
+            # Known fields, refused where they would mean nothing; null is absent (SDK dumps write it).
+            if message.get(key) is not None and role != owner:
                 raise _Invalid("invalid_field", f"{where}{key!r} is only allowed on {owner} messages")
-        if role == "assistant" and message.get("tool_calls"):
-            for j, call_id in enumerate(_check_tool_calls(message["tool_calls"], functions, where)):
-                if call_id in calls:
-                    raise _Invalid("invalid_field", f"{where}tool_calls[{j}].id {call_id!r} is used twice")
-                calls.add(call_id)
+        tool_calls = message.get("tool_calls")
+        made = [] if tool_calls is None else _check_tool_calls(tool_calls, functions, where)
+        for j, call_id in enumerate(made):
+            if call_id in calls:
+                raise _Invalid("invalid_field", f"{where}tool_calls[{j}].id {call_id!r} is used twice")
+            calls.add(call_id)
+        if made:
             if message.get("content") is not None:  # text before the calls; may be empty
                 _string(message, "content", where=where, non_empty=False)
         else:

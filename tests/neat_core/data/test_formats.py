@@ -232,6 +232,7 @@ TOOL_CHAT = _tools(
         _tools(USER, ASSISTANT, tools=[_tool(name="ping"), _tool(name="no-params_2", description="")]),
         _tools(USER, ASSISTANT, tools=[]),
         _chat(USER, {**ASSISTANT, "tool_calls": []}),
+        _chat({**USER, "tool_calls": None, "tool_call_id": None}, {**ASSISTANT, "tool_calls": None}),  # null: none
         _tools(USER, ASSISTANT, tools=[_tool(name="f", parameters={"properties": {}}, strict=True)]),
     ],
 )
