@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -258,6 +260,12 @@ def test_openai_chat_lines_with_tools_are_accepted(tmp_path, row):
 def test_tool_errors_say_where(bad, words):
     [error] = validate_jsonl([jsonl(CHAT, bad)]).errors
     assert error["line"] == 2 and all(word in error["message"] for word in words), error
+
+
+def test_the_readmes_example_chat_line_is_valid():
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    [line] = [block for block in re.findall(r"```json\n\s*(.*?)\n\s*```", readme, re.S) if '"tool_calls"' in block]
+    assert validate_jsonl([line.encode()]) == FileReport(format=DataFormat.CHAT, num_examples=1, errors=[])
 
 
 def test_format_comes_from_the_first_recognisable_line_and_is_enforced():
