@@ -246,7 +246,7 @@ def _check_chat(obj: dict) -> None:
     messages = obj["messages"]
     if not isinstance(messages, list):
         raise _Invalid("invalid_field", f"'messages' must be an array, not {_json_type(messages)}")
-    functions = _check_tools(obj["tools"]) if "tools" in obj else None
+    functions = None if obj.get("tools") is None else _check_tools(obj["tools"])
     calls: set[str] = set()  # the ids of the calls made so far
     answered: set[str] = set()  # ... and of those a tool message answered
     assistants = trainable = 0
@@ -306,13 +306,14 @@ def _check_tools(tools: object) -> set[str]:
         if name in names:
             raise _Invalid("invalid_field", f"{where}function.name {name!r} is defined twice")
         names.add(name)
-        if "description" in function:
+        # null is absent here too: the SDK's FunctionDefinition dumps its unset fields as null.
+        if function.get("description") is not None:
             _string(function, "description", where=f"{where}function.", non_empty=False)
         parameters = function.get("parameters")
-        if "parameters" in function and not isinstance(parameters, dict):
+        if parameters is not None and not isinstance(parameters, dict):
             message = f"{where}function.parameters must be a JSON schema object, not {_json_type(parameters)}"
             raise _Invalid("invalid_field", message)
-        if isinstance(parameters, dict) and parameters.get("type", "object") != "object":
+        if parameters is not None and parameters.get("type", "object") != "object":
             # A call's arguments are a JSON object, so the schema that describes them must be one too.
             message = f"{where}function.parameters must describe an object, not type {parameters['type']!r}"
             raise _Invalid("invalid_field", message)

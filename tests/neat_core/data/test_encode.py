@@ -205,6 +205,13 @@ def test_a_tool_call_with_weight_0_is_context_only(smollm_tokenizer):
     assert not any(block("Paris") in run for run in trained_runs(row, smollm_tokenizer))
 
 
+def test_unset_tool_fields_are_left_out_of_the_prompt(smollm_tokenizer):
+    bare = {"type": "function", "function": {"name": "ping", "description": None, "parameters": None, "strict": None}}
+    row = encode_one({**TOOL_CHAT, "tools": [WEATHER, bare]}, DataFormat.CHAT, smollm_tokenizer)
+    rendered = smollm_tokenizer.decode(row["input_ids"])
+    assert '\n{"name": "ping"}\n</tools>' in rendered and "null" not in rendered
+
+
 # A template that renders tools and calls itself (as Qwen's and Llama's do), in a form of its own.
 NATIVE_TEMPLATE = (
     "{%- if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n"

@@ -233,9 +233,11 @@ TOOL_CHAT = _tools(
         _tools(USER, _calling(_call())),  # the only trained message is a call
         _tools(USER, ASSISTANT, tools=[_tool(name="ping"), _tool(name="no-params_2", description="")]),
         _tools(USER, ASSISTANT, tools=[]),
+        _tools(USER, _calling(_call(name="any_function")), tools=None),  # null: no tools given, any call goes
         _chat(USER, {**ASSISTANT, "tool_calls": []}),
         _chat({**USER, "tool_calls": None, "tool_call_id": None}, {**ASSISTANT, "tool_calls": None}),  # null: none
         _tools(USER, ASSISTANT, tools=[_tool(name="f", parameters={"properties": {}}, strict=True)]),
+        _tools(USER, ASSISTANT, tools=[_tool(name="f", description=None, parameters=None, strict=None)]),
     ],
 )
 def test_openai_chat_lines_with_tools_are_accepted(tmp_path, row):
