@@ -148,6 +148,41 @@ def chat_rows(n: int = 16) -> list[dict]:
     ]
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city now.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def tool_chat_rows(n: int = 16) -> list[dict]:
+    """OpenAI's full chat format: `tools`, an assistant call with content null, its `role: tool` result, and an
+    answer that every other line leaves untrained (`weight` 0)."""
+    cities = ["Paris", "Rome", "Oslo", "Lima"]
+    rows = []
+    for i in range(n):
+        city, call = cities[i % 4], f"call_{i}"
+        arguments = json.dumps({"city": city})
+        rows.append(
+            {
+                "tools": [WEATHER_TOOL],
+                "messages": [
+                    {"role": "system", "content": "You look up the weather."},
+                    {"role": "user", "content": f"What is the weather in {city}?"},
+                    {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": call, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+                    ]},
+                    {"role": "tool", "tool_call_id": call, "content": f"{10 + i}C, clear"},
+                    {"role": "assistant", "content": f"It is {10 + i}C and clear in {city}.", "weight": i % 2},
+                ],
+            }
+        )  # fmt: skip
+    return rows
+
+
 def text_rows(n: int = 16) -> list[dict]:
     return [{"text": f"The number {i} comes after {i - 1} and before {i + 1}."} for i in range(n)]
 

@@ -96,7 +96,10 @@ def render(tokenizer: Any, messages: list[dict], tools: list[dict] | None = None
 
 def tools_prompt(tools: list[dict]) -> str:
     """The tools, described in a system message for a template that does not render them itself."""
-    listed = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+    # Unset fields (null, as SDK dumps write them) say nothing to the model: left out.
+    listed = "\n".join(
+        json.dumps({k: v for k, v in t["function"].items() if v is not None}, ensure_ascii=False) for t in tools
+    )
     return (
         "You may call one or more functions to answer. The functions, as JSON schemas:\n"
         f"<tools>\n{listed}\n</tools>\n"

@@ -17,6 +17,7 @@ import torch
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from neat_core.data import chat
 from neat_core.data.formats import DataFormat
 from neat_core.errors import DataFormatError
 
@@ -129,27 +130,32 @@ def _encode_prompt_completion(example: dict, tokenizer: PreTrainedTokenizerBase,
 
 
 def _encode_chat(example: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict:
-    text, spans = _assistant_spans(example["messages"], tokenizer)
+    text, spans = _assistant_spans(example["messages"], tokenizer, example.get("tools"))
     row = _tokenize_spans(text, spans, tokenizer)
     return {"input_ids": row["input_ids"][:max_length], "labels": row["labels"][:max_length]}
 
 
-def _assistant_spans(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[Span]]:
-    """The rendered conversation and the character spans to train on: each weight-1 assistant message's
-    content plus the end-of-turn marker the template writes after it (e.g. `<|im_end|>`), not the header
-    before it (e.g. `<|im_start|>assistant\\n`) nor whitespace after the marker."""
-    turns = [{"role": message["role"], "content": message["content"]} for message in messages]
-    full = _render(turns, tokenizer)
+def _assistant_spans(
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, tools: list[dict] | None = None
+) -> tuple[str, list[Span]]:
+    """The conversation as `chat.render` writes it (tools included) and the character spans to train on: each
+    weight-1 assistant message's content and its tool calls as the template writes them (`<tool_call>` blocks, or
+    the template's own form), plus the end-of-turn marker after them (e.g. `<|im_end|>`); not the header before
+    them (e.g. `<|im_start|>assistant\\n`), nor whitespace after the marker, nor any other turn: system prompts,
+    the tools' descriptions, user turns and tool results are context only."""
+    full = _render(messages, tokenizer, tools)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or message.get("weight", 1) == 0:
             continue
-        # Everything up to where message i's content starts: the earlier turns (with any system prompt
-        # the template injects) and the assistant header. A placeholder also works for a first message,
-        # where rendering turns[:i] with a generation prompt would be an empty conversation.
-        probe = _render([*turns[:i], {"role": "assistant", "content": _CONTENT_PLACEHOLDER}], tokenizer)
+        # Everything up to where message i starts: the earlier turns (with any system prompt the template injects)
+        # and the assistant header. A placeholder also works for a first message, where rendering messages[:i]
+        # with a generation prompt would be an empty conversation. The placeholder is plain content even when
+        # message i calls tools: whatever the template writes for the calls after the header (a block, or a
+        # marker such as `[TOOL_CALLS]`) is what the model must learn to write, so it belongs to the span.
+        probe = _render([*messages[:i], {"role": "assistant", "content": _CONTENT_PLACEHOLDER}], tokenizer, tools)
         start = probe.rfind(_CONTENT_PLACEHOLDER)
-        through = _render(turns[: i + 1], tokenizer).rstrip()
+        through = _render(messages[: i + 1], tokenizer, tools).rstrip()
         stable = start >= 0 and full.startswith(probe[:start]) and full.startswith(through)
         if not stable or len(through) <= start:  # e.g. a template that renders the last turn differently
             raise DataFormatError(f"the model's chat template does not render assistant message {i} stably")
@@ -157,9 +163,9 @@ def _assistant_spans(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -
     return full, spans
 
 
-def _render(turns: list[dict], tokenizer: PreTrainedTokenizerBase) -> str:
+def _render(messages: list[dict], tokenizer: PreTrainedTokenizerBase, tools: list[dict] | None) -> str:
     try:
-        return tokenizer.apply_chat_template(turns, tokenize=False)
+        return chat.render(tokenizer, messages, tools)
     except (ValueError, TemplateError) as exc:  # no chat template; or the template rejects the role order
         raise DataFormatError(f"the model's chat template cannot render the conversation: {exc}") from exc
 

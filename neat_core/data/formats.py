@@ -1,8 +1,9 @@
 """The four JSONL dataset formats: detection and line-by-line validation.
 
-Pure stdlib on purpose: the web tier validates uploads with this module and must not load torch
-(an import-linter contract enforces it). Files are streamed: at most one line is held in memory, and a
-line longer than `max_line_bytes` is skipped without ever being held whole.
+Pure stdlib on purpose (with `neat_core.data.chat`, the chat format's one home, stdlib too): the web tier
+validates uploads with this module and must not load torch (an import-linter contract enforces it). Files are
+streamed: at most one line is held in memory, and a line longer than `max_line_bytes` is skipped without ever
+being held whole.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from neat_core.data.chat import ROLES
 from neat_core.errors import DataFormatError
 
 # Deeper JSON than this is rejected before parsing, so a hostile line cannot reach the recursion limit.
 MAX_NESTING_DEPTH = 32
-CHAT_ROLES = ("system", "user", "assistant")
+# OpenAI's rule for a function's name; the name is also written into the training text as the model calls it.
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 _READ_CHUNK_BYTES = 1 << 16
 # A JSON string literal, escapes included; removed before counting brackets so "[" inside text is ignored.
@@ -237,9 +240,15 @@ def _check_classification(obj: dict) -> None:
 
 
 def _check_chat(obj: dict) -> None:
+    """OpenAI's chat fine-tuning line: `messages`, and optionally `tools`. Assistant messages may call tools
+    (`tool_calls`, content then optional), `role: tool` messages answer an earlier call by id, and `weight` (0 or 1)
+    says whether an assistant message is trained on. Unknown message fields are accepted, as they always were."""
     messages = obj["messages"]
     if not isinstance(messages, list):
         raise _Invalid("invalid_field", f"'messages' must be an array, not {_json_type(messages)}")
+    functions = None if obj.get("tools") is None else _check_tools(obj["tools"])
+    calls: set[str] = set()  # the ids of the calls made so far
+    answered: set[str] = set()  # ... and of those a tool message answered
     assistants = trainable = 0
     for i, message in enumerate(messages):
         where = f"messages[{i}]."
@@ -248,9 +257,31 @@ def _check_chat(obj: dict) -> None:
         if "role" not in message:
             raise _Invalid("missing_field", f"{where}'role' is missing")
         role = message["role"]
-        if role not in CHAT_ROLES:  # a non-string role is just as invalid; `in` on a tuple never raises
-            raise _Invalid("invalid_role", f"{where}role is {role!r}; allowed: {', '.join(CHAT_ROLES)}")
-        _string(message, "content", where=where)
+        if role not in ROLES:  # a non-string role is just as invalid; `in` on a tuple never raises
+            raise _Invalid("invalid_role", f"{where}role is {role!r}; allowed: {', '.join(ROLES)}")
+        for key, owner in (("tool_calls", "assistant"), ("tool_call_id", "tool")):
+            # Known fields, refused where they would mean nothing; null is absent (SDK dumps write it).
+            if message.get(key) is not None and role != owner:
+                raise _Invalid("invalid_field", f"{where}{key!r} is only allowed on {owner} messages")
+        tool_calls = message.get("tool_calls")
+        made = [] if tool_calls is None else _check_tool_calls(tool_calls, functions, where)
+        for j, call_id in enumerate(made):
+            if call_id in calls:
+                raise _Invalid("invalid_field", f"{where}tool_calls[{j}].id {call_id!r} is used twice")
+            calls.add(call_id)
+        if made:
+            if message.get("content") is not None:  # text before the calls; may be empty
+                _string(message, "content", where=where, non_empty=False)
+        else:
+            _string(message, "content", where=where)
+        if role == "tool":
+            call_id = _string(message, "tool_call_id", where=where)
+            if call_id not in calls:
+                problem = f"{where}tool_call_id {call_id!r} names no tool call of an earlier assistant message"
+                raise _Invalid("unknown_tool_call", problem)
+            if call_id in answered:
+                raise _Invalid("invalid_field", f"{where}tool_call_id {call_id!r} was already answered")
+            answered.add(call_id)
         weight = message.get("weight", 1)
         if type(weight) is not int or weight not in (0, 1):  # exact int: true and 1.0 are not weights
             raise _Invalid("invalid_field", f"{where}'weight' must be 0 or 1, not {weight!r}")
@@ -261,6 +292,80 @@ def _check_chat(obj: dict) -> None:
         raise _Invalid("no_assistant_message", "the conversation has no assistant message")
     if not trainable:
         raise _Invalid("no_trainable_message", "every assistant message has weight 0: nothing to train on")
+
+
+def _check_tools(tools: object) -> set[str]:
+    """A line's `tools`: function tools only. Returns the functions' names."""
+    if not isinstance(tools, list):
+        raise _Invalid("invalid_field", f"'tools' must be an array, not {_json_type(tools)}")
+    names: set[str] = set()
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]."
+        function = _function_of(tool, f"tools[{i}]")
+        name = _function_name(function, where)
+        if name in names:
+            raise _Invalid("invalid_field", f"{where}function.name {name!r} is defined twice")
+        names.add(name)
+        # null is absent here too: the SDK's FunctionDefinition dumps its unset fields as null.
+        if function.get("description") is not None:
+            _string(function, "description", where=f"{where}function.", non_empty=False)
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            message = f"{where}function.parameters must be a JSON schema object, not {_json_type(parameters)}"
+            raise _Invalid("invalid_field", message)
+        if parameters is not None and parameters.get("type", "object") != "object":
+            # A call's arguments are a JSON object, so the schema that describes them must be one too.
+            message = f"{where}function.parameters must describe an object, not type {parameters['type']!r}"
+            raise _Invalid("invalid_field", message)
+    return names
+
+
+def _check_tool_calls(tool_calls: object, functions: set[str] | None, where: str) -> list[str]:
+    """An assistant message's `tool_calls` (`functions`: the line's tool names, None when it has no `tools`).
+    Returns the calls' ids, in order."""
+    if not isinstance(tool_calls, list):
+        raise _Invalid("invalid_field", f"{where}'tool_calls' must be an array, not {_json_type(tool_calls)}")
+    ids = []
+    for j, call in enumerate(tool_calls):
+        at = f"{where}tool_calls[{j}]"
+        function = _function_of(call, at)
+        ids.append(_string(call, "id", where=f"{at}."))
+        name = _function_name(function, f"{at}.")
+        if functions is not None and name not in functions:
+            offered = ", ".join(sorted(functions)) or "none"
+            raise _Invalid("unknown_function", f"{at} calls {name!r}, which is not in the line's tools ({offered})")
+        arguments = _string(function, "arguments", where=f"{at}.function.", non_empty=False)
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            raise _Invalid("invalid_field", f"{at}.function.arguments is not valid JSON: {arguments[:80]!r}") from None
+        if not isinstance(parsed, dict):
+            message = f"{at}.function.arguments must be a JSON object, not {_json_type(parsed)}"
+            raise _Invalid("invalid_field", message)
+    return ids
+
+
+def _function_of(item: object, at: str) -> dict:
+    """`{"type": "function", "function": {...}}` (a tool, or a call) -> its `function` object."""
+    if not isinstance(item, dict):
+        raise _Invalid("invalid_field", f"{at} must be an object, not {_json_type(item)}")
+    kind = _string(item, "type", where=f"{at}.")
+    if kind != "function":
+        raise _Invalid("unsupported_tool_type", f"{at}.type is {kind!r}; only 'function' tools are supported")
+    if "function" not in item:
+        raise _Invalid("missing_field", f"{at}.'function' is missing")
+    function = item["function"]
+    if not isinstance(function, dict):
+        raise _Invalid("invalid_field", f"{at}.function must be an object, not {_json_type(function)}")
+    return function
+
+
+def _function_name(function: dict, where: str) -> str:
+    name = _string(function, "name", where=f"{where}function.")
+    if not _FUNCTION_NAME.fullmatch(name):
+        message = f"{where}function.name {name!r} must be 1 to 64 letters, digits, underscores or dashes"
+        raise _Invalid("invalid_field", message)
+    return name
 
 
 def _check_prompt_completion(obj: dict) -> None:

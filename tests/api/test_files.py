@@ -20,6 +20,7 @@ from tests.api import (
     sqlite_only,
     text_rows,
 )
+from tests.conftest import WEATHER_TOOL, tool_chat_rows
 
 
 def stored_files(api) -> list:
@@ -54,6 +55,16 @@ def test_upload_each_format(api, fmt):
 
 
 @sqlite_only
+def test_upload_openai_chat_with_tools_calls_results_and_weights(api):
+    """The issue's finding: OpenAI-format training data (assistant `tool_calls` with content null, `tools`, `role:
+    tool`, `weight`) was refused with "messages[2].'content' is missing"."""
+    content = jsonl(tool_chat_rows(12))
+    body = api.upload_ok(content, filename="weather.jsonl")
+    assert (body["format"], body["num_examples"]) == ("chat", 12)
+    assert api.get(f"/v1/files/{body['id']}/content").content == content  # stored as sent, tools and all
+
+
+@sqlite_only
 def test_blank_lines_and_bom_are_accepted(api):
     content = "\ufeff".encode() + jsonl(text_rows(5)) + b"\n   \n" + jsonl(text_rows(5))
     body = api.upload_ok(content)
@@ -75,6 +86,16 @@ def _chat(*messages) -> bytes:
     return json.dumps({"messages": list(messages)}).encode()
 
 
+def _calling(name: str, call_id: str = "call_1") -> dict:
+    """An assistant message that calls `name`, content null as OpenAI writes it."""
+    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": '{"city": "Oslo"}'}}
+    return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+
+def _with_tools(*messages, type: str = "function") -> bytes:
+    return json.dumps({"tools": [{**WEATHER_TOOL, "type": type}], "messages": list(messages)}).encode()
+
+
 INVALID = {
     # code: file content whose line 3 breaks exactly that rule
     "invalid_utf8": _with_bad_line(b'{"messages": "\xff\xfe"}'),
@@ -90,6 +111,11 @@ INVALID = {
     "empty_content": _with_bad_line(_chat(_message(role="user", content="  "), _message())),
     "no_assistant_message": _with_bad_line(_chat(_message(role="user"))),
     "no_trainable_message": _with_bad_line(_chat(_message(role="user"), _message(weight=0))),
+    "unsupported_tool_type": _with_bad_line(_with_tools(_message(role="user"), _message(), type="code_interpreter")),
+    "unknown_function": _with_bad_line(_with_tools(_message(role="user"), _calling("get_time"))),
+    "unknown_tool_call": _with_bad_line(
+        _with_tools(_message(role="user"), _calling("get_weather"), _message(role="tool", tool_call_id="call_9"))
+    ),
 }
 
 
@@ -111,6 +137,16 @@ def test_invalid_line_is_rejected_and_nothing_stored(api, code):
         ("chat", b'{"messages": {"role": "user"}}', ("'messages'", "array")),
         ("classification", b'{"text": "t", "label": true}', ("'label'", "boolean")),
         ("chat", _chat(_message(weight=2)), ("'weight'", "0 or 1")),
+        (
+            "chat",
+            _with_tools(_message(role="user"), {**_calling("get_weather"), "tool_calls": {}}),
+            ("messages[1].'tool_calls'", "array"),
+        ),
+        (
+            "chat",
+            _with_tools(_message(role="user"), _calling("get_weather"), _message(role="tool")),
+            ("messages[2].'tool_call_id'", "missing"),
+        ),
     ],
 )
 def test_error_messages_name_the_field(api, fmt, bad_line, words):

@@ -25,7 +25,7 @@ import openai
 import pytest
 
 from tests import conformance
-from tests.conftest import MINILM, SMOLLM2, chat_rows, classification_rows
+from tests.conftest import MINILM, SMOLLM2, chat_rows, classification_rows, tool_chat_rows
 from tests.services import free_port, postgres, process, redis
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -234,6 +234,29 @@ def test_full_flow_with_the_openai_client(service, tmp_path):
     final = _wait_for(client, long_job.id, {"cancelled"}, service, timeout=120)
     assert final.fine_tuned_model is None
     assert client.fine_tuning.jobs.checkpoints.list(long_job.id).data, "the last checkpoint is kept"
+
+
+def test_a_job_trains_on_openai_chat_with_tools(service):
+    """OpenAI's full chat format (`tools`, assistant `tool_calls` with content null, `role: tool` results, `weight`
+    0) uploads and trains on SmolLM2; the job's input is the conversation as `chat.render` writes it, the tools'
+    description and the results included, token for token."""
+    from transformers import AutoTokenizer
+
+    from neat_core.data import chat
+    from neat_core.models.loading import resolve
+
+    client = service.client()
+    rows = tool_chat_rows(12)
+    file = client.files.create(file=("weather.jsonl", _jsonl(rows)), purpose="fine-tune")
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 6}}}
+    job = client.fine_tuning.jobs.create(model=SMOLLM2, training_file=file.id, suffix="weather", method=method)
+    job = _wait_for(client, job.id, {"succeeded"}, service)
+    assert job.fine_tuned_model and job.result_files
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(SMOLLM2))
+    rendered = [chat.render(tokenizer, row["messages"], row["tools"]) for row in rows]
+    assert all('"name": "get_weather"' in text and "<tool_response>" in text for text in rendered)
+    assert job.trained_tokens == sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in rendered)
 
 
 ABANDONED_STREAMS = 6

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
-from neat_core.data import DataFormat
+from neat_core.data import DataFormat, chat
 from neat_core.data.encode import IGNORE_INDEX, Collator, encode_examples, label_vocabulary
 from neat_core.errors import DataFormatError
 
@@ -132,6 +133,112 @@ def test_chat_needs_a_stable_chat_template(smollm_tokenizer, minilm_tokenizer):
     two_turns = {"messages": example["messages"] * 2}
     with pytest.raises(DataFormatError, match="assistant message 1"):
         encode_examples([two_turns], DataFormat.CHAT, unstable, max_length=64)
+
+
+# --- chat with tools (OpenAI's full format) ----------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city now.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def _call(city: str, id: str) -> dict:
+    return {"id": id, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+
+
+TOOL_CHAT = {
+    "tools": [WEATHER],
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [_call("Paris", "call_1")]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18C, sunny"},
+        {"role": "assistant", "content": "It is 18C and sunny in Paris.", "weight": 0},
+        {"role": "user", "content": "And in Rome and Oslo?"},
+        {
+            "role": "assistant",
+            "content": "Checking both.",
+            "tool_calls": [_call("Rome", "call_2"), _call("Oslo", "c3")],
+        },
+        {"role": "tool", "tool_call_id": "call_2", "content": "25C, clear"},
+        {"role": "tool", "tool_call_id": "c3", "content": "2C, snow"},
+        {"role": "assistant", "content": "Rome: 25C and clear. Oslo: 2C and snowing."},
+    ],
+}
+
+
+def block(city: str) -> str:
+    """A call as SmolLM2 (whose template knows no tools) is trained to write it: Hermes' block, spelled out here
+    so that a change to the form fails this test rather than following along."""
+    return f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>'
+
+
+def test_chat_with_tools_trains_on_calls_and_answers_not_on_tools_or_results(smollm_tokenizer):
+    row = encode_one(TOOL_CHAT, DataFormat.CHAT, smollm_tokenizer)
+    assert not chat.speaks_tools(smollm_tokenizer)
+    # Trained: the call alone (content null), text then both calls, the final answer; each with its end marker.
+    # Not the weight-0 answer, the tools' description, the user turns or the tool results.
+    assert trained_runs(row, smollm_tokenizer) == [
+        block("Paris") + END,
+        "Checking both.\n" + block("Rome") + "\n" + block("Oslo") + END,
+        "Rome: 25C and clear. Oslo: 2C and snowing." + END,
+    ]
+    # The inputs are the conversation as chat.render writes it (what inference renders too), tools and results in.
+    rendered = smollm_tokenizer.decode(row["input_ids"])
+    assert rendered == chat.render(smollm_tokenizer, TOOL_CHAT["messages"], TOOL_CHAT["tools"])
+    assert "<tools>" in rendered and '"description": "The weather in a city now."' in rendered
+    for result in ("18C, sunny", "25C, clear", "2C, snow"):
+        assert f"<tool_response>\n{result}\n</tool_response>" in rendered
+    assert "It is 18C and sunny in Paris." in rendered
+
+
+def test_a_tool_call_with_weight_0_is_context_only(smollm_tokenizer):
+    messages = [dict(m) for m in TOOL_CHAT["messages"]]
+    messages[1]["weight"], messages[3]["weight"] = 0, 1
+    row = encode_one({**TOOL_CHAT, "messages": messages}, DataFormat.CHAT, smollm_tokenizer)
+    assert trained_runs(row, smollm_tokenizer)[0] == "It is 18C and sunny in Paris." + END
+    assert block("Paris") in smollm_tokenizer.decode(row["input_ids"])
+    assert not any(block("Paris") in run for run in trained_runs(row, smollm_tokenizer))
+
+
+def test_unset_tool_fields_are_left_out_of_the_prompt(smollm_tokenizer):
+    bare = {"type": "function", "function": {"name": "ping", "description": None, "parameters": None, "strict": None}}
+    row = encode_one({**TOOL_CHAT, "tools": [WEATHER, bare]}, DataFormat.CHAT, smollm_tokenizer)
+    rendered = smollm_tokenizer.decode(row["input_ids"])
+    assert '\n{"name": "ping"}\n</tools>' in rendered and "null" not in rendered
+
+
+# A template that renders tools and calls itself (as Qwen's and Llama's do), in a form of its own.
+NATIVE_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n"
+    "{% endif %}"
+    "{%- for message in messages %}{{ '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.role == 'tool' %}(result of {{ message.tool_call_id }}) {% endif %}{{ message.content }}"
+    "{%- for call in message.tool_calls or [] %}[call {{ call.function.name }} {{ call.function.arguments | tojson }}]"
+    "{%- endfor %}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chat_with_tools_through_a_template_that_speaks_tools(smollm_tokenizer):
+    native = copy.deepcopy(smollm_tokenizer)
+    native.chat_template = NATIVE_TEMPLATE
+    assert chat.speaks_tools(native)
+    row = encode_one(TOOL_CHAT, DataFormat.CHAT, native)
+    rendered = native.decode(row["input_ids"])
+    # The template got the tools and the structured calls and results, not our text form of them.
+    assert rendered.startswith("<|im_start|>system\nTools: get_weather<|im_end|>\n")
+    assert "<|im_start|>tool\n(result of c3) 2C, snow<|im_end|>" in rendered
+    assert chat.TOOL_OPEN not in rendered
+    assert trained_runs(row, native) == [
+        '[call get_weather {"city": "Paris"}]' + END,
+        'Checking both.[call get_weather {"city": "Rome"}][call get_weather {"city": "Oslo"}]' + END,
+        "Rome: 25C and clear. Oslo: 2C and snowing." + END,
+    ]
 
 
 # --- prompt/completion and text ---------------------------------------------------------------------

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +80,35 @@ ASSISTANT = {"role": "assistant", "content": "Hello"}
 UNTRAINED = {**ASSISTANT, "weight": 0}
 
 
+def _tool(**function) -> dict:
+    return {"type": "function", "function": function}
+
+
+WEATHER = _tool(
+    name="get_weather",
+    description="The weather in a city now.",
+    parameters={"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+)
+
+
+def _call(name: str = "get_weather", arguments: object = '{"city": "Paris"}', id: str = "call_1") -> dict:
+    return {"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _calling(*calls: object, content: object = None) -> dict:
+    """An assistant message that calls tools (content null, as OpenAI writes it, unless given)."""
+    return {"role": "assistant", "content": content, "tool_calls": list(calls)}
+
+
+def _result(id: str = "call_1", content: object = "18C, sunny") -> dict:
+    return {"role": "tool", "tool_call_id": id, "content": content}
+
+
+def _tools(*messages: dict, tools: object = (WEATHER,)) -> dict:
+    """A chat line with `tools` (a list unless something else is given)."""
+    return {"tools": list(tools) if isinstance(tools, tuple) else tools, "messages": list(messages)}
+
+
 @pytest.mark.parametrize(
     ("first", "bad", "code"),
     [
@@ -103,7 +134,7 @@ UNTRAINED = {**ASSISTANT, "weight": 0}
         (CHAT, _chat("hello", ASSISTANT), "invalid_field"),
         (CHAT, _chat({"content": "Hi"}, ASSISTANT), "missing_field"),
         (CHAT, _chat(USER, {"role": "assistant"}), "missing_field"),
-        (CHAT, _chat({"role": "tool", "content": "x"}, ASSISTANT), "invalid_role"),
+        (CHAT, _chat({"role": "function", "content": "x"}, ASSISTANT), "invalid_role"),  # OpenAI's retired role
         (CHAT, _chat({"role": ["user"], "content": "x"}, ASSISTANT), "invalid_role"),
         (CHAT, _chat(USER, {"role": "assistant", "content": 3}), "invalid_field"),
         (CHAT, _chat(USER, {"role": "assistant", "content": " "}), "empty_content"),
@@ -113,6 +144,51 @@ UNTRAINED = {**ASSISTANT, "weight": 0}
         (CHAT, _chat(USER), "no_assistant_message"),
         (CHAT, _chat(), "no_assistant_message"),
         (CHAT, _chat(USER, UNTRAINED, USER, UNTRAINED), "no_trainable_message"),
+        # tools: function tools only, each named once, parameters an object schema
+        (CHAT, _tools(USER, ASSISTANT, tools={"get_weather": WEATHER}), "invalid_field"),
+        (CHAT, _tools(USER, ASSISTANT, tools=["get_weather"]), "invalid_field"),
+        (CHAT, _tools(USER, ASSISTANT, tools=[{"type": "code_interpreter"}]), "unsupported_tool_type"),
+        (CHAT, _tools(USER, ASSISTANT, tools=[{"function": WEATHER["function"]}]), "missing_field"),
+        (CHAT, _tools(USER, ASSISTANT, tools=[{"type": "function"}]), "missing_field"),
+        (CHAT, _tools(USER, ASSISTANT, tools=[{"type": "function", "function": "get_weather"}]), "invalid_field"),
+        (CHAT, _tools(USER, ASSISTANT, tools=[_tool(description="no name")]), "missing_field"),
+        (CHAT, _tools(USER, ASSISTANT, tools=[_tool(name="get weather")]), "invalid_field"),
+        (CHAT, _tools(USER, ASSISTANT, tools=[_tool(name="f" * 65)]), "invalid_field"),
+        (CHAT, _tools(USER, ASSISTANT, tools=[WEATHER, WEATHER]), "invalid_field"),
+        (CHAT, _tools(USER, ASSISTANT, tools=[_tool(name="f", description=["d"])]), "invalid_field"),
+        (CHAT, _tools(USER, ASSISTANT, tools=[_tool(name="f", parameters=[])]), "invalid_field"),
+        (CHAT, _tools(USER, ASSISTANT, tools=[_tool(name="f", parameters={"type": "string"})]), "invalid_field"),
+        # assistant tool calls: OpenAI's shape, arguments a JSON object in a string, a function the line offers
+        (CHAT, _tools(USER, {**ASSISTANT, "tool_calls": {"id": "call_1"}}), "invalid_field"),
+        (CHAT, _tools(USER, _calling("not a call")), "invalid_field"),
+        (CHAT, _tools(USER, _calling({**_call(), "type": "custom"})), "unsupported_tool_type"),
+        (CHAT, _tools(USER, _calling({"type": "function", "function": _call()["function"]})), "missing_field"),
+        (CHAT, _tools(USER, _calling({**_call(), "id": 7})), "invalid_field"),
+        (
+            CHAT,
+            _tools(USER, _calling({"id": "c", "type": "function", "function": {"name": "get_weather"}})),
+            "missing_field",
+        ),
+        (CHAT, _tools(USER, _calling(_call(arguments='{"city": "Paris"'))), "invalid_field"),
+        (CHAT, _tools(USER, _calling(_call(arguments='["Paris"]'))), "invalid_field"),
+        (CHAT, _tools(USER, _calling(_call(arguments={"city": "Paris"}))), "invalid_field"),  # must be a string
+        (CHAT, _tools(USER, _calling(_call(name="get_time"))), "unknown_function"),
+        (CHAT, _tools(USER, _calling(_call(), _call())), "invalid_field"),  # the same id twice
+        (CHAT, _tools(USER, _calling(_call()), _result(), _calling(_call()), _result(), ASSISTANT), "invalid_field"),
+        (CHAT, _tools(USER, _calling(_call(), content=7)), "invalid_field"),
+        (CHAT, _tools(USER, {"role": "assistant", "content": None}), "invalid_field"),  # no calls: content needed
+        (CHAT, _tools(USER, {**ASSISTANT, "tool_calls": []}, {"role": "assistant", "tool_calls": []}), "missing_field"),
+        (CHAT, _tools({**USER, "tool_calls": [_call()]}, ASSISTANT), "invalid_field"),
+        # tool results: string content answering an earlier call, once
+        (CHAT, _tools(USER, _calling(_call()), {"role": "tool", "content": "18C"}, ASSISTANT), "missing_field"),
+        (CHAT, _tools(USER, _calling(_call()), _result(id="call_2"), ASSISTANT), "unknown_tool_call"),
+        (CHAT, _tools(USER, _result(), _calling(_call()), ASSISTANT), "unknown_tool_call"),  # answered before asked
+        (CHAT, _tools(USER, _calling(_call()), _result(), _result(), ASSISTANT), "invalid_field"),
+        (CHAT, _tools(USER, _calling(_call()), _result(content={"temp": 18}), ASSISTANT), "invalid_field"),
+        (CHAT, _tools(USER, _calling(_call()), _result(content=""), ASSISTANT), "empty_content"),
+        (CHAT, _tools(USER, _calling(_call()), {"role": "tool", "tool_call_id": "call_1"}, ASSISTANT), "missing_field"),
+        (CHAT, _tools(USER, {**ASSISTANT, "tool_call_id": "call_1"}), "invalid_field"),
+        (CHAT, _tools(USER, {**_calling(_call()), "weight": 0}, _result(), UNTRAINED), "no_trainable_message"),
     ],
 )
 def test_each_error_code_names_its_line(first, bad, code):
@@ -123,6 +199,75 @@ def test_each_error_code_names_its_line(first, bad, code):
     assert report.num_examples == 2
     assert not report.ok
     assert all(error["message"] for error in report.errors)
+
+
+# OpenAI's full chat fine-tuning format: a call (content null or absent), its result, text, and an untrained turn.
+TOOL_CHAT = _tools(
+    {"role": "developer", "content": "Answer with the tools."},
+    {"role": "user", "content": "Weather in Paris?"},
+    _calling(_call()),
+    _result(),
+    {"role": "assistant", "content": "18C and sunny.", "weight": 0},
+    {"role": "user", "content": "And in Rome and Oslo?"},
+    {
+        "role": "assistant",
+        "content": "Both, at once:",
+        "tool_calls": [
+            _call(arguments='{"city": "Rome"}', id="call_2"),
+            _call(arguments='{"city": "Oslo"}', id="call_3"),
+        ],
+    },
+    _result(id="call_3", content="2C"),
+    _result(id="call_2", content="25C"),
+    {"role": "assistant", "content": "Rome 25C, Oslo 2C."},
+)
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        TOOL_CHAT,
+        # The issue's finding: an assistant message with tool_calls and no content at all.
+        _chat(USER, {"role": "assistant", "tool_calls": [_call()]}),
+        _chat(USER, _calling(_call(name="anything", arguments="{}"), content="")),  # no tools: any function
+        _tools(USER, _calling(_call())),  # the only trained message is a call
+        _tools(USER, ASSISTANT, tools=[_tool(name="ping"), _tool(name="no-params_2", description="")]),
+        _tools(USER, ASSISTANT, tools=[]),
+        _tools(USER, _calling(_call(name="any_function")), tools=None),  # null: no tools given, any call goes
+        _chat(USER, {**ASSISTANT, "tool_calls": []}),
+        _chat({**USER, "tool_calls": None, "tool_call_id": None}, {**ASSISTANT, "tool_calls": None}),  # null: none
+        _tools(USER, ASSISTANT, tools=[_tool(name="f", parameters={"properties": {}}, strict=True)]),
+        _tools(USER, ASSISTANT, tools=[_tool(name="f", description=None, parameters=None, strict=None)]),
+    ],
+)
+def test_openai_chat_lines_with_tools_are_accepted(tmp_path, row):
+    path = tmp_path / "tools.jsonl"
+    path.write_bytes(jsonl(CHAT, row))
+    assert validate_jsonl(path) == FileReport(format=DataFormat.CHAT, num_examples=2, errors=[])
+    assert read_examples(path) == (DataFormat.CHAT, [CHAT, row])  # kept whole: the encoder renders the tools
+
+
+@pytest.mark.parametrize(
+    ("bad", "words"),
+    [
+        (_tools(USER, {"role": "assistant"}), ["messages[1].'content' is missing"]),
+        (_tools(USER, _calling(_call(name="get_time"))), ["messages[1].tool_calls[0]", "'get_time'", "get_weather"]),
+        (_tools(USER, _calling(_call(arguments="{oops"))), ["messages[1].tool_calls[0].function.arguments", "JSON"]),
+        (_tools(USER, _calling(_call()), _result(id="call_9")), ["messages[2].tool_call_id", "'call_9'"]),
+        (_tools(USER, ASSISTANT, tools=[WEATHER, {"type": "file_search"}]), ["tools[1].type", "'file_search'"]),
+        (_tools(USER, _calling({**_call(), "type": "custom"})), ["messages[1].tool_calls[0].type", "'custom'"]),
+        (_tools(USER, ASSISTANT, tools=[_tool(name="f", parameters={"type": "array"})]), ["tools[0]", "'array'"]),
+    ],
+)
+def test_tool_errors_say_where(bad, words):
+    [error] = validate_jsonl([jsonl(CHAT, bad)]).errors
+    assert error["line"] == 2 and all(word in error["message"] for word in words), error
+
+
+def test_the_readmes_example_chat_line_is_valid():
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    [line] = [block for block in re.findall(r"```json\n\s*(.*?)\n\s*```", readme, re.S) if '"tool_calls"' in block]
+    assert validate_jsonl([line.encode()]) == FileReport(format=DataFormat.CHAT, num_examples=1, errors=[])
 
 
 def test_format_comes_from_the_first_recognisable_line_and_is_enforced():
