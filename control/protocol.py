@@ -102,6 +102,11 @@ class Message(BaseModel):
                                           {"kind": PART_KINDS[kind]})  # fmt: skip
         return content
 
+    @field_validator("tool_calls", mode="before")
+    @classmethod
+    def _no_calls(cls, calls: Any) -> Any:
+        return None if calls == [] else calls  # an empty list asks for nothing (clients send one)
+
     @field_validator("name", "function_call", "audio", "refusal", mode="before")
     @classmethod
     def _refused(cls, value: Any, info: ValidationInfo) -> Any:

@@ -5,6 +5,7 @@ leaves mid-stream frees its row on the server; another organisation's model neve
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -110,11 +111,18 @@ def test_inference_tier_routes_fails_over_cancels_and_keeps_tenants_apart(tier):
     for choice in completion.choices:
         assert len(choice.logprobs.tokens) == 3 and len(set(choice.logprobs.tokens)) == 1  # token 260, every step
         assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
+    # Tools and a schema reach the server too: a forced call comes back as OpenAI's tool_calls.
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+    called = client.chat.completions.create(
+        model=SMOLLM2, messages=[{"role": "user", "content": "What is the weather in Paris?"}], temperature=0,
+        tools=[{"type": "function", "function": {"name": "weather", "parameters": weather}}], tool_choice="required",
+    )  # fmt: skip
+    assert called.choices[0].finish_reason == "tool_calls"
+    assert called.choices[0].message.tool_calls[0].function.name == "weather"
+    assert "city" in json.loads(called.choices[0].message.tool_calls[0].function.arguments)
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(
-            model=SMOLLM2, messages=CHAT, tools=[{"type": "function", "function": {"name": "f"}}]
-        )
-    assert refused.value.code == "unsupported_parameter" and refused.value.param == "tools"
+        client.chat.completions.create(model=SMOLLM2, messages=CHAT, reasoning_effort="low")
+    assert refused.value.code == "unsupported_parameter" and refused.value.param == "reasoning_effort"
 
     # A client that leaves mid-stream frees its row on the server within a few decode steps.
     stream = client.chat.completions.create(model=SMOLLM2, messages=CHAT, max_tokens=1000, temperature=0, stream=True,

@@ -161,8 +161,8 @@ def test_openai_client_completions_and_errors(client, service):
         sdk.chat.completions.create(model=service.other_org_model, messages=HELLO, max_tokens=2)
     assert caught.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as refused:
-        sdk.chat.completions.create(model=service.chat_model, messages=HELLO, response_format={"type": "json_object"})
-    assert refused.value.code == "unsupported_parameter" and refused.value.param == "response_format"
+        sdk.chat.completions.create(model=service.chat_model, messages=HELLO, reasoning_effort="low")
+    assert refused.value.code == "unsupported_parameter" and refused.value.param == "reasoning_effort"
 
 
 # --- /v1/completions -------------------------------------------------------------------------------------------------
@@ -276,9 +276,9 @@ def test_unsupported_content_part_is_rejected(client, service):
 @pytest.mark.parametrize(
     ("message", "param", "says"),
     [
-        ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "messages.1.role", "tool messages"),
+        ({"role": "function", "content": "42", "name": "f"}, "messages.1.role", "function messages"),
         ({"role": "user", "content": "hi", "name": "ada"}, "messages.1.name", "message name"),
-        ({"role": "assistant", "content": "", "tool_calls": [{"id": "c1"}]}, "messages.1.tool_calls", "tool_calls"),
+        ({"role": "assistant", "content": "", "audio": {"id": "a1"}}, "messages.1.audio", "message audio"),
         ({"role": "user", "content": "hi", "colour": "red"}, "messages.1.colour", "colour"),
     ],
 )
@@ -290,6 +290,31 @@ def test_message_fields_that_cannot_be_honoured_are_refused_by_name(client, serv
     ok = client.post("/v1/chat/completions", json={"model": service.chat_model, "messages": [HELLO[1], neutral],
                                                    "max_tokens": 1})  # fmt: skip
     assert ok.status_code == 200, ok.text
+
+
+def test_a_conversation_with_tool_calls_and_their_results_is_rendered_for_the_model(client, service):
+    call = {"id": "call-1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    asked = {"role": "user", "content": "Weather in Paris?"}
+    result = {"role": "tool", "tool_call_id": "call-1", "content": "18 degrees and sunny, a long sunny afternoon"}
+    turns = [asked, {"role": "assistant", "content": None, "tool_calls": [call]}, result]
+    answered = client.post("/v1/chat/completions", json={"model": service.chat_model, "messages": turns,
+                                                         "max_tokens": 2})  # fmt: skip
+    assert answered.status_code == 200, answered.text
+    shorter = [*turns[:2], {**result, "content": "18"}]
+    brief = client.post("/v1/chat/completions", json={"model": service.chat_model, "messages": shorter,
+                                                      "max_tokens": 2})  # fmt: skip
+    # The call and its result reach the model's prompt: a longer result, a longer prompt.
+    assert answered.json()["usage"]["prompt_tokens"] > brief.json()["usage"]["prompt_tokens"]
+    for bad, says in [
+        ([asked, {**result, "tool_call_id": "call-9"}], "which no earlier message made"),
+        ([asked, {"role": "tool", "content": "18"}], "tool_call_id"),
+        ([asked, {"role": "assistant", "content": None}], "content is missing"),
+        ([asked, {"role": "assistant", "tool_calls": [{**call, "function": {"name": "w", "arguments": "[1]"}}]}],
+         "JSON object"),
+    ]:  # fmt: skip
+        r = client.post("/v1/chat/completions", json={"model": service.chat_model, "messages": bad})
+        error = _error(r, 400, "invalid_request")
+        assert error["param"].startswith("messages") and says in error["message"], error
 
 
 def test_a_model_that_cannot_load_answers_500_in_openai_shape(client, service):

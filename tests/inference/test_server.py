@@ -85,9 +85,10 @@ def test_classification_and_wrong_endpoint(server, service):
     assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "invalid_model_for_endpoint"
     assert "/v1/classifications" in wrong.json()["error"]["message"]
     # The inference server refuses by name too (a request the API did not validate first).
-    refused = server.post("/v1/chat/completions", json={"model": name, "messages": HELLO, "tools": [{"x": 1}]})
+    custom = [{"type": "custom", "custom": {"name": "c"}}]
+    refused = server.post("/v1/chat/completions", json={"model": name, "messages": HELLO, "tools": custom})
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "unsupported_parameter"
-    assert refused.json()["error"]["param"] == "tools"
+    assert refused.json()["error"]["param"] == "tools.0.type"
     unknown = server.post("/v1/completions", json={"model": name, "prompt": "x", "sufix": "y"})
     assert unknown.json()["error"]["code"] == "unknown_parameter" and unknown.json()["error"]["param"] == "sufix"
 
