@@ -25,20 +25,23 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SHORT = {"type": "string", "maxLength": 40}
 PERSON = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
-                   "city": {"type": "string", "maxLength": 40},
-                   "languages": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3}},
+    "properties": {
+        "name": SHORT,
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "city": SHORT,
+        "languages": {"type": "array", "items": SHORT, "maxItems": 3},
+    },
     "required": ["name", "age", "city", "languages"],
     "additionalProperties": False,
-}  # fmt: skip
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
-                                            "unit": {"enum": ["celsius", "fahrenheit"]}},
+}
+WEATHER = {"type": "object", "properties": {"city": SHORT, "unit": {"enum": ["celsius", "fahrenheit"]}},
            "required": ["city", "unit"]}  # fmt: skip
+CLOCK = {"type": "object", "properties": {"timezone": SHORT}, "required": ["timezone"]}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
-         {"type": "function", "function": {"name": "get_time", "parameters": {
-             "type": "object", "properties": {"timezone": {"type": "string", "maxLength": 40}}, "required": ["timezone"]}}}]  # fmt: skip
+         {"type": "function", "function": {"name": "get_time", "parameters": CLOCK}}]  # fmt: skip
 
 
 def timed(engine, ids: list[int], rows: int, sampling) -> tuple[float, int]:
