@@ -49,8 +49,22 @@ def _no_tiktoken(monkeypatch):
     monkeypatch.setattr(tiktoken, "encoding_for_model", refuse)
 
 
+CHECKED: list[str] = []  # the responses the conformance-checked clients received, this test
+
+
+@pytest.fixture(autouse=True)
+def _through_the_checked_client():
+    """Every answer below comes through `_http()`'s client, so conftest's conformance check sees each body; a
+    LangChain that built its own client instead would leave this empty."""
+    CHECKED.clear()
+    yield
+    assert CHECKED, "no response came through the conformance-checked http_client"
+
+
 def _http() -> openai.DefaultHttpxClient:
-    return conformance.install(openai.DefaultHttpxClient(timeout=120))
+    client = conformance.install(openai.DefaultHttpxClient(timeout=120))
+    client.event_hooks["response"].append(lambda response: CHECKED.append(response.request.url.path))
+    return client
 
 
 def chat(service: Service, **kwargs) -> ChatOpenAI:
@@ -156,7 +170,7 @@ def test_with_structured_output_gives_valid_objects(service):
     """Each of LangChain's methods, all sent at once: the default (json_schema, strict) with several seeds at
     temperature 1, JSON mode (`json_object`) and a forced tool call (function_calling)."""
     seeds = range(4)
-    ways = {f"seed {seed}": chat(service, temperature=1.0, seed=seed, max_tokens=48).with_structured_output(Person)
+    ways = {f"seed {seed}": chat(service, temperature=1.0, seed=seed, max_tokens=64).with_structured_output(Person)
             for seed in seeds}  # fmt: skip
     # JSON mode promises a JSON object, not its keys: given no schema, LangChain's parser returns the object.
     ways["json_mode"] = chat(service, max_tokens=48).with_structured_output(None, method="json_mode", include_raw=True)
