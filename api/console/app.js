@@ -208,6 +208,7 @@ function createForm(methods, models, files) {
 
 window.addEventListener("hashchange", route);
 window.addEventListener("neat:unauthorized", () => {
+  if (document.getElementById("sign-in")) return; // the sign-in form shows its own error
   session.signOut();
   route();
 });

@@ -95,9 +95,17 @@ def test_the_console_end_to_end(service, browser, tmp_path):
 
     driver, by_id = browser, (lambda name: browser.find_element("id", name))
     driver.get(service.url)
+    by_id("api-key").send_keys("sk-not-a-key")
+    by_id("sign-in").click()
+    refused = _until(lambda: driver.find_elements("css selector", ".sign-in .error"), 20, "the refusal", service)
+    assert "API key" in refused[0].text, refused[0].text
+    assert driver.execute_script("return sessionStorage.length") == 0  # a refused key is not kept
+    by_id("api-key").clear()
     by_id("api-key").send_keys(service.key)
     by_id("sign-in").click()
     _until(lambda: driver.find_elements("id", "drop-zone"), 20, "the files page", service)
+    assert driver.execute_script("return sessionStorage.getItem('neat.apiKey')") == service.key
+    assert driver.get_cookies() == []
 
     # A bad file, dropped on the drop zone (a DataTransfer built in the page: what a drag from the desktop gives).
     bad = '{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n'
