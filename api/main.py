@@ -9,8 +9,11 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -19,7 +22,7 @@ from api.errors import install_error_handlers
 from api.quotas import RateLimiter
 from api.remote import configured
 from api.request_id import RequestId, install_log_ids
-from api.routes import admin, files, inference, jobs, models
+from api.routes import admin, files, inference, jobs, methods, models
 from api.targets import preload
 from control.backends import Backend
 from control.db import session_scope, with_retries
@@ -28,6 +31,9 @@ from control.settings import Settings, get_settings
 from control.sweeper import Sweeper
 
 log = logging.getLogger("api.main")
+# The web console (docs/console.md): static files shipped in the package, served from this origin, so that it needs
+# no CORS, no CDN and no cookies (it sends the API key it keeps in the browser's session storage as the Bearer).
+CONSOLE = Path(__file__).parent / "console"
 
 
 @asynccontextmanager
@@ -82,8 +88,15 @@ def create_app(backend: Backend | None = None) -> FastAPI:
     app.add_middleware(InferenceBodyLimit)
     app.state.backend = backend  # None: created from settings on first use (api.routes.inference.get_backend)
     app.state.inference_rate = RateLimiter()  # requests per minute per organisation, in this process
-    for module in (files, jobs, models, inference, admin):
+    for module in (files, jobs, models, inference, methods, admin):
         app.include_router(module.router)
+    # Its page at `/` and its assets under `/console/` only: a catch-all mount at `/` would answer every unknown
+    # path (and wrong method) itself, in place of the API's own 404 and 405 in OpenAI's shape.
+    app.mount("/console", StaticFiles(directory=CONSOLE), name="console")
+
+    @app.get("/", include_in_schema=False)
+    def console() -> FileResponse:
+        return FileResponse(CONSOLE / "index.html")
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict:

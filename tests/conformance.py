@@ -122,6 +122,7 @@ STREAMS: dict[tuple[str, str], type[BaseModel]] = {
 UNTYPED: list[tuple[str, str]] = [
     ("POST", "/v1/classifications"),  # our classification extension
     ("GET", "/v1/serving/stats"),  # the serving tier's state
+    ("GET", "/v1/methods"),  # the adapter methods and their hyperparameters
     ("GET", f"{JOBS}/{_ID}/adapter"),  # the adapter download (a tarball)
     ("GET", f"/v1/files/{_ID}/content"),  # the file's own bytes (JSONL)
     ("*", "/v1/admin/.*"),  # the operators' API

@@ -41,10 +41,14 @@ ACTIVATIONS = (
 
 @dataclass(frozen=True)
 class Param:
-    """One user-facing hyperparameter: its check and a short description of the values it accepts."""
+    """One user-facing hyperparameter: its check, a short description of the values it accepts, and the same
+    values as a JSON Schema fragment (`schema`: type, range, enum), which `GET /v1/methods` publishes so that
+    clients (the web console's job form) build their fields from it. The constructors below write all three from
+    one set of bounds; a test checks that `check` and `schema` agree at the bounds."""
 
     check: Callable[[Any], bool]
     allowed: str
+    schema: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _is_int(v: Any) -> bool:
@@ -56,7 +60,8 @@ def _is_number(v: Any) -> bool:
 
 
 def int_range(low: int, high: int, allowed: str | None = None) -> Param:
-    return Param(lambda v: _is_int(v) and low <= v <= high, allowed or f"an integer {low}..{high}")
+    return Param(lambda v: _is_int(v) and low <= v <= high, allowed or f"an integer {low}..{high}",
+                 {"type": "integer", "minimum": low, "maximum": high})  # fmt: skip
 
 
 def positive_int() -> Param:
@@ -68,26 +73,31 @@ def non_negative_int(limit: int) -> Param:
 
 
 def positive_float(limit: float = 1e4) -> Param:
-    return Param(lambda v: _is_number(v) and 0 < v <= limit, f"a number > 0 and <= {limit:g}")
+    return Param(lambda v: _is_number(v) and 0 < v <= limit, f"a number > 0 and <= {limit:g}",
+                 {"type": "number", "exclusiveMinimum": 0, "maximum": limit})  # fmt: skip
 
 
 def probability() -> Param:
-    return Param(lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+    return Param(lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)",
+                 {"type": "number", "minimum": 0, "exclusiveMaximum": 1})  # fmt: skip
 
 
 def fraction() -> Param:
-    return Param(lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+    return Param(lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]",
+                 {"type": "number", "exclusiveMinimum": 0, "maximum": 1})  # fmt: skip
 
 
 def one_of(choices: list[str] | tuple[str, ...]) -> Param:
     choices = list(choices)
-    return Param(lambda v: v in choices, ", ".join(choices) if len(choices) < 12 else f"one of {len(choices)} names")
+    allowed = ", ".join(choices) if len(choices) < 12 else f"one of {len(choices)} names"
+    return Param(lambda v: v in choices, allowed, {"type": "string", "enum": choices})
 
 
 def module_names() -> Param:
     return Param(
         lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(s, str) and s for s in v),
         "a non-empty list of module names",
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
     )
 
 
@@ -112,12 +122,14 @@ class MethodSpec:
     """A method's torch-free half. `defaults` holds every hyperparameter's value when left out or "auto"
     (`target_modules: "auto"` is resolved from the model's architecture once it is loaded); `task_defaults`
     overrides some per task; `learning_rates` is the measured base rate per task (docs/benchmarks.md); `rules`
-    checks across fields on the explicitly given values, raising `InvalidHyperparameterError`."""
+    checks across fields on the explicitly given values, raising `InvalidHyperparameterError`. `description`: one
+    sentence for users (`GET /v1/methods`, the console); docs/methods.md has the rest."""
 
     name: str
     params: Mapping[str, Param]
     defaults: Mapping[str, Any]
     learning_rates: Mapping[str, float]
+    description: str = ""
     serving: Serving = field(default_factory=Serving)
     task_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     rules: Callable[[dict[str, Any]], None] | None = None

@@ -64,7 +64,7 @@ AIMED_AT_A = {
     ("POST", "/v1/classifications"): [("POST", "/v1/classifications", {"model": "{model}", "input": "hi"})],
 }
 # Routes with nothing of A's to name: checked below for what they show (lists, stats) or who may call them.
-LISTS = {("GET", "/v1/models"), ("POST", "/v1/files"), ("GET", "/v1/serving/stats")}
+LISTS = {("GET", "/v1/models"), ("POST", "/v1/files"), ("GET", "/v1/serving/stats"), ("GET", "/v1/methods")}
 
 
 def fill(template, ids: dict[str, str]):

@@ -16,6 +16,7 @@ def _rules(explicit: dict[str, Any]) -> None:
 
 SPEC = MethodSpec(
     name="heat",
+    description="LoRA on the attention heads that matter most, scored by a Taylor estimate before training.",
     params={
         **PARAMS,
         "score": one_of(["gate", "weight", "adapter"]),

@@ -19,6 +19,7 @@ SERVING_ROUTER_MODE = "per_sample"  # a request's answer must not depend on what
 
 SPEC = MethodSpec(
     name="lily",
+    description="LoRA with its halves shared across layers: experts mixed per layer by a router.",
     params={
         "r": positive_int(),
         "stride_A": positive_int(),

@@ -15,6 +15,7 @@ LEARNING_RATES = {"classification": 1e-3, "causal_lm": 5e-4}
 
 SPEC = MethodSpec(
     name="lora",
+    description="Low-rank update matrices beside each frozen weight (the baseline).",
     params=PARAMS,
     defaults=DEFAULTS,
     learning_rates=LEARNING_RATES,

@@ -16,6 +16,7 @@ from neat_core.methods.specs import (
 
 SPEC = MethodSpec(
     name="neat",
+    description="A tiny network reads each frozen weight matrix and outputs its update (the service's method).",
     params={
         "r": positive_int(),
         "depth": non_negative_int(8),

@@ -7,6 +7,7 @@ from neat_core.methods.specs import MethodSpec, Serving, int_range, one_of, prob
 
 SPEC = MethodSpec(
     name="pear",
+    description="LoRA that, after a warm-up, prunes its least important positions; they then share a kept adapter.",
     params={
         **PARAMS,
         "warmup_steps": int_range(1, 10_000_000, "an integer >= 1"),

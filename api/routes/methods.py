@@ -1,0 +1,58 @@
+"""/v1/methods (ours): the adapter methods a job may use, and each one's hyperparameters, for clients that build
+their forms from the server (the web console's job form). Everything is read from where it is defined: the
+methods' torch-free specs (neat_core.methods.specs) and the job body's schema (api.schemas); nothing is restated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from api.deps import CurrentOrg, SessionClosingRoute
+from api.pagination import known_params
+from api.schemas import Adapter, Hyperparameters
+from neat_core.methods.specs import AUTO, TASKS, MethodSpec, all_specs
+
+router = APIRouter(route_class=SessionClosingRoute, prefix="/v1/methods", tags=["methods"])
+
+
+def _hyperparameter(spec: MethodSpec, name: str) -> dict[str, Any]:
+    param = spec.params[name]
+    # `default` is the value "auto" (or leaving it out) stands for; a task may override it (NEAT's scaling).
+    per_task = {task: spec.defaults_for(task)[name] for task in TASKS}
+    return {
+        "name": name,
+        **param.schema,
+        "allowed": param.allowed,
+        "default": spec.defaults[name],
+        "task_defaults": {t: v for t, v in per_task.items() if v != spec.defaults[name]},
+    }
+
+
+def method_object(spec: MethodSpec) -> dict[str, Any]:
+    return {
+        "object": "method",
+        "id": spec.name,
+        "description": spec.description,
+        "default": spec.name == Adapter.model_fields["type"].default,
+        # the base learning rate per task, which learning_rate_multiplier scales
+        "learning_rates": dict(spec.learning_rates),
+        "batched_serving": spec.serving.batched,
+        "hyperparameters": [_hyperparameter(spec, name) for name in spec.params],
+    }
+
+
+def _supervised() -> list[dict[str, Any]]:
+    """OpenAI's job hyperparameters (n_epochs, ...), each `"auto"` or a value within the bounds api.schemas sets."""
+    out = []
+    for name, prop in Hyperparameters.model_json_schema()["properties"].items():
+        (value,) = [branch for branch in prop["anyOf"] if branch.get("const") != AUTO]
+        out.append({"name": name, **value, "default": prop["default"]})
+    return out
+
+
+@router.get("", dependencies=[known_params()])
+def list_methods(org: CurrentOrg) -> dict:
+    methods = [method_object(spec) for _, spec in sorted(all_specs().values(), key=lambda p: p[1].name)]
+    return {"object": "list", "data": methods, "has_more": False, "supervised_hyperparameters": _supervised()}
