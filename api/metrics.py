@@ -26,10 +26,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.deps import SettingsDep
 from control import jobs
 from control.db import session_scope
 from control.metrics import scrape
-from api.deps import SettingsDep
 from control.settings import Settings, get_settings
 
 log = logging.getLogger("api.metrics")
