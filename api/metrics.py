@@ -22,15 +22,14 @@ from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_fastapi_instrumentator import Instrumentator
+from prometheus_fastapi_instrumentator.routing import get_route_name
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.deps import SettingsDep
 from control import jobs
 from control.db import session_scope
 from control.metrics import scrape
-from control.settings import Settings, get_settings
 
 log = logging.getLogger("api.metrics")
 
@@ -42,13 +41,16 @@ router = APIRouter(include_in_schema=False)
 
 @router.get("/metrics")
 def metrics(request: Request, settings: SettingsDep) -> Response:
-    status, content_type, body = scrape(request.app.state.metrics, settings, request.headers.get("authorization"))
+    scraped = CollectorRegistry()  # the app's figures, and the census of the database this request's settings name
+    scraped.register(request.app.state.metrics)
+    scraped.register(JobsCollector(settings.resolved_database_url))
+    status, content_type, body = scrape(scraped, settings, request.headers.get("authorization"))
     return Response(body, status_code=status, media_type=content_type)
 
 
 def instrument(app: FastAPI) -> CollectorRegistry:
-    """Measure `app`'s requests into a registry of its own (also `app.state.metrics`), with the jobs census and
-    this process's CPU and memory, and add the `/metrics` route."""
+    """Measure `app`'s requests into a registry of its own (also `app.state.metrics`), with this process's CPU
+    and memory, and add the `/metrics` route (which adds the jobs census)."""
     registry = CollectorRegistry()
     Instrumentator(should_group_status_codes=False, excluded_handlers=["^/metrics$"], registry=registry).instrument(
         app, metric_namespace="neat", metric_subsystem="api", latency_lowr_buckets=LATENCY_BUCKETS
@@ -56,7 +58,6 @@ def instrument(app: FastAPI) -> CollectorRegistry:
     in_flight = Gauge("neat_api_requests_in_flight", "Requests being handled now, by route template.",
                       ["handler"], registry=registry)  # fmt: skip
     app.add_middleware(InFlight, gauge=in_flight)
-    registry.register(JobsCollector())
     ProcessCollector(registry=registry)
     app.state.metrics = registry
     app.include_router(router)
@@ -73,7 +74,8 @@ class InFlight:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] == "/metrics":
             return await self.app(scope, receive, send)
-        child = self.gauge.labels(_template(scope))
+        # the template as the instrumentator resolves it (routers included by FastAPI are not plain routes)
+        child = self.gauge.labels(get_route_name(Request(scope), should_include_root_path=False) or NOT_A_ROUTE)
         child.inc()
         try:
             await self.app(scope, receive, send)
@@ -81,28 +83,19 @@ class InFlight:
             child.dec()
 
 
-def _template(scope: Scope) -> str:
-    for route in scope["app"].routes:
-        match, _ = route.matches(scope)
-        if match == Match.FULL:
-            return getattr(route, "path", NOT_A_ROUTE)
-    return NOT_A_ROUTE
-
-
 class JobsCollector(Collector):
     """Jobs per status, and the age of the oldest unfinished job in each status, queried when scraped."""
 
-    def __init__(self, settings: Settings | None = None):
-        self._settings = settings  # None: the process's settings (tests override get_settings)
+    def __init__(self, database_url: str):
+        self.database_url = database_url
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         jobs_family = GaugeMetricFamily("neat_jobs", "Jobs in each status (the jobs table).", labels=["status"])
         age = GaugeMetricFamily("neat_jobs_oldest_age_seconds", "Age of the oldest job in each unfinished status.",
                                 labels=["status"])  # fmt: skip
         up = GaugeMetricFamily("neat_jobs_database_up", "1 when the jobs census could read the database.")
-        settings = self._settings or get_settings()
         try:
-            with session_scope(settings.resolved_database_url) as session:
+            with session_scope(self.database_url) as session:
                 census = jobs.census(session)
         except SQLAlchemyError as e:  # the database is away: say so, and leave the figures out
             log.warning("jobs census failed: %s", type(e).__name__)

@@ -65,8 +65,8 @@ def create_app(settings: Settings | None = None, host: ModelHost | None = None) 
     host = host or host_for(settings)
     registry = AdapterRegistry(host)
     served = _Counter()
-    registry = CollectorRegistry()
-    metrics.register(registry, host)
+    figures = CollectorRegistry()  # what /metrics shows (`registry` is the adapters')
+    metrics.register(figures, host)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -89,7 +89,7 @@ def create_app(settings: Settings | None = None, host: ModelHost | None = None) 
 
     @app.get("/metrics")
     def prometheus(authorization: Annotated[str | None, Header()] = None) -> Response:
-        status, content_type, body = scrape(registry, settings, authorization)
+        status, content_type, body = scrape(figures, settings, authorization)
         return Response(body, status_code=status, media_type=content_type)
 
     @app.get("/v1/models", dependencies=auth)
