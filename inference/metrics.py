@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:  # inference.text observes into this module, and the host imports inference.text
     from inference.host import ModelHost
@@ -90,9 +91,8 @@ class ServingCollector(Collector):
 
 def _buckets(sizes: dict[int, int]) -> list[tuple[str, float]]:
     """The engine's {rows in a pass: passes} as cumulative histogram buckets."""
-    return [(str(edge), sum(n for size, n in sizes.items() if size <= edge)) for edge in ROWS_PER_PASS_BUCKETS] + [
-        ("+Inf", sum(sizes.values()))
-    ]
+    edges = [*ROWS_PER_PASS_BUCKETS, float("inf")]
+    return [(floatToGoString(edge), sum(n for size, n in sizes.items() if size <= edge)) for edge in edges]
 
 
 def _rows(sizes: dict[int, int]) -> int:
