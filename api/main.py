@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from api.bodies import InferenceBodyLimit
 from api.errors import install_error_handlers
+from api.metrics import instrument
 from api.quotas import RateLimiter
 from api.remote import configured
 from api.request_id import RequestId, install_log_ids
@@ -86,6 +87,7 @@ def create_app(backend: Backend | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(InferenceBodyLimit)
+    instrument(app)  # /metrics, and the registry (app.state.metrics) the launcher adds in-process serving to
     app.state.backend = backend  # None: created from settings on first use (api.routes.inference.get_backend)
     app.state.inference_rate = RateLimiter()  # requests per minute per organisation, in this process
     for module in (files, jobs, models, inference, methods, admin):

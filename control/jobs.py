@@ -123,6 +123,20 @@ def stop_requested(session: Session, job_id: str) -> bool:
     return status_of(session, job_id) in STOPPING
 
 
+def census(session: Session) -> dict[JobStatus, tuple[int, int | None]]:
+    """Per status: how many jobs are in it, and when the oldest of them was created (unfinished statuses only;
+    None for the others, and for an empty one). Every status is present, so a scraped series never vanishes."""
+    rows = session.execute(
+        select(Job.status, func.count(), func.min(Job.created_at)).group_by(Job.status)
+    ).all()  # fmt: skip
+    found = {JobStatus(status): (count, oldest) for status, count, oldest in rows}
+    counted = {}
+    for status in JobStatus:
+        count, oldest = found.get(status, (0, None))
+        counted[status] = (count, oldest if status in UNFINISHED else None)
+    return counted
+
+
 def active_job_using(session: Session, organization_id: str, file_id: str) -> str | None:
     """The id of an unfinished job of the organisation that trains on (or validates with) `file_id`, if any: such a
     file cannot be deleted, its worker (or the next one, after a loss) still has to read it."""

@@ -28,6 +28,13 @@ class Settings(BaseSettings):
     bootstrap_api_key: str | None = None  # ensured to exist (for org `bootstrap_org`) at start
     bootstrap_org: str = "org-default"
     admin_api_key: str | None = None  # enables /v1/admin (organisations and keys); unset: those routes are 404
+    # The Prometheus scrape credential (Bearer) of every tier's /metrics (control.metrics); unset: no /metrics.
+    metrics_token: str | None = None
+    # A training worker serves its /metrics on this port (0: not at all), gathered from its pool processes through
+    # prometheus-client's multiprocess mode, which needs PROMETHEUS_MULTIPROC_DIR set (worker.metrics).
+    worker_metrics_port: int = 0
+    worker_metrics_host: str = "127.0.0.1"
+    prometheus_multiproc_dir: Path | None = Field(None, validation_alias="PROMETHEUS_MULTIPROC_DIR")
 
     max_upload_bytes: int = 512 * 1024 * 1024
     # An inference request's JSON body (chat, completion, classification), refused with a 413 past it before it is

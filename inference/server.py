@@ -1,7 +1,9 @@
 """The inference server's HTTP app: OpenAI's chat completions and completions (whole or streamed as server-sent
 events), vLLM's dynamic adapters, our classifications, the models list, health and stats. Every route but
-`/health` needs `Authorization: Bearer <NEAT_INTERNAL_TOKEN>`: its callers are the API (and operators), never
-customers. A caller that disconnects mid-stream cancels its generation (its row leaves the batch at the next step).
+`/health` and `/metrics` needs `Authorization: Bearer <NEAT_INTERNAL_TOKEN>`: its callers are the API (and
+operators), never customers; `/metrics` takes the metrics token instead (control.metrics), the one credential a
+monitoring system holds. A caller that disconnects mid-stream cancels its generation (its row leaves the batch at
+the next step).
 Run with `python -m inference` or `uvicorn --factory inference.server:create_app`."""
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from typing import Annotated, Any
 import anyio
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 
 from control.ids import now
+from control.metrics import scrape
 from control.protocol import (
     CALLER_HEADER,
     ChatRequest,
@@ -33,7 +37,7 @@ from control.protocol import (
     refusal,
 )
 from control.settings import Settings, get_settings
-from inference import answers
+from inference import answers, metrics
 from inference.errors import InferenceError, Unauthorized
 from inference.host import ModelHost, host_for
 from inference.registry import AdapterRegistry
@@ -61,6 +65,8 @@ def create_app(settings: Settings | None = None, host: ModelHost | None = None) 
     host = host or host_for(settings)
     registry = AdapterRegistry(host)
     served = _Counter()
+    figures = CollectorRegistry()  # what /metrics shows (`registry` is the adapters')
+    metrics.register(figures, host)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -80,6 +86,11 @@ def create_app(settings: Settings | None = None, host: ModelHost | None = None) 
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    def prometheus(authorization: Annotated[str | None, Header()] = None) -> Response:
+        status, content_type, body = scrape(figures, settings, authorization)
+        return Response(body, status_code=status, media_type=content_type)
 
     @app.get("/v1/models", dependencies=auth)
     def models() -> dict:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 
+from inference import metrics
 from inference.errors import PromptError, ServingError
 from neat_core.data.chat import content_text
 from neat_core.serving import AdapterRef, BatchEngine, GrammarError, SamplingParams
@@ -42,6 +44,7 @@ class Generation:
         self._engine = engine
         self.token_ids: list[int] = []  # the tokens read from the engine so far
         self._logprobs_taken = 0
+        self._started, self._first_token_at = time.monotonic(), None  # for the time to first token, tokens/s
         outside = [t for t, _ in sampling.logit_bias if not 0 <= t < engine.vocab_size]
         if outside:
             raise PromptError(f"logit_bias names token ids outside this model's vocabulary (0..{engine.vocab_size - 1})"
@@ -76,6 +79,7 @@ class Generation:
             yield text[sent:]
         self.completion_tokens = self._stream.completion_tokens
         self.finish_reason = "stop" if self._stopped_by_string else (self._stream.finish_reason or "stop")
+        self._observe_speed()
 
     def text(self) -> str:
         """The whole completion (for non-streaming answers)."""
@@ -95,9 +99,21 @@ class Generation:
             taken.append(TokenLogprob(text(self.token_ids[i]), stream.logprobs[i], [(text(a), lp) for a, lp in top]))
         return taken
 
+    def _observe_speed(self) -> None:
+        """Count the tokens generated, and the decode speed after the first token (the prefill is in the time to
+        first token, not here)."""
+        metrics.GENERATED_TOKENS.inc(self.completion_tokens)
+        if self._first_token_at is not None and self.completion_tokens > 1:
+            seconds = time.monotonic() - self._first_token_at
+            if seconds > 0:
+                metrics.TOKENS_PER_SECOND.observe((self.completion_tokens - 1) / seconds)
+
     def _pieces(self) -> Iterator[str]:
         def read() -> Iterator[int]:
             for token in self._stream:
+                if self._first_token_at is None:
+                    self._first_token_at = time.monotonic()
+                    metrics.TIME_TO_FIRST_TOKEN.observe(self._first_token_at - self._started)
                 self.token_ids.append(token)
                 yield token
 

@@ -53,7 +53,12 @@ def embedded_backend(settings: Settings) -> Backend | None:
 def start_worker(settings: Settings) -> subprocess.Popen:
     command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=prefork", "--concurrency=1",
                "-Q", settings.queue, "--loglevel=INFO", "--without-gossip", "--without-mingle"]  # fmt: skip
-    return subprocess.Popen(command, start_new_session=True)  # its own group: stopped with its pool child
+    env = None
+    if settings.worker_metrics_port:  # its pool's figures meet in a folder of their own (worker.metrics)
+        folder = settings.prometheus_multiproc_dir or settings.data_dir / "worker-metrics"
+        folder.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder.resolve())}
+    return subprocess.Popen(command, env=env, start_new_session=True)  # its own group: stopped with its pool child
 
 
 def main() -> None:
@@ -70,8 +75,13 @@ def main() -> None:
           f"  data:    {settings.data_dir.resolve()}\n  try:     curl -H 'Authorization: Bearer {key}' {url}/models\n",
           flush=True)  # fmt: skip
     try:
-        uvicorn.run(create_app(backend=embedded_backend(settings)), host=settings.host, port=settings.port,
-                    http=OpenAIErrorsHTTP, log_level="info")  # fmt: skip
+        backend = embedded_backend(settings)
+        app = create_app(backend=backend)
+        if backend is not None:  # the API's /metrics shows the in-process engines too
+            from inference import metrics
+
+            metrics.register(app.state.metrics, backend.host)
+        uvicorn.run(app, host=settings.host, port=settings.port, http=OpenAIErrorsHTTP, log_level="info")
     finally:
         stop_worker(worker)
 

@@ -13,10 +13,18 @@ from celery import signals
 from control.queue import make_celery
 from control.settings import get_settings
 from control.sweeper import Sweeper
+from worker import metrics
 from worker.lease import Reaper
 
 app = make_celery(get_settings())
 app.conf.include = ["worker.tasks"]  # imported when the worker starts, so the task name is registered
+
+
+@signals.worker_init.connect
+def _serve_metrics(**_: object) -> None:
+    # In the main process, before the pool forks (worker.metrics): the pool children's figures are summed here.
+    global _metrics
+    _metrics = metrics.start(get_settings())
 
 
 @signals.worker_ready.connect
@@ -36,7 +44,10 @@ def _stop_reaper(**_: object) -> None:
         _reaper.stop()
     if _sweeper is not None:
         _sweeper.stop()
+    if _metrics is not None:
+        _metrics.shutdown()
 
 
 _reaper: Reaper | None = None
 _sweeper: Sweeper | None = None
+_metrics: metrics.ThreadingWSGIServer | None = None

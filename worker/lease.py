@@ -31,6 +31,7 @@ from control import jobs
 from control.db import session_scope
 from control.queue import enqueue
 from control.settings import Settings
+from worker.metrics import LEASE_RENEWALS, REAPER_REQUEUES
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ class Heartbeat:
                 renewed = jobs.renew_lease(session, self.lease, self.settings.lease_seconds)
         except SQLAlchemyError:
             log.warning("job %s: cannot renew the lease (database unavailable); retrying", self.job_id)
+            LEASE_RENEWALS.labels("unavailable").inc()
             return True
+        LEASE_RENEWALS.labels("renewed" if renewed else "lost").inc()
         if not renewed:
             log.error("job %s: lease lost; stopping this worker's training of it", self.job_id)
             self.lost.set()
@@ -110,6 +113,7 @@ def reap(settings: Settings) -> list[str]:
             # after the commit, so the delivery finds the row queued
             enqueue(lease.job_id, settings, delay=expiry.retry_in)
             requeued.append(lease.job_id)
+            REAPER_REQUEUES.labels("lease_expired").inc()
         log.warning("job %s: lease of %s expired; now %s", lease.job_id, lease.owner, expiry.status)
     return requeued + redeliver(settings, now)
 
@@ -141,6 +145,7 @@ def redeliver(settings: Settings, now: float) -> list[str]:
         if won:
             enqueue(job_id, settings)
             sent.append(job_id)
+            REAPER_REQUEUES.labels("unsent").inc()
             log.warning("job %s: queued and not claimed since its message was sent; sent it again", job_id)
     return sent
 

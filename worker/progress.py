@@ -26,6 +26,7 @@ from control.orm import Checkpoint
 from control.storage import Storage
 from neat_core.train import Callback, list_checkpoints
 from neat_core.train.checkpoint import LoopState
+from worker.metrics import STEP_SECONDS, TRAINED_TOKENS
 from worker.trainspec import SCHEDULE_FIELDS
 
 log = logging.getLogger(__name__)
@@ -175,3 +176,17 @@ class LeaseWatch(Callback):
         self._check()
         if not self.heartbeat.renew_now():
             raise jobs.LeaseLost(self.heartbeat.lease)
+
+
+class StepMetrics(Callback):
+    """Each step's wall time and tokens, for Prometheus (worker.metrics): the time from one step's end to the next
+    (what a step costs the job, its callbacks' writes and any evaluation or checkpoint in between included)."""
+
+    def on_train_begin(self, loop: LoopState, info: dict[str, Any]) -> None:
+        self._at, self._tokens = time.monotonic(), loop.trained_tokens  # a resumed run counts its own tokens only
+
+    def on_step_end(self, loop: LoopState, metrics: dict[str, float]) -> None:
+        at = time.monotonic()
+        STEP_SECONDS.observe(at - self._at)
+        TRAINED_TOKENS.inc(max(0, loop.trained_tokens - self._tokens))
+        self._at, self._tokens = at, loop.trained_tokens

@@ -51,11 +51,12 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
             faults.reached("claimed", settings)
             # torch comes in with these: imported per task, never when the worker starts (see worker.app).
             from neat_core.train import train
-            from worker.progress import DbProgress, LeaseWatch
+            from worker.progress import DbProgress, LeaseWatch, StepMetrics
 
             spec = train_spec(url, lease, settings, storage)
             # LeaseWatch first: once the lease is gone, no other callback writes anything
-            callbacks = [LeaseWatch(heartbeat), DbProgress(lease, url, storage), *faults.callbacks(settings)]
+            callbacks = [LeaseWatch(heartbeat), DbProgress(lease, url, storage), StepMetrics(),
+                         *faults.callbacks(settings)]  # fmt: skip
             result = train(spec, callbacks=callbacks)
         if heartbeat.lost.is_set():
             raise jobs.LeaseLost(lease)

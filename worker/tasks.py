@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from control.queue import TRAIN_TASK
 from worker.app import app
+from worker.metrics import JOBS
 from worker.runner import run_job
 
 
 @app.task(name=TRAIN_TASK)
 def train_job(job_id: str) -> None:
-    run_job(job_id)
+    JOBS.labels(run_job(job_id)).inc()
