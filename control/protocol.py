@@ -144,9 +144,7 @@ class Tool(BaseModel):
     @field_validator("type", mode="before")
     @classmethod
     def _functions_only(cls, kind: Any) -> Any:
-        if kind == "custom":  # OpenAI's free-form tools: their grammars are not supported
-            raise PydanticCustomError("unsupported_parameter", "custom tools are not supported by this service yet")
-        return kind
+        return _function_kind(kind, ("custom",), "{kind} tools are")  # free-form tools: their grammars are not offered
 
 
 class NamedFunction(BaseModel):
@@ -162,10 +160,15 @@ class NamedToolChoice(BaseModel):
     @field_validator("type", mode="before")
     @classmethod
     def _functions_only(cls, kind: Any) -> Any:
-        if kind in ("allowed_tools", "custom"):
-            raise PydanticCustomError("unsupported_parameter", "tool_choice {kind} is not supported by this service "
-                                      "yet", {"kind": kind})  # fmt: skip
-        return kind
+        return _function_kind(kind, ("allowed_tools", "custom"), "tool_choice {kind} is")
+
+
+def _function_kind(kind: Any, refused: tuple[str, ...], what: str) -> Any:
+    """Function tools only: OpenAI's other kinds are refused by name (anything else is for the type check)."""
+    if kind in refused:
+        raise PydanticCustomError("unsupported_parameter", f"{what} not supported by this service yet",
+                                  {"kind": kind})  # fmt: skip
+    return kind
 
 
 class JsonSchemaFormat(BaseModel):
