@@ -19,7 +19,7 @@ from api.errors import install_error_handlers
 from api.quotas import RateLimiter
 from api.remote import configured
 from api.request_id import RequestId, install_log_ids
-from api.routes import admin, files, inference, jobs, models
+from api.routes import admin, files, inference, jobs, models, webhooks
 from api.targets import preload
 from control.backends import Backend
 from control.db import session_scope, with_retries
@@ -82,7 +82,7 @@ def create_app(backend: Backend | None = None) -> FastAPI:
     app.add_middleware(InferenceBodyLimit)
     app.state.backend = backend  # None: created from settings on first use (api.routes.inference.get_backend)
     app.state.inference_rate = RateLimiter()  # requests per minute per organisation, in this process
-    for module in (files, jobs, models, inference, admin):
+    for module in (files, jobs, models, inference, webhooks, admin):
         app.include_router(module.router)
 
     @app.get("/healthz", include_in_schema=False)
