@@ -257,8 +257,13 @@ def webhook_delivery_object(row: WebhookDelivery, attempts: list[WebhookAttempt]
         "finished_at": row.finished_at,
         "next_attempt_at": None if row.next_attempt_at is None else int(row.next_attempt_at),
         "attempts": [
-            {"attempt": a.attempt, "started_at": int(a.started_at), "duration_ms": a.duration_ms,
-             "status_code": a.status_code, "error": a.error}
+            {
+                "attempt": a.attempt,
+                "started_at": int(a.started_at),
+                "duration_ms": a.duration_ms,
+                "status_code": a.status_code,
+                "error": a.error,
+            }
             for a in attempts
         ],  # fmt: skip
     }

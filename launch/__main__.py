@@ -2,9 +2,10 @@
 
 Applies migrations, makes sure an API key exists (printing it), starts one `celery worker` child process on the
 server-less SQLite broker (and a second, threaded one for webhook deliveries, which a training job must not hold
-up), and serves the API in this process with inference in it too: the inference tier's in-process backend, handed to `api.main.create_app(backend=...)` (api never imports the inference tier; this
-module composes the two). With NEAT_INFERENCE_SERVERS set, the API sends inference there instead. The same code
-runs distributed; there each piece is started on its own (docker-compose.yml).
+up), and serves the API in this process with inference in it too: the inference tier's in-process backend,
+handed to `api.main.create_app(backend=...)` (api never imports the inference tier; this module composes the two).
+With NEAT_INFERENCE_SERVERS set, the API sends inference there instead. The same code runs distributed; there each
+piece is started on its own (docker-compose.yml).
 """
 
 from __future__ import annotations
