@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 500
 
 
-def deliver(delivery_id: str, settings: Settings | None = None) -> str:
-    """Make the delivery's next attempt if it is due; returns what happened (for logs and tests)."""
+def deliver(delivery_id: str, settings: Settings | None = None) -> int | str | None:
+    """Make the delivery's next attempt if it is due; returns the endpoint's status code, or why there was none
+    ("skipped": not due or gone; else the attempt's error), for logs and tests."""
     settings = settings or get_settings()
     url = settings.resolved_database_url
     in_flight = settings.webhooks_timeout_seconds + webhooks.IN_FLIGHT_SLACK_SECONDS
@@ -48,7 +49,7 @@ def deliver(delivery_id: str, settings: Settings | None = None) -> str:
         log.warning("webhook %s attempt %d failed (%s); retrying in %g s", delivery_id, attempt.number,
                     error or status_code, retry_in)  # fmt: skip
         send_webhook(delivery_id, settings, delay=retry_in)  # lost meanwhile: the reapers send it (`overdue`)
-    return "delivered" if status_code is not None and 200 <= status_code < 300 else "failed"
+    return status_code if status_code is not None else error
 
 
 def _post(attempt: webhooks.Attempt, settings: Settings) -> tuple[int | None, str | None]:
