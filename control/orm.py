@@ -199,6 +199,7 @@ class WebhookAttempt(Base):
 
     __tablename__ = "webhook_attempts"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
     delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
     attempt: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[float] = mapped_column(Float)

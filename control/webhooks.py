@@ -167,6 +167,7 @@ class Attempt:
     """What a task needs to make one attempt of a delivery (from `claim`)."""
 
     delivery_id: str
+    organization_id: str
     number: int
     url: str
     secret: str
@@ -177,21 +178,22 @@ def claim(session: Session, delivery_id: str, at: float, in_flight_seconds: floa
     """The delivery's next attempt, if it is pending and due; until `in_flight_seconds` have passed nobody else
     takes it. None: delivered, given up, not due yet (a duplicate message), or its endpoint was deleted."""
     row = session.execute(
-        select(WebhookDelivery.attempts, WebhookDelivery.payload, WebhookEndpoint.url, WebhookEndpoint.secret)
+        select(WebhookDelivery.attempts, WebhookDelivery.organization_id, WebhookDelivery.payload,
+               WebhookEndpoint.url, WebhookEndpoint.secret)
         .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
         .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == PENDING,
                WebhookDelivery.next_attempt_at <= at + CLOCK_SLACK_SECONDS)
     ).first()  # fmt: skip
     if row is None:
         return None
-    attempts, payload, url, secret = row
+    attempts, organization_id, payload, url, secret = row
     won = session.execute(
         update(WebhookDelivery)
         .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == PENDING,
                WebhookDelivery.attempts == attempts)
         .values(attempts=attempts + 1, next_attempt_at=at + in_flight_seconds)
     ).rowcount  # fmt: skip
-    return Attempt(delivery_id, attempts + 1, url, secret, payload) if won else None
+    return Attempt(delivery_id, organization_id, attempts + 1, url, secret, payload) if won else None
 
 
 def backoff(attempt: int, base_seconds: float, max_seconds: float) -> float:
@@ -207,8 +209,9 @@ def record(session: Session, attempt: Attempt, *, started_at: float, duration_ms
     attempt, and changes nothing else)."""
     if session.scalar(select(WebhookDelivery.seq).where(WebhookDelivery.id == attempt.delivery_id)) is None:
         return None  # its endpoint was deleted meanwhile, and its deliveries with it
-    session.add(WebhookAttempt(delivery_id=attempt.delivery_id, attempt=attempt.number, started_at=started_at,
-                               duration_ms=duration_ms, status_code=status_code, error=error))  # fmt: skip
+    session.add(WebhookAttempt(delivery_id=attempt.delivery_id, organization_id=attempt.organization_id,
+                               attempt=attempt.number, started_at=started_at, duration_ms=duration_ms,
+                               status_code=status_code, error=error))  # fmt: skip
     latest = update(WebhookDelivery).where(WebhookDelivery.id == attempt.delivery_id,
                                            WebhookDelivery.status == PENDING,
                                            WebhookDelivery.attempts == attempt.number)  # fmt: skip

@@ -62,16 +62,19 @@ def upgrade() -> None:
     op.create_table(
         "webhook_attempts",
         sa.Column("seq", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("organization_id", sa.String(length=64), nullable=False),
         sa.Column("delivery_id", sa.String(length=64), nullable=False),
         sa.Column("attempt", sa.Integer(), nullable=False),
         sa.Column("started_at", sa.Float(), nullable=False),
         sa.Column("duration_ms", sa.Integer(), nullable=False),
         sa.Column("status_code", sa.Integer(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
+        sa.ForeignKeyConstraint(["organization_id"], ["organizations.id"]),
         sa.ForeignKeyConstraint(["delivery_id"], ["webhook_deliveries.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("seq"),
     )
     with op.batch_alter_table("webhook_attempts") as batch:
+        batch.create_index(batch.f("ix_webhook_attempts_organization_id"), ["organization_id"], unique=False)
         batch.create_index(batch.f("ix_webhook_attempts_delivery_id"), ["delivery_id"], unique=False)
 
 
