@@ -3,19 +3,23 @@
 their attempts. /v1/webhook_event_types lists what can be subscribed to. What is sent, and how: control.webhooks.
 
 An endpoint's URL is checked when it is registered or changed (control.webhooks.check_url: no private or loopback
-address unless the operator allows them) and again at every delivery. Its secret is answered once, at creation.
+address unless the operator allows them) and again at every delivery. Its secret is answered once, at creation
+(and to a retry of that creation with the same Idempotency-Key, as for files and jobs).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.deps import CurrentOrg, SessionClosingRoute, SessionDep, SettingsDep
+from api import idempotency
+from api.deps import CurrentOrg, IdempotencyHeader, SessionClosingRoute, SessionDep, SettingsDep
 from api.errors import APIError, not_found
+from api.idempotency import request_hash
 from api.pagination import known_params, owned, paginate
 from api.schemas import (
     WebhookEndpointCreate,
@@ -54,14 +58,28 @@ def list_event_types(org: CurrentOrg) -> dict:
 
 
 @router.post(ENDPOINTS)
-def create_endpoint(body: WebhookEndpointCreate, session: SessionDep, org: CurrentOrg, settings: SettingsDep) -> dict:
+def create_endpoint(body: WebhookEndpointCreate, session: SessionDep, org: CurrentOrg, settings: SettingsDep,
+                    idempotency_key: IdempotencyHeader = None) -> Any:  # fmt: skip
     _check_url(body.url, settings)
-    endpoint = WebhookEndpoint(id=new_id("whep", sep="_"), organization_id=org, name=body.name, url=body.url,
-                               event_types=list(dict.fromkeys(body.event_types)), secret=webhooks.new_secret(),
-                               created_at=now(), updated_at=now())  # fmt: skip
-    session.add(endpoint)
-    session.commit()
-    return webhook_endpoint_object(endpoint, with_secret=True)
+    digest = request_hash(body.model_dump(mode="json"))
+    claimed = idempotency.claim(settings.resolved_database_url, org, "webhook_endpoints", idempotency_key, digest)
+    if isinstance(claimed, JSONResponse):
+        return claimed  # a retry of a creation that happened: the same endpoint, and its secret, again
+    try:
+        endpoint = WebhookEndpoint(id=new_id("whep", sep="_"), organization_id=org, name=body.name, url=body.url,
+                                   event_types=list(dict.fromkeys(body.event_types)), secret=webhooks.new_secret(),
+                                   created_at=now(), updated_at=now())  # fmt: skip
+        session.add(endpoint)
+        answer = webhook_endpoint_object(endpoint, with_secret=True)
+        if claimed is not None:
+            claimed.record(session, answer)  # in the endpoint's own transaction: both or neither
+        session.commit()
+    except BaseException:
+        session.rollback()
+        if claimed is not None:
+            claimed.release()
+        raise
+    return answer
 
 
 @router.get(ENDPOINTS, dependencies=[known_params("after", "limit")])

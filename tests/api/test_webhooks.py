@@ -165,3 +165,14 @@ def test_public_addresses_pass_the_check():
     webhooks.check_url("http://[2606:4700::1111]:8443/x", allow_private=False)
     with pytest.raises(webhooks.UnsafeURL):
         webhooks.check_url("http://[fe80::1%25eth0]/x", allow_private=False)
+
+
+@sqlite_only
+def test_a_retried_creation_with_its_idempotency_key_creates_one_endpoint(open_api):
+    first = _create(open_api, headers={"Idempotency-Key": "hook-1"})
+    again = _create(open_api, headers={"Idempotency-Key": "hook-1"})
+    assert first.status_code == again.status_code == 200
+    assert again.json() == first.json()  # the same endpoint and secret
+    assert len(open_api.get("/v1/webhook_endpoints").json()["data"]) == 1
+    other = _create(open_api, url="http://127.0.0.1:10/other", headers={"Idempotency-Key": "hook-1"})
+    assert_error(other, 422, code="idempotency_key_reused")
