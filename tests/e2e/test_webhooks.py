@@ -126,3 +126,11 @@ def test_job_events_reach_their_endpoints_signed_and_retried(service):
         ok_deliveries = http.get(f"/v1/webhook_endpoints/{ok_endpoint.id}/deliveries").json()["data"]
         assert {d["status"] for d in ok_deliveries} == {"delivered"}
         assert len(ok_deliveries) == len(ok.received)
+
+    # The rest of the SDK's endpoint calls, against this service.
+    assert {e.id for e in client.webhooks.list()} == {ok_endpoint.id, flaky_endpoint.id}
+    renamed = client.webhooks.update(flaky_endpoint.id, name="renamed")
+    assert renamed.name == client.webhooks.retrieve(flaky_endpoint.id).name == "renamed"
+    assert CHECKPOINT in client.webhooks.event_types.list().data
+    assert client.webhooks.delete(flaky_endpoint.id).deleted
+    assert [e.id for e in client.webhooks.list()] == [ok_endpoint.id]
