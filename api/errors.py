@@ -31,8 +31,8 @@ _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # OpenAI's API routes this service does not have (its resources); an unknown path under
 # one of them answers `unsupported_route`, naming it, instead of the generic 404.
-OFFERED = ("/v1/files, /v1/fine_tuning/jobs, /v1/models, /v1/chat/completions, /v1/completions, and (ours) "
-           "/v1/classifications, /v1/serving/stats and /v1/methods")  # fmt: skip
+OFFERED = ("/v1/files, /v1/fine_tuning/jobs, /v1/models, /v1/chat/completions, /v1/completions, "
+           "/v1/webhook_endpoints, and (ours) /v1/classifications, /v1/serving/stats and /v1/methods")  # fmt: skip
 _UNOFFERED = re.compile(
     r"^/v1/(embeddings|batches|uploads|images|audio|assistants|threads|responses|moderations|vector_stores|evals"
     r"|realtime|containers|conversations|chatkit|videos|organization|projects|edits|engines|fine-tunes|webhooks"

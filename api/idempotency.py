@@ -1,5 +1,5 @@
-"""`Idempotency-Key` on the POSTs that create things (files, jobs): the stock openai client retries POSTs, and a
-retry must not create a second file or job.
+"""`Idempotency-Key` on the POSTs that create things (files, jobs, webhook endpoints): the stock openai client retries
+POSTs, and a retry must not create a second one.
 
 The same key (per organisation and endpoint) with the same request replays the first response; with a different
 request it answers 422; while the first request is still running it answers 409. The key is claimed in a short

@@ -23,7 +23,7 @@ from api.metrics import instrument
 from api.quotas import RateLimiter
 from api.remote import configured
 from api.request_id import RequestId, install_log_ids
-from api.routes import admin, files, inference, jobs, methods, models
+from api.routes import admin, files, inference, jobs, methods, models, webhooks
 from api.targets import preload
 from control.backends import Backend
 from control.db import session_scope, with_retries
@@ -90,7 +90,7 @@ def create_app(backend: Backend | None = None) -> FastAPI:
     instrument(app)  # /metrics, and the registry (app.state.metrics) the launcher adds in-process serving to
     app.state.backend = backend  # None: created from settings on first use (api.routes.inference.get_backend)
     app.state.inference_rate = RateLimiter()  # requests per minute per organisation, in this process
-    for module in (files, jobs, models, inference, methods, admin):
+    for module in (files, jobs, models, inference, methods, webhooks, admin):
         app.include_router(module.router)
     # Its page at `/` and its assets under `/console/` only: a catch-all mount at `/` would answer every unknown
     # path (and wrong method) itself, in place of the API's own 404 and 405 in OpenAI's shape.

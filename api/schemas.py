@@ -8,8 +8,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from control.jobs import JobStatus, fine_tuned_model_name
-from control.orm import Checkpoint, File, Job, JobEvent
+from control.orm import Checkpoint, File, Job, JobEvent, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from control.protocol import refuse_unless_neutral
+from control.webhooks import EVENT_TYPES, secret_hint
 
 Auto = Literal["auto"]
 
@@ -205,4 +206,64 @@ def checkpoint_object(row: Checkpoint, job: Job) -> dict[str, Any]:
         "fine_tuned_model_checkpoint": f"{fine_tuned_model_name(job)}:ckpt-step-{row.step_number}",
         "step_number": row.step_number,
         "metrics": row.metrics,
+    }
+
+
+# --- webhook endpoints (OpenAI's /v1/webhook_endpoints shapes; control.webhooks) --------------------------------
+
+MAX_WEBHOOK_NAME, MAX_WEBHOOK_URL = 200, 2048
+WebhookEventType = Literal[EVENT_TYPES]  # type: ignore[valid-type]
+
+
+class WebhookEndpointCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(min_length=1, max_length=MAX_WEBHOOK_NAME)]
+    url: Annotated[str, Field(min_length=1, max_length=MAX_WEBHOOK_URL)]
+    event_types: Annotated[list[WebhookEventType], Field(min_length=1)]
+
+
+class WebhookEndpointUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(min_length=1, max_length=MAX_WEBHOOK_NAME)] | None = None
+    url: Annotated[str, Field(min_length=1, max_length=MAX_WEBHOOK_URL)] | None = None
+    event_types: Annotated[list[WebhookEventType], Field(min_length=1)] | None = None
+
+
+def webhook_endpoint_object(row: WebhookEndpoint, *, with_secret: bool = False) -> dict[str, Any]:
+    """OpenAI's `WebhookEndpoint`; `with_secret`: its `WebhookEndpointWithSecret`, answered once, at creation."""
+    body = {
+        "id": row.id,
+        "object": "webhook_endpoint",
+        "name": row.name,
+        "url": row.url,
+        "event_types": list(row.event_types),
+        "signing_secret_hint": secret_hint(row.secret),
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+    }
+    return {**body, "signing_secret": row.secret} if with_secret else body
+
+
+def webhook_delivery_object(row: WebhookDelivery, attempts: list[WebhookAttempt]) -> dict[str, Any]:
+    """Ours (OpenAI lists no deliveries): one event sent to one endpoint, and each of its HTTP attempts."""
+    return {
+        "id": row.id,
+        "object": "webhook_delivery",
+        "endpoint_id": row.endpoint_id,
+        "event_id": row.event_id,
+        "event_type": row.event_type,
+        "status": row.status,
+        "created_at": row.created_at,
+        "finished_at": row.finished_at,
+        "next_attempt_at": None if row.next_attempt_at is None else int(row.next_attempt_at),
+        "attempts": [
+            {
+                "attempt": a.attempt,
+                "started_at": int(a.started_at),
+                "duration_ms": a.duration_ms,
+                "status_code": a.status_code,
+                "error": a.error,
+            }
+            for a in attempts
+        ],  # fmt: skip
     }

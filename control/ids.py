@@ -6,8 +6,9 @@ import secrets
 import time
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(12)}"
+def new_id(prefix: str, sep: str = "-") -> str:
+    """`ftjob-…` as OpenAI spells its job ids; `sep="_"` for the ids OpenAI spells with one (`evt_…`)."""
+    return f"{prefix}{sep}{secrets.token_hex(12)}"
 
 
 def now() -> int:

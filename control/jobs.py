@@ -13,8 +13,11 @@
     release           running → queued                       (the worker, shutting down mid-job)
     expire            running → queued | failed, cancelling → cancelled, pausing → paused   (a reaper)
 
-and the worker's fenced writes while it trains: record_progress (job fields), insert_fenced / add_fenced_event
-(events, checkpoint rows).
+and the worker's fenced writes while it trains: record_progress (job fields), insert_fenced / add_fenced_event /
+add_checkpoint (events, checkpoint rows).
+
+Every move into a final status, and every checkpoint row, emits its webhook event (control.webhooks) here, in the
+transition's own transaction: the event exists exactly when the transition does.
 
 Each transition is one conditional UPDATE (`WHERE status IN <from> [AND lease_owner = <me>]`) that returns whether
 it happened: the API, any number of workers and their reapers race on the same row, and the row, not anyone's
@@ -45,6 +48,7 @@ from typing import Any
 from sqlalchemy import func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
+from control import webhooks
 from control.events import add_event
 from control.ids import new_id, now
 from control.keys import lock_organization
@@ -191,7 +195,10 @@ def _lock_organization(session: Session, org: str) -> int | None:
 
 def cancel_unstarted(session: Session, job_id: str) -> bool:
     """validating_files | queued | paused → cancelled. A worker's claim races this one: one of the two wins."""
-    return _update(session, job_id, UNHELD, status=JobStatus.CANCELLED, finished_at=now())
+    done = _update(session, job_id, UNHELD, status=JobStatus.CANCELLED, finished_at=now())
+    if done:
+        _announce(session, job_id, JobStatus.CANCELLED)
+    return done
 
 
 def request_cancel(session: Session, job_id: str) -> bool:
@@ -279,6 +286,16 @@ def insert_fenced(session: Session, lease: Lease, row: type, **values: Any) -> b
     if inserted:
         _touch(session, lease)
     return inserted
+
+
+def add_checkpoint(session: Session, lease: Lease, **values: Any) -> bool:
+    """`insert_fenced` of a Checkpoint row; once it is in, the organisation's webhooks hear of it
+    (`fine_tuning.job.checkpoint.created`, ours: the checkpoint is a model that can be tried already)."""
+    if not insert_fenced(session, lease, Checkpoint, job_id=lease.job_id, **values):
+        return False
+    data = {"id": lease.job_id, "checkpoint_id": values["id"], "step_number": values["step_number"]}
+    webhooks.emit(session, _organization(session, lease.job_id), webhooks.CHECKPOINT_CREATED, data)
+    return True
 
 
 def add_fenced_event(session: Session, lease: Lease, message: str, *, level: str = "info", type: str = "message",
@@ -414,6 +431,8 @@ def expire(session: Session, lease: ExpiredLease, max_attempts: int, at: float, 
     ).rowcount
     if not won:
         return None
+    if target in FINISHED:
+        _announce(session, lease.job_id, target)
     # The attempt ended at its last write that got through (fenced: nothing of it can land later), not when its
     # lease ran out.
     session.execute(
@@ -508,7 +527,19 @@ def _finish(session: Session, lease: Lease, from_statuses: frozenset | set, stat
                           lease_expires_at=None, **values)  # fmt: skip
     if done:
         _end_attempt(session, lease, AttemptOutcome(status.value))
+        _announce(session, lease.job_id, status)
     return done
+
+
+def _organization(session: Session, job_id: str) -> str:
+    return session.scalar(select(Job.organization_id).where(Job.id == job_id))
+
+
+def _announce(session: Session, job_id: str, status: JobStatus) -> None:
+    """The job just reached a final status: its organisation's webhooks hear of it, in the transition's own
+    transaction (OpenAI's `fine_tuning.job.succeeded | failed | cancelled`, `data` the job's id). Every move into
+    FINISHED goes through here: `_finish`, `cancel_unstarted`, `expire`."""
+    webhooks.emit(session, _organization(session, job_id), f"fine_tuning.job.{status.value}", {"id": job_id})
 
 
 def _end_attempt(session: Session, lease: Lease, outcome: AttemptOutcome) -> None:

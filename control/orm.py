@@ -156,3 +156,53 @@ class Checkpoint(Base):
     storage_key: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     pruned: Mapped[bool] = mapped_column(Boolean, default=False)  # its directory was rotated away on disk
+
+
+class WebhookEndpoint(Base):
+    """Where an organisation wants its events sent (control.webhooks). The signing secret is kept as is: every
+    delivery is signed with it (HMAC), so it cannot be stored as a one-way hash like an API key."""
+
+    __tablename__ = "webhook_endpoints"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    url: Mapped[str] = mapped_column(String(2048))
+    event_types: Mapped[list[str]] = mapped_column(JSON)
+    secret: Mapped[str] = mapped_column(String(128))  # whsec_<base64 of the key>
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    updated_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint: the message sent, signed afresh at each attempt, until a 2xx answers or the
+    attempts run out. Its `id` is the Standard Webhooks `webhook-id`, the same on every retry."""
+
+    __tablename__ = "webhook_deliveries"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True)
+    event_id: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[str] = mapped_column(Text)  # the exact bytes signed and sent (UTF-8 JSON)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | succeeded | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When the next attempt is due; while one is in flight, when it counts as lost (its message is then sent again).
+    next_attempt_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class WebhookAttempt(Base):
+    """One HTTP request of a delivery, as the organisation sees it at /v1/webhook_endpoints/{id}/deliveries."""
+
+    __tablename__ = "webhook_attempts"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: no HTTP answer
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)  # why it failed, when it did

@@ -10,6 +10,7 @@ from celery import Celery
 from control.settings import Settings
 
 TRAIN_TASK = "neat.train_job"
+WEBHOOK_TASK = "neat.deliver_webhook"  # on its own queue (`webhooks_queue`): a training job never holds it up
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -42,3 +43,10 @@ def enqueue(job_id: str, settings: Settings, *, delay: float = 0.0) -> None:
     backoff). A message lost meanwhile is sent again by the reaper (worker.lease.redeliver)."""
     client = _client(settings.resolved_broker_url, settings.queue, settings.max_job_seconds)
     client.send_task(TRAIN_TASK, args=[job_id], queue=settings.queue, countdown=delay if delay > 0 else None)
+
+
+def send_webhook(delivery_id: str, settings: Settings, *, delay: float = 0.0) -> None:
+    """Send a webhook delivery's message (control.webhooks); with `delay`, a retry's backoff."""
+    client = _client(settings.resolved_broker_url, settings.queue, settings.max_job_seconds)
+    client.send_task(WEBHOOK_TASK, args=[delivery_id], queue=settings.webhooks_queue,
+                     countdown=delay if delay > 0 else None)  # fmt: skip

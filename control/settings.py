@@ -94,6 +94,20 @@ class Settings(BaseSettings):
     retry_backoff_seconds: float = 5.0
     retry_backoff_max_seconds: float = 300.0
     redeliver_seconds: float = 600.0  # a job queued this long since its message was sent gets it sent again
+    # Webhooks (control.webhooks, docs/webhooks.md). Endpoints on private, loopback, link-local or otherwise
+    # non-public addresses are refused (at registration and at every delivery) unless `webhooks_allow_private`:
+    # the service must not become a way to reach its own network (SSRF). A failed delivery is retried after
+    # `webhooks_backoff_seconds`, doubling each time, at most `webhooks_backoff_max_seconds`, for
+    # `webhooks_max_attempts` attempts in all; a delivery whose message was lost (its due time passed by
+    # `webhooks_redeliver_seconds`) is sent again by the reapers. Deliveries run on their own Celery queue, so a
+    # training job never holds them up.
+    webhooks_allow_private: bool = False
+    webhooks_queue: str = "webhooks"
+    webhooks_timeout_seconds: float = 10.0
+    webhooks_max_attempts: int = 10
+    webhooks_backoff_seconds: float = 30.0
+    webhooks_backoff_max_seconds: float = 6 * 3600.0
+    webhooks_redeliver_seconds: float = 120.0
     fault_point: str | None = None  # crash tests only: "<point>[:<n>]" SIGKILLs the worker there (worker.faults)
 
     @property

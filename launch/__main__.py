@@ -1,10 +1,11 @@
 """The embedded default, one command on one machine: `python -m launch` (the README's `scripts/run`).
 
 Applies migrations, makes sure an API key exists (printing it), starts one `celery worker` child process on the
-server-less SQLite broker, and serves the API in this process with inference in it too: the inference tier's
-in-process backend, handed to `api.main.create_app(backend=...)` (api never imports the inference tier; this
-module composes the two). With NEAT_INFERENCE_SERVERS set, the API sends inference there instead. The same code
-runs distributed; there each piece is started on its own (docker-compose.yml).
+server-less SQLite broker (and a second, threaded one for webhook deliveries, which a training job must not hold
+up), and serves the API in this process with inference in it too: the inference tier's in-process backend,
+handed to `api.main.create_app(backend=...)` (api never imports the inference tier; this module composes the two).
+With NEAT_INFERENCE_SERVERS set, the API sends inference there instead. The same code runs distributed; there each
+piece is started on its own (docker-compose.yml).
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def start_worker(settings: Settings) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, start_new_session=True)  # its own group: stopped with its pool child
 
 
+def start_webhook_worker(settings: Settings) -> subprocess.Popen:
+    """Webhook deliveries wait on other people's servers, not on a GPU: threads, a few at once, on their own queue."""
+    command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=threads", "--concurrency=4",
+               "-Q", settings.webhooks_queue, "-n", "webhooks@%h", "--loglevel=INFO", "--without-gossip",
+               "--without-mingle"]  # fmt: skip
+    return subprocess.Popen(command, start_new_session=True)
+
+
 def main() -> None:
     # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal under the handler it found; with the
     # default handler the process would die right there and leave the worker running. Turning SIGTERM into
@@ -69,7 +78,7 @@ def main() -> None:
     settings = get_settings()
     upgrade(settings.resolved_database_url)
     key = bootstrap_key(settings)
-    worker = start_worker(settings)
+    workers = [start_worker(settings), start_webhook_worker(settings)]
     url = f"http://{settings.host}:{settings.port}/v1"
     print(f"\nNEAT fine-tuning service\n  API:     {url}\n  API key: {key}\n"
           f"  data:    {settings.data_dir.resolve()}\n  try:     curl -H 'Authorization: Bearer {key}' {url}/models\n",
@@ -83,7 +92,8 @@ def main() -> None:
             metrics.register(app.state.metrics, backend.host)
         uvicorn.run(app, host=settings.host, port=settings.port, http=OpenAIErrorsHTTP, log_level="info")
     finally:
-        stop_worker(worker)
+        for worker in reversed(workers):  # the webhook worker first: it stops at once
+            stop_worker(worker)
 
 
 def stop_worker(worker: subprocess.Popen) -> None:

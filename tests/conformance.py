@@ -29,6 +29,13 @@ from openai.types.completion_choice import CompletionChoice
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 from openai.types.shared import ErrorObject
+from openai.types.webhooks import (
+    DeletedWebhookEndpoint,
+    WebhookEndpoint,
+    WebhookEndpointList,
+    WebhookEndpointWithSecret,
+    WebhookEventTypeList,
+)
 from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 
 
@@ -113,6 +120,12 @@ ROUTES: dict[tuple[str, str], Callable[[Any], None]] = {
     ("DELETE", "/v1/models/.+"): _one(ModelDeleted),
     ("POST", "/v1/chat/completions"): _one(ChatCompletion),
     ("POST", "/v1/completions"): _one(Completion),
+    ("POST", "/v1/webhook_endpoints"): _one(WebhookEndpointWithSecret),
+    ("GET", "/v1/webhook_endpoints"): _page(WebhookEndpoint, WebhookEndpointList),
+    ("GET", f"/v1/webhook_endpoints/{_ID}"): _one(WebhookEndpoint),
+    ("POST", f"/v1/webhook_endpoints/{_ID}"): _one(WebhookEndpoint),
+    ("DELETE", f"/v1/webhook_endpoints/{_ID}"): _one(DeletedWebhookEndpoint),
+    ("GET", "/v1/webhook_event_types"): _one(WebhookEventTypeList),
 }
 STREAMS: dict[tuple[str, str], type[BaseModel]] = {
     ("POST", "/v1/chat/completions"): ChatCompletionChunk,
@@ -125,6 +138,7 @@ UNTYPED: list[tuple[str, str]] = [
     ("GET", "/v1/methods"),  # the adapter methods and their hyperparameters
     ("GET", f"{JOBS}/{_ID}/adapter"),  # the adapter download (a tarball)
     ("GET", f"/v1/files/{_ID}/content"),  # the file's own bytes (JSONL)
+    ("GET", f"/v1/webhook_endpoints/{_ID}/deliveries"),  # each delivery and its attempts (control.webhooks)
     ("*", "/v1/admin/.*"),  # the operators' API
     ("GET", "/healthz"),
 ]

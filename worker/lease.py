@@ -27,9 +27,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from control import jobs
+from control import jobs, webhooks
 from control.db import session_scope
-from control.queue import enqueue
+from control.queue import enqueue, send_webhook
 from control.settings import Settings
 from worker.metrics import LEASE_RENEWALS, REAPER_REQUEUES
 
@@ -115,6 +115,7 @@ def reap(settings: Settings) -> list[str]:
             requeued.append(lease.job_id)
             REAPER_REQUEUES.labels("lease_expired").inc()
         log.warning("job %s: lease of %s expired; now %s", lease.job_id, lease.owner, expiry.status)
+    redeliver_webhooks(settings, now)
     return requeued + redeliver(settings, now)
 
 
@@ -147,6 +148,24 @@ def redeliver(settings: Settings, now: float) -> list[str]:
             sent.append(job_id)
             REAPER_REQUEUES.labels("unsent").inc()
             log.warning("job %s: queued and not claimed since its message was sent; sent it again", job_id)
+    return sent
+
+
+def redeliver_webhooks(settings: Settings, now: float) -> list[str]:
+    """Send again the message of every webhook delivery overdue by `webhooks_redeliver_seconds` (its message, or
+    the worker of its attempt, was lost); of several reapers, the one whose conditional update wins sends it.
+    Returns the ids sent."""
+    url = settings.resolved_database_url
+    with session_scope(url) as session:
+        stale = webhooks.overdue(session, now - settings.webhooks_redeliver_seconds)
+    sent = []
+    for delivery_id, due in stale:
+        with session_scope(url) as session:
+            won = webhooks.mark_resent(session, delivery_id, due, now)
+        if won:
+            send_webhook(delivery_id, settings)
+            sent.append(delivery_id)
+            log.warning("webhook delivery %s: overdue since its message was sent; sent it again", delivery_id)
     return sent
 
 

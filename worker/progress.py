@@ -103,9 +103,9 @@ class DbProgress(Callback):
 
         def write(session: Session) -> bool:
             row_id = new_id("ftckpt")
-            if not jobs.insert_fenced(session, self.lease, Checkpoint, id=row_id, job_id=self.job_id,
-                                      step_number=loop.step, metrics={"step": loop.step, **metrics},
-                                      storage_key=key, created_at=now(), pruned=False):  # fmt: skip
+            if not jobs.add_checkpoint(session, self.lease, id=row_id, step_number=loop.step,
+                                       metrics={"step": loop.step, **metrics}, storage_key=key, created_at=now(),
+                                       pruned=False):  # fmt: skip
                 return False
             # a re-saved step replaced its files: its new row replaces the old one
             session.execute(delete(Checkpoint).where(of_job, Checkpoint.storage_key == key, Checkpoint.id != row_id))

@@ -112,12 +112,14 @@ ROWS = {
 
 @dataclass
 class Owned:
-    """Organisation A's resources: a file, a finished job with an event and a checkpoint, and its model."""
+    """Organisation A's resources: a file, a finished job with an event and a checkpoint, its model, and a
+    webhook endpoint with a delivery."""
 
     file: str
     job: str
     event: str
     model: str
+    webhook: str = ""  # a webhook endpoint
 
 
 def assert_same_as_missing(theirs: httpx.Response, missing: httpx.Response, real_id: str, fake_id: str) -> None:

@@ -19,15 +19,16 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from api.deps import hash_key
 from api.main import create_app
+from control import webhooks
 from control.db import session_factory
 from control.ids import new_id
 from control.migrate import upgrade
-from control.orm import ApiKey, Checkpoint, Job, Organization
+from control.orm import ApiKey, Checkpoint, Job, Organization, WebhookAttempt, WebhookDelivery
 from control.settings import Settings, get_settings
 from control.storage import job_key
 from inference.inprocess import InProcessBackend
@@ -214,4 +215,12 @@ def owned_by_a(api) -> Owned:
         session.add(Checkpoint(id=new_id("ftckpt"), job_id=job_id, step_number=5, metrics={"train_loss": 1.0},
                                storage_key=f"{job_key(api.a.id, job_id)}/checkpoints/step-5"))  # fmt: skip
     event = api.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"][0]["id"]
-    return Owned(file_id, job_id, event, model)
+    body = {"name": "a", "url": "https://93.184.216.34/hook", "event_types": list(webhooks.EVENT_TYPES)}
+    webhook = api.post("/v1/webhook_endpoints", json=body).json()["id"]
+    with api.session() as session:  # one event for it, attempted once
+        webhooks.emit(session, api.a.id, webhooks.EVENT_TYPES[0], {"id": job_id})
+        session.flush()
+        delivery = session.scalar(select(WebhookDelivery.id))
+        session.add(WebhookAttempt(delivery_id=delivery, organization_id=api.a.id, attempt=1, started_at=0.0,
+                                   duration_ms=1, status_code=500, error="HTTP 500"))  # fmt: skip
+    return Owned(file_id, job_id, event, model, webhook)

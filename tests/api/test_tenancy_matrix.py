@@ -24,7 +24,7 @@ from api.routes import admin
 from control.orm import Base, Job
 from tests.api import Owned, assert_error, assert_same_as_missing, chat_rows, jsonl
 
-MISSING = Owned("file-" + "0" * 24, "ftjob-" + "0" * 24, "ftevent-" + "0" * 24, "")
+MISSING = Owned("file-" + "0" * 24, "ftjob-" + "0" * 24, "ftevent-" + "0" * 24, "", "whep_" + "0" * 24)
 KEY = "retry-0123456789"  # the Idempotency-Key A used; B uses it too
 
 # (method, route) -> requests B sends naming A's resources: (method, path template, JSON body or None).
@@ -62,9 +62,19 @@ AIMED_AT_A = {
     ],
     ("POST", "/v1/completions"): [("POST", "/v1/completions", {"model": "{model}", "prompt": "hi"})],
     ("POST", "/v1/classifications"): [("POST", "/v1/classifications", {"model": "{model}", "input": "hi"})],
+    ("GET", "/v1/webhook_endpoints"): [("GET", "/v1/webhook_endpoints?after={webhook}", None)],
+    ("GET", "/v1/webhook_endpoints/{endpoint_id}"): [("GET", "/v1/webhook_endpoints/{webhook}", None)],
+    ("POST", "/v1/webhook_endpoints/{endpoint_id}"): [
+        ("POST", "/v1/webhook_endpoints/{webhook}", {"name": "theirs now", "url": "https://93.184.216.35/x"})
+    ],
+    ("DELETE", "/v1/webhook_endpoints/{endpoint_id}"): [("DELETE", "/v1/webhook_endpoints/{webhook}", None)],
+    ("GET", "/v1/webhook_endpoints/{endpoint_id}/deliveries"): [
+        ("GET", "/v1/webhook_endpoints/{webhook}/deliveries", None)
+    ],
 }
 # Routes with nothing of A's to name: checked below for what they show (lists, stats) or who may call them.
-LISTS = {("GET", "/v1/models"), ("POST", "/v1/files"), ("GET", "/v1/serving/stats"), ("GET", "/v1/methods")}
+LISTS = {("GET", "/v1/models"), ("POST", "/v1/files"), ("GET", "/v1/serving/stats"), ("GET", "/v1/methods"),
+         ("POST", "/v1/webhook_endpoints"), ("GET", "/v1/webhook_event_types")}  # fmt: skip
 
 
 def fill(template, ids: dict[str, str]):
@@ -135,7 +145,7 @@ def test_no_endpoint_reads_or_writes_another_organisations_resources(make_api, o
             missing = send(api, method, fill(path, missing_ids), fill(body, missing_ids), b)
             assert theirs.status_code in (400, 404), (route, path, theirs.text)
             assert_error(theirs, theirs.status_code)
-            for k in ("file", "job", "event", "model"):  # the body may quote the id asked for, nothing more
+            for k in ("file", "job", "event", "model", "webhook"):  # the body may quote the id asked for, nothing more
                 if "{" + k + "}" in path + repr(body):
                     assert_same_as_missing(theirs, missing, theirs_ids[k], missing_ids[k])
 
@@ -143,6 +153,7 @@ def test_no_endpoint_reads_or_writes_another_organisations_resources(make_api, o
     assert [f["id"] for f in api.get("/v1/files", org=b).json()["data"]] == [b_file]
     assert [j["id"] for j in api.get("/v1/fine_tuning/jobs", org=b).json()["data"]] == [b_job]
     assert owned_by_a.model not in {m["id"] for m in api.get("/v1/models", org=b).json()["data"]}
+    assert api.get("/v1/webhook_endpoints", org=b).json()["data"] == []
     stats = api.get("/v1/serving/stats", org=b)
     assert stats.status_code == 200 and owned_by_a.job not in stats.text and a.id not in stats.text
 
