@@ -67,7 +67,10 @@ def start_webhook_worker(settings: Settings) -> subprocess.Popen:
     command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=threads", "--concurrency=4",
                "-Q", settings.webhooks_queue, "-n", "webhooks@%h", "--loglevel=INFO", "--without-gossip",
                "--without-mingle"]  # fmt: skip
-    return subprocess.Popen(command, start_new_session=True)
+    # No metrics port of its own: the training worker serves the worker figures on NEAT_WORKER_METRICS_PORT, and a
+    # second process on that port would fail to start.
+    env = {**os.environ, "NEAT_WORKER_METRICS_PORT": "0"}
+    return subprocess.Popen(command, env=env, start_new_session=True)
 
 
 def main() -> None:
