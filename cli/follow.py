@@ -30,10 +30,10 @@ SPARK_WIDTH = 48
 # The metrics events' keys (worker/progress.py writes them), first present wins: classification jobs report
 # `*_accuracy`, causal LM jobs `*_mean_token_accuracy`; validation over the whole file is `full_valid_*`.
 METRICS = {
-    "train loss": ("train_loss",),
-    "train accuracy": ("train_accuracy", "train_mean_token_accuracy"),
-    "valid loss": ("full_valid_loss", "valid_loss"),
-    "valid accuracy": ("full_valid_accuracy", "full_valid_mean_token_accuracy", "valid_mean_token_accuracy"),
+    ("train", "loss"): ("train_loss",),
+    ("train", "accuracy"): ("train_accuracy", "train_mean_token_accuracy"),
+    ("valid", "loss"): ("full_valid_loss", "valid_loss"),
+    ("valid", "accuracy"): ("full_valid_accuracy", "full_valid_mean_token_accuracy", "valid_mean_token_accuracy"),
 }
 
 
@@ -42,7 +42,7 @@ class View:
     job: object = None
     step: int = 0
     total_steps: int = 0
-    latest: dict[str, float] = field(default_factory=dict)
+    latest: dict[tuple[str, str], float] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
 
     def absorb(self, event) -> None:
@@ -51,10 +51,10 @@ class View:
             return
         self.step = max(self.step, int(data.get("step", 0)))
         self.total_steps = int(data.get("total_steps", self.total_steps))
-        for label, keys in METRICS.items():
+        for cell, keys in METRICS.items():
             value = next((data[k] for k in keys if k in data), None)
             if value is not None:
-                self.latest[label] = float(value)
+                self.latest[cell] = float(value)
         if "train_loss" in data:
             self.losses.append(float(data["train_loss"]))
 
@@ -69,15 +69,16 @@ class View:
             f"step {self.step}/{self.total_steps or '?'}",
             f"ETA {_eta(job)}",
         )
-        metrics = Table.grid(padding=(0, 2))
-        metrics.add_row(*(f"{label} {_number(self.latest.get(label))}" for label in METRICS))
+        metrics = Table("", "loss", "accuracy", box=None, padding=(0, 2), header_style="dim")
+        for split in ("train", "valid"):
+            metrics.add_row(split, *(_number(self.latest.get((split, kind))) for kind in ("loss", "accuracy")))
         parts = [status, steps, metrics]
         if self.losses:
             parts.append(Text.assemble(("loss ", "dim"), (sparkline(self.losses), "cyan")))
         if job.status == "failed" and job.error:
             parts.append(Text(f"error: {job.error.message}", style="red"))
         elif job.fine_tuned_model:
-            parts.append(Text.assemble(("fine-tuned model ", "dim"), job.fine_tuned_model))
+            parts.append(Text.assemble(("model ", "dim"), job.fine_tuned_model))
         return Group(*parts)
 
 

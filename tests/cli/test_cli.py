@@ -120,7 +120,8 @@ def test_upload_train_follow_download_classify(neatft, service, tmp_path):
     out = created.stdout
     job_id = re.search(r"Created (ftjob-\S+)", out).group(1)
     assert BAR in out and "step 4/4" in out, out  # the step bar, full
-    assert re.search(r"train loss \d+\.\d{4}", out) and re.search(r"valid loss \d+\.\d{4}", out), out
+    assert re.search(r"train\s+\d\.\d{4}\s+\d\.\d{4}", out), out  # the latest loss and accuracy
+    assert re.search(r"valid\s+\d\.\d{4}\s+\d\.\d{4}", out), out
     assert "succeeded" in out and "Step 4/4: training loss=" in out, out  # the status and the events as they came
     assert re.search(r"loss [▁▂▃▄▅▆▇█]{4}", out), out  # the sparkline: one point per step
 
