@@ -22,6 +22,7 @@ from rich.text import Text
 
 # 1 is any error (the API refused, the service is unreachable) and 2 a usage error, as for every command.
 EXIT_CODES = {"succeeded": 0, "failed": 3, "cancelled": 4}
+EXIT_INTERRUPTED = 130  # Ctrl-C: the shell's convention for SIGINT; the job itself goes on
 POLL_SECONDS = 1.0
 EVENT_PAGE = 100
 SPARK = "▁▂▃▄▅▆▇█"
@@ -146,6 +147,12 @@ def follow(client: openai.OpenAI, job_id: str, console: Console, *, as_json: boo
                 break
             time.sleep(POLL_SECONDS)
             view.job = client.fine_tuning.jobs.retrieve(job_id)
+    except KeyboardInterrupt:
+        if live:
+            live.stop()
+            live = None
+        console.print(f"Stopped following {job_id}; the job goes on (`neatft jobs follow {job_id}`).", style="dim")
+        return EXIT_INTERRUPTED
     finally:
         if live:
             live.stop()

@@ -22,6 +22,7 @@ from cli.client import CLIError, Service, from_openai
 from neat_core.data.formats import validate_jsonl
 
 stdout, stderr = Console(), Console(stderr=True)
+MAX_LINE_BYTES = 4 * 1024 * 1024  # the service's default `max_line_bytes` (control/settings.py)
 
 
 class _Mode:
@@ -99,7 +100,9 @@ def files_upload(
     as_json: Json = False,
 ) -> None:
     """Validate a dataset locally (the API's own rules, line-numbered errors), then upload it."""
-    report = validate_jsonl(file)
+    # The format and every line are checked here; the limits are the server's to set and it applies them too
+    # (its minimum number of examples; its longest line, by default this one), refusing with the same rows.
+    report = validate_jsonl(file, min_examples=1, max_line_bytes=MAX_LINE_BYTES)
     if not report.ok:
         first = report.errors[0]
         raise CLIError(f"Invalid training file: {first['message']}", param="file", code="invalid_file",
@@ -256,7 +259,7 @@ def jobs_resume(job_id: JobId, as_json: Json = False) -> None:
 
 @jobs_app.command("follow")
 def jobs_follow(job_id: JobId, as_json: Json = False) -> None:
-    """Watch a job until it ends: exit 0 when it succeeded, 3 when it failed, 4 when it was cancelled."""
+    """Watch a job until it ends: exit 0 when it succeeded, 3 when it failed, 4 when it was cancelled (130: Ctrl-C)."""
     raise typer.Exit(follow.follow(_service().openai, job_id, stdout, as_json=as_json))
 
 

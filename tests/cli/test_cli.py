@@ -105,6 +105,11 @@ def test_a_bad_file_is_refused_before_upload_with_its_line_numbers(neatft):
     assert error["param"] == "file" and [e["line"] for e in error["errors"]] == [3, 7]
     assert neatft.json("files", "list") == []  # nothing reached the service
 
+    # valid lines, too few of them for the service (its minimum is its own): its refusal and rows, shown alike
+    (neatft.home / "short.jsonl").write_bytes(_jsonl(classification_rows(3)))
+    short = neatft("files", "upload", "short.jsonl", ok=False)
+    assert short.returncode == 1 and "  file: 3 valid examples; at least 10 needed" in short.stderr, short.stderr
+
 
 def test_upload_train_follow_download_classify(neatft, service, tmp_path):
     (neatft.home / "tweets.jsonl").write_bytes(_jsonl(classification_rows(16)))
