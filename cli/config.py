@@ -13,7 +13,7 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"  # where `scripts/run` serves
 
 
 class NotLoggedIn(Exception):
-    """No API key in the environment or the config file."""
+    """No API key in the environment or the config file, or a config file that cannot be read."""
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,14 @@ def path() -> Path:
 
 def stored() -> dict:
     try:
-        return json.loads(path().read_text())
+        saved = json.loads(path().read_text())
     except FileNotFoundError:
         return {}
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise NotLoggedIn(f"{path()} is not a neatft config file: run `neatft login` again.")
+    return saved
 
 
 def save(credentials: Credentials) -> Path:

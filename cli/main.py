@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cli import config, follow, transfer
-from cli.client import CLIError, Service, from_openai
+from cli.client import CLIError, Service, check, from_openai
 from neat_core.data.formats import validate_jsonl
 
 stdout, stderr = Console(), Console(stderr=True)
@@ -60,8 +61,7 @@ def _dump(model: Any) -> dict:
 
 
 def _table(*columns: str) -> Table:
-    table = Table(*columns, box=None, header_style="bold")
-    return table
+    return Table(*columns, box=None, header_style="bold")
 
 
 # ----------------------------------------------------------------------------------------------------- login
@@ -74,7 +74,10 @@ def login(
     as_json: Json = False,
 ) -> None:
     """Check a base URL and key against the service and store them (file mode 0600) for the other commands."""
-    saved = config.stored()
+    try:
+        saved = config.stored()
+    except config.NotLoggedIn:  # an unreadable config file: logging in again replaces it
+        saved = {}
     if base_url is None:
         default = saved.get("base_url") or config.DEFAULT_BASE_URL
         base_url = default if as_json else typer.prompt("Base URL", default=default)
@@ -129,8 +132,6 @@ def files_list(as_json: Json = False) -> None:
 
 
 def _when(timestamp: int | None) -> str:
-    from datetime import datetime
-
     return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S") if timestamp else "–"
 
 
@@ -297,8 +298,6 @@ def classify(
     as_json: Json = False,
 ) -> None:
     """Classify texts (POST /v1/classifications)."""
-    from cli.client import check
-
     answer = check(_service().http.post("classifications", json={"model": model, "input": texts})).json()
     if as_json:
         return _emit(answer)
@@ -389,7 +388,7 @@ def _report(error: CLIError) -> None:
 def run() -> None:
     """The console script: click reports usage errors (exit 2); everything else that goes wrong is reported here."""
     try:
-        app()  # standalone: it always ends in sys.exit, with the command's code
+        app(prog_name="neatft")  # standalone: it always ends in sys.exit, with the command's code
     except (CLIError, openai.APIError, config.NotLoggedIn, httpx.HTTPError, OSError) as exc:
         _report(_as_cli_error(exc))
         sys.exit(1)
