@@ -1,7 +1,7 @@
 """The `neatft` commands (docs/cli.md). Each one calls the service and prints either for people (rich tables and
 progress bars on stdout, errors on stderr) or, with `--json`, only JSON on stdout for scripts. Every failure ends
 in `run`: the API's message and param on stderr and exit code 1, never a traceback; 2 is a usage error, and
-`jobs follow` exits 3 for a failed job and 4 for a cancelled one."""
+`jobs follow` exits 3 for a failed job, 4 for a cancelled one (130 when stopped with Ctrl-C)."""
 
 from __future__ import annotations
 
