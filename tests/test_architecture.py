@@ -14,7 +14,7 @@ def test_import_linter_contracts_hold():
     lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
     result = subprocess.run([lint], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert " 0 broken" in result.stdout and "Contracts: 7 kept" in result.stdout
+    assert " 0 broken" in result.stdout and "Contracts: 9 kept" in result.stdout
 
 
 def test_web_tier_validation_imports_no_torch():
@@ -26,6 +26,17 @@ def test_web_tier_validation_imports_no_torch():
         "[s.check_hyperparameters(n, {'r': 4}) for n in names]; "
         "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
         "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_the_cli_runs_without_the_service_or_torch():
+    """`neatft` (cli/) is a client: loading all its commands pulls in no tier of the service and no torch."""
+    code = (
+        "import sys, cli.main; "
+        "loaded = [m for m in ('torch', 'transformers', 'peft', 'api', 'control', 'worker', 'inference', 'launch', "
+        "'fastapi', 'sqlalchemy', 'celery') if m in sys.modules]; "
+        "assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOP = ("neat_core", "control", "api", "worker", "inference", "launch", "tests", "bench", "docs", "scripts",
+TOP = ("neat_core", "control", "api", "worker", "inference", "launch", "cli", "tests", "bench", "docs", "scripts",
        "requirements", "migrations")  # fmt: skip
 # A path in backticks that starts at the repository's top (`inference/host.py`, `docs/serving.md:12`), without
 # placeholders or globs (`methods/<name>/`, `requirements/*.txt`).
