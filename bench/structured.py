@@ -9,7 +9,9 @@ At each batch size B (1, 8, 32) two runs take turns for `--rounds` rounds, so ma
 
 Both runs do B rows x N steps of the same shapes; the constrained one adds each row's grammar mask (computed by
 llguidance, applied to the logits) and its parser step. Printed per B and grammar: the median time per decode step
-of each and their ratio. The prefill is left out: the first token's time is subtracted from each run.
+of each and their ratio, and the grammar's own time per step (masks and parser steps, timed around the engine's
+calls into `neat_core.serving.grammar`) with its share of an unconstrained step. The prefill is left out of the
+step times: the first token's time is subtracted from each run.
 
     python bench/structured.py                  # the recorded configuration
     python bench/structured.py --rounds 1 --batches 1 8
@@ -42,6 +44,29 @@ WEATHER = {"type": "object", "properties": {"city": SHORT, "unit": {"enum": ["ce
 CLOCK = {"type": "object", "properties": {"timezone": SHORT}, "required": ["timezone"]}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
          {"type": "function", "function": {"name": "get_time", "parameters": CLOCK}}]  # fmt: skip
+
+
+class MaskClock:
+    """Seconds spent in the grammar's work (computing and applying masks, advancing the parsers), wrapped around
+    the engine's two calls into `neat_core.serving.grammar`: the part of a step the ratio is about, measured
+    directly, so it can be read against the whole step even where machine noise blurs the ratio."""
+
+    def __init__(self):
+        from neat_core.serving import generation
+
+        self.seconds, self._module = 0.0, generation.constrained
+        for name in ("mask_", "advance"):
+            setattr(self._module, name, self._timed(getattr(self._module, name)))
+
+    def _timed(self, fn):
+        def wrapper(*args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return wrapper
 
 
 def timed(engine, ids: list[int], rows: int, sampling) -> tuple[float, int]:
@@ -81,21 +106,26 @@ def main() -> None:
                                                                                  parallel=False)),
     }  # fmt: skip
     print(f"torch threads {torch.get_num_threads()}, rounds {args.rounds}")
-    print(f"{'grammar':<15} {'B':>3} {'steps':>5} {'free ms/step':>13} {'constrained ms/step':>20} {'ratio':>6}")
+    clock = MaskClock()
+    print(f"{'grammar':<15} {'B':>3} {'steps':>5} {'free ms/step':>13} {'constrained ms/step':>20} {'ratio':>6} "
+          f"{'mask ms/step':>13} {'mask share':>10}")  # fmt: skip
     try:
         for name, (question, tools, grammar) in cases.items():
             ids = engine.encode(engine.chat_prompt([{"role": "user", "content": question}], tools),
                                 add_special_tokens=False)  # fmt: skip
             constrained = SamplingParams(max_tokens=200, temperature=0.7, seed=1, grammar=grammar)
             for rows in args.batches:
-                free_times, constrained_times = [], []
+                free_times, constrained_times, mask_times = [], [], []
                 for _ in range(args.rounds):
+                    clock.seconds = 0.0
                     per_step, steps = timed(engine, ids, rows, constrained)
                     constrained_times.append(per_step)
+                    mask_times.append(clock.seconds / (steps + 1))  # every step, the first token's included
                     free = dataclasses.replace(constrained, grammar=None, max_tokens=steps + 1, ignore_eos=True)
                     free_times.append(timed(engine, ids, rows, free)[0])
-                a, b = statistics.median(free_times), statistics.median(constrained_times)
-                print(f"{name:<15} {rows:>3} {steps:>5} {1e3 * a:>13.1f} {1e3 * b:>20.1f} {b / a:>6.3f}", flush=True)
+                a, b, m = (statistics.median(t) for t in (free_times, constrained_times, mask_times))
+                print(f"{name:<15} {rows:>3} {steps:>5} {1e3 * a:>13.1f} {1e3 * b:>20.1f} {b / a:>6.3f} "
+                      f"{1e3 * m:>13.2f} {m / a:>10.3f}", flush=True)  # fmt: skip
     finally:
         engine.close()
 
