@@ -1,9 +1,11 @@
-// The console's shell: sign-in, the hash router (#/files, #/jobs, #/jobs/<id>, #/playground, #/serving), and the
-// files and jobs pages. The job page is in job.js, the playground and serving pages in playground.js.
+// The console's shell: sign-in, the hash router (#/files, #/jobs, #/jobs/<id>, #/playground, #/serving,
+// #/webhooks), and the files and jobs pages. The job page is in job.js, the playground and serving pages in
+// playground.js, the webhooks page in webhooks.js.
 import { call, del, get, post, session } from "./api.js";
 import { jobPage } from "./job.js";
 import { playgroundPage, servingPage } from "./playground.js";
 import { badge, bytes, errorBox, h, poll, table, when } from "./ui.js";
+import { webhooksPage } from "./webhooks.js";
 
 const main = document.getElementById("main");
 let shown = 0; // which rendering is current: a page's pollers stop once another page is shown
@@ -22,6 +24,7 @@ function route() {
   if (parts[0] === "jobs") return jobsPage(page);
   if (parts[0] === "playground") return playgroundPage(page, params);
   if (parts[0] === "serving") return servingPage(page);
+  if (parts[0] === "webhooks") return webhooksPage(page);
   return filesPage(page);
 }
 

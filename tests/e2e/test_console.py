@@ -3,14 +3,17 @@ against a real embedded service (`python -m launch`): sign in, upload (a bad fil
 the API's line-numbered errors; a good one is chosen), create a job from the form the server's /v1/methods built,
 watch its loss curve gain points while it trains, get a streamed answer from the fine-tuned model beside its base
 model in the playground, and see another organisation's job nowhere. Screenshots of the job page and the
-playground are saved under the test's tmp directory (the paths are printed); docs/console-*.png are copies."""
+playground are saved under the test's tmp directory (the paths are printed); docs/console-*.png are copies. A webhook
+endpoint added on the webhooks page gets the job's `fine_tuning.job.succeeded`, and the page lists the delivery."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -37,8 +40,15 @@ def _browser_installed() -> None:
 def service(tmp_path_factory) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("console")
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "NEAT_DATA_DIR": str(tmp / "data"),
-           "NEAT_PORT": str(port), "NEAT_ADMIN_API_KEY": ADMIN_KEY}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "NEAT_DATA_DIR": str(tmp / "data"),
+        "NEAT_PORT": str(port),
+        "NEAT_ADMIN_API_KEY": ADMIN_KEY,
+        "NEAT_WEBHOOKS_ALLOW_PRIVATE": "1",
+    }  # fmt: skip  (the test's webhook receiver is on loopback)
     url, log = f"http://127.0.0.1:{port}", tmp / "launch.log"
     with ExitStack() as stack:
         stack.enter_context(_process([sys.executable, "-m", "launch"], env, log))
@@ -87,12 +97,32 @@ def _until(check: Callable[[], object], timeout: float, what: str, service: Serv
     raise AssertionError(f"timed out waiting for {what}\n{service.tail()}")
 
 
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, list[dict]]]:
+    """A webhook receiver on loopback: (its URL, the JSON bodies it got)."""
+    got: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802  (http.server's name)
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hooks", got
+    server.shutdown()
+
+
 def _points(driver) -> int:
     raw = driver.find_element("id", "loss-chart").get_attribute("data-points")
     return json.loads(raw).get("train_loss", 0) if raw else 0
 
 
-def test_the_console_end_to_end(service, browser, tmp_path):
+def test_the_console_end_to_end(service, browser, receiver, tmp_path):
     from selenium.webdriver.support.ui import Select
 
     driver, by_id = browser, (lambda name: browser.find_element("id", name))
@@ -126,6 +156,15 @@ def test_the_console_end_to_end(service, browser, tmp_path):
     uploaded = _until(lambda: re.search(r"(file-\S+),", by_id("upload-result").text), 30, "the upload", service)
     file_id = uploaded.group(1)
     assert file_id in by_id("files").text
+
+    # A webhook endpoint, added on the webhooks page: its secret is shown once; the job below will be delivered.
+    driver.get(f"{service.url}/#/webhooks")
+    _until(lambda: driver.find_elements("id", "webhook-url"), 20, "the webhooks page", service)
+    by_id("webhook-name").send_keys("ci")
+    by_id("webhook-url").send_keys(receiver[0])
+    by_id("create-webhook-submit").click()
+    secret = _until(lambda: driver.find_elements("id", "webhook-secret"), 20, "the endpoint's secret", service)
+    assert secret[0].text.startswith("whsec_")
 
     # A job from the form the server's methods built: 16 rows, batch 4, one epoch: 4 steps, a metrics event each.
     driver.get(f"{service.url}/#/jobs")
@@ -172,8 +211,17 @@ def test_the_console_end_to_end(service, browser, tmp_path):
     driver.save_screenshot(str(playground_shot))
     print(f"playground screenshot: {playground_shot}")
 
+    # The job's end reached the receiver, and the webhooks page lists the delivery.
+    _until(lambda: any(e["type"] == "fine_tuning.job.succeeded" and e["data"]["id"] == job_id for e in receiver[1]),
+           60, "the succeeded webhook", service)  # fmt: skip
+    driver.get(f"{service.url}/#/webhooks")
+    delivered = "fine_tuning.job.succeeded"
+    _until(lambda: delivered in by_id("webhooks").text and "delivered" in by_id("webhooks").text, 30,
+           "the delivery on the webhooks page", service)  # fmt: skip
+
     # Organisation B's job and file are nowhere: not listed, not offered as a model, not found by their ids.
-    pages = (("#/jobs", "jobs"), ("#/files", "files"), ("#/playground", "pg-model"), ("#/serving", "serving"))
+    pages = (("#/jobs", "jobs"), ("#/files", "files"), ("#/playground", "pg-model"), ("#/serving", "serving"),
+             ("#/webhooks", "webhooks"))  # fmt: skip
     for page, ready in pages:
         driver.get(f"{service.url}/{page}")
         _until(lambda ready=ready: driver.find_elements("id", ready), 20, page, service)
