@@ -183,6 +183,18 @@ def tool_chat_rows(n: int = 16) -> list[dict]:
     return rows
 
 
+def preference_rows(n: int = 16) -> list[dict]:
+    """OpenAI preference lines: the right parity is preferred over the wrong one."""
+    return [
+        {
+            "input": {"messages": [{"role": "user", "content": f"Is {i} even or odd?"}]},
+            "preferred_output": [{"role": "assistant", "content": "even" if i % 2 == 0 else "odd"}],
+            "non_preferred_output": [{"role": "assistant", "content": "odd" if i % 2 == 0 else "even"}],
+        }
+        for i in range(n)
+    ]
+
+
 def text_rows(n: int = 16) -> list[dict]:
     return [{"text": f"The number {i} comes after {i - 1} and before {i + 1}."} for i in range(n)]
 

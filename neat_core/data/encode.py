@@ -2,7 +2,9 @@
 
 A row is a dict of plain lists, one per example:
 - causal LM (chat, prompt_completion, text): `{"input_ids": [T], "labels": [T]}`, labels -100 where no loss;
-- classification: `{"input_ids": [T], "label": int}`.
+- classification: `{"input_ids": [T], "label": int}`;
+- preference (DPO): `{"chosen": causal-LM row, "rejected": causal-LM row}`, each the input conversation plus one reply,
+  trained on the reply alone.
 The eos is appended as an id rather than as text, so it is there even for a tokenizer that would split
 its spelling.
 """
@@ -60,9 +62,10 @@ def encode_examples(
         DataFormat.CHAT: _encode_chat,
         DataFormat.PROMPT_COMPLETION: _encode_prompt_completion,
         DataFormat.TEXT: _encode_text,
+        DataFormat.PREFERENCE: _encode_preference,
     }[fmt]
     rows = [encode_one(example, tokenizer, max_length) for example in examples]
-    kept = [row for row in rows if any(label != IGNORE_INDEX for label in row["labels"])]
+    kept = [row for row in rows if all(_has_target(part) for part in _sequences(row))]
     if rows and not kept:
         raise DataFormatError(f"no example has a token to train on within max_length={max_length} tokens")
     if len(kept) < len(rows):
@@ -74,14 +77,27 @@ def encode_examples(
     return kept
 
 
+def _sequences(row: dict) -> tuple[dict, ...]:
+    """A causal-LM row's token sequences: itself, or a preference pair's two."""
+    return (row["chosen"], row["rejected"]) if "chosen" in row else (row,)
+
+
+def _has_target(row: dict) -> bool:
+    return any(label != IGNORE_INDEX for label in row["labels"])
+
+
 @dataclass
 class Collator:
     """Right-pads rows to the longest in the batch. Returns long tensors: `input_ids` and `attention_mask`
-    [B, T]; `labels` [B, T] with -100 on padding for causal-LM rows, or [B] class ids for classification."""
+    [B, T]; `labels` [B, T] with -100 on padding for causal-LM rows, or [B] class ids for classification.
+    B preference pairs collate as 2B causal-LM rows: the B chosen sequences, then the B rejected ones (so one
+    forward pass scores both, and `.chunk(2)` of any per-row result splits them)."""
 
     pad_token_id: int
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        if "chosen" in rows[0]:
+            rows = [row["chosen"] for row in rows] + [row["rejected"] for row in rows]
         classification = "label" in rows[0]
         if any(("label" in row) != classification for row in rows):
             raise ValueError("a batch mixes classification and causal-LM rows")
@@ -133,6 +149,18 @@ def _encode_chat(example: dict, tokenizer: PreTrainedTokenizerBase, max_length: 
     text, spans = _assistant_spans(example["messages"], tokenizer, example.get("tools"))
     row = _tokenize_spans(text, spans, tokenizer)
     return {"input_ids": row["input_ids"][:max_length], "labels": row["labels"][:max_length]}
+
+
+def _encode_preference(example: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict:
+    # Each side is the chat row of the input conversation plus its reply, trained on the reply alone: earlier
+    # assistant turns in the input are context (weight 0), as in OpenAI's preference format.
+    given = example["input"]
+    context = [{**message, "weight": 0} for message in given["messages"]]
+    rows = {}
+    for key, side in (("chosen", "preferred_output"), ("rejected", "non_preferred_output")):
+        conversation = {"messages": [*context, example[side][0]], "tools": given.get("tools")}
+        rows[key] = _encode_chat(conversation, tokenizer, max_length)
+    return rows
 
 
 def _assistant_spans(

@@ -1,4 +1,4 @@
-"""The four JSONL dataset formats: detection and line-by-line validation.
+"""The five JSONL dataset formats: detection and line-by-line validation.
 
 Pure stdlib on purpose (with `neat_core.data.chat`, the chat format's one home, stdlib too): the web tier
 validates uploads with this module and must not load torch (an import-linter contract enforces it). Files are
@@ -36,11 +36,17 @@ class DataFormat(enum.StrEnum):
     CHAT = "chat"
     PROMPT_COMPLETION = "prompt_completion"
     TEXT = "text"
+    PREFERENCE = "preference"  # OpenAI's preference (DPO) format: a conversation and two candidate replies
 
     @property
     def task(self) -> str:
         """The training task: a sequence classifier for CLASSIFICATION, a causal LM for everything else."""
         return "classification" if self is DataFormat.CLASSIFICATION else "causal_lm"
+
+    @property
+    def objective(self) -> str:
+        """The training objective the format is for: "dpo" for preference pairs, "supervised" otherwise."""
+        return "dpo" if self is DataFormat.PREFERENCE else "supervised"
 
 
 @dataclass
@@ -199,6 +205,8 @@ def _check_depth(text: str) -> None:
 
 
 def _detect(obj: dict) -> DataFormat:
+    if "input" in obj and ("preferred_output" in obj or "non_preferred_output" in obj):
+        return DataFormat.PREFERENCE
     if "messages" in obj:
         return DataFormat.CHAT
     if "prompt" in obj and "completion" in obj:
@@ -210,7 +218,8 @@ def _detect(obj: dict) -> DataFormat:
     keys = ", ".join(sorted(obj)[:5]) or "none"
     raise _Invalid(
         "unknown_format",
-        f"cannot tell the format from the keys ({keys}); expected messages, prompt+completion, text+label or text",
+        f"cannot tell the format from the keys ({keys}); expected messages, "
+        "prompt+completion, text+label, text, or input+preferred_output+non_preferred_output",
     )
 
 
@@ -377,9 +386,50 @@ def _check_text(obj: dict) -> None:
     _string(obj, "text")
 
 
+def _check_preference(obj: dict) -> None:
+    """OpenAI's preference line: `input` (`messages`, optionally `tools`) and two one-message lists,
+    `preferred_output` and `non_preferred_output`, each an assistant reply to the input. Each side is checked as the
+    chat line it makes (input messages + the reply), so tool calls in a reply must name the input's tools; errors
+    name the field as the user wrote it (`input.messages[2]`, `preferred_output[0]`)."""
+    given = obj["input"]
+    if not isinstance(given, dict):
+        raise _Invalid("invalid_field", f"'input' must be an object, not {_json_type(given)}")
+    if "messages" not in given:
+        raise _Invalid("missing_field", "input.'messages' is missing")
+    messages = given["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise _Invalid("invalid_field", "input.messages must be a non-empty array")
+    replies = []
+    for side in ("preferred_output", "non_preferred_output"):
+        if side not in obj:
+            raise _Invalid("missing_field", f"{side!r} is missing")
+        reply = obj[side]
+        if not isinstance(reply, list) or len(reply) != 1:
+            raise _Invalid("invalid_field", f"{side} must be an array of exactly one assistant message")
+        if not isinstance(reply[0], dict) or reply[0].get("role") != "assistant":
+            raise _Invalid("invalid_field", f"{side}[0] must be an assistant message")
+        if "weight" in reply[0]:  # what a reply is trained on is the objective's business, not a weight's
+            raise _Invalid("invalid_field", f"{side}[0].'weight' is not allowed in a preference line")
+        conversation = [*(m if not isinstance(m, dict) else {**m, "weight": 0} for m in messages), reply[0]]
+        try:
+            _check_chat({"messages": conversation, "tools": given.get("tools")})
+        except _Invalid as exc:  # messages[i] of the checked conversation -> the field as the user wrote it
+            rename = partial(_preference_field, n_input=len(messages), side=side)
+            raise _Invalid(exc.code, re.sub(r"messages\[(\d+)\]", rename, exc.message)) from None
+        replies.append(json.dumps(reply[0], sort_keys=True))
+    if replies[0] == replies[1]:  # the loss would be 0 with no gradient: a pair that teaches nothing
+        raise _Invalid("identical_outputs", "preferred_output and non_preferred_output are the same message")
+
+
+def _preference_field(match: re.Match, n_input: int, side: str) -> str:
+    i = int(match.group(1))
+    return f"{side}[0]" if i == n_input else f"input.messages[{i}]"
+
+
 _CHECKS = {
     DataFormat.CLASSIFICATION: _check_classification,
     DataFormat.CHAT: _check_chat,
     DataFormat.PROMPT_COMPLETION: _check_prompt_completion,
     DataFormat.TEXT: _check_text,
+    DataFormat.PREFERENCE: _check_preference,
 }

@@ -1,7 +1,8 @@
 """The training loop. `train` reads top to bottom: set-up (data → model → adapter, `_set_up`) → the method's set-up
 (or, resuming, its saved state) → optimiser → (resume) → for each step: forward/backward → method hook → clip →
 step → method hook (rebuild the optimiser if the trainable set changed) → log → evaluate/checkpoint → stop? →
-artifact.
+artifact. The objective (supervised, or DPO on preference pairs: `neat_core.train.dpo`) only changes how a batch
+becomes a loss and how a validation pass scores.
 
 Determinism is what makes resume exact: the batch order of epoch e is a permutation drawn from a generator
 seeded with (seed, e), and the global RNG (dropout) is checkpointed, so a run continued from step k replays
@@ -28,9 +29,10 @@ from neat_core.errors import DataFormatError
 from neat_core.export import base_weights_sha256
 from neat_core.methods import get_method
 from neat_core.models.loading import load_base
+from neat_core.train import dpo
 from neat_core.train.callbacks import Callback
 from neat_core.train.checkpoint import LoopState, load_checkpoint, read_checkpoint_state, save_checkpoint
-from neat_core.train.spec import Schedule, TrainSpec, resolve_schedule
+from neat_core.train.spec import Schedule, TrainSpec, resolve_beta, resolve_schedule
 
 
 @dataclass
@@ -128,6 +130,7 @@ class _Run:
 
     fmt: Any  # neat_core.data.formats.DataFormat
     task: str
+    beta: float | None  # DPO's, resolved; None for supervised runs
     labels: list[str] | None
     model: Any  # peft.PeftModel, on the device, in train mode
     adapter_hp: dict[str, Any]
@@ -156,6 +159,10 @@ def _set_up(spec: TrainSpec, method, device: torch.device) -> _Run:
     """Data, base model, adapter, schedule, encoded datasets. The seed fixes the initialisation of a new
     classification head and of the adapter."""
     fmt, train_examples, valid_examples, labels = _read_data(spec)
+    beta = resolve_beta(spec)
+    if fmt.objective != spec.objective:  # the file's format and the job's method type must agree
+        wanted = "the preference format" if spec.objective == "dpo" else "a supervised format, not preference pairs"
+        raise DataFormatError(f"a {spec.objective} run needs {wanted}; the training file is {fmt.value}")
     torch.manual_seed(spec.seed)
     model, tokenizer = load_base(spec.base_model, task=fmt.task, labels=labels, cache_dir=spec.cache_dir)
     adapter_hp = method.resolve(model, spec.adapter)
@@ -169,6 +176,7 @@ def _set_up(spec: TrainSpec, method, device: torch.device) -> _Run:
     return _Run(
         fmt=fmt,
         task=fmt.task,
+        beta=beta,
         labels=labels,
         model=model,
         adapter_hp=adapter_hp,
@@ -194,18 +202,27 @@ def _method_state(spec: TrainSpec, method, run: _Run, device: torch.device) -> d
     return method.before_training(run.model, run.adapter_hp, (_batch(run, b, device) for b in first_epoch))
 
 
-def _log_step(loop: LoopState, metrics: dict, run: _Run, out, batch: dict, lr: float, n_batches: int) -> None:
+def _step_loss(run: _Run, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    """The batch's loss (with gradients) and its statistics, by objective: the model's own loss and an accuracy, or
+    DPO's loss and rewards."""
+    if run.beta is not None:
+        return dpo.step_loss(model, batch, run.beta)
+    out = model(**batch)
+    correct, counted = _correct(out.logits.detach(), batch["labels"], run.task)
+    accuracy_key = "accuracy" if run.task == "classification" else "mean_token_accuracy"
+    return out.loss, {accuracy_key: correct / max(1, counted)}
+
+
+def _log_step(loop: LoopState, metrics: dict, loss, stats: dict, batch: dict, lr: float, n_batches: int) -> None:
     """Advance the loop position and record the step's metrics."""
     loop.step += 1
     loop.batch_in_epoch += 1
     loop.trained_tokens += int(batch["attention_mask"].sum())
-    correct, counted = _correct(out.logits.detach(), batch["labels"], run.task)
-    accuracy_key = "train_accuracy" if run.task == "classification" else "train_mean_token_accuracy"
     metrics.update(
-        train_loss=float(out.loss.detach()),
+        train_loss=float(loss.detach()),
         learning_rate=lr,
         epoch=loop.epoch + loop.batch_in_epoch / n_batches,
-        **{accuracy_key: correct / max(1, counted)},
+        **{f"train_{name}": value for name, value in stats.items()},
     )
 
 
@@ -233,6 +250,8 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
     method_state = _method_state(spec, method, run, device)
     params, optimizer, scheduler = _optimiser(model, schedule)
     hyperparameters = {"method": method.name, **asdict(schedule), "seed": spec.seed, "adapter": adapter_hp}
+    if run.beta is not None:  # only DPO runs carry these, so supervised checkpoints keep their fingerprint
+        hyperparameters.update(objective="dpo", beta=run.beta)
     fingerprint = {  # a checkpoint only resumes into the run that wrote it
         "base_model": spec.base_model,
         "training_file_sha256": file_sha256(spec.training_file),
@@ -254,10 +273,16 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
         return hashed[0]
 
     def validate() -> None:
-        if run.valid_set:
-            metrics.update(evaluate(model, run.valid_set, run.collate, schedule.batch_size, run.task, device, amp))
-            for cb in callbacks:
-                cb.on_evaluate(loop, metrics)
+        if not run.valid_set:
+            return
+        if run.beta is not None:
+            autocast = partial(_autocast, device, amp)
+            scores = dpo.evaluate(model, run.valid_set, run.collate, schedule.batch_size, device, autocast, run.beta)
+        else:
+            scores = evaluate(model, run.valid_set, run.collate, schedule.batch_size, run.task, device, amp)
+        metrics.update(scores)
+        for cb in callbacks:
+            cb.on_evaluate(loop, metrics)
 
     def checkpoint() -> Path:
         for cb in callbacks:
@@ -285,8 +310,8 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
         for indices in batches[loop.batch_in_epoch :]:
             batch = _batch(run, indices, device)
             with _autocast(device, amp):
-                out = model(**batch)
-            out.loss.backward()
+                loss, stats = _step_loss(run, model, batch)
+            loss.backward()
             method.after_backward(model, adapter_hp, method_state, loop.step + 1)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -294,7 +319,7 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             if method.after_step(model, adapter_hp, method_state, loop.step + 1):  # trainable set changed (Pear)
                 params, optimizer, scheduler = _optimiser(model, schedule, previous=(optimizer, scheduler))
-            _log_step(loop, metrics, run, out, batch, scheduler.get_last_lr()[0], len(batches))
+            _log_step(loop, metrics, loss, stats, batch, scheduler.get_last_lr()[0], len(batches))
             for cb in callbacks:
                 cb.on_step_end(loop, metrics)
 

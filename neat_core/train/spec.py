@@ -15,6 +15,8 @@ from neat_core.methods import AUTO
 # large ones a single pass (OpenAI's "auto" behaves the same way).
 TARGET_EXAMPLES_SEEN = 4000
 MAX_AUTO_EPOCHS = 10
+OBJECTIVES = ("supervised", "dpo")  # OpenAI's method types we train
+AUTO_BETA = 0.1  # DPO's beta under "auto": the DPO paper's and trl's default
 
 
 @dataclass
@@ -24,6 +26,8 @@ class TrainSpec:
     output_dir: Path  # gets checkpoints/ and adapter/ (`checkpoint_dir`, `adapter_dir`)
     validation_file: Path | None = None
     method: str = "neat"
+    objective: str = "supervised"  # "supervised", or "dpo" on a preference-format file (neat_core.train.dpo)
+    beta: float | str = AUTO  # DPO's beta; "supervised" ignores it and refuses a value (resolve_beta)
     adapter: dict[str, Any] = field(default_factory=dict)  # method hyperparameters (peft names), "auto" allowed
     n_epochs: int | str = AUTO
     batch_size: int | str = AUTO
@@ -66,6 +70,21 @@ def _check_int(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise InvalidHyperparameterError(name, f"invalid value {value!r}", f"'auto' or an integer {low}..{high}")
     return value
+
+
+def resolve_beta(spec: TrainSpec) -> float | None:
+    """DPO's beta (None for supervised runs, which refuse a value: never accepted and ignored). OpenAI's bounds:
+    0 < beta <= 2."""
+    if spec.objective not in OBJECTIVES:
+        raise InvalidHyperparameterError("objective", f"unknown objective {spec.objective!r}", list(OBJECTIVES))
+    if spec.objective != "dpo":
+        if spec.beta != AUTO:
+            raise InvalidHyperparameterError("beta", "beta is a DPO hyperparameter", "'auto' for supervised runs")
+        return None
+    beta = AUTO_BETA if spec.beta == AUTO else spec.beta
+    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 < beta <= 2:
+        raise InvalidHyperparameterError("beta", f"invalid value {beta!r}", "'auto' or 0 < x <= 2")
+    return float(beta)
 
 
 def resolve_schedule(spec: TrainSpec, *, task: str, n_examples: int, base_learning_rate: float) -> Schedule:

@@ -307,3 +307,90 @@ def test_unknown_method_lists_the_registry(tiny_models):
     with pytest.raises(InvalidHyperparameterError) as err:
         attach(build("bert", tiny_models), "dora")
     assert err.value.field == "method" and set(method_names()) <= set(err.value.allowed)
+
+
+# --- DPO: every method, on the tiny causal LMs ------------------------------------------------------------------
+
+DPO_CASES = [(method, kind) for method, kind in CASES if task_of(kind) == "causal_lm"]
+DPO_IDS = [f"{m}-{k}" for m, k in DPO_CASES]
+
+
+def preference_batch(kind: str, tiny_models) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    from neat_core.data import DataFormat
+    from neat_core.data.encode import Collator, encode_examples
+    from tests.conftest import preference_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models[kind])
+    rows = encode_examples(preference_rows(3), DataFormat.PREFERENCE, tokenizer, max_length=128)
+    return Collator(tokenizer.pad_token_id)(rows)  # 3 pairs -> [6, T]
+
+
+@pytest.mark.parametrize(("method", "kind"), DPO_CASES, ids=DPO_IDS)
+def test_dpo_reference_is_the_base_with_the_adapter_off_and_a_step_trains_only_the_adapter(method, kind, tiny_models):
+    from neat_core.train import dpo
+
+    batch = preference_batch(kind, tiny_models)
+    base = build(kind, tiny_models)
+    with torch.no_grad():
+        base_logps = dpo.sequence_logps(base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                        .logits, batch["labels"])  # fmt: skip
+    model = build(kind, tiny_models, method).eval()
+    # A fresh adapter is a no-op: policy == reference, so every reward is 0 and the loss is log 2 (in eval mode: the
+    # tiny Llama has attention dropout, which the policy's pass applies in train mode and the reference's never; the
+    # tolerance is float32 noise between the gradient and no-gradient attention kernels, summed over a reply).
+    loss, stats = dpo.step_loss(model, batch, beta=0.1)
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-4)
+    assert stats["rewards_chosen"] == pytest.approx(0, abs=1e-4)
+    assert not model.training, "the reference pass must leave the model in the mode it found it"
+    model.train()
+    randomise_adapter(model, method)
+    # The reference is the base model itself (no second copy): the adapter switched off, whatever its weights.
+    assert torch.allclose(dpo.reference_logps(model, batch), base_logps, atol=1e-5)
+    assert model.training, "the reference pass must leave the model in train mode"
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with torch.no_grad():
+        policy = dpo.sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                    .logits, batch["labels"])  # fmt: skip
+    assert (policy - base_logps).abs().max() > 1e-3, "a randomised adapter moves the policy off the reference"
+    loss, stats = dpo.step_loss(model, batch, beta=0.1)
+    assert set(stats) == {"rewards_chosen", "rewards_rejected", "reward_margin", "preference_accuracy"}
+    loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed and changed <= trainable, sorted(changed - trainable)[:3]
+    assert any(get_method(method).prefix in n for n in changed), "no adapter weight changed"
+
+
+@pytest.mark.parametrize(("method", "kind"), DPO_CASES, ids=DPO_IDS)
+def test_dpo_resume_equals_uninterrupted_run(method, kind, tiny_models, tmp_path):
+    from tests.conftest import preference_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(12))
+    held_out = write_jsonl(tmp_path / "held-out.jsonl", preference_rows(4))
+
+    def spec(out: Path, resume: Path | None = None) -> TrainSpec:
+        return TrainSpec(
+            base_model=str(tiny_models[kind]), training_file=data, validation_file=held_out, output_dir=out,
+            method=method, adapter={"r": 4}, objective="dpo", beta=0.5, batch_size=4, n_epochs=2, max_steps=5,
+            checkpoint_every=2, seed=3, device="cpu", resume_from=resume,
+        )  # fmt: skip
+
+    full = train(spec(tmp_path / "full"))
+    assert full.status == "succeeded" and full.steps == 5
+    assert full.hyperparameters["objective"] == "dpo" and full.hyperparameters["beta"] == 0.5
+    for key in ("train_loss", "train_reward_margin", "train_preference_accuracy", "full_valid_loss",
+                "full_valid_rewards_chosen", "full_valid_rewards_rejected",
+                "full_valid_preference_accuracy"):  # fmt: skip
+        assert key in full.metrics, key
+    stopped = train(spec(tmp_path / "split"), callbacks=[StopAtStep(3)])
+    assert stopped.status == "cancelled"
+    resumed = train(spec(tmp_path / "split", resume=stopped.last_checkpoint))
+    a = load_file(full.adapter_dir / "adapter_model.safetensors")
+    b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert full.metrics["full_valid_reward_margin"] == pytest.approx(resumed.metrics["full_valid_reward_margin"])

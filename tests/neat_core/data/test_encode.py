@@ -302,3 +302,45 @@ def test_collator_pads_classification_rows(minilm_tokenizer):
     assert batch["input_ids"][0, len(rows[0]["input_ids"]) :].eq(minilm_tokenizer.pad_token_id).all()
     with pytest.raises(ValueError, match="mixes"):
         Collator(pad_token_id=0)([rows[0], {"input_ids": [1], "labels": [1]}])
+
+
+def test_preference_pairs_train_on_the_replies_only(smollm_tokenizer):
+    pair = {
+        "input": {
+            "messages": [
+                {"role": "user", "content": "Sentiment of 'so good'?"},
+                {"role": "assistant", "content": "Earlier turn, context only."},
+                {"role": "user", "content": "One word, please."},
+            ]
+        },
+        "preferred_output": [{"role": "assistant", "content": "positive"}],
+        "non_preferred_output": [{"role": "assistant", "content": "negative, surely"}],
+    }
+    (row,) = encode_examples([pair], DataFormat.PREFERENCE, smollm_tokenizer, max_length=512)
+    for side, reply in (("chosen", "positive"), ("rejected", "negative, surely")):
+        trained = [t for t, label in zip(row[side]["input_ids"], row[side]["labels"], strict=True) if label != -100]
+        assert smollm_tokenizer.decode(trained) == reply + "<|im_end|>"
+    # both sides share the context, token for token, up to the reply
+    context = smollm_tokenizer.apply_chat_template(
+        pair["input"]["messages"], tokenize=False, add_generation_prompt=True
+    )
+    n = len(smollm_tokenizer(context, add_special_tokens=False)["input_ids"])
+    assert row["chosen"]["input_ids"][:n] == row["rejected"]["input_ids"][:n]
+
+    batch = Collator(smollm_tokenizer.pad_token_id)([row, row])  # 2 pairs -> 4 rows: chosen, chosen, rejected, ...
+    assert batch["input_ids"].shape[0] == 4
+    assert batch["input_ids"][0].tolist()[: len(row["chosen"]["input_ids"])] == row["chosen"]["input_ids"]
+    assert batch["input_ids"][2].tolist()[: len(row["rejected"]["input_ids"])] == row["rejected"]["input_ids"]
+
+
+def test_a_pair_with_a_side_truncated_away_is_dropped(smollm_tokenizer):
+    long = {"role": "user", "content": "word " * 300}
+    pair = {
+        "input": {"messages": [long]},
+        "preferred_output": [{"role": "assistant", "content": "a"}],
+        "non_preferred_output": [{"role": "assistant", "content": "b"}],
+    }
+    short = {**pair, "input": {"messages": [{"role": "user", "content": "hi"}]}}
+    with pytest.warns(UserWarning, match="dropped 1 of 2"):
+        rows = encode_examples([pair, short], DataFormat.PREFERENCE, smollm_tokenizer, max_length=64)
+    assert len(rows) == 1

@@ -372,3 +372,79 @@ def test_importing_the_package_does_not_load_torch():
     # The web tier imports neat_core.data to validate uploads and has no torch to spare.
     code = "import sys, neat_core.data; sys.exit(bool({'torch', 'transformers'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# --- OpenAI's preference (DPO) format ---------------------------------------------------------------------------
+
+PREFERENCE = {
+    "input": {"messages": [{"role": "user", "content": "Is 'great product!' positive or negative?"}]},
+    "preferred_output": [{"role": "assistant", "content": "positive"}],
+    "non_preferred_output": [{"role": "assistant", "content": "negative"}],
+}
+
+
+def _pair(**changes) -> dict:
+    return {**json.loads(json.dumps(PREFERENCE)), **changes}
+
+
+def test_preference_lines_are_their_own_format():
+    with_tools = _pair(
+        input={
+            "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+            "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
+        },
+        preferred_output=[
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+                ],
+            }
+        ],
+    )
+    report = validate_jsonl(jsonl(PREFERENCE, with_tools))
+    assert report.ok, report.errors
+    assert report.format is DataFormat.PREFERENCE and report.num_examples == 2
+    assert report.format.task == "causal_lm" and report.format.objective == "dpo"
+    assert DataFormat.CHAT.objective == "supervised"
+
+
+@pytest.mark.parametrize(
+    ("row", "code", "where"),
+    [
+        (_pair(input="hello"), "invalid_field", "'input' must be an object"),
+        (_pair(input={"messages": []}), "invalid_field", "input.messages must be a non-empty array"),
+        (_pair(input={"messages": [{"role": "user", "content": " "}]}), "empty_content", "input.messages[0]"),
+        (_pair(input={"messages": [{"role": "robot", "content": "x"}]}), "invalid_role", "input.messages[0]"),
+        (_pair(preferred_output={"role": "assistant", "content": "x"}), "invalid_field", "exactly one"),
+        (_pair(preferred_output=[]), "invalid_field", "exactly one"),
+        (_pair(non_preferred_output=[{"role": "user", "content": "x"}]), "invalid_field", "non_preferred_output[0]"),
+        (_pair(preferred_output=[{"role": "assistant", "content": ""}]), "empty_content", "preferred_output[0]"),
+        (_pair(preferred_output=[{"role": "assistant", "content": "x", "weight": 1}]), "invalid_field", "weight"),
+        (_pair(preferred_output=[{"role": "assistant", "content": "negative"}]), "identical_outputs", "the same"),
+        (
+            _pair(
+                preferred_output=[
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                    }
+                ],
+                input={"messages": [{"role": "user", "content": "x"}], "tools": []},
+            ),
+            "unknown_function",
+            "preferred_output[0].tool_calls[0]",
+        ),
+    ],
+)
+def test_bad_preference_lines_name_the_field_and_line(row, code, where):
+    missing = {k: v for k, v in PREFERENCE.items() if k != "non_preferred_output"}
+    report = validate_jsonl(jsonl(PREFERENCE, row, missing))
+    assert codes(report) == [(2, code), (3, "missing_field")]
+    assert where in report.errors[0]["message"]
+    assert "'non_preferred_output' is missing" in report.errors[1]["message"]
+
+
+def test_a_preference_file_cannot_mix_in_chat_lines():
+    report = validate_jsonl(jsonl(PREFERENCE, CHAT))
+    assert codes(report) == [(2, "mixed_formats")]
