@@ -198,6 +198,11 @@ class LeaseWatch(Callback):
     def on_evaluate(self, loop: LoopState, metrics: dict[str, float]) -> None:
         self._check()
 
+    def on_selection(self, report: dict[str, Any]) -> None:
+        # An "auto" job's candidates trained while only the heartbeat watched the lease: lost meanwhile, the
+        # choice is not written.
+        self._check()
+
     def before_save(self, loop: LoopState, what: str) -> None:
         self._check()
         if not self.heartbeat.renew_now():
