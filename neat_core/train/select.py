@@ -38,6 +38,7 @@ import os
 import random
 import shutil
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -86,19 +87,16 @@ def split_dev(examples: list[dict], task: str, seed: int) -> tuple[list[dict], l
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_dev = max(1, min(MAX_DEV_EXAMPLES, math.floor(DEV_FRACTION * len(examples))))
-    left: dict[Any, int] = {}  # classification: rows of each label still in the training part
-    if task == "classification":
-        for example in examples:
-            left[example["label"]] = left.get(example["label"], 0) + 1
+    # classification: how many rows of each label the training part still has; a label's last one stays there
+    left = Counter(e["label"] for e in examples) if task == "classification" else None
     dev: set[int] = set()
     for i in order:
         if len(dev) == n_dev:
             break
-        label = examples[i].get("label") if task == "classification" else None
-        if task == "classification":
-            if left[label] < 2:
+        if left is not None:
+            if left[examples[i]["label"]] < 2:
                 continue
-            left[label] -= 1
+            left[examples[i]["label"]] -= 1
         dev.add(i)
     if not dev:
         raise DataFormatError("automatic method choice needs a label with at least 2 examples for a dev split")
