@@ -173,7 +173,8 @@ def job_object(row: Job) -> dict[str, Any]:
         "error": row.error,
         "hyperparameters": hyperparameters,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
-        "adapter": row.resolved_adapter or row.adapter,
+        "adapter": row.resolved_adapter or row.adapter,  # "auto": the chosen method's, once training started
+        "adapter_selection": row.adapter_selection,  # ours: "auto"'s choice and candidates; null otherwise
         "training_file": row.training_file,
         "validation_file": row.validation_file,
         "result_files": [row.result_file] if row.result_file else [],

@@ -231,7 +231,9 @@ def resume(session: Session, job_id: str) -> JobStatus | None:
 # --- a worker's transitions and writes, fenced on its lease ------------------------------------------------------
 
 # The job-row fields a worker reports while it trains (`record_progress`); everything else changes by transition.
-PROGRESS_FIELDS = frozenset({"trained_tokens", "estimated_finish", "resolved_hyperparameters", "resolved_adapter"})
+PROGRESS_FIELDS = frozenset(
+    {"trained_tokens", "estimated_finish", "resolved_hyperparameters", "resolved_adapter", "adapter_selection"}
+)
 
 
 def claim(session: Session, job_id: str, owner: str, lease_seconds: float) -> int | None:

@@ -73,6 +73,8 @@ class Job(Base):
     adapter: Mapped[dict[str, Any]] = mapped_column(JSON)
     resolved_hyperparameters: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     resolved_adapter: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # adapter type "auto": which method won on the job's data, and every candidate's score (neat_core.train.select)
+    adapter_selection: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(32), index=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(400), nullable=True)

@@ -70,6 +70,32 @@ class DbProgress(Callback):
 
         self._write(write)
 
+    def on_selection(self, report: dict[str, Any]) -> None:
+        """Method "auto": an event per candidate, one for the choice, and the report on the job row (its
+        `adapter_selection`), in one fenced transaction. The winner's `on_train_begin` then fills in
+        `resolved_adapter` with the chosen method and its hyperparameters."""
+        chosen = report["chosen"]
+
+        def write(session: Session) -> bool:
+            if not jobs.record_progress(session, self.lease, adapter_selection=report):
+                return False
+            for row in report["candidates"]:
+                loss = "diverged" if row["dev_loss"] is None else f"{row['dev_loss']:.4f}"
+                message = (
+                    f"Method selection: {row['method']} dev loss {loss} ({row['adapter_parameters']:,} parameters, "
+                    f"{row['steps']} steps, {row['seconds']:.1f} s)"
+                )
+                if not jobs.add_fenced_event(session, self.lease, message, data=row):
+                    return False
+            numbers = {k: v for k, v in report.items() if k != "candidates"}
+            message = (
+                f"Selected {chosen} for the full run ({len(report['candidates'])} candidates scored on "
+                f"{report['dev_examples']} held-out training examples in {report['seconds']:.1f} s)"
+            )
+            return jobs.add_fenced_event(session, self.lease, message, data=numbers)
+
+        self._write(write)
+
     def on_step_end(self, loop: LoopState, metrics: dict[str, float]) -> None:
         step = loop.step
         event_due = step % self.events_every == 0 or step == self.total_steps
@@ -170,6 +196,11 @@ class LeaseWatch(Callback):
         self._check()
 
     def on_evaluate(self, loop: LoopState, metrics: dict[str, float]) -> None:
+        self._check()
+
+    def on_selection(self, report: dict[str, Any]) -> None:
+        # An "auto" job's candidates trained while only the heartbeat watched the lease: lost meanwhile, the
+        # choice is not written.
         self._check()
 
     def before_save(self, loop: LoopState, what: str) -> None:

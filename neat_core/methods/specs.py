@@ -203,6 +203,8 @@ def all_specs() -> dict[str, tuple[str, MethodSpec]]:
             raise MethodDefinitionError(f"method package {package!r} has no importable spec.SPEC: {e}") from e
         if not isinstance(spec, MethodSpec):
             raise MethodDefinitionError(f"{package}.spec.SPEC is a {type(spec).__name__}, not a MethodSpec")
+        if spec.name == AUTO:  # the name of the automatic choice (check_auto_options): no method may take it
+            raise MethodDefinitionError(f"{package}: a method cannot be called {AUTO!r}")
         if spec.name in found and found[spec.name][0] != package:
             raise MethodDefinitionError(f"method {spec.name!r} is defined by both {found[spec.name][0]} and {package}")
         found[spec.name] = (package, spec)
@@ -227,5 +229,35 @@ def is_batched(method: str | None) -> bool:
 
 
 def check_hyperparameters(method: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    """The explicitly given (non-"auto") hyperparameters of `method`, checked; raises naming the bad field."""
+    """The explicitly given (non-"auto") hyperparameters of `method`, checked; raises naming the bad field.
+    `method` "auto" (the service picks the method, neat_core.train.select) takes only `candidates`."""
+    if method == AUTO:
+        return check_auto_options(hyperparameters)
     return get_spec(method).check(hyperparameters)
+
+
+# What `adapter: {"type": "auto"}` accepts besides its type (neat_core.train.select). Anything else is refused by
+# name: a method's hyperparameter would be meaningless before the method is known, and silently ignoring it is worse.
+AUTO_OPTIONS = ("candidates",)
+
+
+def check_auto_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options of method "auto", checked: `candidates`, a non-empty list of distinct method names (in the
+    caller's order), or left out / "auto" (every method). Raises `InvalidHyperparameterError` naming the field."""
+    unknown = sorted(set(options) - set(AUTO_OPTIONS))
+    if unknown:
+        raise InvalidHyperparameterError(unknown[0], "not an option of adapter type 'auto'", list(AUTO_OPTIONS))
+    candidates = options.get("candidates", AUTO)
+    if candidates is None or candidates == AUTO:
+        return {}
+    names = spec_names()
+    if not isinstance(candidates, list) or not candidates:
+        raise InvalidHyperparameterError(
+            "candidates", f"invalid value {candidates!r}", "a non-empty list of " + ", ".join(names)
+        )
+    bad = [c for c in candidates if not isinstance(c, str) or c not in names]
+    if bad:
+        raise InvalidHyperparameterError("candidates", f"unknown adapter method {bad[0]!r}", names)
+    if len(set(candidates)) != len(candidates):
+        raise InvalidHyperparameterError("candidates", "a method is named twice", names)
+    return {"candidates": list(candidates)}

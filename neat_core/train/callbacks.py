@@ -37,6 +37,10 @@ class Callback:
         """Checked after every step; True makes the loop save a checkpoint and return as cancelled."""
         return False
 
+    def on_selection(self, report: dict[str, Any]) -> None:
+        """Method "auto" only: once the method is chosen, before the winner trains (`TrainResult.selection` has
+        the report's shape; neat_core.train.select). Candidate runs call no other hook but `should_stop`."""
+
 
 class CancelFlag(Callback):
     """Thread-safe cancellation: any thread calls `cancel()`, the loop stops after its current step."""

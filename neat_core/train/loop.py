@@ -27,7 +27,7 @@ from neat_core.data.formats import read_examples
 from neat_core.devices import autocast_dtype, resolve_device
 from neat_core.errors import DataFormatError
 from neat_core.export import base_weights_sha256
-from neat_core.methods import get_method
+from neat_core.methods import AUTO, get_method
 from neat_core.models.loading import load_base
 from neat_core.train import dpo
 from neat_core.train.callbacks import Callback
@@ -44,6 +44,7 @@ class TrainResult:
     hyperparameters: dict[str, Any]  # resolved: the schedule and the method's hyperparameters
     trained_tokens: int
     steps: int
+    selection: dict[str, Any] | None = None  # method "auto": the choice and its candidates (neat_core.train.select)
 
     @property
     def cancelled(self) -> bool:
@@ -242,6 +243,10 @@ def _manifest(spec: TrainSpec, run: _Run, loop: LoopState, metrics: dict, hyperp
 
 
 def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    if spec.method == AUTO:  # the method is chosen on the data; imported here: select imports this module
+        from neat_core.train.select import train_auto
+
+        return train_auto(spec, callbacks)
     device = resolve_device(spec.device)
     amp = autocast_dtype(device)
     method = get_method(spec.method)

@@ -65,6 +65,7 @@ def test_create_with_defaults(api, chat_file, broker_url):
     assert all(value == "auto" for key, value in job["adapter"].items() if key != "type")
     assert isinstance(job["seed"], int) and 0 <= job["seed"] < 2**31
     assert job["result_files"] == [] and job["metadata"] is None
+    assert job["adapter_selection"] is None  # only an "auto" adapter's choice fills it in
 
     events = api.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
     assert [e["object"] for e in events] == ["fine_tuning.job.event"] * 2
@@ -116,6 +117,8 @@ def test_method_hyperparameters_win_over_legacy_ones(api, chat_file):
         {"type": "lily", "r": 16, "stride_A": 2, "num_B": 3, "router_mode": "per_sample"},
         {"type": "pear", "r": 8, "warmup_steps": 50, "sharing": "nearest", "knowledge": "none"},
         {"type": "heat", "r": 12, "score": "weight", "selection": "per_layer", "top_k": 3},
+        {"type": "auto"},
+        {"type": "auto", "candidates": ["neat", "lora"]},
     ],
 )
 def test_create_with_adapter(api, chat_file, adapter):
@@ -156,6 +159,15 @@ def test_create_for_each_compatible_format(api, rows, model):
         ({"adapter": {"type": "lily", "num_B": 1}}, 400, "invalid_hyperparameter", "adapter.num_B"),
         ({"adapter": {"type": "lily", "router_mode": "x"}}, 400, "invalid_hyperparameter", "adapter.router_mode"),
         ({"adapter": {"type": "pear", "sharing": "random"}}, 400, "invalid_hyperparameter", "adapter.sharing"),
+        # "auto" takes candidates, method names only; a method's hyperparameter is refused, never ignored
+        (
+            {"adapter": {"type": "auto", "candidates": ["neat", "dora"]}},
+            400,
+            "invalid_hyperparameter",
+            "adapter.candidates",
+        ),
+        ({"adapter": {"type": "auto", "candidates": []}}, 400, "invalid_hyperparameter", "adapter.candidates"),
+        ({"adapter": {"type": "auto", "r": 8}}, 400, "invalid_hyperparameter", "adapter.r"),
         ({"frobnicate": True}, 400, "unknown_parameter", "frobnicate"),
         ({"suffix": "support bot"}, 400, "invalid_request", "suffix"),
         ({"suffix": "x" * 41}, 400, "invalid_request", "suffix"),

@@ -259,6 +259,26 @@ def test_a_job_trains_on_openai_chat_with_tools(service):
     assert job.trained_tokens == sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in rendered)
 
 
+def test_an_auto_adapter_job_picks_its_method_on_the_data(service):
+    """`adapter: {"type": "auto"}` through the stock client: the worker scores the candidates on a dev split of
+    the training file, the job object reports the choice and shows the winner's adapter, and events tell the story."""
+    client = service.client()
+    file = client.files.create(file=("tweets.jsonl", _jsonl(classification_rows(16))), purpose="fine-tune")
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}}
+    auto = {"adapter": {"type": "auto", "candidates": ["neat", "lora"]}}
+    job = client.fine_tuning.jobs.create(model=MINILM, training_file=file.id, method=method, extra_body=auto)
+    _wait_for(client, job.id, {"succeeded"}, service)
+    with service.http() as http:
+        shown = http.get(f"/v1/fine_tuning/jobs/{job.id}").json()
+    selection = shown["adapter_selection"]
+    assert [c["method"] for c in selection["candidates"]] == ["neat", "lora"]
+    assert selection["chosen"] in ("neat", "lora") and shown["adapter"]["type"] == selection["chosen"]
+    assert all(c["dev_loss"] > 0 and c["adapter_parameters"] > 0 for c in selection["candidates"])
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert sum(m.startswith("Method selection: ") for m in messages) == 2
+    assert any(m.startswith(f"Selected {selection['chosen']} for the full run") for m in messages)
+
+
 ABANDONED_STREAMS = 6
 
 

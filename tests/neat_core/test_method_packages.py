@@ -190,7 +190,14 @@ def test_a_package_without_a_spec_or_a_clashing_name_is_refused(toy_dir, monkeyp
     (toy_dir / "toy_clash").mkdir(exist_ok=True)
     (toy_dir / "toy_clash" / "__init__.py").write_text("")
     (toy_dir / "toy_clash" / "spec.py").write_text("from neat_core.methods.lora.spec import SPEC\n")
-    for package, message in [("toy_empty", "no importable spec.SPEC"), ("toy_clash", "defined by both")]:
+    (toy_dir / "toy_auto").mkdir(exist_ok=True)  # "auto" is the automatic choice (neat_core.train.select)
+    (toy_dir / "toy_auto" / "__init__.py").write_text("")
+    (toy_dir / "toy_auto" / "spec.py").write_text(
+        "import dataclasses\nfrom neat_core.methods.lora.spec import SPEC as LORA\n"
+        "SPEC = dataclasses.replace(LORA, name='auto')\n"
+    )
+    refused = [("toy_empty", "no importable spec.SPEC"), ("toy_clash", "defined by both"), ("toy_auto", "cannot be")]
+    for package, message in refused:
         monkeypatch.setenv(ENV_PACKAGES, package)
         with pytest.raises(MethodDefinitionError, match=message):
             spec_names()

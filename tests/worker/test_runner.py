@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 
 import pytest
@@ -91,6 +92,54 @@ def test_job_trains_and_reports_progress(settings, tiny_models):
     assert job.artifact_key == f"{job_key(ORG, job_id)}/attempt-1/adapter"  # each attempt works in its own folder
     artifact = storage.path(job.artifact_key)
     assert (artifact / "adapter_config.json").is_file() and (artifact / "manifest.json").is_file()
+
+
+AUTO_TWO = {"type": "auto", "candidates": ["neat", "lora"]}
+
+
+def test_an_auto_adapter_job_reports_its_choice_and_trains_the_winner(settings, tiny_models):
+    job_id = insert_job(settings, tiny_models["bert"], classification_rows(16), hyperparameters=TWO_EPOCHS,
+                        adapter=AUTO_TWO)  # fmt: skip
+    assert run_job(job_id, settings) == "succeeded"
+    job = get_job(settings, job_id)
+    report = job.adapter_selection
+    assert [c["method"] for c in report["candidates"]] == ["neat", "lora"] and report["chosen"] in ("neat", "lora")
+    shown = job_object(job)
+    assert shown["adapter_selection"] == report
+    assert shown["adapter"]["type"] == report["chosen"] and "target_modules" in shown["adapter"]  # resolved, not "auto"
+    assert job.adapter == AUTO_TWO  # what was asked for stays on the row
+
+    messages = [e.message for e in get_events(settings, job_id)]
+    picks = [m for m in messages if m.startswith("Method selection: ")]
+    assert [m.split()[2] for m in picks] == ["neat", "lora"] and all("dev loss" in m for m in picks)
+    (chosen,) = [i for i, m in enumerate(messages) if m.startswith(f"Selected {report['chosen']} for the full run")]
+    assert "2 candidates scored on 3 held-out training examples" in messages[chosen]
+    assert messages.index(picks[-1]) < chosen < next(i for i, m in enumerate(messages) if m.startswith("Training a"))
+    assert step_events(get_events(settings, job_id)) == list(range(1, 9))  # the job's steps: the winner's alone
+    manifest = Storage(settings.resolved_artifact_root).path(job.artifact_key) / "manifest.json"
+    assert f'"method": "{report["chosen"]}"' in manifest.read_text()
+
+
+def test_a_paused_auto_job_resumes_its_winner_without_choosing_again(settings, tiny_models, cancel_after_step,
+                                                                    monkeypatch):  # fmt: skip
+    from control import jobs
+
+    job_id = insert_job(settings, tiny_models["bert"], classification_rows(16), hyperparameters=TWO_EPOCHS,
+                        adapter=AUTO_TWO)  # fmt: skip
+    cancel_after_step(settings, job_id, 3, status="pausing")  # in the winner's run: candidates report no steps
+    assert run_job(job_id, settings) == "paused"
+    monkeypatch.undo()
+    report = get_job(settings, job_id).adapter_selection
+    with session_scope(settings.resolved_database_url) as session:
+        assert jobs.resume(session, job_id) == "queued"
+    assert run_job(job_id, settings) == "succeeded"
+    job = get_job(settings, job_id)
+    assert job.adapter_selection == report and job.resolved_adapter["type"] == report["chosen"]
+    messages = [e.message for e in get_events(settings, job_id)]
+    assert sum(m.startswith("Selected ") for m in messages) == 1  # chosen once, by the first attempt
+    assert step_events(get_events(settings, job_id)) == list(range(1, 9))  # continued, not restarted
+    attempt_2 = Storage(settings.resolved_artifact_root).path(f"{job_key(ORG, job_id)}/attempt-2")
+    assert json.loads((attempt_2 / "selection.json").read_text()) == report  # carried over, not recomputed
 
 
 def test_a_succeeded_job_has_a_results_csv_that_says_what_its_events_said(settings, tiny_models):
