@@ -19,7 +19,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -102,41 +101,14 @@ def time_variants(model_key: str, rounds: int, warmup: int, device) -> dict[str,
     return {v: statistics.median(t) for v, t in times.items()}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure_memory(model_key: str, variant: str, steps: int, device_name: str) -> dict[str, float]:
     """Runs inside its own subprocess."""
     import torch
+    from memory import peak_during  # bench/memory.py (the script's folder is on sys.path)
 
     device = torch.device(device_name)
     model = build(model_key, variant, device)
-    step = step_fn(model, make_batch(model_key, device))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        for _ in range(steps):
-            step()
-        peak = torch.cuda.max_memory_allocated()
-        return {"peak": peak, "growth": peak - base}
-    base = _rss_bytes()
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.0005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    for _ in range(steps):
-        step()
-    done.set()
-    sampler.join()
-    return {"peak": peak[0], "growth": peak[0] - base}
+    return peak_during(step_fn(model, make_batch(model_key, device)), steps, device)
 
 
 def main() -> None:
