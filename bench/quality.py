@@ -115,8 +115,9 @@ AUTO_SELECTION_FACTOR = 2.0
 #   r = 12 with a third of the heads of every layer kept trains exactly 73,728. Per layer, because a global
 #   selection may leave a layer without heads, whose frozen A would drop the count below LoRA's. On SmolLM2
 #   (9 query heads, 3 key/value heads of 64) a third keeps 3 query heads, and a v head is kept if any query head it
-#   serves is (1 to 3 of them): r = 11 gives 15,488 to 16,896 per layer, 464,640 to 506,880 (+1% to +10%; the
-#   measured count is in the results), r = 12 would give +10% to +25%.
+#   serves is (1 to 3 of them): r = 10 gives 14,080 to 15,360 per layer, 422,400 to 460,800 (LoRA's count when
+#   all 3 v heads are kept); r = 11 gives 464,640 to 506,880 (a smoke run kept 2.3 v heads a layer on average:
+#   r = 11 trained 492,800, +6.9%; r = 10 would train about 448,000, -2.8%). The results record the measured count.
 # - Pear trains LoRA r = 8 until its warm-up (100 steps) ends, then about half. These runs are shorter than the
 #   warm-up, so Pear never prunes here: it is LoRA r = 8 with Pear's code path.
 # - auto: the service's choice, with its own hyperparameters (nothing is passed).
@@ -125,7 +126,7 @@ EQUAL_BUDGET: dict[str, dict[str, dict]] = {
     "smollm2": {
         "neat": {"r": 10},
         "lily": {"r": 35},
-        "heat": {"r": 11, "keep_fraction": 1 / 3, "selection": "per_layer"},
+        "heat": {"r": 10, "keep_fraction": 1 / 3, "selection": "per_layer"},
     },
 }
 
@@ -178,9 +179,10 @@ def as_preferences(rows: list[dict], labels: list[str], seed: int = DATA_SEED) -
 
 
 def load_rows(task: Task, n_train: int, n_heldout: int, select: bool) -> tuple[list[dict], list[dict]]:
-    from neat_core.data.samples import bbc_news, tweets
+    from neat_core.data import samples
 
-    train_rows, heldout_rows = (tweets if task.name == "tweets" else bbc_news)(n_train, n_heldout, seed=DATA_SEED)
+    read = samples.tweets if task.name == "tweets" else samples.bbc_news
+    train_rows, heldout_rows = read(n_train, n_heldout, seed=DATA_SEED)
     if select:  # a development split carved from the training rows: the held-out rows are never read
         cut = int(len(train_rows) * 0.8)
         train_rows, heldout_rows = train_rows[:cut], train_rows[cut:]
@@ -314,9 +316,16 @@ def selection_report(result: Any) -> dict | None:
 
 
 def train_spec(**fields: Any) -> Any:
-    """A TrainSpec, failing clearly when it lacks a field this benchmark needs (DPO's `objective` and `beta`)."""
+    """A TrainSpec, failing clearly when the library lacks a piece this benchmark needs: DPO's `objective` and
+    `beta` fields, or method "auto" (neat_core.train.select)."""
+    import importlib.util
+
     from neat_core.train import TrainSpec
 
+    if fields.get("method") == AUTO_METHOD and importlib.util.find_spec("neat_core.train.select") is None:
+        raise NotImplementedError(
+            'method "auto" is not in the library yet (neat_core.train.select, TrainSpec(method="auto")): run skipped'
+        )
     missing = sorted(set(fields) - {f.name for f in dataclasses.fields(TrainSpec)})
     if missing:
         raise NotImplementedError(
@@ -636,7 +645,9 @@ def method_order(methods: set[str]) -> list[str]:
 def report_task(task: str, cfg: dict, rows: list[dict]) -> list[str]:
     sft = [r for r in rows if r["objective"] == "sft"]
     dpo = [r for r in rows if r["objective"] == "dpo"]
-    base = [r for r in rows if r["method"] == "base"]
+    references = [r for r in rows if r["method"] == "base"]  # the latest, preferring one with DPO's score
+    references.sort(key=lambda r: ("preference_accuracy" in r["scores"], r["started"]))
+    base = references[-1:]
     seeds = sorted({r["seed"] for r in sft + dpo})
     metric = sft[0]["metric"] if sft else (base[0]["metric"] if base else "score")
     any_row = rows[0]
@@ -706,10 +717,12 @@ def auto_section(by: dict, seeds: list[int], methods: list[str]) -> list[str]:
     singles = {m: [r["score"] for r in by[m].values()] for m in methods if m != AUTO_METHOD}
     if AUTO_METHOD in by:
         out += [
-            "\n`auto`: the method chosen per seed and the selection's extra compute (selection seconds / final-run "
-            "seconds, the final run = the run's wall time − selection):\n",
-            "| seed | chosen | selection s | final run s | extra compute |",
-            "|---|---|---|---|---|",
+            "\n`auto`: the method chosen per seed and the selection's measured extra compute (selection seconds / "
+            "final-run seconds, the final run = the training's wall time − selection), beside the selection's own "
+            "account of its cost (`used_fraction`: candidates' steps and dev evaluations in training steps / the "
+            "final run's steps). The winner trains with its method's defaults, not `EQUAL_BUDGET`'s settings.\n",
+            "| seed | chosen | candidates: dev loss | selection s | final run s | extra compute | used_fraction |",
+            "|---|---|---|---|---|---|---|",
         ]
         for s in seeds:
             r = by[AUTO_METHOD].get(s)
@@ -718,9 +731,16 @@ def auto_section(by: dict, seeds: list[int], methods: list[str]) -> list[str]:
             sel = selection_seconds(r)
             final = r["train_seconds"] - sel if sel is not None else None
             extra = f"{sel / final:.2f}×" if sel is not None and final else "– (no selection report)"
+            selection = r.get("selection") or {}
+            candidates = ", ".join(
+                f"{c.get('method')} {c['dev_loss']:.3f}" if isinstance(c.get("dev_loss"), int | float) else
+                f"{c.get('method')} –"
+                for c in selection.get("candidates", [])
+                if isinstance(c, dict)
+            )  # fmt: skip
             out.append(
-                f"| {s} | {chosen_of(r)} | {'–' if sel is None else f'{sel:.0f}'} | "
-                f"{'–' if final is None else f'{final:.0f}'} | {extra} |"
+                f"| {s} | {chosen_of(r)} | {candidates or '–'} | {'–' if sel is None else f'{sel:.0f}'} | "
+                f"{'–' if final is None else f'{final:.0f}'} | {extra} | {selection.get('used_fraction', '–')} |"
             )
     if singles:
         best = max(singles, key=lambda m: statistics.mean(singles[m]))
