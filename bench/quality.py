@@ -61,6 +61,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -300,7 +301,7 @@ def done_keys(results: Path) -> set[str]:
 
 def append(results: Path, record: dict) -> None:
     with results.open("a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -365,8 +366,6 @@ def step_timer() -> Any:
 
 def train_once(task: Task, method: str, objective: str, seed: int, files: dict, args, work: Path) -> dict:
     """One training run and its scores, as the results file's record (without the run's identity)."""
-    from neat_core.train import train
-
     model_key = task.model
     adapter = {} if method == AUTO_METHOD else {**EQUAL_BUDGET[model_key].get(method, {}), **args.adapter}
     fields: dict[str, Any] = {
@@ -386,7 +385,17 @@ def train_once(task: Task, method: str, objective: str, seed: int, files: dict, 
     if objective == "dpo":
         fields.update(objective="dpo", beta="auto")
     spec = train_spec(**fields)
-    timer = step_timer()
+    try:
+        return scored_run(task, objective, spec, step_timer(), files, args)
+    finally:
+        if not args.keep_artifacts:
+            shutil.rmtree(spec.output_dir, ignore_errors=True)  # 33 SmolLM2 runs' checkpoints add up
+
+
+def scored_run(task: Task, objective: str, spec: Any, timer: Any, files: dict, args) -> dict:
+    from neat_core.train import train
+
+    model_key = task.model
     start = time.perf_counter()
     result = train(spec, [timer])
     train_seconds = time.perf_counter() - start
@@ -413,23 +422,14 @@ def train_once(task: Task, method: str, objective: str, seed: int, files: dict, 
         "adapter_parameters": manifest.get("adapter_parameters"),
         "trainable_parameters": manifest.get("trainable_parameters"),
         "trained_method": hp.get("method"),
-        "hyperparameters": {
-            "learning_rate": hp.get("learning_rate"),
-            "learning_rate_multiplier": hp.get("learning_rate_multiplier"),
-            "n_epochs": hp.get("n_epochs"),
-            "batch_size": hp.get("batch_size"),
-            "total_steps": hp.get("total_steps"),
-            "max_seq_len": hp.get("max_seq_len"),
-            "warmup_steps": hp.get("warmup_steps"),
-            "adapter": hp.get("adapter"),
-            **{k: hp[k] for k in ("objective", "beta") if k in hp},
-        },
+        "hyperparameters": hp,  # resolved: lr, n_epochs, batch_size, total_steps, the adapter's (and DPO's beta)
         "steps": result.steps,
         **timer.summary(),
         "selection": selection,
         "train_seconds": round(train_seconds, 2),
         "score_seconds": round(time.perf_counter() - score_start, 2),
         "wall_seconds": round(time.perf_counter() - start, 2),
+        "artifact": str(result.adapter_dir) if args.keep_artifacts else None,
     }
 
 
@@ -583,6 +583,8 @@ def run(args) -> None:
         print(
             f"{task.name} {objective} {method} seed {seed}: {score} ({record.get('wall_seconds', '-')} s)", flush=True
         )
+    if not args.keep_artifacts:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # ---- the report ----
@@ -788,10 +790,10 @@ def dpo_section(dpo: list[dict], base: list[dict], seeds: list[int]) -> list[str
         )
     for r in base:
         if "preference_accuracy" in r["scores"]:
-            blank = " |" * (len(seeds) - 1)
+            dashes = " – |" * len(seeds)
             out.append(
-                f"| base model | {r['scores']['preference_accuracy']:.4f}{blank} | | "
-                f"{r['scores']['exact_match']:.4f}{blank} | | |"
+                f"| base model (untrained, seed-independent) |{dashes} **{r['scores']['preference_accuracy']:.4f}** |"
+                f"{dashes} {r['scores']['exact_match']:.4f} | – |"
             )
     scorers = sorted({r["scores"].get("scorer", "?") for r in dpo + base if "preference_accuracy" in r["scores"]})
     out.append(f"\nPreference accuracy computed by: {', '.join(scorers)} (`bench/quality.py preference_accuracy`).")
@@ -812,6 +814,7 @@ def main() -> None:
     parser.add_argument("--select", action="store_true", help="score on a development split of the training rows")
     parser.add_argument("--adapter", default="{}", help='extra adapter hyperparameters as JSON, e.g. {"depth": 1}')
     parser.add_argument("--no-base", action="store_true", help="skip the base-model reference rows")
+    parser.add_argument("--keep-artifacts", action="store_true", help="keep every run's adapter (default: removed)")
     parser.add_argument("--results", default="quality-results.jsonl", help="JSONL file the runs are appended to")
     parser.add_argument("--report", metavar="RESULTS", help="print the markdown report of a results file and exit")
     args = parser.parse_args()
