@@ -30,7 +30,7 @@ The recorded configuration (the defaults):
 | tweets | 320 / 200 | 1 | 16 | 20 | 2.4 |
 | bbc | 320 / 200 | 1 | 16 | 20 | 4.7 |
 | smollm2 SFT | 64 / 64 prompts | 1 | 8 | 8 | 8.8 |
-| smollm2 DPO | 64 / 64 pairs | 1 | 8 | 8 | ~26 (estimated: 3 SFT steps) |
+| smollm2 DPO | 64 / 64 pairs | 1 | 8 | 8 | ~24 (2.7 SFT steps, measured bench-side) |
 
 69 runs (+1 base-model reference): projected at about 3 h 15 min at the per-step costs measured on the 2-core
 machine under other work's load (load average 4-6), i.e. about 55-65 min on an idle machine (the measured steps
@@ -97,10 +97,14 @@ N_EPOCHS = 1  # the machine's budget fixes it (`auto` would give 10 epochs of 32
 # cost per run (model load, base-weight hash, artifact save), measured on the 2-core machine by smoke runs
 # (2026-12-02, LoRA, 5 steps, `step_seconds`/`eval_seconds` in the results) while other work kept its load average
 # at 4-6 and this process ran at nice 19. SmolLM2's 8.8 s per step at batch 8 × ~100 tokens is ~4× the ~1.5 s an
-# idle machine gives at 8 × 64: on an idle machine divide the projection by about 3-4. DPO's step (two sequences
-# per pair through the policy, and the reference's forwards) is estimated at 3 SFT steps, not measured (DPO is not
-# in the loop yet); `auto`'s selection is assumed to cost one more run (AUTO_SELECTION_FACTOR), not measured.
-STEP_SECONDS = {("tweets", "sft"): 2.4, ("bbc", "sft"): 4.7, ("smollm2", "sft"): 8.8, ("smollm2", "dpo"): 26.0}
+# idle machine gives at 8 × 64: on an idle machine divide the projection by about 3-4. The load moves these by up
+# to 4× within minutes (the same SFT step took 33 s at load average 6). DPO's step is 2.7 SFT steps: measured
+# (bench-side, before DPO is in the loop) as the policy's forward/backward over both answers of 8 pairs plus the
+# reference's forwards with the adapter disabled, against an SFT step at the same moment. `auto`'s selection
+# (neat_core.train.select: 5 candidates of at least one step and a dev evaluation each, every one with its own
+# model load and artifact) is taken as one more run (AUTO_SELECTION_FACTOR), not measured. Once the results file
+# has runs, their measured `step_seconds` replace these for the projection.
+STEP_SECONDS = {("tweets", "sft"): 2.4, ("bbc", "sft"): 4.7, ("smollm2", "sft"): 8.8, ("smollm2", "dpo"): 24.0}
 HELDOUT_SECONDS = {("tweets", "sft"): 0.055, ("bbc", "sft"): 0.065, ("smollm2", "sft"): 1.0, ("smollm2", "dpo"): 1.6}
 FIXED_SECONDS = 10.0
 AUTO_SELECTION_FACTOR = 2.0
@@ -134,6 +138,7 @@ EQUAL_BUDGET: dict[str, dict[str, dict]] = {
 TOPIC_QUESTION = "Which topic is this article about? Answer with one word: {labels}."
 ARTICLE_CHARS = 150  # of the body, after the headline: short prompts keep the 2-core machine's steps cheap
 MAX_NEW_TOKENS = 5  # the longest label, "entertainment", is 1-2 tokens; EOS ends the others early
+CAUSAL_MAX_SEQ_LEN = 512  # = the causal-LM `auto` max_seq_len the runs train with; the prompts are ~110 tokens
 DATA_SEED = 1234  # the split and the preference pairs' wrong answers: the same for every run
 
 
@@ -215,13 +220,17 @@ def exact_match(adapter_dir: Path | None, base_model: str, prompts: list[list[di
     finally:
         engine.close()
     hits = sum(a == label for a, label in zip(answers, labels, strict=True))
-    return {"exact_match": hits / len(labels), "answers_sample": answers[:5]}
+    # Secondary, for reading the zero-shot row: the answer's first word, lower-cased, without punctuation.
+    first = [(a.split() or [""])[0].strip(".,:;!\"'*").lower() for a in answers]
+    lenient = sum(f == label for f, label in zip(first, labels, strict=True))
+    return {"exact_match": hits / len(labels), "first_word_match": lenient / len(labels), "answers_sample": answers[:5]}
 
 
 def local_preference_accuracy(model: Any, tokenizer: Any, pairs: list[dict], batch_size: int = 16) -> float:
     """Fraction of pairs whose preferred answer has the higher summed log-probability given the prompt: the
     answer's tokens are the ones the training loop's chat encoding labels (the assistant turn, its end token
-    included), each conversation through the chat template."""
+    included), each conversation through the chat template. A stand-in for the library's, used only while
+    `neat_core.train.dpo.preference_accuracy` does not exist."""
     import torch
     import torch.nn.functional as F
 
@@ -235,7 +244,7 @@ def local_preference_accuracy(model: Any, tokenizer: Any, pairs: list[dict], bat
     scores = {}
     model.eval()
     for key in ("preferred_output", "non_preferred_output"):
-        encoded = encode_examples(conversations(key), DataFormat.CHAT, tokenizer, max_length=512)
+        encoded = encode_examples(conversations(key), DataFormat.CHAT, tokenizer, max_length=CAUSAL_MAX_SEQ_LEN)
         if len(encoded) != len(pairs):
             raise ValueError("a preference pair lost its answer to truncation")
         sums: list[float] = []
@@ -255,8 +264,11 @@ def local_preference_accuracy(model: Any, tokenizer: Any, pairs: list[dict], bat
 
 def preference_accuracy(adapter_dir: Path | None, base_model: str, pairs: list[dict]) -> dict:
     """THE one place the preference accuracy is computed: the library's `neat_core.train.dpo.preference_accuracy`
-    once it exists, this module's `local_preference_accuracy` until then (the result says which)."""
+    over the pairs encoded as the training loop encodes them, when the library has it; this module's
+    `local_preference_accuracy` (the same definition) until then. The result says which one scored."""
     from neat_core.artifacts import load_artifact
+    from neat_core.data.encode import Collator, encode_examples
+    from neat_core.data.formats import DataFormat
     from neat_core.models.loading import load_base
 
     if adapter_dir is None:
@@ -268,7 +280,11 @@ def preference_accuracy(adapter_dir: Path | None, base_model: str, pairs: list[d
         from neat_core.train.dpo import preference_accuracy as library_preference_accuracy
     except ImportError:
         return {"preference_accuracy": local_preference_accuracy(model, tokenizer, pairs), "scorer": "local"}
-    return {"preference_accuracy": library_preference_accuracy(model, tokenizer, pairs), "scorer": "library"}
+    encoded = encode_examples(pairs, DataFormat("preference"), tokenizer, max_length=CAUSAL_MAX_SEQ_LEN)
+    if len(encoded) != len(pairs):
+        raise ValueError("a preference pair lost its answer to truncation")
+    accuracy = library_preference_accuracy(model, encoded, Collator(tokenizer.pad_token_id))
+    return {"preference_accuracy": accuracy, "scorer": "library"}
 
 
 def majority_baseline(rows: list[dict]) -> float:
@@ -491,7 +507,19 @@ def planned_steps(n_train: int, batch: int, n_epochs: int, max_steps: int | None
     return min(steps, max_steps) if max_steps else steps
 
 
+def measured_step_seconds(results: Path) -> dict[tuple[str, str], float]:
+    """(task, objective) -> the median `step_seconds` of the single-method runs already in the results file."""
+    seen: dict[tuple[str, str], list[float]] = defaultdict(list)
+    if results.exists():
+        for line in results.read_text().splitlines():
+            r = json.loads(line) if line.strip() else {}
+            if r.get("status") == "ok" and r.get("step_seconds") and r.get("method") in METHODS:
+                seen[(r["task"], r["objective"])].append(r["step_seconds"])
+    return {key: statistics.median(values) for key, values in seen.items()}
+
+
 def project(plan: list[tuple], n_train: dict, n_heldout: dict, args) -> float:
+    step_seconds = {**STEP_SECONDS, **measured_step_seconds(Path(args.results))}
     total = 0.0
     for task, method, objective, _seed in plan:
         if method == "base":
@@ -501,7 +529,7 @@ def project(plan: list[tuple], n_train: dict, n_heldout: dict, args) -> float:
         steps = planned_steps(n_train[task.name], batch, args.n_epochs, args.max_steps)
         seconds = (
             FIXED_SECONDS
-            + steps * STEP_SECONDS[(task.name, objective)]
+            + steps * step_seconds[(task.name, objective)]
             + n_heldout[task.name] * HELDOUT_SECONDS[(task.name, objective)]
         )
         total += seconds * (AUTO_SELECTION_FACTOR if method == AUTO_METHOD else 1.0)
@@ -551,6 +579,8 @@ def run(args) -> None:
         f"(all {len(plan)}: {project(plan, n_train, n_heldout, args) / 60:.0f} min)",
         flush=True,
     )
+    if args.dry_run:
+        return
     work = Path(tempfile.mkdtemp(prefix="neat-quality-"))
     files_of: dict[str, dict] = {}
     for task, method, objective, seed in todo:
@@ -689,7 +719,11 @@ def report_task(task: str, cfg: dict, rows: list[dict]) -> list[str]:
             )
         for r in base:
             dashes = " – |" * len(seeds)
-            out.append(f"| base model (zero-shot, seed-independent) |{dashes} **{r['score']:.4f}** |" + " – |" * 6)
+            lenient = r["scores"].get("first_word_match")
+            note = f" (first word, any case: {lenient:.4f})" if lenient is not None else ""
+            out.append(
+                f"| base model (zero-shot, seed-independent) |{dashes} **{r['score']:.4f}**{note} |" + " – |" * 6
+            )
         out += paired_against_lora(by, seeds, methods)
         out += auto_section(by, seeds, methods)
     if dpo or any("preference_accuracy" in r["scores"] for r in base):
@@ -803,7 +837,7 @@ def dpo_section(dpo: list[dict], base: list[dict], seeds: list[int]) -> list[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
-    parser.add_argument("--methods", nargs="+", default=[*METHODS, AUTO_METHOD])
+    parser.add_argument("--methods", nargs="*", default=[*METHODS, AUTO_METHOD], help="SFT runs (none: only DPO)")
     parser.add_argument("--dpo-methods", nargs="*", default=METHODS, help="DPO runs on the smollm2 task (none: off)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--n-epochs", type=int, default=N_EPOCHS, help="fixed by the machine's budget (recorded)")
@@ -814,6 +848,7 @@ def main() -> None:
     parser.add_argument("--select", action="store_true", help="score on a development split of the training rows")
     parser.add_argument("--adapter", default="{}", help='extra adapter hyperparameters as JSON, e.g. {"depth": 1}')
     parser.add_argument("--no-base", action="store_true", help="skip the base-model reference rows")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan's projected time and exit")
     parser.add_argument("--keep-artifacts", action="store_true", help="keep every run's adapter (default: removed)")
     parser.add_argument("--results", default="quality-results.jsonl", help="JSONL file the runs are appended to")
     parser.add_argument("--report", metavar="RESULTS", help="print the markdown report of a results file and exit")
