@@ -137,7 +137,7 @@ EQUAL_BUDGET: dict[str, dict[str, dict]] = {
 
 TOPIC_QUESTION = "Which topic is this article about? Answer with one word: {labels}."
 ARTICLE_CHARS = 150  # of the body, after the headline: short prompts keep the 2-core machine's steps cheap
-MAX_NEW_TOKENS = 5  # the longest label, "entertainment", is 1-2 tokens; EOS ends the others early
+MAX_NEW_TOKENS = 5  # the longest label, "entertainment", is 3 SmolLM2 tokens, then EOS ends the answer
 CAUSAL_MAX_SEQ_LEN = 512  # = the causal-LM `auto` max_seq_len the runs train with; the prompts are ~110 tokens
 DATA_SEED = 1234  # the split and the preference pairs' wrong answers: the same for every run
 
