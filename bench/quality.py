@@ -669,6 +669,42 @@ def report(path: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def summary(path: Path) -> dict:
+    """The measured table in the shape `GET /v1/methods` serves (neat_core/methods/quality.json): per method, per
+    task, the mean held-out score ± std over seeds, the paired difference with LoRA, and the anchor of its row in
+    docs/quality.md. Only the recorded configuration's supervised runs (no `--select`, no `--max-steps`)."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    runs: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for r in records:
+        cfg = r.get("config", {})
+        if (
+            r.get("status") == "ok"
+            and r["objective"] == "sft"
+            and r["method"] != "base"
+            and not (cfg.get("select") or cfg.get("max_steps"))
+        ):
+            runs[r["task"]][r["method"]][r["seed"]] = r
+    methods: dict[str, list[dict]] = defaultdict(list)
+    for task, by in runs.items():
+        for method, seeds in by.items():
+            mean, std = mean_std([r["score"] for r in seeds.values()])
+            lora = by.get("lora", {})
+            diffs = [seeds[s]["score"] - lora[s]["score"] for s in seeds if s in lora]
+            d_mean, d_std = mean_std(diffs)
+            methods[method].append({
+                "task": task,
+                "model": next(iter(seeds.values()))["model"],
+                "score": next(iter(seeds.values()))["metric"],
+                "mean": round(mean, 4),
+                "std": round(std, 4),
+                "seeds": len(seeds),
+                "difference_vs_lora": None if method == "lora" or not diffs else
+                {"mean": round(d_mean, 4), "std": round(d_std, 4)},
+                "table": f"docs/quality.md#{task}-{method}",
+            })  # fmt: skip
+    return {"source": "bench/quality.py", "table": "docs/quality.md", "methods": dict(methods)}
+
+
 def method_order(methods: set[str]) -> list[str]:
     known = [m for m in [*METHODS, AUTO_METHOD] if m in methods]
     return known + sorted(methods - set(known))
@@ -712,7 +748,9 @@ def report_task(task: str, cfg: dict, rows: list[dict]) -> list[str]:
             lrs = sorted({r["hyperparameters"]["learning_rate"] for r in runs.values()})
             steps = sorted({r["steps"] for r in runs.values()})
             out.append(
-                f"| {m} | " + " | ".join(cells) + f" | **{fmt([r['score'] for r in runs.values()])}** | "
+                f'| <a id="{task}-{m}"></a>{m} | '
+                + " | ".join(cells)
+                + f" | **{fmt([r['score'] for r in runs.values()])}** | "
                 f"{fmt(losses, 3) if losses else '–'} | {', '.join(f'{p:,}' for p in params)} | "
                 f"{', '.join(f'{p:,}' for p in trainable)} | {', '.join(f'{x:.2g}' for x in lrs)} | "
                 f"{', '.join(map(str, steps))} | {statistics.mean(r['wall_seconds'] for r in runs.values()):.0f} |"
@@ -852,9 +890,14 @@ def main() -> None:
     parser.add_argument("--keep-artifacts", action="store_true", help="keep every run's adapter (default: removed)")
     parser.add_argument("--results", default="quality-results.jsonl", help="JSONL file the runs are appended to")
     parser.add_argument("--report", metavar="RESULTS", help="print the markdown report of a results file and exit")
+    parser.add_argument(
+        "--summary", metavar="JSON", help="with --report: also write the summary GET /v1/methods serves"
+    )
     args = parser.parse_args()
     if args.report:
         print(report(Path(args.report)), end="")
+        if args.summary:
+            Path(args.summary).write_text(json.dumps(summary(Path(args.report)), indent=1) + "\n")
         return
     run(args)
 

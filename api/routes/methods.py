@@ -12,6 +12,7 @@ from fastapi import APIRouter
 from api.deps import CurrentOrg, SessionClosingRoute
 from api.pagination import known_params
 from api.schemas import Adapter, Hyperparameters
+from neat_core.methods.quality import measured
 from neat_core.methods.specs import AUTO, TASKS, MethodSpec, all_specs
 
 router = APIRouter(route_class=SessionClosingRoute, prefix="/v1/methods", tags=["methods"])
@@ -40,6 +41,8 @@ def method_object(spec: MethodSpec) -> dict[str, Any]:
         "learning_rates": dict(spec.learning_rates),
         "batched_serving": spec.serving.batched,
         "hyperparameters": [_hyperparameter(spec, name) for name in spec.params],
+        # what bench/quality.py measured, each entry linking its row of docs/quality.md (README: which method)
+        "quality": measured(spec.name),
     }
 
 
@@ -55,4 +58,11 @@ def _supervised() -> list[dict[str, Any]]:
 @router.get("", dependencies=[known_params()])
 def list_methods(org: CurrentOrg) -> dict:
     methods = [method_object(spec) for _, spec in sorted(all_specs().values(), key=lambda p: p[1].name)]
-    return {"object": "list", "data": methods, "has_more": False, "supervised_hyperparameters": _supervised()}
+    automatic = {  # not a method of its own: the service picks one of the above on the job's data (docs/methods.md)
+        "adapter": {"type": AUTO},
+        "description": "The service tries every method briefly on a development split of the training file and "
+        "trains the best.",
+        "quality": measured(AUTO),
+    }
+    return {"object": "list", "data": methods, "has_more": False, "supervised_hyperparameters": _supervised(),
+            "automatic_choice": automatic}  # fmt: skip

@@ -91,3 +91,27 @@ def test_the_console_is_served_from_the_same_origin(api):
         assert api.client.get(asset).status_code == 200, asset
     # the console takes `/` and `/console/` only: an unknown path is still the API's own 404
     assert_error(api.client.get("/nothing-here"), 404)
+
+
+@sqlite_only
+def test_methods_carry_their_measured_quality_and_link_their_table_rows(api):
+    """Each method (and the automatic choice) carries what bench/quality.py measured, per task, with the anchor of
+    its row in docs/quality.md: a client choosing a method sees the table's own figures."""
+    import json
+    from pathlib import Path
+
+    from neat_core.methods.quality import SUMMARY
+
+    summary = json.loads(SUMMARY.read_text())["methods"]
+    table = (Path(__file__).parents[2] / "docs" / "quality.md").read_text()
+    body = api.get("/v1/methods").json()
+    served = {m["id"]: m["quality"] for m in body["data"]} | {"auto": body["automatic_choice"]["quality"]}
+    assert set(served) == {*(spec.name for _, spec in all_specs().values()), "auto"}
+    for method, entries in served.items():
+        assert entries == summary[method], method
+        assert {e["task"] for e in entries} == {"tweets", "bbc", "smollm2"}, method
+        for entry in entries:
+            assert 0 <= entry["mean"] <= 1 and entry["seeds"] == 3
+            anchor = entry["table"].split("#")[1]
+            assert f'<a id="{anchor}"></a>{method} |' in table, anchor
+            assert f"{entry['mean']:.4f} ± {entry['std']:.4f}" in table, (method, entry["task"])
