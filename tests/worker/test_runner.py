@@ -15,20 +15,9 @@ from control.db import session_scope
 from control.orm import Checkpoint, File, Job
 from control.storage import Storage, file_key, job_key
 from tests.conftest import classification_rows, preference_rows
-from tests.worker.conftest import ORG, get_events, get_job, insert_job
+from tests.worker.conftest import ORG, TWO_EPOCHS, get_events, get_job, insert_job, sixteen_rows
 from worker.progress import DbProgress
 from worker.runner import run_job
-
-TWO_EPOCHS = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": "auto"}  # 16 rows: 8 steps
-
-
-def sixteen_rows(tiny_models, objective: str) -> dict:
-    """insert_job's arguments for a job of 16 rows and TWO_EPOCHS (8 steps): a supervised classifier, or a DPO job
-    on preference pairs (the tiny causal LM; "dpo" in the row's method_type, beta in its hyperparameters)."""
-    if objective == "dpo":
-        return {"model": tiny_models["llama"], "rows": preference_rows(16), "fmt": "preference",
-                "method_type": "dpo", "hyperparameters": {**TWO_EPOCHS, "beta": 0.5}}  # fmt: skip
-    return {"model": tiny_models["bert"], "rows": classification_rows(16), "hyperparameters": TWO_EPOCHS}
 
 
 def checkpoints(settings, job_id) -> list[Checkpoint]:
