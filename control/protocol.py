@@ -378,14 +378,14 @@ class ChatRequest(GenerationRequest):
             raise invalid_field("tools", "function names must be unique")
         if not names and (self.tool_choice is not None or self.parallel_tool_calls is not None):
             raise invalid_field("tool_choice" if self.tool_choice is not None else "parallel_tool_calls",
-                           "only allowed when tools are given")  # fmt: skip
+                                "only allowed when tools are given")  # fmt: skip
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
             raise invalid_field(
                 "tool_choice", f"names {self.tool_choice.function.name!r}, which is not one of the tools"
             )
         if self.calls_tools and self.logprobs:
             raise invalid_field("logprobs", "logprobs with tools is not supported by this service yet",
-                           "unsupported_parameter")  # fmt: skip
+                                "unsupported_parameter")  # fmt: skip
         return self
 
     @property
