@@ -9,7 +9,7 @@ from pydantic_core import PydanticCustomError
 
 from control.jobs import JobStatus, fine_tuned_model_name
 from control.orm import Checkpoint, File, Job, JobEvent, WebhookAttempt, WebhookDelivery, WebhookEndpoint
-from control.protocol import refuse_unless_neutral
+from control.protocol import invalid_field, refuse_unless_neutral
 from control.webhooks import EVENT_TYPES, secret_hint
 
 Auto = Literal["auto"]
@@ -65,23 +65,47 @@ class Supervised(BaseModel):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoHyperparameters(Hyperparameters):
+    # OpenAI's bounds: 0 < beta <= 2 (neat_core.train.spec.resolve_beta checks the same; "auto" is 0.1 there)
+    beta: Auto | Annotated[float, Field(gt=0, le=2, allow_inf_nan=False)] = "auto"
+
+
+class Dpo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    # OpenAI's other types are refused by name (400 `unsupported_parameter`), never taken for supervised.
+    # OpenAI's other type (reinforcement) is refused by name (400 `unsupported_parameter`), never taken for another.
     type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
     supervised: Supervised | None = None
-    dpo: Any = None
+    dpo: Dpo | None = None
     reinforcement: Any = None
 
     @field_validator("type")
     @classmethod
-    def _supervised_only(cls, value: str) -> str:
-        return refuse_unless_neutral(f"method type '{value}'", value, ("supervised",))
+    def _trained_types(cls, value: str) -> str:
+        return refuse_unless_neutral(f"method type '{value}'", value, ("supervised", "dpo"))
 
-    @field_validator("dpo", "reinforcement", mode="before")
+    @field_validator("reinforcement", mode="before")
     @classmethod
     def _refused(cls, value: Any, info: ValidationInfo) -> Any:
         return refuse_unless_neutral(f"method.{info.field_name}", value, ())
+
+    @model_validator(mode="after")
+    def _settings_of_its_own_type(self) -> Method:
+        # a type's settings under another type would be silently ignored: refused, naming them
+        for kind in ("supervised", "dpo"):
+            if getattr(self, kind) is not None and self.type != kind:
+                raise invalid_field(f"method.{kind}", f"given with method type '{self.type}'; it belongs to "
+                                    f"method type '{kind}'")  # fmt: skip
+        return self
+
+    def hyperparameters(self) -> Hyperparameters | None:
+        """The hyperparameters given under the method's own type, if any."""
+        settings = getattr(self, self.type)
+        return settings.hyperparameters if settings is not None else None
 
 
 class Adapter(BaseModel):
@@ -120,10 +144,26 @@ class JobCreate(BaseModel):
     def _no_integrations(cls, value: Any) -> Any:
         return refuse_unless_neutral("integrations", value, ([],))
 
-    def requested_hyperparameters(self) -> Hyperparameters:
-        if self.method and self.method.supervised and self.method.supervised.hyperparameters:
-            return self.method.supervised.hyperparameters
-        return self.hyperparameters or Hyperparameters()
+    @model_validator(mode="after")
+    def _legacy_hyperparameters_are_supervised(self) -> JobCreate:
+        # OpenAI's top-level `hyperparameters` is deprecated and supervised-only: with a dpo method a value there
+        # would be neither honoured nor a DPO setting; all-"auto" asks for nothing and passes.
+        legacy = self.hyperparameters.model_dump() if self.hyperparameters else None
+        if self.method_type != "supervised" and legacy not in (None, Hyperparameters().model_dump()):
+            raise invalid_field("hyperparameters", f"the top-level hyperparameters apply to supervised jobs only; "
+                                f"give them in method.{self.method_type}.hyperparameters")  # fmt: skip
+        return self
+
+    @property
+    def method_type(self) -> str:
+        return self.method.type if self.method else "supervised"
+
+    def requested_hyperparameters(self) -> dict[str, Any]:
+        """What the job's row keeps: its method's hyperparameters ("auto" kept as is; a dpo job's include beta)."""
+        given = self.method.hyperparameters() if self.method else None
+        if self.method_type == "dpo":
+            return (given or DpoHyperparameters()).model_dump()
+        return (given or self.hyperparameters or Hyperparameters()).model_dump()
 
 
 def page(data: list[dict], has_more: bool) -> dict:
@@ -160,6 +200,9 @@ PUBLIC_STATUS = {JobStatus.CANCELLING: JobStatus.RUNNING, JobStatus.PAUSING: Job
 
 def job_object(row: Job) -> dict[str, Any]:
     hyperparameters = row.resolved_hyperparameters or row.hyperparameters
+    kind = row.method_type
+    # OpenAI's top-level `hyperparameters` (deprecated) has the schedule only; a dpo job's beta is in its method
+    schedule = {k: v for k, v in hyperparameters.items() if k != "beta"}
     return {
         "id": row.id,
         "object": "fine_tuning.job",
@@ -171,8 +214,8 @@ def job_object(row: Job) -> dict[str, Any]:
         "organization_id": row.organization_id,
         "status": PUBLIC_STATUS.get(row.status, row.status),
         "error": row.error,
-        "hyperparameters": hyperparameters,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        "hyperparameters": schedule,
+        "method": {"type": kind, kind: {"hyperparameters": hyperparameters}},
         "adapter": row.resolved_adapter or row.adapter,  # "auto": the chosen method's, once training started
         "adapter_selection": row.adapter_selection,  # ours: "auto"'s choice and candidates; null otherwise
         "training_file": row.training_file,

@@ -29,12 +29,18 @@ SPARK = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 48
 
 # The metrics events' keys (worker/progress.py writes them), first present wins: classification jobs report
-# `*_accuracy`, causal LM jobs `*_mean_token_accuracy`; validation over the whole file is `full_valid_*`.
+# `*_accuracy`, causal LM jobs `*_mean_token_accuracy`, DPO jobs `*_preference_accuracy`; validation over the
+# whole file is `full_valid_*`.
 METRICS = {
     ("train", "loss"): ("train_loss",),
-    ("train", "accuracy"): ("train_accuracy", "train_mean_token_accuracy"),
+    ("train", "accuracy"): ("train_accuracy", "train_mean_token_accuracy", "train_preference_accuracy"),
     ("valid", "loss"): ("full_valid_loss", "valid_loss"),
-    ("valid", "accuracy"): ("full_valid_accuracy", "full_valid_mean_token_accuracy", "valid_mean_token_accuracy"),
+    ("valid", "accuracy"): (
+        "full_valid_accuracy",
+        "full_valid_mean_token_accuracy",
+        "valid_mean_token_accuracy",
+        "full_valid_preference_accuracy",
+    ),
 }
 
 

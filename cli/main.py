@@ -166,6 +166,10 @@ def jobs_create(
         list[str] | None,
         typer.Option("-p", "--param", metavar="KEY=VALUE", help="An adapter hyperparameter: -p r=8 (repeatable)."),
     ] = None,
+    method: Annotated[
+        str, typer.Option(help="supervised (the default), or dpo: preference pairs (a preference-format file).")
+    ] = "supervised",
+    beta: Annotated[float | None, typer.Option(help="DPO's beta (0 < beta <= 2; default: auto, 0.1).")] = None,
     n_epochs: Annotated[int | None, typer.Option(help="Epochs (1–50; default: auto).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (1–256; default: auto).")] = None,
     learning_rate_multiplier: Annotated[float | None, typer.Option(help="Learning rate multiplier (> 0).")] = None,
@@ -176,7 +180,12 @@ def jobs_create(
     as_json: Json = False,
 ) -> None:
     """Create a fine-tuning job."""
-    given = {"n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": learning_rate_multiplier}
+    if method not in ("supervised", "dpo"):
+        raise typer.BadParameter(f"{method!r} is not one of 'supervised', 'dpo'", param_hint="--method")
+    if beta is not None and method != "dpo":  # the server would refuse it too; say so before asking it
+        raise typer.BadParameter("beta is DPO's: give it with --method dpo", param_hint="--beta")
+    given = {"n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": learning_rate_multiplier,
+             "beta": beta}  # fmt: skip
     hyperparameters = {k: v for k, v in given.items() if v is not None}  # the rest: the server's "auto"
     adapter_body = _pairs(param or [], "--param")
     if adapter is not None:
@@ -187,7 +196,7 @@ def jobs_create(
     job = client.fine_tuning.jobs.create(
         model=model,
         training_file=training_file,
-        method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        method={"type": method, method: {"hyperparameters": hyperparameters}},
         **{k: v for k, v in optional.items() if v is not None},
         extra_body={"adapter": adapter_body} if adapter_body else None,
     )

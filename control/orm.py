@@ -68,6 +68,8 @@ class Job(Base):
     suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
     seed: Mapped[int] = mapped_column(BigInteger)
     user_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    # OpenAI's method type: "supervised", or "dpo" (a preference-format training file; beta in `hyperparameters`)
+    method_type: Mapped[str] = mapped_column(String(16), default="supervised", server_default="supervised")
     # What was asked for ("auto" kept as is), and what it resolved to once training started.
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
     adapter: Mapped[dict[str, Any]] = mapped_column(JSON)

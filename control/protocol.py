@@ -235,7 +235,7 @@ def refuse_unless_neutral(name: str, value: Any, neutral: tuple[Any, ...]) -> An
 
 
 def named_param(error: dict, param: str | None) -> str | None:
-    """The field a validation error is about: the one it names (`_invalid`, a check across fields), else `param`
+    """The field a validation error is about: the one it names (`invalid_field`, a check across fields), else `param`
     (where it was raised)."""
     return (error.get("ctx") or {}).get("param") or param
 
@@ -308,7 +308,7 @@ class GenerationRequest(BaseModel):
         raise NotImplementedError
 
 
-def _invalid(param: str, message: str, code: str = "invalid_field") -> PydanticCustomError:
+def invalid_field(param: str, message: str, code: str = "invalid_field") -> PydanticCustomError:
     """An error from a check across fields: `param` names the field it is about (`named_param` reads it)."""
     return PydanticCustomError(code, "{text}", {"text": message, "param": param})
 
@@ -375,15 +375,17 @@ class ChatRequest(GenerationRequest):
     def _tools_asked_for(self) -> ChatRequest:
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) < len(names):
-            raise _invalid("tools", "function names must be unique")
+            raise invalid_field("tools", "function names must be unique")
         if not names and (self.tool_choice is not None or self.parallel_tool_calls is not None):
-            raise _invalid("tool_choice" if self.tool_choice is not None else "parallel_tool_calls",
-                           "only allowed when tools are given")  # fmt: skip
+            raise invalid_field("tool_choice" if self.tool_choice is not None else "parallel_tool_calls",
+                                "only allowed when tools are given")  # fmt: skip
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
-            raise _invalid("tool_choice", f"names {self.tool_choice.function.name!r}, which is not one of the tools")
+            raise invalid_field(
+                "tool_choice", f"names {self.tool_choice.function.name!r}, which is not one of the tools"
+            )
         if self.calls_tools and self.logprobs:
-            raise _invalid("logprobs", "logprobs with tools is not supported by this service yet",
-                           "unsupported_parameter")  # fmt: skip
+            raise invalid_field("logprobs", "logprobs with tools is not supported by this service yet",
+                                "unsupported_parameter")  # fmt: skip
         return self
 
     @property

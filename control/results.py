@@ -4,8 +4,9 @@ metrics, readable at `/v1/files/{id}/content` like any file.
 Columns: OpenAI's (`step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy`), then the full
 validation ones (`full_valid_loss, full_valid_mean_token_accuracy`). Our validation always runs over the whole
 validation file, at checkpoints: those rows carry the same figures in `valid_*` and `full_valid_*`, and the rows
-between them leave both empty. `train_accuracy` is the training batch's mean token accuracy (a causal LM) or its
-accuracy (a classifier). A step trained twice (resumed after a lost attempt) keeps its last figures.
+between them leave both empty. `train_accuracy` is the training batch's mean token accuracy (a causal LM), its
+accuracy (a classifier), or its preference accuracy (a DPO job: the share of pairs whose preferred reply scored
+higher). A step trained twice (resumed after a lost attempt) keeps its last figures.
 
 The rows come from the job's metrics events, so the file says exactly what the events said.
 """
@@ -32,7 +33,7 @@ COLUMNS = (
 # column <- the metrics event keys it is read from, first present wins
 SOURCES = {
     "train_loss": ("train_loss",),
-    "train_accuracy": ("train_mean_token_accuracy", "train_accuracy"),
+    "train_accuracy": ("train_mean_token_accuracy", "train_accuracy", "train_preference_accuracy"),  # DPO: its pairs
     "valid_loss": ("full_valid_loss",),
     "valid_mean_token_accuracy": ("full_valid_mean_token_accuracy", "full_valid_accuracy"),
     "full_valid_loss": ("full_valid_loss",),

@@ -55,7 +55,7 @@ class DbProgress(Callback):
         self.total_steps = hp["total_steps"]
         self.events_every = max(1, math.ceil(self.total_steps / METRICS_EVENTS))  # every step up to 100 steps
         self._start_step, self._start_time = loop.step, time.monotonic()  # a resumed run times its own steps only
-        resolved = {k: hp[k] for k in (*SCHEDULE_FIELDS, *EXTRA_HYPERPARAMETERS)}
+        resolved = {k: hp[k] for k in (*SCHEDULE_FIELDS, *EXTRA_HYPERPARAMETERS, "beta") if k in hp}  # beta: DPO's
         adapter = {"type": hp["method"], **hp["adapter"]}
         counts = {k: info[k] for k in ("adapter_parameters", "trainable_parameters")}
         message = (

@@ -54,6 +54,10 @@ def _train_spec(session: Session, lease: jobs.Lease, settings: Settings, storage
     method = adapter.pop("type", "neat")
     # "auto" passes through: neat_core resolves it once it has the model and the data.
     schedule = {k: v for k, v in job.hyperparameters.items() if k in SCHEDULE_FIELDS}
+    # a dpo job trains on its preference pairs against the base model (its adapter off), at its beta
+    objective = {}
+    if job.method_type == "dpo":
+        objective = {"objective": "dpo", "beta": job.hyperparameters.get("beta", "auto")}
     spec = TrainSpec(
         base_model=job.model,
         training_file=training_file,
@@ -62,6 +66,7 @@ def _train_spec(session: Session, lease: jobs.Lease, settings: Settings, storage
         method=method,
         adapter=adapter,
         **schedule,
+        **objective,
         seed=job.seed,
         checkpoint_every=settings.checkpoint_every,
         device=settings.device,

@@ -84,7 +84,12 @@ def _create_job(body: JobCreate, session: Session, org: str, settings: Settings,
         if validation.format != training.format:
             raise APIError(400, f"validation_file is {validation.format}, training_file is {training.format}.",
                            code="format_mismatch", param="validation_file")  # fmt: skip
-    task = DataFormat(training.format).task
+    fmt = DataFormat(training.format)
+    if fmt.objective != body.method_type:  # DPO trains on preference pairs, and only DPO does
+        wanted = "the preference format" if body.method_type == "dpo" else "a supervised format, not preference pairs"
+        raise APIError(400, f"A {body.method_type} job needs {wanted}; training_file {training.id} is {fmt.value}.",
+                       code="format_mismatch", param="training_file")  # fmt: skip
+    task = fmt.task
     if task not in tasks:
         raise APIError(400, f"{body.model} cannot be fine-tuned on {training.format} data ({task}); it supports: "
                        f"{', '.join(tasks)}.", code="incompatible_model", param="model")  # fmt: skip
@@ -106,7 +111,8 @@ def _create_job(body: JobCreate, session: Session, org: str, settings: Settings,
         suffix=body.suffix or None,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         user_metadata=body.metadata,
-        hyperparameters=body.requested_hyperparameters().model_dump(),
+        method_type=body.method_type,
+        hyperparameters=body.requested_hyperparameters(),
         adapter={"type": adapter.type, **(adapter.model_extra or {})},
     )
     try:  # last: the admission holds its organisation's lock until the commit

@@ -78,6 +78,19 @@ def text_rows(n: int = MIN_EXAMPLES) -> list[dict]:
     return [{"text": f"The number {i} comes before {i + 1}."} for i in range(n)]
 
 
+def preference_rows(n: int = MIN_EXAMPLES) -> list[dict]:
+    """OpenAI's preference format (a dpo job's training data): the right colour preferred over a wrong one."""
+    colours = ["red", "green", "blue"]
+    return [
+        {
+            "input": {"messages": [{"role": "user", "content": f"Colour of item {i}?"}]},
+            "preferred_output": [{"role": "assistant", "content": colours[i % 3]}],
+            "non_preferred_output": [{"role": "assistant", "content": colours[(i + 1) % 3]}],
+        }
+        for i in range(n)
+    ]
+
+
 # A finished job's adapter directory, as the worker leaves it (contents are opaque to the API).
 NATIVE = {"adapter_config.json": b'{"peft_type": "NEAT"}', "adapter_model.safetensors": b"\x00weights\x01",
           "manifest.json": b'{"method": "neat"}'}  # fmt: skip
@@ -107,6 +120,7 @@ ROWS = {
     "chat": chat_rows,
     "prompt_completion": prompt_completion_rows,
     "text": text_rows,
+    "preference": preference_rows,
 }
 
 

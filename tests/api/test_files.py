@@ -147,6 +147,27 @@ def test_invalid_line_is_rejected_and_nothing_stored(api, code):
             _with_tools(_message(role="user"), _calling("get_weather"), _message(role="tool")),
             ("messages[2].'tool_call_id'", "missing"),
         ),
+        # a preference line names the side and message as the user wrote them
+        (
+            "preference",
+            b'{"input": {"messages": [{"role": "user", "content": "q"}]}, "preferred_output": '
+            b'[{"role": "assistant", "content": "a"}]}',
+            ("'non_preferred_output'", "missing"),
+        ),
+        (
+            "preference",
+            b'{"input": {"messages": [{"role": "user", "content": "q"}]}, "preferred_output": '
+            b'[{"role": "user", "content": "a"}], "non_preferred_output": [{"role": "assistant", '
+            b'"content": "b"}]}',
+            ("preferred_output[0]", "assistant"),
+        ),
+        (
+            "preference",
+            b'{"input": {"messages": [{"role": "user", "content": "q"}]}, "preferred_output": '
+            b'[{"role": "assistant", "content": "a"}], "non_preferred_output": [{"role": "assistant", '
+            b'"content": "a"}]}',
+            ("preferred_output", "same"),
+        ),
     ],
 )
 def test_error_messages_name_the_field(api, fmt, bad_line, words):

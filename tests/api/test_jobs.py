@@ -174,7 +174,8 @@ def test_create_for_each_compatible_format(api, rows, model):
         ({"seed": -1}, 400, "invalid_request", "seed"),
         ({"model": None}, 400, "invalid_request", "model"),
         ({"metadata": {"k": 5}}, 400, "invalid_request", "metadata.k"),
-        ({"method": {"type": "dpo"}}, 400, "unsupported_parameter", "method.type"),
+        ({"method": {"type": "reinforcement"}}, 400, "unsupported_parameter", "method.type"),
+        ({"method": {"type": "dpo"}}, 400, "format_mismatch", "training_file"),  # a chat file: DPO needs pairs
     ],
 )
 def test_create_refused(api, chat_file, body, status_code, code, param):
@@ -487,7 +488,8 @@ JOB_FIELDS_HONOURED = {
     "training_file": "test_create_with_defaults",
     "validation_file": "test_validation_file_of_another_format; tests/worker/test_runner.py (validation metrics)",
     "hyperparameters": "test_create_with_legacy_hyperparameters",
-    "method": "test_method_hyperparameters_win_over_legacy_ones (supervised; the other types refused below)",
+    "method": "test_method_hyperparameters_win_over_legacy_ones (supervised); tests/api/test_dpo_jobs.py (dpo); "
+    "reinforcement refused below",
     "seed": "test_create_with_method_hyperparameters_and_options",
     "suffix": "test_create_with_method_hyperparameters_and_options",
     "metadata": "tests/api/test_lifecycle.py (the metadata filter)",
@@ -507,8 +509,8 @@ def test_every_sdk_job_field_is_honoured_or_refused_by_name(api, chat_file):
         r = api.create_job(file_id, **{field: value})
         error = assert_error(r, 400, code="unsupported_parameter", param=field)
         assert field in error["message"], error
-    methods = set(job_create_params.Method.__annotations__) - {"type", "supervised"}
-    assert methods == {"dpo", "reinforcement"}, "decide the SDK's new method types"
+    methods = set(job_create_params.Method.__annotations__) - {"type", "supervised", "dpo"}  # dpo: test_dpo_jobs.py
+    assert methods == {"reinforcement"}, "decide the SDK's new method types"
     for kind in sorted(methods):
         error = assert_error(
             api.create_job(file_id, method={"type": kind, kind: {}}), 400, code="unsupported_parameter"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MINILM, SMOLLM2, classification_rows
+from tests.conftest import MINILM, SMOLLM2, classification_rows, preference_rows
 from tests.e2e.test_service_flow import (
     ROOT,
     Service,
@@ -180,3 +180,15 @@ def test_the_apis_errors_are_shown_with_their_param(neatft):
     assert refused.returncode == 1 and "(param: training_file)" in refused.stderr, refused.stderr
     usage = neatft("jobs", "create", "--model", MINILM, ok=False)  # click's usage error
     assert usage.returncode == 2
+
+
+def test_a_dpo_job_is_created_with_its_method_and_beta(neatft, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in preference_rows(12)))
+    file_id = neatft.json("files", "upload", str(pairs))["id"]
+    job = neatft.json("jobs", "create", "--model", SMOLLM2, "--training-file", file_id, "--method", "dpo",
+                      "--beta", "0.2", "--n-epochs", "1")  # fmt: skip
+    assert job["method"]["type"] == "dpo" and job["method"]["dpo"]["hyperparameters"]["beta"] == 0.2
+    assert neatft.json("jobs", "cancel", job["id"])["id"] == job["id"]  # its training is not this test's
+    usage = neatft("jobs", "create", "--model", SMOLLM2, "--training-file", file_id, "--beta", "0.2", ok=False)
+    assert usage.returncode == 2 and "--method dpo" in usage.stderr, usage.stderr

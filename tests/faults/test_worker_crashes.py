@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from sqlalchemy import select
@@ -23,11 +24,10 @@ from control.settings import Settings
 from control.storage import Storage
 from tests.conftest import classification_rows
 from tests.services import restart_redis
-from tests.worker.conftest import get_events, get_job, insert_job, make_settings
+from tests.worker.conftest import TWO_EPOCHS, get_events, get_job, insert_job, make_settings, sixteen_rows
 from tests.worker.conftest import start_worker as start_celery_worker
 from worker.runner import run_job
 
-TWO_EPOCHS = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": "auto"}  # 16 rows: 8 steps
 # One job, killed at each point in turn (a fresh worker each time), then finished by a worker without a fault.
 KILL_POINTS = ["claimed", "loading", "step:3", "checkpoint:1", "artifact", "trained"]
 LEASE = {
@@ -86,19 +86,25 @@ def adapter(settings: Settings, job_id: str) -> dict[str, torch.Tensor]:
     return load_file(Storage(settings.resolved_artifact_root).path(key) / "adapter_model.safetensors")
 
 
-def test_a_job_survives_its_worker_being_killed_at_every_point(settings, tiny_models, tmp_path):
-    rows = classification_rows(16)
+# The last checkpoint recorded when a worker killed at each point died (None: none yet); steps 2, 4, 6, 8 save one.
+CHECKPOINT_AT_DEATH = {"claimed": None, "loading": None, "step:3": 2, "checkpoint:1": 2, "artifact": 8, "trained": 8}
+
+
+# A DPO job (its reference: the same model, adapter off) is killed mid-training, after its first checkpoint and while
+# writing its next: the points where resuming must restore DPO's run exactly; the others are the objective's not.
+@pytest.mark.parametrize("objective, points", [("supervised", KILL_POINTS), ("dpo", ["step:3", "checkpoint:1"])])
+def test_a_job_survives_its_worker_being_killed_at_every_point(settings, tiny_models, tmp_path, objective, points):
     reference_settings = make_settings(tmp_path / "reference")
-    reference = insert_job(reference_settings, tiny_models["bert"], rows, hyperparameters=TWO_EPOCHS)
+    reference = insert_job(reference_settings, **sixteen_rows(tiny_models, objective))
     assert run_job(reference, reference_settings) == "succeeded"
 
-    job_id = insert_job(settings, tiny_models["bert"], rows, hyperparameters=TWO_EPOCHS)
+    job_id = insert_job(settings, **sixteen_rows(tiny_models, objective))
     enqueue(job_id, settings)
     log = tmp_path / "workers.log"
     # Six losses with max_attempts 3: infrastructure losses never fail a job on their own. Only losses in a row at
     # the same checkpoint count, and here at most two are (claimed + loading before the first checkpoint; step:3
     # + checkpoint:1 after step 2's; artifact + trained after step 8's).
-    for n, point in enumerate(KILL_POINTS, start=1):
+    for n, point in enumerate(points, start=1):
         worker = start_worker(settings, log, NEAT_FAULT_POINT=point, NEAT_MAX_ATTEMPTS="3")
         try:
             # The first worker gets the message; each later one gets it from the reaper once the lease expired.
@@ -115,12 +121,12 @@ def test_a_job_survives_its_worker_being_killed_at_every_point(settings, tiny_mo
 
     job = get_job(settings, job_id)
     assert status == "succeeded", job.error
-    assert job.attempts == len(KILL_POINTS) + 1
+    assert job.attempts == len(points) + 1
     restarted = [e for e in get_events(settings, job_id) if (e.data or {}).get("type") == "job_restarted"]
-    assert len(restarted) == len(KILL_POINTS)
+    assert len(restarted) == len(points)
     history = attempts(settings, job_id)
-    assert [a.outcome for a in history] == ["lost"] * len(KILL_POINTS) + ["succeeded"]
-    assert [a.checkpoint_step for a in history] == [None, None, 2, 2, 8, 8, None]
+    assert [a.outcome for a in history] == ["lost"] * len(points) + ["succeeded"]
+    assert [a.checkpoint_step for a in history] == [CHECKPOINT_AT_DEATH[p] for p in points] + [None]
     assert_never_held_twice(history)
 
     ours, expected = adapter(settings, job_id), adapter(reference_settings, reference)

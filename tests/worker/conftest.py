@@ -20,6 +20,7 @@ from control.orm import File, Job, JobEvent, Organization
 from control.settings import Settings
 from control.storage import Storage, file_key
 from neat_core.data.formats import DataFormat
+from tests.conftest import classification_rows, preference_rows
 
 ORG = "org-test"
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,6 +87,18 @@ def insert_job(settings: Settings, model: Path, rows: list[dict], *, fmt: str = 
     with session_scope(settings.resolved_database_url) as session:
         session.add(job)
     return job.id
+
+
+TWO_EPOCHS = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": "auto"}  # 16 rows: 8 steps
+
+
+def sixteen_rows(tiny_models, objective: str) -> dict:
+    """insert_job's arguments for a job of 16 rows and TWO_EPOCHS (8 steps): a supervised classifier, or a DPO job
+    on preference pairs (the tiny causal LM; "dpo" in the row's method_type, beta in its hyperparameters)."""
+    if objective == "dpo":
+        return {"model": tiny_models["llama"], "rows": preference_rows(16), "fmt": "preference",
+                "method_type": "dpo", "hyperparameters": {**TWO_EPOCHS, "beta": 0.5}}  # fmt: skip
+    return {"model": tiny_models["bert"], "rows": classification_rows(16), "hyperparameters": TWO_EPOCHS}
 
 
 def get_job(settings: Settings, job_id: str) -> Job:

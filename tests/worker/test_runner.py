@@ -14,12 +14,10 @@ from api.schemas import job_object
 from control.db import session_scope
 from control.orm import Checkpoint, File, Job
 from control.storage import Storage, file_key, job_key
-from tests.conftest import classification_rows
-from tests.worker.conftest import ORG, get_events, get_job, insert_job
+from tests.conftest import classification_rows, preference_rows
+from tests.worker.conftest import ORG, TWO_EPOCHS, get_events, get_job, insert_job, sixteen_rows
 from worker.progress import DbProgress
 from worker.runner import run_job
-
-TWO_EPOCHS = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": "auto"}  # 16 rows: 8 steps
 
 
 def checkpoints(settings, job_id) -> list[Checkpoint]:
@@ -92,6 +90,41 @@ def test_job_trains_and_reports_progress(settings, tiny_models):
     assert job.artifact_key == f"{job_key(ORG, job_id)}/attempt-1/adapter"  # each attempt works in its own folder
     artifact = storage.path(job.artifact_key)
     assert (artifact / "adapter_config.json").is_file() and (artifact / "manifest.json").is_file()
+
+
+DPO_METRICS = {"train_loss", "train_rewards_chosen", "train_rewards_rejected", "train_reward_margin",
+               "train_preference_accuracy", "learning_rate", "epoch"}  # fmt: skip
+DPO_VALID = {"full_valid_loss", "full_valid_rewards_chosen", "full_valid_rewards_rejected", "full_valid_reward_margin",
+             "full_valid_preference_accuracy"}  # fmt: skip
+
+
+def test_a_dpo_job_trains_at_its_beta_and_reports_dpo_metrics(settings, tiny_models):
+    job_id = insert_job(settings, **{**sixteen_rows(tiny_models, "dpo"), "hyperparameters": {**TWO_EPOCHS,
+                        "beta": "auto"}}, validation_rows=preference_rows(8))  # fmt: skip
+    assert run_job(job_id, settings) == "succeeded"
+
+    job = get_job(settings, job_id)
+    assert job.resolved_hyperparameters["beta"] == 0.1  # "auto", resolved
+    assert job.resolved_hyperparameters["total_steps"] == 8
+    echoed = job_object(job)
+    assert echoed["method"] == {"type": "dpo", "dpo": {"hyperparameters": job.resolved_hyperparameters}}
+    assert "beta" not in echoed["hyperparameters"]
+
+    metrics = [e.data for e in get_events(settings, job_id) if e.type == "metrics"]
+    train = [m for m in metrics if "train_loss" in m]
+    assert [m["step"] for m in train] == list(range(1, 9))
+    assert all(DPO_METRICS <= set(m) and "train_mean_token_accuracy" not in m for m in train)
+    assert all(0 <= m["train_preference_accuracy"] <= 1 for m in train)
+    valid = [m for m in metrics if "full_valid_loss" in m]
+    assert [m["step"] for m in valid] == [2, 4, 6, 8] and all(DPO_VALID <= set(m) for m in valid)
+    final = checkpoints(settings, job_id)[-1].metrics  # a checkpoint's metrics carry DPO's too
+    assert final["step"] == 8 and (DPO_METRICS | DPO_VALID) <= set(final)
+
+    with session_scope(settings.resolved_database_url) as session:  # the results CSV: accuracy is the pairs'
+        row = session.scalar(select(File).where(File.id == job.result_file))
+    table = list(csv.DictReader(io.StringIO(Storage(settings.resolved_artifact_root).path(row.storage_key)
+                                            .read_text())))  # fmt: skip
+    assert [float(r["train_accuracy"]) for r in table] == [m["train_preference_accuracy"] for m in train]
 
 
 AUTO_TWO = {"type": "auto", "candidates": ["neat", "lora"]}
@@ -191,8 +224,9 @@ def test_cancelled_job_is_never_started(settings, tiny_models):
     assert not Storage(settings.resolved_artifact_root).path(job_key(ORG, job_id)).exists()
 
 
-def test_cancel_stops_after_the_step_and_keeps_a_checkpoint(settings, tiny_models, cancel_after_step):
-    job_id = insert_job(settings, tiny_models["bert"], classification_rows(16), hyperparameters=TWO_EPOCHS)
+@pytest.mark.parametrize("objective", ["supervised", "dpo"])
+def test_cancel_stops_after_the_step_and_keeps_a_checkpoint(settings, tiny_models, cancel_after_step, objective):
+    job_id = insert_job(settings, **sixteen_rows(tiny_models, objective))
     cancel_after_step(settings, job_id, 3)
     assert run_job(job_id, settings) == "cancelled"
 
@@ -232,17 +266,18 @@ def test_requeued_job_resumes_from_its_checkpoint(settings, tiny_models, cancel_
     assert '"steps": 8' in manifest.read_text()
 
 
+@pytest.mark.parametrize("objective", ["supervised", "dpo"])
 def test_a_paused_job_resumes_to_the_adapter_of_an_uninterrupted_run(settings, tiny_models, cancel_after_step,
-                                                                     monkeypatch):  # fmt: skip
+                                                                     monkeypatch, objective):  # fmt: skip
     from safetensors.torch import load_file
 
     from control import jobs
 
     storage = Storage(settings.resolved_artifact_root)
-    quiet = insert_job(settings, tiny_models["bert"], classification_rows(16), hyperparameters=TWO_EPOCHS)
+    quiet = insert_job(settings, **sixteen_rows(tiny_models, objective))
     assert run_job(quiet, settings) == "succeeded"
 
-    job_id = insert_job(settings, tiny_models["bert"], classification_rows(16), hyperparameters=TWO_EPOCHS)
+    job_id = insert_job(settings, **sixteen_rows(tiny_models, objective))
     cancel_after_step(settings, job_id, 3, status="pausing")  # the API's pause, between steps 3 and 4
     assert run_job(job_id, settings) == "paused"
     monkeypatch.undo()
