@@ -650,7 +650,8 @@ def selection_seconds(record: dict) -> float | None:
 def report(path: Path) -> str:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     ok = [r for r in records if r.get("status") == "ok"]
-    failed = [r for r in records if r.get("status") != "ok"]
+    done = {run_key(r) for r in ok}  # a failure a later invocation retried successfully is history, not a gap
+    failed = [r for r in records if r.get("status") != "ok" and run_key(r) not in done]
     out: list[str] = []
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in ok:

@@ -56,7 +56,7 @@ def test_failed_runs_are_retried_and_the_report_applies_the_rules(tmp_path):
     assert quality.run_key(rows[0]) in done and quality.run_key(record("lily", 0, 0.0)) not in done
 
     text = quality.report(results)
-    assert "| lora | 0.8000 | 0.8200 | 0.8400 | **0.8200 ± 0.0200** |" in text
+    assert 'bbc-lora"></a>lora | 0.8000 | 0.8200 | 0.8400 | **0.8200 ± 0.0200** |' in text
     assert "| neat | +0.0300 | +0.0300 | +0.0300 | 0.0300 ± 0.0000 |" in text  # paired with LoRA
     assert "Best single method: **neat**, 0.8500 ± 0.0200." in text
     assert "|0.8400 − 0.8500| = 0.0100 ≤ 0.0200: **yes**" in text

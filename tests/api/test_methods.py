@@ -109,9 +109,9 @@ def test_methods_carry_their_measured_quality_and_link_their_table_rows(api):
     assert set(served) == {*(spec.name for _, spec in all_specs().values()), "auto"}
     for method, entries in served.items():
         assert entries == summary[method], method
-        assert {e["task"] for e in entries} == {"tweets", "bbc", "smollm2"}, method
+        assert {"tweets", "bbc"} <= {e["task"] for e in entries} <= {"tweets", "bbc", "smollm2"}, method
         for entry in entries:
-            assert 0 <= entry["mean"] <= 1 and entry["seeds"] == 3
+            assert 0 <= entry["mean"] <= 1 and entry["seeds"] >= 1
             anchor = entry["table"].split("#")[1]
             assert f'<a id="{anchor}"></a>{method} |' in table, anchor
             assert f"{entry['mean']:.4f} ± {entry['std']:.4f}" in table, (method, entry["task"])
