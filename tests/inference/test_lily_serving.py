@@ -10,6 +10,7 @@ import json
 import shutil
 import tarfile
 import threading
+import time
 
 import pytest
 import torch
@@ -82,9 +83,25 @@ def classification_ref(tiny_models, artifacts) -> ModelRef:
 
 def classify_concurrently(serving: ModelHost, ref: ModelRef) -> tuple[list[dict], list[int]]:
     """Each text as its own request, from its own thread, all queued while the model is busy; returns the
-    answers and the batch sizes of the forward passes that served them."""
-    peft_model = serving.solo(ref).model.model  # the engine's MultiAdapterModel wraps the whole model
+    answers and the batch sizes of the forward passes that served them.
+
+    The model is held busy on purpose: a first request's forward pass waits until the engine holds all four
+    requests, so they share the next pass however slowly a loaded machine starts the threads (a gathering
+    window alone once let one thread arrive late: batches [1, 3])."""
+    solo = serving.solo(ref)
+    peft_model = solo.model.model  # the engine's MultiAdapterModel wraps the whole model
+    release, busy = threading.Event(), threading.Event()
+
+    def hold(module, args, kwargs):
+        if not busy.is_set():  # only the blocking request's pass waits
+            busy.set()
+            assert release.wait(timeout=120), "the queued requests never arrived"
+
     sizes: list[int] = []
+    gate = peft_model.register_forward_pre_hook(hold, with_kwargs=True)
+    blocker = threading.Thread(target=serving.classify, args=(ref, ["hold the engine"]))
+    blocker.start()
+    assert busy.wait(timeout=60)
     hook = peft_model.register_forward_hook(lambda m, args, kwargs, out: sizes.append(out.logits.shape[0]),
                                               with_kwargs=True)  # fmt: skip
     answers: list = [None] * len(TEXTS)
@@ -93,12 +110,18 @@ def classify_concurrently(serving: ModelHost, ref: ModelRef) -> tuple[list[dict]
         answers[i] = serving.classify(ref, [TEXTS[i]])[0][0]
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(TEXTS))]
-    for t in threads:  # all inside the engine's gathering window
-        t.start()
     for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while solo.queue_depth() < len(TEXTS) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for t in [blocker, *threads]:
         t.join(timeout=60)
+    gate.remove()
     hook.remove()
-    return answers, sizes
+    assert sizes[0] == 1  # the blocking request's own pass, which ends once released: not one of ours
+    return answers, sizes[1:]
 
 
 def max_difference(a: list[dict], b: list[dict]) -> float:
