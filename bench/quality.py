@@ -380,10 +380,21 @@ def step_timer() -> Any:
     return StepTimer()
 
 
+def auto_candidates(task: Task) -> dict:
+    """`auto`'s options for this task: every method, in the order the service would try them, ranked without this
+    task's own results (leave one task out), so that no held-out score of the task scored here informs its choice."""
+    from neat_core.methods import method_names
+    from neat_core.methods.quality import ranking
+
+    kind = "classification" if task.kind == "classification" else "causal_lm"
+    return {"candidates": ranking(kind, method_names(), exclude_tasks=[task.name])}
+
+
 def train_once(task: Task, method: str, objective: str, seed: int, files: dict, args, work: Path) -> dict:
     """One training run and its scores, as the results file's record (without the run's identity)."""
     model_key = task.model
-    adapter = {} if method == AUTO_METHOD else {**EQUAL_BUDGET[model_key].get(method, {}), **args.adapter}
+    adapter = auto_candidates(task) if method == AUTO_METHOD else {**EQUAL_BUDGET[model_key].get(method, {}),
+                                                                   **args.adapter}  # fmt: skip
     fields: dict[str, Any] = {
         "base_model": MODELS[model_key],
         "training_file": files[objective]["train"],
@@ -632,19 +643,11 @@ def fmt(values: list[float], digits: int = 4) -> str:
 
 
 def chosen_of(record: dict) -> str:
-    selection = record.get("selection") or {}
-    for key in ("chosen", "chosen_method", "method", "selected"):
-        if isinstance(selection.get(key), str):
-            return selection[key]
-    return record.get("trained_method") or "?"
+    return (record.get("selection") or {}).get("chosen") or record.get("trained_method") or "?"
 
 
 def selection_seconds(record: dict) -> float | None:
-    selection = record.get("selection") or {}
-    for key in ("selection_seconds", "seconds", "selection_s"):
-        if isinstance(selection.get(key), int | float):
-            return float(selection[key])
-    return None
+    return (record.get("selection") or {}).get("seconds")
 
 
 def report(path: Path) -> str:
@@ -702,6 +705,7 @@ def summary(path: Path) -> dict:
                 "difference_vs_lora": None if method == "lora" or not diffs else
                 {"mean": round(d_mean, 4), "std": round(d_std, 4)},
                 "table": f"docs/quality.md#{task}-{method}",
+                "kind": "classification" if TASKS[task].kind == "classification" else "causal_lm",
             })  # fmt: skip
     return {"source": "bench/quality.py", "table": "docs/quality.md", "methods": dict(methods)}
 
@@ -795,9 +799,13 @@ def auto_section(by: dict, seeds: list[int], methods: list[str]) -> list[str]:
             "\n`auto`: the method chosen per seed and the selection's measured extra compute (selection seconds / "
             "final-run seconds, the final run = the training's wall time − selection), beside the selection's own "
             "account of its cost (`used_fraction`: candidates' steps and dev evaluations in training steps / the "
-            "final run's steps). The winner trains with its method's defaults, not `EQUAL_BUDGET`'s settings.\n",
-            "| seed | chosen | candidates: dev loss | selection s | final run s | extra compute | used_fraction |",
-            "|---|---|---|---|---|---|---|",
+            "final run's steps). The winner trains with its method's defaults, not `EQUAL_BUDGET`'s settings. "
+            "The order is the one the service would use, ranked without this task's results; `basis` is "
+            "`dev_loss` when the candidates raced on the dev split, `order` when the run was too short to race "
+            "(the first in the order, at no cost).\n",
+            "| seed | chosen | basis | order | raced: dev loss | selection s | final run s | extra compute | "
+            "used_fraction |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for s in seeds:
             r = by[AUTO_METHOD].get(s)
@@ -814,7 +822,8 @@ def auto_section(by: dict, seeds: list[int], methods: list[str]) -> list[str]:
                 if isinstance(c, dict)
             )  # fmt: skip
             out.append(
-                f"| {s} | {chosen_of(r)} | {candidates or '–'} | {'–' if sel is None else f'{sel:.0f}'} | "
+                f"| {s} | {chosen_of(r)} | {selection.get('basis', '–')} | {', '.join(selection.get('order', []))} | "
+                f"{candidates or '–'} | {'–' if sel is None else f'{sel:.0f}'} | "
                 f"{'–' if final is None else f'{final:.0f}'} | {extra} | {selection.get('used_fraction', '–')} |"
             )
     if singles:

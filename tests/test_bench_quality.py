@@ -47,7 +47,8 @@ def test_failed_runs_are_retried_and_the_report_applies_the_rules(tmp_path):
     results = tmp_path / "results.jsonl"
     rows = [record("lora", s, x) for s, x in enumerate([0.80, 0.82, 0.84])]
     rows += [record("neat", s, x) for s, x in enumerate([0.83, 0.85, 0.87])]
-    selection = {"chosen": "neat", "seconds": 2.0, "used_fraction": 0.25, "candidates": [{"method": "neat"}]}
+    selection = {"chosen": "neat", "seconds": 2.0, "used_fraction": 0.25, "candidates": [{"method": "neat"}],
+                 "basis": "dev_loss", "order": ["neat", "lora"]}  # fmt: skip
     rows += [record("auto", s, x, selection=selection) for s, x in enumerate([0.82, 0.84, 0.86])]
     for row in rows:
         quality.append(results, row)
@@ -61,6 +62,7 @@ def test_failed_runs_are_retried_and_the_report_applies_the_rules(tmp_path):
     assert "Best single method: **neat**, 0.8500 ± 0.0200." in text
     assert "|0.8400 − 0.8500| = 0.0100 ≤ 0.0200: **yes**" in text
     assert "`auto` mean ≥ LoRA's mean: 0.8400 vs 0.8200: **yes**." in text
-    assert "| 0 | neat | neat – | 2 | 8 | 0.25× | 0.25 |" in text  # selection 2 s of 10 s: 2 / 8
+    # selection 2 s of 10 s: 2 / 8
+    assert "| 0 | neat | dev_loss | neat, lora | neat – | 2 | 8 | 0.25× | 0.25 |" in text
     assert "| bbc | sft | lily | 0 | boom |" in text
     json.loads(results.read_text().splitlines()[0])

@@ -88,10 +88,12 @@ class DbProgress(Callback):
                 if not jobs.add_fenced_event(session, self.lease, message, data=row):
                     return False
             numbers = {k: v for k, v in report.items() if k != "candidates"}
-            message = (
-                f"Selected {chosen} for the full run ({len(report['candidates'])} candidates scored on "
-                f"{report['dev_examples']} held-out training examples in {report['seconds']:.1f} s)"
-            )
+            if report["candidates"]:
+                why = (f"{len(report['candidates'])} candidates scored on {report['dev_examples']} held-out "
+                       f"training examples in {report['seconds']:.1f} s")  # fmt: skip
+            else:  # too short a run to race: the first in the order, by the measured quality table
+                why = f"first of {', '.join(report['order'])} by measured quality: the run is too short to compare them"
+            message = f"Selected {chosen} for the full run ({why})"
             return jobs.add_fenced_event(session, self.lease, message, data=numbers)
 
         self._write(write)

@@ -2,27 +2,35 @@
 
 How (`train_auto`, which `train` calls for `spec.method == "auto"`):
 
-1. A development split is carved from the *training* file only (the validation file, when given, is the
+1. The order. The candidates are every registered method, best measured first (`neat_core.methods.quality.ranking`:
+   the benchmark's paired differences with LoRA on tasks of the run's kind), or `adapter.candidates` in the order
+   given. The order is the prior: it decides what the customer's data cannot.
+2. A development split is carved from the *training* file only (the validation file, when given, is the
    customer's and stays untouched): a shuffle seeded by `spec.seed`, dev = 20% of the examples, at most 256, at
    least 1; the rest is the candidates' training part. For classification a row only goes to dev while its label
    keeps at least one row in the training part, so every candidate sees every label (and has the final run's head).
-2. Every candidate (every registered method in name order, or `adapter.candidates` in the order given) trains with
-   the final run's schedule (its resolved n_epochs, batch size, learning rate, sequence length) capped at k steps,
-   and is scored by its loss on dev (`full_valid_loss`, lower is better: less noisy than accuracy after a few
-   steps). The lowest wins; a tie goes to the earlier candidate.
-3. The winner trains on the whole training file (and the validation file, if any) with its default ("auto")
+3. The race. The first m candidates in the order each train with the final run's schedule (its resolved n_epochs,
+   batch size, learning rate, sequence length) capped at k steps, and are scored by their loss on dev
+   (`full_valid_loss`, lower is better: less noisy than accuracy after a few steps). The lowest wins, except that
+   dev losses within TIE_TOLERANCE (1%, relative) of the lowest are a tie, and a tie goes to the earlier candidate:
+   differences that small after a few steps are within the seed noise (docs/quality.md), so the prior decides.
+4. The winner trains on the whole training file (and the validation file, if any) with its default ("auto")
    hyperparameters; the report goes into `TrainResult.selection`, `output_dir/selection.json` and
    `Callback.on_selection`.
 
-Budget. With N the final run's optimiser steps, C candidates, s = the candidates' steps per epoch on the training
-part and d = dev batches per evaluation (the loop evaluates at each epoch end and at its last step, so a candidate
-of k steps evaluates ceil(k/s) times), a dev evaluation of d batches is counted as d/3 training steps (forward only,
-no backward). Each candidate gets the largest k with
+Budget. With N the final run's optimiser steps, s = the candidates' steps per epoch on the training part and
+d = dev batches per evaluation (the loop evaluates at each epoch end and at its last step, so a candidate of
+k steps evaluates ceil(k/s) times), a dev evaluation of d batches is counted as d/3 training steps (forward only,
+no backward). m candidates of k steps cost
 
-    C * (k + ceil(k / s) * d / 3)  <=  SELECTION_BUDGET * N        (SELECTION_BUDGET = 0.3)
+    m * (k + ceil(k / s) * d / 3)  <=  SELECTION_BUDGET * N        (SELECTION_BUDGET = 0.3)
 
-so selection costs at most 30% of the final run. A run too short for that still gives each candidate k = 1; the
-report's `used_fraction` then says what it really cost.
+The race takes the most candidates (at least 2) that the budget gives MIN_RACE_STEPS steps each, and the most
+steps each within it. When not even two fit (a short run), there is no race: the first candidate in the order is
+chosen at no cost, and the report says so (`basis: "order"`). One or two steps compare the methods' first steps,
+not the methods: on the benchmark's 16-40-step runs those dev losses differed in the third decimal. So selection
+costs at most 30% of the final run's steps, counted this way; its wall time also pays one model load per raced
+candidate, which the report's `seconds` includes (docs/quality.md gives both, measured).
 
 Resume: the report is written before the winner trains. A resumed run (`spec.resume_from`, a checkpoint of the
 winner's run at `<earlier output_dir>/checkpoints/<step>`) reads the report beside that checkpoint's folder,
@@ -48,13 +56,16 @@ from neat_core.artifacts import read_manifest
 from neat_core.data.formats import read_examples
 from neat_core.errors import DataFormatError
 from neat_core.methods import get_method, method_names
+from neat_core.methods.quality import ranking
 from neat_core.methods.specs import AUTO, check_auto_options
 from neat_core.train.callbacks import Callback
 from neat_core.train.checkpoint import LoopState
 from neat_core.train.loop import TrainResult, train
-from neat_core.train.spec import TrainSpec, resolve_schedule
+from neat_core.train.spec import Schedule, TrainSpec, resolve_schedule
 
 SELECTION_BUDGET = 0.3  # of the final run's optimiser steps, for every candidate's training and dev evaluations
+MIN_RACE_STEPS = 3  # per raced candidate: fewer compare first steps, not methods
+TIE_TOLERANCE = 0.01  # relative dev-loss difference within which the order decides
 EVALUATION_COST = 1 / 3  # of a training step, per evaluation batch: a forward pass without backward
 DEV_FRACTION, MAX_DEV_EXAMPLES = 0.2, 256
 REPORT = "selection.json"  # in the run's output_dir
@@ -64,10 +75,10 @@ SCRATCH = "selection"  # output_dir/selection/: the split and the candidates' ru
 def train_auto(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Choose the method (or, resuming, read the choice made before), then train the winner: its `TrainResult`,
     with `selection` set. A cancel during selection returns a cancelled result with no adapter and no checkpoint."""
-    candidates = check_auto_options(spec.adapter).get("candidates") or method_names()
+    given = check_auto_options(spec.adapter).get("candidates")
     report = _earlier_report(spec.resume_from) if spec.resume_from is not None else None
     if report is None:
-        report = _select(spec, candidates, callbacks)
+        report = _select(spec, given, callbacks)
         if report is None:
             return TrainResult("cancelled", None, None, {}, {"method": AUTO, "seed": spec.seed}, 0, 0, None)
         _write_report(spec.output_dir / REPORT, report)
@@ -119,6 +130,25 @@ def candidate_steps(final_steps: int, n_candidates: int, steps_per_epoch: int, d
     return low
 
 
+def race_plan(final_steps: int, n_candidates: int, steps_per_epoch: int, dev_batches: int) -> tuple[int, int]:
+    """(m, k): race the first m candidates for k steps each, as the module docstring says; (0, 0): no race."""
+    for m in range(n_candidates, 1, -1):
+        k = candidate_steps(final_steps, m, steps_per_epoch, dev_batches)
+        fits = m * selection_cost(k, steps_per_epoch, dev_batches) <= SELECTION_BUDGET * final_steps
+        if k >= MIN_RACE_STEPS and fits:
+            return m, k
+    return 0, 0
+
+
+def choose(rows: list[dict[str, Any]]) -> str:
+    """The first raced candidate whose dev loss is within TIE_TOLERANCE of the lowest (a diverged one, None, never)."""
+    finite = [r["dev_loss"] for r in rows if r["dev_loss"] is not None]
+    if not finite:
+        return rows[0]["method"]  # all diverged: the order decides
+    best = min(finite)
+    return next(r["method"] for r in rows if r["dev_loss"] is not None and r["dev_loss"] <= best * (1 + TIE_TOLERANCE))
+
+
 def selection_cost(steps: int, steps_per_epoch: int, dev_batches: int) -> float:
     """One candidate's cost in training steps: its steps plus its dev evaluations (one per epoch end and one at
     the last step, when that is not an epoch end), each batch a third of a step."""
@@ -136,23 +166,50 @@ class _StopOnly(Callback):
         return any(cb.should_stop(loop) for cb in self.callbacks)
 
 
-def _select(spec: TrainSpec, candidates: list[str], callbacks: Sequence[Callback]) -> dict[str, Any] | None:
+def _select(spec: TrainSpec, given: list[str] | None, callbacks: Sequence[Callback]) -> dict[str, Any] | None:
     started = time.monotonic()
     fmt, examples = read_examples(spec.training_file)
+    order = given or ranking(fmt.task, method_names())
     dev, rest = split_dev(examples, fmt.task, spec.seed)
     # The final run's schedule; its step count does not depend on the method's learning rate.
-    rate = get_method(candidates[0]).learning_rate(fmt.task)
+    rate = get_method(order[0]).learning_rate(fmt.task)
     final = resolve_schedule(spec, task=fmt.task, n_examples=len(examples), base_learning_rate=rate)
     steps_per_epoch = math.ceil(len(rest) / final.batch_size)
     dev_batches = math.ceil(len(dev) / final.batch_size)
-    k = candidate_steps(final.total_steps, len(candidates), steps_per_epoch, dev_batches)
+    m, k = race_plan(final.total_steps, len(order), steps_per_epoch, dev_batches)
+    rows = _race(spec, order[:m], k, final, rest, dev, callbacks) if m else []
+    if rows is None:
+        return None
+    cost = sum(selection_cost(r["steps"], steps_per_epoch, dev_batches) for r in rows)
+    return {
+        "chosen": choose(rows) if rows else order[0],
+        "basis": "dev_loss" if rows else "order",  # "order": too short to race; the first candidate, at no cost
+        "order": order,
+        "candidates": rows,  # the raced ones, in order
+        "not_raced": order[m:] if m else order,
+        "tie_tolerance": TIE_TOLERANCE,
+        "dev_examples": len(dev),
+        "train_examples": len(rest),
+        "budget_fraction": SELECTION_BUDGET,
+        "steps_per_candidate": k,
+        "selection_steps": sum(r["steps"] for r in rows),
+        "selection_cost_steps": round(cost, 3),  # training steps plus evaluations counted as steps
+        "used_fraction": round(cost / final.total_steps, 4),
+        "final_steps": final.total_steps,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def _race(spec: TrainSpec, names: list[str], k: int, final: Schedule, rest: list[dict], dev: list[dict],
+          callbacks: Sequence[Callback]) -> list[dict[str, Any]] | None:  # fmt: skip
+    """Each candidate's row (see `_candidate_row`), or None when the caller cancelled."""
     scratch = spec.output_dir / SCRATCH
     shutil.rmtree(scratch, ignore_errors=True)  # an interrupted earlier selection in this folder
     scratch.mkdir(parents=True)
     rows = []
     try:
         train_part, dev_part = _write_jsonl(scratch / "train.jsonl", rest), _write_jsonl(scratch / "dev.jsonl", dev)
-        for name in candidates:
+        for name in names:
             # The final run's resolved schedule, pinned (auto n_epochs and batch size would otherwise resolve
             # anew for the smaller training part), capped at k steps. resolve_schedule then derives warm-up and
             # decay from the capped total: each candidate runs a whole short schedule, which is what we want to
@@ -169,22 +226,7 @@ def _select(spec: TrainSpec, candidates: list[str], callbacks: Sequence[Callback
             rows.append(_candidate_row(name, result, time.monotonic() - at))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    scored = [(r["dev_loss"] if r["dev_loss"] is not None else math.inf, i) for i, r in enumerate(rows)]
-    chosen = rows[min(scored)[1]]["method"]  # lowest dev loss; a tie goes to the earlier candidate
-    cost = sum(selection_cost(r["steps"], steps_per_epoch, dev_batches) for r in rows)
-    return {
-        "chosen": chosen,
-        "candidates": rows,
-        "dev_examples": len(dev),
-        "train_examples": len(rest),
-        "budget_fraction": SELECTION_BUDGET,
-        "steps_per_candidate": k,
-        "selection_steps": sum(r["steps"] for r in rows),
-        "selection_cost_steps": round(cost, 3),  # training steps plus evaluations counted as steps
-        "used_fraction": round(cost / final.total_steps, 4),
-        "final_steps": final.total_steps,
-        "seconds": round(time.monotonic() - started, 3),
-    }
+    return rows
 
 
 def _candidate_row(name: str, result: TrainResult, seconds: float) -> dict[str, Any]:

@@ -264,7 +264,8 @@ def test_an_auto_adapter_job_picks_its_method_on_the_data(service):
     the training file, the job object reports the choice and shows the winner's adapter, and events tell the story."""
     client = service.client()
     file = client.files.create(file=("tweets.jsonl", _jsonl(classification_rows(16))), purpose="fine-tune")
-    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}}
+    # 6 epochs (24 steps): long enough to race both candidates within the budget (shorter runs take the first)
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 6, "batch_size": 4}}}
     auto = {"adapter": {"type": "auto", "candidates": ["neat", "lora"]}}
     job = client.fine_tuning.jobs.create(model=MINILM, training_file=file.id, method=method, extra_body=auto)
     _wait_for(client, job.id, {"succeeded"}, service)

@@ -12,8 +12,18 @@ from safetensors.torch import load_file
 
 from neat_core.errors import InvalidHyperparameterError
 from neat_core.methods import method_names
+from neat_core.methods.quality import ranking
 from neat_core.train import Callback, TrainSpec, latest_checkpoint, train
-from neat_core.train.select import MAX_DEV_EXAMPLES, SELECTION_BUDGET, candidate_steps, selection_cost, split_dev
+from neat_core.train.select import (
+    MAX_DEV_EXAMPLES,
+    SELECTION_BUDGET,
+    TIE_TOLERANCE,
+    candidate_steps,
+    choose,
+    race_plan,
+    selection_cost,
+    split_dev,
+)
 from tests.conftest import classification_rows, text_rows, write_jsonl
 
 
@@ -64,27 +74,48 @@ def _adapter(result) -> dict:
     return load_file(result.adapter_dir / "adapter_model.safetensors")
 
 
-def test_every_method_is_tried_and_the_lowest_dev_loss_wins(tiny_models, tmp_path):
+def test_every_method_is_raced_in_the_measured_order_and_the_lowest_dev_loss_wins(tiny_models, tmp_path):
     spy = Spy()
-    result = train(_spec(tiny_models, tmp_path, n_epochs=1), [spy])  # 10 steps: too short, 1 step each
+    # 80 final steps: 5 * (k + ceil(k / 8) * 2/3) <= 0.3 * 80 gives every candidate 4 steps
+    result = train(_spec(tiny_models, tmp_path, n_epochs=8), [spy])
     report = result.selection
-    assert [c["method"] for c in report["candidates"]] == method_names()
+    assert report["order"] == ranking("classification", method_names()) and report["basis"] == "dev_loss"
+    assert [c["method"] for c in report["candidates"]] == report["order"] and report["not_raced"] == []
     losses = [c["dev_loss"] for c in report["candidates"]]
     assert all(math.isfinite(loss) for loss in losses)
-    assert report["chosen"] == report["candidates"][losses.index(min(losses))]["method"]
+    assert report["chosen"] == choose(report["candidates"])
+    assert min(losses) * (1 + TIE_TOLERANCE) >= losses[report["order"].index(report["chosen"])]
     assert result.hyperparameters["method"] == report["chosen"] and result.status == "succeeded"
-    assert all(c["steps"] == 1 and c["adapter_parameters"] > 0 for c in report["candidates"])
+    assert all(c["steps"] == 4 and c["adapter_parameters"] > 0 for c in report["candidates"])
     assert all(c["trainable_parameters"] > c["adapter_parameters"] for c in report["candidates"])  # + the head
     assert all(0 <= c["dev_accuracy"] <= 1 for c in report["candidates"])
-    assert report["dev_examples"] == 8 and report["train_examples"] == 32 and report["final_steps"] == 10
-    assert report["used_fraction"] > SELECTION_BUDGET  # recorded: 5 candidates cannot fit 3 steps
-    # the caller saw the choice once, then the winner's run alone (its 10 steps, not the candidates')
-    assert spy.selections == [report] and len(spy.begins) == 1 and spy.steps == 10
+    assert report["dev_examples"] == 8 and report["train_examples"] == 32 and report["final_steps"] == 80
+    assert report["used_fraction"] <= SELECTION_BUDGET
+    # the caller saw the choice once, then the winner's run alone (its 80 steps, not the candidates')
+    assert spy.selections == [report] and len(spy.begins) == 1 and spy.steps == 80
     assert spy.begins[0]["hyperparameters"]["method"] == report["chosen"]
     out = tmp_path / "run"
     assert json.loads((out / "selection.json").read_text()) == report
     assert not (out / "selection").exists()  # the candidates' scratch is gone
     assert json.loads((result.adapter_dir / "manifest.json").read_text())["method"] == report["chosen"]
+
+
+def test_a_run_too_short_to_race_takes_the_first_in_the_order_at_no_cost(tiny_models, tmp_path):
+    spy = Spy(look=lambda: spy.__dict__.setdefault("scratch", (tmp_path / "run" / "selection").exists()))
+    result = train(_spec(tiny_models, tmp_path, n_epochs=1, adapter={"candidates": ["lora", "neat"]}), [spy])
+    report = result.selection  # 10 final steps: 3 steps for each of two candidates would cost 0.73 of them
+    assert (report["basis"], report["chosen"], report["candidates"]) == ("order", "lora", [])
+    assert report["not_raced"] == ["lora", "neat"] and report["used_fraction"] == 0 and spy.scratch is False
+    assert result.hyperparameters["method"] == "lora" and spy.steps == 10 and spy.selections == [report]
+
+
+def test_the_choice_is_the_first_candidate_within_the_tie_tolerance_of_the_lowest_dev_loss():
+    def rows(*losses):
+        return [{"method": f"m{i}", "dev_loss": loss} for i, loss in enumerate(losses)]
+
+    assert choose(rows(0.500, 0.497)) == "m0"  # 0.6% apart: a tie, the order decides
+    assert choose(rows(0.500, 0.490)) == "m1"  # 2% apart: the data decides
+    assert choose(rows(None, 0.7, 0.5)) == "m2" and choose(rows(None, None)) == "m0"  # diverged runs score last
 
 
 def test_the_budget_holds_and_the_same_seed_gives_the_same_adapter(tiny_models, tmp_path):
@@ -106,8 +137,9 @@ def test_the_budget_holds_and_the_same_seed_gives_the_same_adapter(tiny_models, 
 
 
 def test_resuming_the_winner_reuses_the_choice_and_ends_where_an_uninterrupted_run_does(tiny_models, tmp_path):
-    spec = _spec(tiny_models, tmp_path, n_epochs=2, adapter={"candidates": ["neat", "lora"]})
+    spec = _spec(tiny_models, tmp_path, n_epochs=3, adapter={"candidates": ["neat", "lora"]})  # 30 steps: a race
     whole = train(spec)
+    assert whole.selection["basis"] == "dev_loss"
     stopped = Spy(stop_at=7)
     part = train(replace(spec, output_dir=tmp_path / "first", checkpoint_every=3), [stopped])
     assert part.cancelled and part.steps == 7 and part.selection == stopped.selections[0]
@@ -124,7 +156,7 @@ def test_resuming_the_winner_reuses_the_choice_and_ends_where_an_uninterrupted_r
 
 def test_the_dev_split_comes_from_the_training_file_alone(tiny_models, tmp_path):
     valid = write_jsonl(tmp_path / "valid.jsonl", [{"text": f"held out {i}", "label": "positive"} for i in range(6)])
-    spec = _spec(tiny_models, tmp_path, validation_file=valid, n_epochs=1, adapter={"candidates": ["lora"]})
+    spec = _spec(tiny_models, tmp_path, validation_file=valid, n_epochs=3, adapter={"candidates": ["lora", "neat"]})
     scratch = spec.output_dir / "selection"
     seen = {}
 
@@ -159,6 +191,11 @@ def test_budget_formula():
     assert 2 * selection_cost(6, 8, 2) <= 15 < 2 * selection_cost(7, 8, 2)
     assert candidate_steps(1000, 5, 10, 1) == 58  # 5 * (58 + 6/3) = 300 <= 300 < 5 * (59 + 6/3)
     assert candidate_steps(3, 5, 1, 1) == 1  # too short: still one step each
+    # the race: the most candidates the budget gives MIN_RACE_STEPS (3) each, at least two; or none
+    assert race_plan(80, 5, 8, 2) == (5, 4)
+    assert race_plan(30, 5, 8, 2) == (2, 3)  # 3 candidates would get 1 step each
+    assert race_plan(40, 5, 32, 8) == (2, 3)  # the benchmark's tweets runs: 40 steps, 128 dev examples
+    assert race_plan(10, 5, 8, 2) == (0, 0) and race_plan(16, 5, 13, 4) == (0, 0)  # too short: no race
 
 
 def test_a_cancel_during_selection_stops_it(tiny_models, tmp_path):

@@ -131,8 +131,9 @@ AUTO_TWO = {"type": "auto", "candidates": ["neat", "lora"]}
 
 
 def test_an_auto_adapter_job_reports_its_choice_and_trains_the_winner(settings, tiny_models):
-    job_id = insert_job(settings, tiny_models["bert"], classification_rows(16), hyperparameters=TWO_EPOCHS,
-                        adapter=AUTO_TWO)  # fmt: skip
+    # 6 epochs, 24 steps: long enough to race two candidates (3 steps each, within 30% of the final run)
+    job_id = insert_job(settings, tiny_models["bert"], classification_rows(16),
+                        hyperparameters={**TWO_EPOCHS, "n_epochs": 6}, adapter=AUTO_TWO)  # fmt: skip
     assert run_job(job_id, settings) == "succeeded"
     job = get_job(settings, job_id)
     report = job.adapter_selection
@@ -148,7 +149,7 @@ def test_an_auto_adapter_job_reports_its_choice_and_trains_the_winner(settings, 
     (chosen,) = [i for i, m in enumerate(messages) if m.startswith(f"Selected {report['chosen']} for the full run")]
     assert "2 candidates scored on 3 held-out training examples" in messages[chosen]
     assert messages.index(picks[-1]) < chosen < next(i for i, m in enumerate(messages) if m.startswith("Training a"))
-    assert step_events(get_events(settings, job_id)) == list(range(1, 9))  # the job's steps: the winner's alone
+    assert step_events(get_events(settings, job_id)) == list(range(1, 25))  # the job's steps: the winner's alone
     manifest = Storage(settings.resolved_artifact_root).path(job.artifact_key) / "manifest.json"
     assert f'"method": "{report["chosen"]}"' in manifest.read_text()
 
