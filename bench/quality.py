@@ -60,7 +60,6 @@ import argparse
 import dataclasses
 import json
 import os
-import random
 import shutil
 import statistics
 import tempfile
@@ -135,8 +134,6 @@ EQUAL_BUDGET: dict[str, dict[str, dict]] = {
     },
 }
 
-TOPIC_QUESTION = "Which topic is this article about? Answer with one word: {labels}."
-ARTICLE_CHARS = 150  # of the body, after the headline: short prompts keep the 2-core machine's steps cheap
 MAX_NEW_TOKENS = 5  # the longest label, "entertainment", is 3 SmolLM2 tokens, then EOS ends the answer
 CAUSAL_MAX_SEQ_LEN = 512  # = the causal-LM `auto` max_seq_len the runs train with; the prompts are ~110 tokens
 DATA_SEED = 1234  # the split and the preference pairs' wrong answers: the same for every run
@@ -148,40 +145,6 @@ DATA_SEED = 1234  # the split and the preference pairs' wrong answers: the same 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def article_excerpt(text: str, chars: int | None = None) -> str:
-    """The headline (first line) and the body's first `chars` (ARTICLE_CHARS) characters, cut at a word boundary."""
-    chars = ARTICLE_CHARS if chars is None else chars
-    headline, _, body = text.strip().partition("\n")
-    body = " ".join(body.split())
-    if len(body) > chars:
-        body = body[:chars].rsplit(" ", 1)[0] + " …"
-    return f"{headline.strip()}\n\n{body}"
-
-
-def topic_prompt(text: str, labels: list[str]) -> dict:
-    listed = ", ".join(labels[:-1]) + f" or {labels[-1]}"
-    return {"role": "user", "content": TOPIC_QUESTION.format(labels=listed) + "\n\n" + article_excerpt(text)}
-
-
-def as_chat(rows: list[dict], labels: list[str]) -> list[dict]:
-    return [{"messages": [topic_prompt(r["text"], labels), {"role": "assistant", "content": r["label"]}]} for r in rows]
-
-
-def as_preferences(rows: list[dict], labels: list[str], seed: int = DATA_SEED) -> list[dict]:
-    """OpenAI's preference format: preferred = the right class, non-preferred = a seeded random wrong one."""
-    rng = random.Random(seed)
-    return [
-        {
-            "input": {"messages": [topic_prompt(r["text"], labels)]},
-            "preferred_output": [{"role": "assistant", "content": r["label"]}],
-            "non_preferred_output": [
-                {"role": "assistant", "content": rng.choice([x for x in labels if x != r["label"]])}
-            ],
-        }
-        for r in rows
-    ]
 
 
 def load_rows(task: Task, n_train: int, n_heldout: int, select: bool) -> tuple[list[dict], list[dict]]:
@@ -475,6 +438,8 @@ def base_reference(task: Task, files: dict, dpo: bool) -> dict:
 
 
 def task_files(task: Task, n_train: int, n_heldout: int, select: bool, work: Path) -> dict:
+    from neat_core.data.samples import topic_chats, topic_preferences, topic_prompt
+
     train_rows, heldout_rows = load_rows(task, n_train, n_heldout, select)
     files: dict[str, Any] = {"n_train": len(train_rows), "n_heldout": len(heldout_rows)}
     if task.kind == "classification":
@@ -486,12 +451,14 @@ def task_files(task: Task, n_train: int, n_heldout: int, select: bool, work: Pat
         return files
     labels = sorted({r["label"] for r in train_rows + heldout_rows})
     files["sft"] = {
-        "train": write_jsonl(work / f"{task.name}-train.jsonl", as_chat(train_rows, labels)),
-        "heldout": write_jsonl(work / f"{task.name}-heldout.jsonl", as_chat(heldout_rows, labels)),
+        "train": write_jsonl(work / f"{task.name}-train.jsonl", topic_chats(train_rows, labels)),
+        "heldout": write_jsonl(work / f"{task.name}-heldout.jsonl", topic_chats(heldout_rows, labels)),
     }
-    pairs = as_preferences(heldout_rows, labels, seed=DATA_SEED + 1)
+    pairs = topic_preferences(heldout_rows, labels, seed=DATA_SEED + 1)
     files["dpo"] = {
-        "train": write_jsonl(work / f"{task.name}-dpo-train.jsonl", as_preferences(train_rows, labels)),
+        "train": write_jsonl(
+            work / f"{task.name}-dpo-train.jsonl", topic_preferences(train_rows, labels, seed=DATA_SEED)
+        ),
         "heldout": write_jsonl(work / f"{task.name}-dpo-heldout.jsonl", pairs),
     }
     files["pairs"] = pairs

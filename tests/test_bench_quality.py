@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from neat_core.data.samples import topic_chats, topic_preferences
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
 quality = importlib.util.module_from_spec(_spec)
@@ -18,13 +20,13 @@ ROWS = [{"text": f"Headline {i}\n\nBody {i} " + "word " * 100, "label": LABELS[i
 
 
 def test_chat_rows_and_preference_pairs():
-    chat = quality.as_chat(ROWS, LABELS)
+    chat = topic_chats(ROWS, LABELS)
     assert chat[0]["messages"][1] == {"role": "assistant", "content": "business"}
     prompt = chat[0]["messages"][0]["content"]
     assert prompt.startswith("Which topic is this article about? Answer with one word: business, entertainment, ")
     assert "sports or tech." in prompt and "Headline 0" in prompt and len(prompt) < 400  # truncated body
-    pairs = quality.as_preferences(ROWS, LABELS)
-    assert pairs == quality.as_preferences(ROWS, LABELS)  # seeded
+    pairs = topic_preferences(ROWS, LABELS, seed=1)
+    assert pairs == topic_preferences(ROWS, LABELS, seed=1)  # seeded
     for row, pair in zip(ROWS, pairs, strict=True):
         assert pair["preferred_output"] == [{"role": "assistant", "content": row["label"]}]
         wrong = pair["non_preferred_output"][0]["content"]

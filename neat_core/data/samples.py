@@ -51,3 +51,43 @@ def bbc_news(n_train: int, n_heldout: int, seed: int = 1234) -> tuple[list[dict]
     if n_train + n_heldout > len(rows):
         raise ValueError(f"only {len(rows)} distinct BBC News articles available")
     return rows[:n_train], rows[n_train : n_train + n_heldout]
+
+
+TOPIC_QUESTION = "Which topic is this article about? Answer with one word: {labels}."
+ARTICLE_CHARS = 150  # of the body, after the headline: short prompts keep a CPU's training steps cheap
+
+
+def article_excerpt(text: str, chars: int = ARTICLE_CHARS) -> str:
+    """The headline (first line) and the body's first `chars` characters, cut at a word boundary."""
+    headline, _, body = text.strip().partition("\n")
+    body = " ".join(body.split())
+    if len(body) > chars:
+        body = body[:chars].rsplit(" ", 1)[0] + " …"
+    return f"{headline.strip()}\n\n{body}"
+
+
+def topic_prompt(text: str, labels: list[str]) -> dict:
+    """The user's message asking for an article's topic as one of `labels`, in one word."""
+    listed = ", ".join(labels[:-1]) + f" or {labels[-1]}"
+    return {"role": "user", "content": TOPIC_QUESTION.format(labels=listed) + "\n\n" + article_excerpt(text)}
+
+
+def topic_chats(rows: list[dict], labels: list[str]) -> list[dict]:
+    """`bbc_news` rows as chat training rows: the topic question, answered with the class name."""
+    return [{"messages": [topic_prompt(r["text"], labels), {"role": "assistant", "content": r["label"]}]} for r in rows]
+
+
+def topic_preferences(rows: list[dict], labels: list[str], seed: int) -> list[dict]:
+    """`bbc_news` rows as OpenAI's preference format: preferred = the right class, non-preferred = a seeded random
+    wrong one."""
+    rng = random.Random(seed)
+    return [
+        {
+            "input": {"messages": [topic_prompt(r["text"], labels)]},
+            "preferred_output": [{"role": "assistant", "content": r["label"]}],
+            "non_preferred_output": [
+                {"role": "assistant", "content": rng.choice([x for x in labels if x != r["label"]])}
+            ],
+        }
+        for r in rows
+    ]

@@ -1,7 +1,7 @@
 """A DPO job end to end on SmolLM2, through the embedded service (`python -m launch`: API, worker, inference) and
-the stock `openai` client: preference pairs built from real labelled tweets (the right sentiment preferred over the
-wrong one), the job trained, its DPO metrics in the events and checkpoints, the adapter measurably better than the
-base model at preferring the right answer on held-out pairs, and serving chat as `job.fine_tuned_model`."""
+the stock `openai` client: preference pairs built from real labelled BBC News articles (the right topic preferred
+over a wrong one), the job trained, its DPO metrics in the events and checkpoints, the adapter measurably better than
+the base model at preferring the right answer on held-out pairs, and serving chat as `job.fine_tuned_model`."""
 
 from __future__ import annotations
 
@@ -16,28 +16,26 @@ from contextlib import ExitStack
 import pytest
 import torch
 
+from neat_core.data.samples import bbc_news, topic_preferences
 from tests.conftest import SMOLLM2
 from tests.e2e.test_service_flow import Service, _jsonl, _process, _wait_for, _wait_healthy
 from tests.services import free_port
 
-QUESTION = "Is this tweet positive or negative? Answer with one word.\n\n"
-N_TRAIN, N_HELDOUT = 64, 48  # 64 pairs, one epoch
-# The learning rate: at the method's default, batch size 8 (8 steps), the adapter moved too little to show; 4x
-# overshot (the rewards of both replies fell by 7 nats within 4 steps, batch accuracy 0.25). Batch size 4 doubles the
-# optimiser steps (16) for the same compute, at 1.5x the learning rate.
-LEARNING_RATE_MULTIPLIER, BETA, BATCH_SIZE = 1.5, 0.1, 4
+N_TRAIN, N_HELDOUT = 64, 48  # pairs; one epoch
+# Measured with the library on BBC pairs (held-out preference accuracy; base model 0.646): 16 steps of 4 pairs at the
+# default rate ended at 0.625, below the base; 8 steps of 8 pairs at twice the default rate (this test) at 0.750;
+# 16 steps of 8 pairs at the default rate at 0.979, but that is twice this test's compute.
+LEARNING_RATE_MULTIPLIER, BETA, BATCH_SIZE = 2.0, 0.1, 8
 N_STEPS = N_TRAIN // BATCH_SIZE
 DPO_STEP_METRICS = {"train_loss", "train_rewards_chosen", "train_rewards_rejected", "train_reward_margin",
                     "train_preference_accuracy", "learning_rate", "epoch"}  # fmt: skip
 
 
-def preference_pair(tweet: dict) -> dict:
-    wrong = "negative" if tweet["label"] == "positive" else "positive"
-    return {
-        "input": {"messages": [{"role": "user", "content": QUESTION + tweet["text"][:200]}]},
-        "preferred_output": [{"role": "assistant", "content": tweet["label"]}],
-        "non_preferred_output": [{"role": "assistant", "content": wrong}],
-    }
+def topic_pairs() -> tuple[list[dict], list[dict]]:
+    """(train, held-out) preference pairs: the right topic preferred over a seeded random wrong one."""
+    train, heldout = bbc_news(N_TRAIN, N_HELDOUT)
+    labels = sorted({r["label"] for r in train + heldout})
+    return topic_preferences(train, labels, seed=1), topic_preferences(heldout, labels, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +57,11 @@ def test_a_dpo_job_learns_the_preferred_answers_and_its_adapter_serves(embedded,
     from neat_core.artifacts import load_artifact
     from neat_core.data.encode import Collator, encode_examples
     from neat_core.data.formats import DataFormat
-    from neat_core.data.samples import tweets
-    from neat_core.train.dpo import evaluate
+    from neat_core.train.dpo import evaluate, preference_accuracy
 
-    train, heldout = tweets(N_TRAIN, N_HELDOUT)
+    train, heldout = topic_pairs()
     client = embedded.client()
-    pairs = client.files.create(file=("pairs.jsonl", _jsonl([preference_pair(t) for t in train])),
-                                purpose="fine-tune")  # fmt: skip
+    pairs = client.files.create(file=("pairs.jsonl", _jsonl(train)), purpose="fine-tune")
     assert (pairs.format, pairs.num_examples) == ("preference", N_TRAIN)  # type: ignore[attr-defined]
     hyperparameters = {"beta": BETA, "n_epochs": 1, "batch_size": BATCH_SIZE,
                        "learning_rate_multiplier": LEARNING_RATE_MULTIPLIER}  # fmt: skip
@@ -84,23 +80,27 @@ def test_a_dpo_job_learns_the_preferred_answers_and_its_adapter_serves(embedded,
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert checkpoints and "train_preference_accuracy" in checkpoints[0].metrics.to_dict()  # DPO's, beside OpenAI's
 
-    # The adapter as a customer downloads it, on held-out pairs the job never saw, against its reference (the base
-    # model: the adapter switched off), as DPO measures it: the share of pairs whose preferred reply gained more
-    # log-probability than the other, and the mean margin. Both are 0.5 and 0 for an adapter that learned nothing, and
-    # below for one trained the wrong way round. (Whether it also beats the base model's own accuracy, 0.729 here,
-    # is not asserted: both measured runs, 8 steps at the default rate and these 16, ended at 0.708.)
+    # The adapter as a customer downloads it, on held-out pairs the job never saw. First against its reference (the
+    # base model: the adapter switched off), as DPO measures it: the share of pairs whose preferred reply gained more
+    # log-probability than the other, and the mean margin; 0.5 and 0 for an adapter that learned nothing, and below
+    # for one trained the wrong way round. Then as a customer judges it: the share of pairs whose preferred reply is
+    # the more likely one, adapted against the base model.
     with embedded.http() as http:
         response = http.get(f"/v1/fine_tuning/jobs/{job.id}/adapter", params={"format": "native"})
     assert response.status_code == 200, response.text
     tarfile.open(fileobj=io.BytesIO(response.content)).extractall(tmp_path, filter="data")
     loaded = load_artifact(tmp_path / job.id, device="cpu")
-    rows = encode_examples([preference_pair(t) for t in heldout], DataFormat.PREFERENCE, loaded.tokenizer,
-                           max_length=512)  # fmt: skip
-    heldout_scores = evaluate(loaded.model, rows, Collator(loaded.tokenizer.pad_token_id), 8, torch.device("cpu"),
-                              contextlib.nullcontext, BETA)  # fmt: skip
+    rows = encode_examples(heldout, DataFormat.PREFERENCE, loaded.tokenizer, max_length=512)
+    assert len(rows) == N_HELDOUT
+    collate = Collator(loaded.tokenizer.pad_token_id)
+    heldout_scores = evaluate(loaded.model, rows, collate, 8, torch.device("cpu"), contextlib.nullcontext, BETA)
     assert heldout_scores["full_valid_preference_accuracy"] > 0.5, heldout_scores
     assert heldout_scores["full_valid_reward_margin"] > 0, heldout_scores
+    adapted = preference_accuracy(loaded.model, rows, collate)
+    with loaded.model.disable_adapter():
+        base = preference_accuracy(loaded.model, rows, collate)
+    assert adapted > base, (adapted, base)
 
     reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=5, temperature=0,
-                                           messages=preference_pair(heldout[0])["input"]["messages"])  # fmt: skip
+                                           messages=heldout[0]["input"]["messages"])  # fmt: skip
     assert reply.choices[0].message.content.strip(), reply
