@@ -189,61 +189,21 @@ def exact_match(adapter_dir: Path | None, base_model: str, prompts: list[list[di
     return {"exact_match": hits / len(labels), "first_word_match": lenient / len(labels), "answers_sample": answers[:5]}
 
 
-def local_preference_accuracy(model: Any, tokenizer: Any, pairs: list[dict], batch_size: int = 16) -> float:
-    """Fraction of pairs whose preferred answer has the higher summed log-probability given the prompt: the
-    answer's tokens are the ones the training loop's chat encoding labels (the assistant turn, its end token
-    included), each conversation through the chat template. A stand-in for the library's, used only while
-    `neat_core.train.dpo.preference_accuracy` does not exist."""
-    import torch
-    import torch.nn.functional as F
-
-    from neat_core.data.encode import Collator, encode_examples
-    from neat_core.data.formats import DataFormat
-
-    def conversations(key: str) -> list[dict]:
-        return [{"messages": [*p["input"]["messages"], *p[key]]} for p in pairs]
-
-    collate = Collator(tokenizer.pad_token_id)
-    scores = {}
-    model.eval()
-    for key in ("preferred_output", "non_preferred_output"):
-        encoded = encode_examples(conversations(key), DataFormat.CHAT, tokenizer, max_length=CAUSAL_MAX_SEQ_LEN)
-        if len(encoded) != len(pairs):
-            raise ValueError("a preference pair lost its answer to truncation")
-        sums: list[float] = []
-        with torch.no_grad():
-            for start in range(0, len(encoded), batch_size):
-                batch = collate(encoded[start : start + batch_size])
-                labels = batch.pop("labels")
-                logits = model(**batch).logits.float()
-                token_nll = F.cross_entropy(
-                    logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
-                )  # (B, T-1)
-                sums.extend((-token_nll.sum(-1)).tolist())
-        scores[key] = sums
-    wins = sum(p > n for p, n in zip(scores["preferred_output"], scores["non_preferred_output"], strict=True))
-    return wins / len(pairs)
-
-
 def preference_accuracy(adapter_dir: Path | None, base_model: str, pairs: list[dict]) -> dict:
-    """THE one place the preference accuracy is computed: the library's `neat_core.train.dpo.preference_accuracy`
-    over the pairs encoded as the training loop encodes them, when the library has it; this module's
-    `local_preference_accuracy` (the same definition) until then. The result says which one scored."""
+    """The library's `neat_core.train.dpo.preference_accuracy` over the pairs encoded as the training loop
+    encodes them: the base model's (`adapter_dir` None) or an adapter's."""
     from neat_core.artifacts import load_artifact
     from neat_core.data.encode import Collator, encode_examples
     from neat_core.data.formats import DataFormat
     from neat_core.models.loading import load_base
+    from neat_core.train.dpo import preference_accuracy as library_preference_accuracy
 
     if adapter_dir is None:
         model, tokenizer = load_base(base_model, task="causal_lm")
     else:
         loaded = load_artifact(adapter_dir, device="cpu")
         model, tokenizer = loaded.model, loaded.tokenizer
-    try:
-        from neat_core.train.dpo import preference_accuracy as library_preference_accuracy
-    except ImportError:
-        return {"preference_accuracy": local_preference_accuracy(model, tokenizer, pairs), "scorer": "local"}
-    encoded = encode_examples(pairs, DataFormat("preference"), tokenizer, max_length=CAUSAL_MAX_SEQ_LEN)
+    encoded = encode_examples(pairs, DataFormat.PREFERENCE, tokenizer, max_length=CAUSAL_MAX_SEQ_LEN)
     if len(encoded) != len(pairs):
         raise ValueError("a preference pair lost its answer to truncation")
     accuracy = library_preference_accuracy(model, encoded, Collator(tokenizer.pad_token_id))
