@@ -168,24 +168,42 @@ function createForm(methods, models, files) {
   const training = h("select", { id: "job-file" }, fileOptions());
   const validation = h("select", { id: "job-validation" }, fileOptions("none"));
   const suffix = h("input", { id: "job-suffix", type: "text", maxlength: 40, placeholder: "optional" });
-  const method = h("select", { id: "job-method" }, methods.data.map((m) => h("option", { value: m.id, selected: m.default }, m.id)));
+  const automatic = methods.automatic_choice;
+  const method = h("select", { id: "job-method" }, [
+    ...methods.data.map((m) => h("option", { value: m.id, selected: m.default }, m.id)),
+    h("option", { value: automatic.adapter.type }, `${automatic.adapter.type} (the service picks)`),
+  ]);
   const about = h("p", { class: "about" });
   const adapterFields = h("div", { class: "fields", id: "adapter-fields" });
-  const supervisedFields = h("div", { class: "fields", id: "supervised-fields" }, methods.supervised_hyperparameters.map((p) => field(p, "hp")));
   const showMethod = () => {
     const chosen = methods.data.find((m) => m.id === method.value);
-    about.textContent = chosen.description;
-    adapterFields.replaceChildren(...chosen.hyperparameters.map((p) => field(p, "adapter")));
+    about.textContent = chosen ? chosen.description : automatic.description;
+    adapterFields.replaceChildren(...(chosen ? chosen.hyperparameters : []).map((p) => field(p, "adapter")));
   };
   method.addEventListener("change", showMethod);
   showMethod();
+  // The training objective: OpenAI's method.type. DPO takes preference-format files and adds beta.
+  const objective = h("select", { id: "job-objective" }, [h("option", { value: "supervised" }, "supervised"), h("option", { value: "dpo" }, "dpo (preference pairs)")]);
+  const trainingFields = h("div", { class: "fields", id: "training-fields" });
+  const showObjective = () => {
+    const params = objective.value === "dpo" ? methods.dpo_hyperparameters : methods.supervised_hyperparameters;
+    trainingFields.replaceChildren(...params.map((p) => field(p, "hp")));
+  };
+  objective.addEventListener("change", showObjective);
+  const followFile = () => {
+    const file = files.find((f) => f.id === training.value); // a preference file can only train DPO
+    objective.value = file && file.format === "preference" ? "dpo" : "supervised";
+    showObjective();
+  };
+  training.addEventListener("change", followFile);
+  followFile();
 
   async function submit(event) {
     event.preventDefault();
     const body = {
       model: model.value,
       training_file: training.value,
-      method: { type: "supervised", supervised: { hyperparameters: values(supervisedFields) } },
+      method: { type: objective.value, [objective.value]: { hyperparameters: values(trainingFields) } },
       adapter: { type: method.value, ...values(adapterFields) },
     };
     if (validation.value) body.validation_file = validation.value;
@@ -203,7 +221,7 @@ function createForm(methods, models, files) {
     "form", { class: "card", id: "create-job", onsubmit: submit },
     h("h3", {}, "New job"),
     h("div", { class: "fields" }, row("base model", model), row("training file", training), row("validation file", validation), row("suffix", suffix)),
-    h("h4", {}, "Training"), supervisedFields,
+    h("h4", {}, "Training"), row("objective", objective), trainingFields,
     h("h4", {}, "Adapter method"), row("method", method), about, adapterFields,
     h("button", { type: "submit", id: "create-job-submit" }, "Create job"), status,
   ); // prettier-ignore

@@ -11,8 +11,8 @@ from fastapi import APIRouter
 
 from api.deps import CurrentOrg, SessionClosingRoute
 from api.pagination import known_params
-from api.schemas import Adapter, Hyperparameters
-from neat_core.methods.quality import measured
+from api.schemas import Adapter, DpoHyperparameters, Hyperparameters
+from neat_core.methods.quality import measured, ranking
 from neat_core.methods.specs import AUTO, TASKS, MethodSpec, all_specs
 
 router = APIRouter(route_class=SessionClosingRoute, prefix="/v1/methods", tags=["methods"])
@@ -46,10 +46,11 @@ def method_object(spec: MethodSpec) -> dict[str, Any]:
     }
 
 
-def _supervised() -> list[dict[str, Any]]:
-    """OpenAI's job hyperparameters (n_epochs, ...), each `"auto"` or a value within the bounds api.schemas sets."""
+def _hyperparameters(schema: type[Hyperparameters]) -> list[dict[str, Any]]:
+    """OpenAI's job hyperparameters (n_epochs, ...; a DPO job's beta too), each `"auto"` or a value within the
+    bounds api.schemas sets."""
     out = []
-    for name, prop in Hyperparameters.model_json_schema()["properties"].items():
+    for name, prop in schema.model_json_schema()["properties"].items():
         (value,) = [branch for branch in prop["anyOf"] if branch.get("const") != AUTO]
         out.append({"name": name, **value, "default": prop["default"]})
     return out
@@ -58,11 +59,15 @@ def _supervised() -> list[dict[str, Any]]:
 @router.get("", dependencies=[known_params()])
 def list_methods(org: CurrentOrg) -> dict:
     methods = [method_object(spec) for _, spec in sorted(all_specs().values(), key=lambda p: p[1].name)]
+    names = [m["id"] for m in methods]
     automatic = {  # not a method of its own: the service picks one of the above on the job's data (docs/methods.md)
         "adapter": {"type": AUTO},
-        "description": "The service tries every method briefly on a development split of the training file and "
-        "trains the best.",
+        "description": "The service races the methods, in their measured order, on a development split of the "
+        "training file when the job is long enough (within 30% of its steps), and trains the best; a shorter job "
+        "takes the first in the order.",
+        "order": {task: ranking(task, names) for task in ("classification", "causal_lm")},
         "quality": measured(AUTO),
     }
-    return {"object": "list", "data": methods, "has_more": False, "supervised_hyperparameters": _supervised(),
-            "automatic_choice": automatic}  # fmt: skip
+    return {"object": "list", "data": methods, "has_more": False,
+            "supervised_hyperparameters": _hyperparameters(Hyperparameters),
+            "dpo_hyperparameters": _hyperparameters(DpoHyperparameters), "automatic_choice": automatic}  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from neat_core.methods.quality import ranking
 from neat_core.methods.specs import AUTO, all_specs
 from tests.api import assert_error, chat_rows, sqlite_only
 
@@ -60,6 +61,13 @@ def test_methods_lists_each_method_from_its_spec(api):
     assert supervised["n_epochs"] == {"name": "n_epochs", "type": "integer", "minimum": 1, "maximum": 50,
                                       "default": "auto"}  # fmt: skip
     assert supervised["learning_rate_multiplier"]["type"] == "number"
+    dpo = {p["name"]: p for p in body["dpo_hyperparameters"]}
+    assert set(dpo) == {*supervised, "beta"} and dpo["beta"]["default"] == "auto"
+    assert dpo["beta"]["exclusiveMinimum"] == 0 and dpo["beta"]["maximum"] == 2  # what job creation enforces
+    # the order `auto` tries the methods in, per task kind: the measured ranking, every method once
+    order = body["automatic_choice"]["order"]
+    assert order["classification"][0] == ranking("classification", [m["id"] for m in body["data"]])[0]
+    assert all(sorted(names) == sorted(by_id) for names in order.values())
 
 
 @sqlite_only

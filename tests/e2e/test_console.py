@@ -234,3 +234,38 @@ def test_the_console_end_to_end(service, browser, receiver, tmp_path):
     driver.get(f"{service.url}/#/jobs/{other_job}")
     error = _until(lambda: driver.find_elements("css selector", ".error"), 20, "the 404", service)
     assert f"No job found with id '{other_job}'" in error[0].text, error[0].text
+
+    # A DPO job from the same form: choosing a preference file switches the objective to DPO and shows beta; the
+    # job is created as OpenAI's `method: {"type": "dpo"}` with the beta typed, then cancelled (its training is
+    # the DPO tests' business, not the console's).
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_bytes(_jsonl([preference_row(i) for i in range(12)]))  # 10 at least
+    driver.get(f"{service.url}/#/files")
+    _until(lambda: driver.find_elements("id", "file-input"), 20, "the files page", service)
+    by_id("file-input").send_keys(str(pairs))
+    pairs_id = _until(lambda: re.search(r"(file-\S+),", by_id("upload-result").text), 30, "the upload", service)[1]
+    driver.get(f"{service.url}/#/jobs")
+    _until(lambda: driver.find_elements("id", "adapter-r"), 20, "the job form", service)
+    Select(by_id("job-model")).select_by_value(SMOLLM2)
+    Select(by_id("job-file")).select_by_value(file_id)  # a chat file: supervised, no beta
+    assert Select(by_id("job-objective")).first_selected_option.get_attribute("value") == "supervised"
+    assert not driver.find_elements("id", "hp-beta")
+    Select(by_id("job-file")).select_by_value(pairs_id)
+    assert Select(by_id("job-objective")).first_selected_option.get_attribute("value") == "dpo"
+    by_id("hp-beta").send_keys("0.2")
+    by_id("hp-n_epochs").send_keys("1")
+    by_id("create-job-submit").click()
+    dpo_job = _until(lambda: re.fullmatch(r".*#/jobs/(ftjob-\S+)", driver.current_url), 20, "the DPO job", service)[1]
+    client = service.client()
+    created = client.fine_tuning.jobs.retrieve(dpo_job)
+    assert created.method.type == "dpo" and created.method.dpo.hyperparameters.beta == 0.2
+    assert created.training_file == pairs_id
+    client.fine_tuning.jobs.cancel(dpo_job)
+
+
+def preference_row(i: int) -> dict:
+    return {
+        "input": {"messages": [{"role": "user", "content": f"What colour is item {i}?"}]},
+        "preferred_output": [{"role": "assistant", "content": "blue"}],
+        "non_preferred_output": [{"role": "assistant", "content": "red"}],
+    }
