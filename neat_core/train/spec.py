@@ -33,6 +33,9 @@ class TrainSpec:
     batch_size: int | str = AUTO
     learning_rate_multiplier: float | str = AUTO
     max_seq_len: int | str = AUTO
+    # Activation checkpointing: "auto" turns it on for bases of CHECKPOINTING_MIN_PARAMETERS or more
+    # (neat_core.memory.resolve_gradient_checkpointing); it changes memory and time, never the numbers.
+    gradient_checkpointing: bool | str = AUTO
     max_steps: int | None = None  # hard cap on optimiser steps (demos, tests)
     seed: int = 0
     checkpoint_every: int | None = None  # in steps; None: at the end of every epoch
