@@ -12,6 +12,7 @@ the estimate and the training loop agree on whether it is on.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +37,9 @@ ADAM_BYTES_PER_TRAINABLE = 4 * FP32  # weight, gradient, AdamW's two moments
 # up/gate/activation/product (4 i). Fitted to SmolLM2 at 8 x 512 tokens on CPU (bench/activation_checkpointing.py
 # measures the real peak; the estimate is compared there).
 ACT_H, ACT_I = 10, 4
-LOGIT_COPIES = 3  # causal LM: logits, the loss's log-softmax, and its gradient, each (B, T, V) fp32
+# causal LM, each (B, T, V) fp32: the logits, the loss's log-softmax (kept for its backward), and in the backward
+# the gradients of both
+LOGIT_COPIES = 4
 
 
 @dataclass(frozen=True)
@@ -67,16 +70,26 @@ class MemoryEstimate:
         return self.weights + self.adapter + self.activations
 
     def describe(self) -> str:
-        gib = 2**30
         checkpointing = "on" if self.gradient_checkpointing else "off"
         return (
-            f"{self.total / gib:.1f} GiB (base weights {self.weights / gib:.1f} GiB for {self.parameters / 1e6:.0f}M "
-            f"parameters, adapter and optimiser {self.adapter / gib:.2f} GiB, activations {self.activations / gib:.1f}"
-            f" GiB at batch {self.batch_size} x {self.seq_len} tokens, activation checkpointing {checkpointing})"
+            f"{gib(self.total)} (base weights {gib(self.weights)} for {self.parameters / 1e6:.1f}M parameters, "
+            f"adapter and optimiser {gib(self.adapter)}, activations {gib(self.activations)} at batch "
+            f"{self.batch_size} x {self.seq_len} tokens, activation checkpointing {checkpointing})"
         )
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "total": self.total}
+
+
+def auto_batch_size(task: str, n_examples: int) -> int:
+    """The batch size "auto" resolves to (neat_core.train.spec.resolve_schedule): 16 rows for classification, 8
+    for a causal LM, never more than the examples."""
+    return min(16 if task == "classification" else 8, n_examples)
+
+
+def auto_max_seq_len(task: str) -> int:
+    """The longest sequence "auto" trains on (tokens; longer examples are truncated)."""
+    return 128 if task == "classification" else 512
 
 
 def resolve_gradient_checkpointing(value: bool | str, parameters: int) -> bool:
@@ -183,6 +196,7 @@ def estimate_training_memory(
     adapter_rank: int = 8,
     adapter_targets: int = 2,
     dtype_bytes: int = FP32,
+    activation_bytes: int = FP32,
 ) -> MemoryEstimate:
     """Peak bytes of one training step, as the sum of:
 
@@ -191,18 +205,19 @@ def estimate_training_memory(
     - adapter: `adapter_targets` adapted modules per layer (q and v: the methods' "auto"), each r x (h + h)
       parameters (an r-wide factor pair, the size of a LoRA/NEAT adapter on a square projection), x 16 bytes:
       fp32 weight, gradient and AdamW's two moments;
-    - activations, for B x T tokens (`batch_size` x `seq_len`: every sequence padded to the longest allowed, the
-      worst batch the job can meet), in `dtype_bytes` each:
+    - activations, for B x T tokens (`batch_size` x `seq_len`: the rows of a batch padded to a common length), in
+      `activation_bytes` each (fp32; 2 under a GPU's bf16 autocast):
         without checkpointing: L x B x T x (ACT_H h + ACT_I i), everything every layer keeps for the backward;
         with checkpointing: L x B x T x h (each layer's input) + B x T x (ACT_H h + ACT_I i) (the one layer
         being recomputed), the rest recomputed in the backward;
-      plus, for a causal LM, LOGIT_COPIES x B x T x V fp32 (logits, the loss's log-softmax and its gradient),
-      which checkpointing does not reduce.
+      plus, for a causal LM, LOGIT_COPIES x B x T x V fp32 (logits, the loss's log-softmax, the gradients of
+      both), which checkpointing does not reduce.
 
     Assumptions: attention does not keep a B x heads x T x T score matrix (SDPA's fused kernels, the transformers
     default; an eager-attention model needs more); a DPO job's batch counts as 2B sequences (the caller doubles
-    it); the allocator's fragmentation and the framework's own few hundred MB are not counted: the estimate is a
-    floor, so a job it refuses would certainly not fit."""
+    it); the allocator's fragmentation and the framework's own working memory are not counted (on a CPU about
+    0.5 GB more at SmolLM2's scale: bench/activation_checkpointing.py prints the estimate beside the measured
+    peak): the estimate is a floor, so a job it refuses would not fit."""
     checkpointing = resolve_gradient_checkpointing(gradient_checkpointing, shape.parameters)
     tokens = batch_size * seq_len
     per_layer_token = ACT_H * shape.hidden + ACT_I * shape.intermediate
@@ -210,7 +225,7 @@ def estimate_training_memory(
         kept = shape.layers * tokens * shape.hidden + tokens * per_layer_token
     else:
         kept = shape.layers * tokens * per_layer_token
-    activations = kept * dtype_bytes + (LOGIT_COPIES * tokens * shape.vocab * FP32 if causal_lm else 0)
+    activations = kept * activation_bytes + (LOGIT_COPIES * tokens * shape.vocab * FP32 if causal_lm else 0)
     adapter_parameters = adapter_targets * shape.layers * adapter_rank * 2 * shape.hidden
     return MemoryEstimate(
         weights=shape.parameters * dtype_bytes,
@@ -223,10 +238,52 @@ def estimate_training_memory(
     )
 
 
-def available_memory(device: str = "auto") -> tuple[str, int]:
-    """(what was measured, bytes free to a new job) on this worker's training device: the GPU's free memory
-    (torch.cuda.mem_get_info, only when torch is installed and sees a GPU and `device` allows one), else the
-    machine's available RAM (psutil, or /proc/meminfo's MemAvailable through os.sysconf's page counts)."""
+BYTES_PER_TOKEN = 4  # of a JSONL training line: English BPE runs ~4 characters a token
+
+
+def estimate_job_memory(
+    model_id: str,
+    *,
+    task: str,
+    n_examples: int,
+    mean_example_bytes: float,
+    batch_size: int | str = AUTO,
+    preference_pairs: bool = False,
+    adapter: dict[str, Any] | None = None,
+    gradient_checkpointing: bool | str = AUTO,
+    activation_bytes: int = FP32,
+    cache_dir: Path | None = None,
+) -> MemoryEstimate | None:
+    """A job's training memory from what its row knows (no model, no data read): `estimate_training_memory` at
+    the batch size "auto" or the job resolves to, and a typical step's sequence length: the training file's mean
+    line in tokens (`mean_example_bytes` / BYTES_PER_TOKEN), at most the task's "auto" max_seq_len. A batch of
+    the file's longest lines needs more; a job refused on its typical step could never train. A DPO job
+    (`preference_pairs`) runs each pair as two sequences, 2B rows. `adapter`: the job's adapter hyperparameters
+    (r, target_modules; "auto" or absent: r 8 on two projections). None when the model's shape cannot be read."""
+    shape = model_shape(model_id, cache_dir)
+    if shape is None or n_examples < 1:
+        return None
+    adapter = adapter or {}
+    rank = adapter.get("r") if isinstance(adapter.get("r"), int) else 8
+    targets = adapter.get("target_modules")
+    batch = auto_batch_size(task, n_examples) if batch_size == AUTO else int(batch_size)
+    seq_len = max(1, min(auto_max_seq_len(task), math.ceil(mean_example_bytes / BYTES_PER_TOKEN)))
+    return estimate_training_memory(
+        shape,
+        batch_size=batch * (2 if preference_pairs else 1),
+        seq_len=seq_len,
+        causal_lm=task != "classification",
+        gradient_checkpointing=gradient_checkpointing,
+        adapter_rank=rank,
+        adapter_targets=len(targets) if isinstance(targets, list) and targets else 2,
+        activation_bytes=activation_bytes,
+    )
+
+
+def available_memory(device: str = "auto") -> tuple[str, int, bool]:
+    """(what was measured, bytes free to a new job, whether it is a GPU) on this worker's training device: the
+    GPU's free memory (torch.cuda.mem_get_info, only when torch is installed and sees a GPU and `device` allows
+    one), else the machine's available RAM (psutil; without it, os.sysconf's free pages)."""
     if device != "cpu":
         import importlib.util
 
@@ -236,21 +293,25 @@ def available_memory(device: str = "auto") -> tuple[str, int]:
             if torch.cuda.is_available():
                 index = (torch.device(device).index or 0) if device.startswith("cuda") else 0
                 free, _ = torch.cuda.mem_get_info(index)
-                return f"cuda:{index} free memory", int(free)
+                return f"cuda:{index} free memory", int(free), True
     try:
         import psutil
 
-        return "available RAM", int(psutil.virtual_memory().available)
+        return "available RAM", int(psutil.virtual_memory().available), False
     except ImportError:
-        return "free RAM", os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return "free RAM", os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), False
 
 
 def gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    """Bytes for a message: GiB, or MiB below one GiB."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 __all__ = [
     "CHECKPOINTING_MIN_PARAMETERS",
+    "auto_batch_size",
+    "auto_max_seq_len",
+    "estimate_job_memory",
     "MemoryEstimate",
     "ModelShape",
     "available_memory",
