@@ -52,6 +52,7 @@ def _estimate(session: Session, job_id: str, settings: Settings, gpu: bool) -> M
         batch_size=job.hyperparameters.get("batch_size", "auto"),
         preference_pairs=job.method_type == "dpo",
         adapter=job.adapter,
+        gradient_checkpointing=job.hyperparameters.get("gradient_checkpointing", "auto"),
         activation_bytes=2 if gpu else 4,  # bf16 autocast on a GPU (neat_core.devices.autocast_dtype)
         cache_dir=settings.model_cache_dir,
     )

@@ -378,3 +378,12 @@ def test_a_job_too_big_for_the_device_fails_at_claim_with_its_estimate(tmp_path,
     events = get_events(settings, job_id)
     assert events[-1].level == "error" and events[-1].message == f"Fine-tuning job failed: {job.error['message']}"
     assert not Storage(settings.resolved_artifact_root).path(f"{job_key(ORG, job_id)}/attempt-1").exists()
+
+
+def test_a_job_asking_for_activation_checkpointing_trains_with_it(settings, tiny_models):
+    hyperparameters = {**TWO_EPOCHS, "n_epochs": 1, "gradient_checkpointing": True}
+    job_id = insert_job(settings, tiny_models["llama"], chat_rows(16), fmt="chat", hyperparameters=hyperparameters)
+    assert run_job(job_id, settings) == "succeeded"
+    job = get_job(settings, job_id)
+    assert job.resolved_hyperparameters["gradient_checkpointing"] is True  # reported back: it ran with it
+    assert job_object(job)["hyperparameters"]["gradient_checkpointing"] is True
