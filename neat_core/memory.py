@@ -23,11 +23,12 @@ from neat_core.errors import InvalidHyperparameterError
 AUTO = "auto"
 
 # "auto" turns activation checkpointing on from this many base-model parameters. Checkpointing trades one extra
-# forward pass per step (about +30% step time; docs/benchmarks.md, "Activation checkpointing") for keeping one
-# tensor per layer instead of every intermediate. Below ~1B parameters the auto batch (8 x 512 tokens) fits a
-# 16 GB GPU without it, and paying a third more time buys nothing; from ~1B (hidden 2048, 16-24 layers) the
-# activations at that batch are several GB and exceed the fp32 weights themselves, so memory, not time, is what
-# limits a job.
+# forward pass per step (+46% step time on SmolLM2, for 1.7x less peak memory at 8 x 512 tokens: docs/benchmarks.md,
+# "Activation checkpointing") for keeping one (B, T, h) tensor per layer instead of every intermediate. Below ~1B
+# parameters the auto batch (8 x 512 tokens) fits a 16 GB GPU without it (SmolLM2: 8.8 GB in fp32, less under
+# bf16), and paying half as much time again buys nothing; from ~1B (hidden 2048, 16-24 layers, e.g. Llama-3.2-1B,
+# Qwen2.5-1.5B) the activations at that batch are several GB and exceed the fp32 weights themselves, so memory,
+# not time, is what limits a job.
 CHECKPOINTING_MIN_PARAMETERS = 1_000_000_000
 
 FP32 = 4  # bytes: the loop loads base weights in fp32 (neat_core.models.loading) and keeps fp32 master adapters
