@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from neat_core.methods import get_method, method_names
 from neat_core.train import StopAtStep, TrainSpec, train
 from neat_core.train.loop import _batch, _batches_of_epoch, _method_state, _set_up, _step_loss
-from tests.conftest import TINY_KINDS
+from tests.conftest import TINY_KINDS, preference_rows, write_jsonl
 
 CASES = [(method, kind) for method in method_names() for kind in TINY_KINDS]
 PROJECTIONS = ("query", "q_proj", "c_attn")  # one adapted projection per layer, per family
@@ -51,6 +51,18 @@ def test_a_checkpointed_step_has_the_loss_and_gradients_of_a_plain_one(method, k
     assert loss == pytest.approx(plain_loss, abs=1e-5)
     assert grads.keys() == plain.keys() and plain  # every trainable parameter got its gradient
     assert max(float((grads[n] - plain[n]).abs().max()) for n in plain) <= 1e-5
+
+
+def test_a_checkpointed_dpo_step_has_the_loss_and_gradients_of_a_plain_one(tiny_models, tmp_path):
+    # DPO's reference pass (the adapter off, no gradients) goes through the checkpointed layers too
+    pairs = {"llama": write_jsonl(tmp_path / "pairs.jsonl", preference_rows(8))}
+    plain_loss, plain, plain_calls = _one_step(_spec(tiny_models, pairs, "llama", "neat", tmp_path / "a",
+                                                     objective="dpo"))  # fmt: skip
+    loss, grads, calls = _one_step(_spec(tiny_models, pairs, "llama", "neat", tmp_path / "b", objective="dpo",
+                                         gradient_checkpointing=True))  # fmt: skip
+    assert 2 * calls == 3 * plain_calls > 0  # policy pass, its recomputation, the reference pass (never recomputed)
+    assert loss == pytest.approx(plain_loss, abs=1e-5)
+    assert grads.keys() == plain.keys() and max(float((grads[n] - plain[n]).abs().max()) for n in plain) <= 1e-5
 
 
 def test_a_checkpointed_run_resumes_exactly_and_trains_what_a_plain_run_trains(tiny_models, datasets, tmp_path):
