@@ -289,7 +289,7 @@ def available_memory(device: str = "auto") -> tuple[str, int, bool]:
         import importlib.util
 
         if importlib.util.find_spec("torch") is not None:
-            import torch  # the job imports it next anyway; only a GPU worker gets here with device "auto"/"cuda"
+            import torch  # the job imports it next anyway (a CPU worker on "auto" just does so a moment sooner)
 
             if torch.cuda.is_available():
                 index = (torch.device(device).index or 0) if device.startswith("cuda") else 0
