@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from control.jobs import JobStatus, fine_tuned_model_name
@@ -58,6 +67,9 @@ class Hyperparameters(BaseModel):
     batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
     # NaN and ±inf are refused as such ("finite number"): NaN would otherwise fail `le` with a baffling message
     learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] = "auto"
+    # Ours: activation checkpointing (docs/benchmarks.md, "Activation checkpointing"); "auto" turns it on for base
+    # models of 1B parameters or more. Strictly a boolean: "yes" or 1 is refused, not read as true.
+    gradient_checkpointing: Auto | StrictBool = "auto"
 
 
 class Supervised(BaseModel):
@@ -162,8 +174,12 @@ class JobCreate(BaseModel):
         """What the job's row keeps: its method's hyperparameters ("auto" kept as is; a dpo job's include beta)."""
         given = self.method.hyperparameters() if self.method else None
         if self.method_type == "dpo":
-            return (given or DpoHyperparameters()).model_dump()
-        return (given or self.hyperparameters or Hyperparameters()).model_dump()
+            values = (given or DpoHyperparameters()).model_dump()
+        else:
+            values = (given or self.hyperparameters or Hyperparameters()).model_dump()
+        if values["gradient_checkpointing"] == "auto":  # ours, not OpenAI's: on the row (and echoed) only when given
+            del values["gradient_checkpointing"]
+        return values
 
 
 def page(data: list[dict], has_more: bool) -> dict:

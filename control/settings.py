@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     max_job_seconds: int = 24 * 3600  # the broker's visibility timeout must exceed the longest job
     checkpoint_every: int | None = None  # steps; None: every epoch
     device: str = "auto"  # training and serving device for this process
+    # Bytes of device memory a training job may plan on (worker.fit refuses, at claim, a job whose estimate exceeds
+    # it). None: measured at each claim, the GPU's free memory or else the machine's available RAM. Set it lower to
+    # keep room for other processes on the device.
+    device_memory_bytes: int | None = None
     serving: bool = True  # host the inference loop in this (API) process
     serving_max_models: int = 2  # whole models kept for adapters that cannot be batched (each a base copy)
     serving_cache_mb: int = 1024  # adapter factors kept per base model (least recently used evicted first)

@@ -70,3 +70,10 @@ class IncompatibleTaskError(NeatCoreError, ValueError):
     """The data's task (classification or causal LM) is not one the base model can be trained for."""
 
     code = "incompatible_model"
+
+
+class InsufficientMemoryError(NeatCoreError):
+    """A job's estimated training memory (neat_core.memory) exceeds what the worker's device has free: refused
+    before the model is loaded, with the estimate in the message."""
+
+    code = "insufficient_memory"

@@ -28,6 +28,7 @@ from control.settings import Settings, get_settings
 from control.storage import Storage, no_space
 from neat_core.errors import NeatCoreError
 from worker import faults
+from worker.fit import check_fits
 from worker.lease import Heartbeat, worker_id
 from worker.trainspec import FileGone, train_spec
 
@@ -49,6 +50,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     try:
         with Heartbeat(lease, settings) as heartbeat:  # from the claim on: importing torch takes seconds
             faults.reached("claimed", settings)
+            check_fits(url, lease, settings)  # before torch and the model: a job that cannot fit fails now
             # torch comes in with these: imported per task, never when the worker starts (see worker.app).
             from neat_core.train import train
             from worker.progress import DbProgress, LeaseWatch, StepMetrics

@@ -25,7 +25,9 @@ from control.storage import Storage
 if TYPE_CHECKING:  # torch-heavy: imported inside train_spec (see worker.runner.run_job)
     from neat_core.train import TrainSpec
 
-SCHEDULE_FIELDS = ("n_epochs", "batch_size", "learning_rate_multiplier")  # OpenAI's hyperparameters
+# OpenAI's hyperparameters, and ours: activation checkpointing (on a job's row only when given, and among the
+# resolved ones only when on)
+SCHEDULE_FIELDS = ("n_epochs", "batch_size", "learning_rate_multiplier", "gradient_checkpointing")
 
 
 class FileGone(Exception):

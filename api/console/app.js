@@ -136,9 +136,10 @@ function field(param, prefix) {
   const id = `${prefix}-${param.name}`;
   const hint = `auto = ${JSON.stringify(param.default)}${param.allowed ? `; ${param.allowed}` : ""}`;
   let input;
-  if (param.enum) {
+  const choices = param.enum ?? (param.type === "boolean" ? [true, false] : null);
+  if (choices) {
     input = h("select", { id, name: param.name }, h("option", { value: "" }, `auto (${param.default})`),
-      param.enum.map((v) => h("option", { value: v }, v))); // prettier-ignore
+      choices.map((v) => h("option", { value: String(v) }, String(v)))); // prettier-ignore
   } else if (param.type === "integer" || param.type === "number") {
     input = h("input", { id, name: param.name, type: "number", placeholder: "auto", min: param.minimum ?? param.exclusiveMinimum,
       max: param.maximum ?? param.exclusiveMaximum, step: param.type === "integer" ? 1 : "any" }); // prettier-ignore
@@ -155,7 +156,7 @@ function values(container) {
     const raw = input.value.trim();
     if (!raw) continue; // left out: the server's auto
     const type = input.dataset.type;
-    out[input.name] = type === "integer" || type === "number" ? Number(raw) : type === "array" ? raw.split(",").map((s) => s.trim()) : raw;
+    out[input.name] = type === "integer" || type === "number" ? Number(raw) : type === "boolean" ? raw === "true" : type === "array" ? raw.split(",").map((s) => s.trim()) : raw;
   }
   return out;
 }

@@ -27,6 +27,7 @@ from neat_core.data.formats import read_examples
 from neat_core.devices import autocast_dtype, resolve_device
 from neat_core.errors import DataFormatError
 from neat_core.export import base_weights_sha256
+from neat_core.memory import resolve_gradient_checkpointing
 from neat_core.methods import AUTO, get_method
 from neat_core.models.loading import load_base
 from neat_core.train import dpo
@@ -135,6 +136,7 @@ class _Run:
     labels: list[str] | None
     model: Any  # peft.PeftModel, on the device, in train mode
     adapter_hp: dict[str, Any]
+    gradient_checkpointing: bool  # resolved: each decoder/encoder layer recomputes its activations in the backward
     schedule: Schedule
     train_set: list[dict]
     valid_set: list[dict]
@@ -156,6 +158,18 @@ def _read_data(spec: TrainSpec) -> tuple[Any, list[dict], list[dict], list[str] 
     return fmt, train_examples, valid_examples, labels
 
 
+def _enable_checkpointing(model) -> None:
+    """Activation checkpointing on the base model's repeated layers (transformers' GradientCheckpointingLayer:
+    each layer keeps only its input, (B, T, h), and reruns its forward in the backward), before the adapter is
+    attached, so the adapter's layers inside each block are recomputed with it. Non-reentrant checkpointing: the
+    recomputation tracks gradients to parameters whatever their inputs require, so peft's frozen embeddings need no
+    `enable_input_require_grads()`, and it restores the RNG state, so dropout draws the same masks twice and the
+    global RNG (checkpointed for resume) advances exactly as without it. Only in train mode: evaluation runs
+    under no_grad and keeps nothing."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # a KV cache is meaningless while training and defeats the recomputation
+
+
 def _set_up(spec: TrainSpec, method, device: torch.device) -> _Run:
     """Data, base model, adapter, schedule, encoded datasets. The seed fixes the initialisation of a new
     classification head and of the adapter."""
@@ -166,6 +180,9 @@ def _set_up(spec: TrainSpec, method, device: torch.device) -> _Run:
         raise DataFormatError(f"a {spec.objective} run needs {wanted}; the training file is {fmt.value}")
     torch.manual_seed(spec.seed)
     model, tokenizer = load_base(spec.base_model, task=fmt.task, labels=labels, cache_dir=spec.cache_dir)
+    checkpointing = resolve_gradient_checkpointing(spec.gradient_checkpointing, model.num_parameters())
+    if checkpointing:
+        _enable_checkpointing(model)
     adapter_hp = method.resolve(model, spec.adapter)
     schedule: Schedule = resolve_schedule(
         spec, task=fmt.task, n_examples=len(train_examples), base_learning_rate=method.learning_rate(fmt.task)
@@ -181,6 +198,7 @@ def _set_up(spec: TrainSpec, method, device: torch.device) -> _Run:
         labels=labels,
         model=model,
         adapter_hp=adapter_hp,
+        gradient_checkpointing=checkpointing,
         schedule=schedule,
         train_set=encode_examples(train_examples, fmt, tokenizer, **encode),
         valid_set=encode_examples(valid_examples, fmt, tokenizer, **encode),
@@ -257,6 +275,8 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
     hyperparameters = {"method": method.name, **asdict(schedule), "seed": spec.seed, "adapter": adapter_hp}
     if run.beta is not None:  # only DPO runs carry these, so supervised checkpoints keep their fingerprint
         hyperparameters.update(objective="dpo", beta=run.beta)
+    if run.gradient_checkpointing:  # likewise only when on: runs without it keep the fingerprint they always had
+        hyperparameters["gradient_checkpointing"] = True
     fingerprint = {  # a checkpoint only resumes into the run that wrote it
         "base_model": spec.base_model,
         "training_file_sha256": file_sha256(spec.training_file),

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from neat_core.errors import InvalidHyperparameterError
+from neat_core.memory import auto_batch_size, auto_max_seq_len
 from neat_core.methods import AUTO
 
 # Aim for roughly this many example presentations in total, within [1, 10] epochs: small files get more passes,
@@ -33,6 +34,9 @@ class TrainSpec:
     batch_size: int | str = AUTO
     learning_rate_multiplier: float | str = AUTO
     max_seq_len: int | str = AUTO
+    # Activation checkpointing: "auto" turns it on for bases of CHECKPOINTING_MIN_PARAMETERS or more
+    # (neat_core.memory.resolve_gradient_checkpointing); it changes memory and time, never the numbers.
+    gradient_checkpointing: bool | str = AUTO
     max_steps: int | None = None  # hard cap on optimiser steps (demos, tests)
     seed: int = 0
     checkpoint_every: int | None = None  # in steps; None: at the end of every epoch
@@ -88,8 +92,8 @@ def resolve_beta(spec: TrainSpec) -> float | None:
 
 
 def resolve_schedule(spec: TrainSpec, *, task: str, n_examples: int, base_learning_rate: float) -> Schedule:
-    batch_size = (
-        min(16 if task == "classification" else 8, n_examples)
+    batch_size = (  # the "auto" rules live with the memory estimate, which the worker checks before any torch
+        auto_batch_size(task, n_examples)
         if spec.batch_size == AUTO
         else _check_int("batch_size", spec.batch_size, 1, 1024)
     )
@@ -106,9 +110,7 @@ def resolve_schedule(spec: TrainSpec, *, task: str, n_examples: int, base_learni
             "learning_rate_multiplier", f"invalid value {multiplier!r}", "'auto' or 0 < x <= 100"
         )
     max_seq_len = (
-        (128 if task == "classification" else 512)
-        if spec.max_seq_len == AUTO
-        else _check_int("max_seq_len", spec.max_seq_len, 8, 32768)
+        auto_max_seq_len(task) if spec.max_seq_len == AUTO else _check_int("max_seq_len", spec.max_seq_len, 8, 32768)
     )
     if spec.max_steps is not None:
         _check_int("max_steps", spec.max_steps, 1, 10_000_000)

@@ -95,6 +95,20 @@ def test_create_with_method_hyperparameters_and_options(api, chat_file):
 
 
 @sqlite_only
+@pytest.mark.parametrize("value", [True, False])
+def test_activation_checkpointing_is_a_job_hyperparameter_echoed_only_when_given(api, chat_file, value):
+    hyperparameters = {"n_epochs": 2, "gradient_checkpointing": value}
+    job = api.create_job_ok(
+        chat_file, method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
+    )
+    assert job["hyperparameters"] == {**AUTO, **hyperparameters}
+    with api.session() as session:  # what the worker reads (worker.trainspec passes it to the TrainSpec)
+        assert session.scalar(select(Job.hyperparameters).where(Job.id == job["id"]))["gradient_checkpointing"] is value
+    auto = api.create_job_ok(chat_file, hyperparameters={"gradient_checkpointing": "auto"})
+    assert auto["hyperparameters"] == AUTO  # "auto", like leaving it out, keeps OpenAI's three
+
+
+@sqlite_only
 def test_create_with_legacy_hyperparameters(api, chat_file):
     job = api.create_job_ok(chat_file, hyperparameters={"n_epochs": 2})
     assert job["hyperparameters"] == {**AUTO, "n_epochs": 2}
@@ -169,6 +183,12 @@ def test_create_for_each_compatible_format(api, rows, model):
         ({"adapter": {"type": "auto", "candidates": []}}, 400, "invalid_hyperparameter", "adapter.candidates"),
         ({"adapter": {"type": "auto", "r": 8}}, 400, "invalid_hyperparameter", "adapter.r"),
         ({"frobnicate": True}, 400, "unknown_parameter", "frobnicate"),
+        (
+            {"method": {"type": "supervised", "supervised": {"hyperparameters": {"gradient_checkpoint": True}}}},
+            400,
+            "unknown_parameter",
+            "method.supervised.hyperparameters.gradient_checkpoint",
+        ),
         ({"suffix": "support bot"}, 400, "invalid_request", "suffix"),
         ({"suffix": "x" * 41}, 400, "invalid_request", "suffix"),
         ({"seed": -1}, 400, "invalid_request", "seed"),
@@ -208,6 +228,8 @@ BAD_HYPERPARAMETERS = [
     ("batch_size", 0),
     ("batch_size", 257),
     ("learning_rate_multiplier", 0),
+    ("gradient_checkpointing", "yes"),  # ours: "auto" or a JSON boolean, nothing that merely looks like one
+    ("gradient_checkpointing", 1),
 ]  # OpenAI's bounds: n_epochs 1..50, batch_size 1..256, lr > 0
 
 

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import re
 
 import pytest
 from sqlalchemy import select, update
@@ -14,8 +15,8 @@ from api.schemas import job_object
 from control.db import session_scope
 from control.orm import Checkpoint, File, Job
 from control.storage import Storage, file_key, job_key
-from tests.conftest import classification_rows, preference_rows
-from tests.worker.conftest import ORG, TWO_EPOCHS, get_events, get_job, insert_job, sixteen_rows
+from tests.conftest import chat_rows, classification_rows, preference_rows
+from tests.worker.conftest import ORG, TWO_EPOCHS, get_events, get_job, insert_job, make_settings, sixteen_rows
 from worker.progress import DbProgress
 from worker.runner import run_job
 
@@ -350,3 +351,39 @@ def test_a_worker_stopped_mid_job_hands_the_job_back(settings, tiny_models, monk
         run_job(job_id, settings)
     job = get_job(settings, job_id)
     assert (job.status, job.attempts) == ("queued", 1)  # the redelivered message can claim it and resume
+
+
+def test_a_job_too_big_for_the_device_fails_at_claim_with_its_estimate(tmp_path, tiny_models, monkeypatch):
+    import neat_core.train
+
+    def must_not_load(spec, callbacks=()):
+        raise AssertionError("a job that cannot fit must fail before its model is loaded")
+
+    monkeypatch.setattr(neat_core.train, "train", must_not_load)
+    settings = make_settings(tmp_path / "small", device_memory_bytes=2**20)  # a 1 MiB device
+    job_id = insert_job(settings, tiny_models["llama"], chat_rows(16), fmt="chat")  # ~13 MB of weights alone
+    assert run_job(job_id, settings) == "failed"
+
+    job = get_job(settings, job_id)
+    assert (job.status, job.attempts) == ("failed", 1)
+    assert (job.error["code"], job.error["param"]) == ("insufficient_memory", None)
+    estimate = re.fullmatch(
+        r"The job needs an estimated ([\d.]+) MiB \(base weights [\d.]+ MiB for [\d.]+M parameters, adapter and "
+        r"optimiser .* at batch 4 x \d+ tokens, activation checkpointing off\); this worker has 1\.0 MiB "
+        r"\(configured device memory \(NEAT_DEVICE_MEMORY_BYTES\)\)\. Lower batch_size, or run it on a worker with "
+        r"more memory\.",
+        job.error["message"],
+    )
+    assert estimate and float(estimate[1]) > 1
+    events = get_events(settings, job_id)
+    assert events[-1].level == "error" and events[-1].message == f"Fine-tuning job failed: {job.error['message']}"
+    assert not Storage(settings.resolved_artifact_root).path(f"{job_key(ORG, job_id)}/attempt-1").exists()
+
+
+def test_a_job_asking_for_activation_checkpointing_trains_with_it(settings, tiny_models):
+    hyperparameters = {**TWO_EPOCHS, "n_epochs": 1, "gradient_checkpointing": True}
+    job_id = insert_job(settings, tiny_models["llama"], chat_rows(16), fmt="chat", hyperparameters=hyperparameters)
+    assert run_job(job_id, settings) == "succeeded"
+    job = get_job(settings, job_id)
+    assert job.resolved_hyperparameters["gradient_checkpointing"] is True  # reported back: it ran with it
+    assert job_object(job)["hyperparameters"]["gradient_checkpointing"] is True
