@@ -1,0 +1,99 @@
+"""Architecture coverage: every method × every architecture of docs/methods.md "Architectures" (tiny models built
+from configs, `tiny_architectures` in tests/conftest.py), through the method matrix's own checks
+(tests/neat_core/test_method_matrix.py), kept to a step or two each. A pair that cannot work is refused, torch-free
+and by name, and the test asserts the refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from neat_core.errors import InvalidHyperparameterError
+from neat_core.methods import get_method, method_names
+from neat_core.methods.base import adaptable_modules, auto_target_modules
+from neat_core.methods.specs import check_architecture, get_spec, usable_methods
+from neat_core.models.architectures import ARCHITECTURES
+from tests.conftest import ARCHITECTURE_KINDS, chat_rows, classification_rows, write_jsonl
+from tests.neat_core import test_method_matrix as matrix  # its checks, run here on more architectures
+from tests.neat_core.test_method_matrix import (
+    AUTO_TARGETS,
+    assert_reloads_exactly,
+    assert_resume_is_exact,
+    build,
+    randomise_adapter,
+    sample_ids,
+    task_of,
+)
+
+# Refused by design (the method's spec says why; docs/methods.md has the table): HEAT slices a fused q/k/v layer as
+# [q | k | v], and GPT-NeoX interleaves them head by head.
+REFUSED = {("heat", "gpt_neox")}
+CASES = [(method, kind) for kind in ARCHITECTURE_KINDS for method in method_names()]
+IDS = [f"{m}-{k}" for m, k in CASES]
+WORKING = [case for case in CASES if case not in REFUSED]
+# Resume checks stay short: HEAT scores on 2 batches, and Pear prunes after step 1 so that the resumed run must
+# re-apply the pruning it recorded.
+SHORT = {"heat": {"score_batches": 2}, "pear": {"warmup_steps": 1}}
+
+
+def test_the_table_covers_every_architecture_and_its_refusals_are_the_documented_ones():
+    assert set(ARCHITECTURES) == set(ARCHITECTURE_KINDS) == set(AUTO_TARGETS)
+    assert {(m, t) for m in method_names() for t in get_spec(m).refused_architectures} == REFUSED
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURE_KINDS)
+def test_auto_targets_the_attention_query_and_value_of_every_layer(kind, tiny_architectures):
+    model = build(kind, tiny_architectures)
+    assert model.config.model_type == kind
+    assert auto_target_modules(model) == AUTO_TARGETS[kind]
+    names = [name for name, _ in adaptable_modules(model)]
+    for target in AUTO_TARGETS[kind]:  # once in each of the 2 layers, nowhere else
+        assert sum(name.endswith("." + target) for name in names) == 2, target
+
+
+@pytest.mark.parametrize(("method", "kind"), CASES, ids=IDS)
+def test_a_step_trains_only_the_adapter_and_reload_merge_export_are_exact(method, kind, tiny_architectures, tmp_path):
+    name = ARCHITECTURES[kind].name
+    if (method, kind) in REFUSED:  # refused before torch (the web tier) and when attaching (the library)
+        with pytest.raises(InvalidHyperparameterError, match=f"{method} cannot fine-tune {name}") as err:
+            check_architecture(method, kind)
+        assert err.value.field == "method" and method not in err.value.allowed == usable_methods(kind)
+        with pytest.raises(InvalidHyperparameterError, match=f"{method} cannot fine-tune {name}"):
+            build(kind, tiny_architectures, method)
+        return
+    check_architecture(method, kind)
+    matrix.test_attach_trains_only_adapter_and_head(method, kind, tiny_architectures)
+    matrix.test_one_training_step_changes_only_adapter_weights(method, kind, tiny_architectures)
+    matrix.test_merge_is_exact_and_unmerge_restores_bit_for_bit(method, kind, tiny_architectures)
+    matrix.test_lora_export_is_exact_and_tied_to_its_base_weights(method, kind, tiny_architectures, tmp_path)
+
+    model = build(kind, tiny_architectures, method)
+    randomise_adapter(model, method)
+    ids = sample_ids(kind)  # (2, 9)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with model.disable_adapter():
+            bare = model(input_ids=ids).logits
+    assert (expected - bare).abs().max() / bare.abs().max() > 0.05, "the adapter must change the output"
+    model.save_pretrained(tmp_path / "native")
+    assert_reloads_exactly(method, kind, tiny_architectures, tmp_path / "native", ids, expected)
+    assert get_method(method).name == method
+
+
+@pytest.fixture(scope="module")
+def training_files(tmp_path_factory) -> dict[str, Path]:
+    """task -> 8 examples: 2 steps of 4 per epoch, so a run stopped at step 2 resumes into the next epoch."""
+    root = tmp_path_factory.mktemp("architecture-data")
+    return {
+        "classification": write_jsonl(root / "cls.jsonl", classification_rows(8)),
+        "causal_lm": write_jsonl(root / "chat.jsonl", chat_rows(8)),
+    }
+
+
+@pytest.mark.parametrize(("method", "kind"), WORKING, ids=[f"{m}-{k}" for m, k in WORKING])
+def test_resume_equals_the_uninterrupted_run(method, kind, tiny_architectures, training_files, tmp_path):
+    data = training_files[task_of(kind)]
+    assert_resume_is_exact(method, tiny_architectures[kind], data, tmp_path, max_steps=3, stop_at=2,
+                           adapter=SHORT.get(method))  # fmt: skip
