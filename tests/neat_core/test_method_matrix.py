@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
 
 from neat_core.errors import ArtifactError, InvalidHyperparameterError
 from neat_core.export import base_weights_sha256, check_base, export_lora
@@ -53,14 +54,14 @@ _BASES: dict[tuple[str, str], torch.nn.Module] = {}
 
 def build(kind: str, tiny_models, method: str | None = None, *, fresh: bool = False, **hp):
     """The tiny base model of `kind` (with `method` attached at r=4). Loaded once per test session and copied: the
-    tokenizer load_base also reads costs ~20x the copy. `fresh`: loaded anew, so a classifier's newly initialised
-    head layers get new random weights (what an adapter reloaded in another process meets)."""
+    tokenizer load_base also reads costs ~20x the copy. `fresh`: a classifier loaded anew, so the head layers its
+    checkpoint lacks get new random weights (what an adapter reloaded in another process meets)."""
     key = (str(tiny_models[kind]), task_of(kind))
-    if fresh or key not in _BASES:
-        loaded, _ = load_base(key[0], task=key[1], labels=LABELS)
-        if fresh:
-            return loaded.eval() if method is None else _attach(loaded.eval(), method, **hp)
-        _BASES[key] = loaded
+    if fresh and key[1] == "classification":  # the model alone: its head is what must be new, not the tokenizer
+        loaded = AutoModelForSequenceClassification.from_pretrained(key[0], num_labels=len(LABELS)).eval()
+        return loaded if method is None else _attach(loaded, method, **hp)
+    if key not in _BASES:
+        _BASES[key], _ = load_base(key[0], task=key[1], labels=LABELS)
     model = copy.deepcopy(_BASES[key]).eval()
     return model if method is None else _attach(model, method, **hp)
 
@@ -246,8 +247,10 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(method, kind, tiny_mode
 
 
 def assert_resume_is_exact(method: str, base: Path, data: Path, tmp_path: Path, *, max_steps: int, stop_at: int,
-                           adapter: dict | None = None) -> None:  # fmt: skip
-    """A run stopped at `stop_at` (a checkpoint every 2 steps) and resumed ends where the uninterrupted run ends."""
+                           adapter: dict | None = None, interrupt: bool = True) -> None:  # fmt: skip
+    """A run stopped at `stop_at` (a checkpoint every 2 steps) and resumed ends where the uninterrupted run ends.
+    `interrupt` False resumes from the uninterrupted run's checkpoint at `stop_at` instead of stopping a second run
+    there (one training run fewer; how a run stops is the method matrix's business)."""
 
     def spec(out: Path, resume: Path | None = None) -> TrainSpec:
         return TrainSpec(
@@ -268,10 +271,14 @@ def assert_resume_is_exact(method: str, base: Path, data: Path, tmp_path: Path, 
     full = train(spec(tmp_path / "full"))
     assert full.status == "succeeded" and full.steps == max_steps
 
-    stopped = train(spec(tmp_path / "split"), callbacks=[StopAtStep(stop_at)])
-    assert stopped.status == "cancelled" and stopped.adapter_dir is None
-    assert stopped.last_checkpoint.name == f"step-{stop_at:06d}"
-    resumed = train(spec(tmp_path / "split", resume=stopped.last_checkpoint))
+    if interrupt:
+        stopped = train(spec(tmp_path / "split"), callbacks=[StopAtStep(stop_at)])
+        assert stopped.status == "cancelled" and stopped.adapter_dir is None
+        assert stopped.last_checkpoint.name == f"step-{stop_at:06d}"
+        checkpoint = stopped.last_checkpoint
+    else:  # the uninterrupted run's own checkpoint: what a run stopped there would have written
+        checkpoint = tmp_path / "full" / "checkpoints" / f"step-{stop_at:06d}"
+    resumed = train(spec(tmp_path / "split", resume=checkpoint))
     assert resumed.status == "succeeded" and resumed.steps == max_steps
 
     a = load_file(full.adapter_dir / "adapter_model.safetensors")
