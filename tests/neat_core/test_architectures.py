@@ -97,3 +97,13 @@ def test_resume_equals_the_uninterrupted_run(method, kind, tiny_architectures, t
     data = training_files[task_of(kind)]
     assert_resume_is_exact(method, tiny_architectures[kind], data, tmp_path, max_steps=3, stop_at=2,
                            adapter=SHORT.get(method), interrupt=False)  # fmt: skip
+
+
+def test_auto_leaves_out_the_methods_an_architecture_refuses(tiny_architectures, training_files, tmp_path):
+    from neat_core.train import TrainSpec, train
+
+    spec = TrainSpec(base_model=str(tiny_architectures["gpt_neox"]), training_file=training_files["causal_lm"],
+                     output_dir=tmp_path, method="auto", batch_size=4, n_epochs=1, seed=0, device="cpu")  # fmt: skip
+    result = train(spec)  # 2 steps: too short to race, so the first in the order trains at no selection cost
+    assert result.status == "succeeded"
+    assert sorted(result.selection["order"]) == [m for m in method_names() if m != "heat"]
