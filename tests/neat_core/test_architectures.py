@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from neat_core.errors import InvalidHyperparameterError
-from neat_core.methods import get_method, method_names
+from neat_core.methods import method_names
 from neat_core.methods.base import adaptable_modules, auto_target_modules
 from neat_core.methods.specs import check_architecture, get_spec, usable_methods
 from neat_core.models.architectures import ARCHITECTURES
@@ -59,7 +59,8 @@ def test_a_step_trains_only_the_adapter_and_reload_merge_export_are_exact(method
     if (method, kind) in REFUSED:  # refused before torch (the web tier) and when attaching (the library)
         with pytest.raises(InvalidHyperparameterError, match=f"{method} cannot fine-tune {name}") as err:
             check_architecture(method, kind)
-        assert err.value.field == "method" and method not in err.value.allowed == usable_methods(kind)
+        assert err.value.field == "method" and err.value.allowed == usable_methods(kind)
+        assert method not in err.value.allowed
         with pytest.raises(InvalidHyperparameterError, match=f"{method} cannot fine-tune {name}"):
             build(kind, tiny_architectures, method)
         return
@@ -79,7 +80,40 @@ def test_a_step_trains_only_the_adapter_and_reload_merge_export_are_exact(method
     assert (expected - bare).abs().max() / bare.abs().max() > 0.05, "the adapter must change the output"
     model.save_pretrained(tmp_path / "native")
     assert_reloads_exactly(method, kind, tiny_architectures, tmp_path / "native", ids, expected)
-    assert get_method(method).name == method
+
+
+@pytest.mark.parametrize("kind", ["phi3", "modernbert"])
+def test_heat_masks_a_fused_qkv_layer_by_its_q_k_v_blocks(kind, tiny_architectures):
+    """Phi-3's qkv_proj rows are [q (4·8) | k (2·8) | v (2·8)] (grouped-query), ModernBERT's Wqkv [q | k | v] of 4·8
+    each: keeping query head 1 keeps its q rows and the rows of the kv head serving it, in each block."""
+    from peft.tuners.lora import LoraLayer
+
+    from neat_core.methods.heat.heads import apply_selection, attention_blocks, head_shape, roles, weight_scores
+    from tests.neat_core.test_heat import expected_rows
+
+    model = build(kind, tiny_architectures, "heat")
+    shape = head_shape(model)
+    assert (shape.heads, shape.kv_heads, shape.head_dim) == ((4, 2, 8) if kind == "phi3" else (4, 4, 8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(1.0)
+    kept = [[1], [3]]  # query heads kept in layers 0 and 1
+    apply_selection(model, kept)
+    layer_of = roles(attention_blocks(model))
+    fused = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer) and name in layer_of]
+    assert len(fused) == 2 and all(layer_of[name][1] == "qkv" for name, _ in fused)
+    for name, module in fused:
+        layer = layer_of[name][0]
+        rows = torch.cat([expected_rows(kept[layer], r, shape.heads, shape.kv_heads, shape.head_dim) for r in "qkv"])
+        b = module.lora_B["default"].weight  # (H·d + 2·K·d, r)
+        assert b.shape[0] == rows.numel()
+        assert torch.equal(b[rows], torch.ones_like(b[rows])) and torch.equal(b[~rows], torch.zeros_like(b[~rows]))
+    # The weight score splits the fused rows the same way, into (layers, query heads).
+    ids = sample_ids(kind)
+    batch = {"input_ids": ids, "labels": torch.tensor([0, 1]) if task_of(kind) == "classification" else ids}
+    scores = weight_scores(model, [batch], attention_blocks(model), shape)
+    assert scores.shape == (2, 4) and (scores > 0).all()
 
 
 @pytest.fixture(scope="module")
