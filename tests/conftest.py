@@ -90,8 +90,10 @@ def _tiny_model(kind: str, tokenizer):
         )
     # The other architectures, each as small as its config allows: 2 layers, 4 query heads of 8 dimensions.
     special = {"pad_token_id": tokenizer.pad_token_id, "vocab_size": vocab}
-    if kind in ENCODER_KINDS:
-        config = AutoConfig.for_model(kind, **special, **TINY_ENCODERS[kind])
+    if kind in ENCODER_KINDS:  # MiniLM's [CLS] and [SEP] (ModernBERT's defaults are ids of its own 50k vocabulary)
+        marks = {"cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id,
+                 "bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id}  # fmt: skip
+        config = AutoConfig.for_model(kind, **special, **marks, **TINY_ENCODERS[kind])
         return AutoModel.from_config(config)  # a bare encoder: loading for classification adds a fresh head
     ids = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **special, **ids, **TINY_DECODERS[kind]))
@@ -105,7 +107,7 @@ TINY_DECODERS = {
     "qwen3": {**_GQA, "head_dim": 8},  # its default head_dim is 128, whatever the hidden size
     "mistral": _GQA,
     "gemma2": {**_GQA, "head_dim": 8, "sliding_window": 4},  # layer 0 slides over 4 tokens, layer 1 is global
-    "gemma3_text": {**_GQA, "head_dim": 8, "sliding_window": 4},
+    "gemma3_text": {**_GQA, "head_dim": 8, "sliding_window": 4},  # both layers slide (every 6th is global)
     "phi3": _GQA,  # qkv_proj: [q (4·8) | k (2·8) | v (2·8)]
     "gpt_neox": _DECODER,  # query_key_value: [q_h | k_h | v_h] per head
     "opt": {
@@ -115,7 +117,7 @@ TINY_DECODERS = {
         "num_attention_heads": 4,
         "word_embed_proj_dim": 32,
         "max_position_embeddings": 256,
-    },  # fmt: skip
+    },
 }
 _ENCODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
             "max_position_embeddings": 128, "initializer_range": 0.2}  # fmt: skip
@@ -126,7 +128,7 @@ TINY_ENCODERS = {
         "relative_attention": True,
         "pos_att_type": ["p2c", "c2p"],
         "position_biased_input": False,
-    },  # DeBERTa-v3's disentangled attention  # fmt: skip
+    },  # DeBERTa-v3's disentangled attention
     "modernbert": {**_ENCODER, "local_attention": 4, "global_attn_every_n_layers": 2},  # layer 1 is local
     "distilbert": {
         "dim": 32,
@@ -135,7 +137,7 @@ TINY_ENCODERS = {
         "n_heads": 4,
         "max_position_embeddings": 128,
         "initializer_range": 0.2,
-    },  # fmt: skip
+    },
 }
 
 
