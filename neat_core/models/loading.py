@@ -29,9 +29,10 @@ from neat_core.models.catalog import (
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "neat_core"
 # Attribute on a loaded classifier: its randomly initialised Linear layers outside `classifier`/`score` (which peft
-# saves anyway), e.g. DeBERTa-v2's `pooler.dense`, DistilBERT's `pre_classifier`, ModernBERT's `head.dense`.
-# Adapters train and save them with the head (`neat_core.methods.base.head_modules`): frozen, a reloaded adapter
-# would meet a different random layer than the one it was trained with.
+# saves anyway), e.g. DeBERTa-v2's `pooler.dense` and ModernBERT's `head.dense` (DistilBERT's `pre_classifier` too,
+# which peft's `classifier` already matches as a suffix). Adapters train and save them with the head
+# (`neat_core.methods.base.head_modules`): frozen, a reloaded adapter would meet a different random layer than the
+# one it was trained with.
 FRESH_HEAD = "neat_fresh_head"
 
 
@@ -78,6 +79,7 @@ def _dequantised(found: CatalogEntry, cache: Path) -> Path:
 
 
 def _fresh_linear_layers(model: PreTrainedModel, missing_keys: set[str] | list[str]) -> list[str]:
+    """The Linear layers whose weights the checkpoint lacks (transformers initialised them), heads peft saves aside."""
     modules = {key.rpartition(".")[0] for key in missing_keys}
     return sorted(
         name
