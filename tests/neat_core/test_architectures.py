@@ -5,6 +5,7 @@ and by name, and the test asserts the refusal."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -129,8 +130,13 @@ def training_files(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize(("method", "kind"), WORKING, ids=[f"{m}-{k}" for m, k in WORKING])
 def test_resume_equals_the_uninterrupted_run(method, kind, tiny_architectures, training_files, tmp_path):
     data = training_files[task_of(kind)]
-    assert_resume_is_exact(method, tiny_architectures[kind], data, tmp_path, max_steps=3, stop_at=2,
-                           adapter=SHORT.get(method), interrupt=False)  # fmt: skip
+    resumed = assert_resume_is_exact(method, tiny_architectures[kind], data, tmp_path, max_steps=3, stop_at=2,
+                                     adapter=SHORT.get(method), interrupt=False)  # fmt: skip
+    state = json.loads((resumed.adapter_dir / "manifest.json").read_text())["method_state"]
+    if method == "pear":  # pruned at step 1, before the checkpoint the run resumed from
+        assert state["prune"]["step"] == 1 and state["prune"]["shares"]
+    if method == "heat":  # half the heads kept (keep_fraction 0.5 of 2 layers x 4 heads)
+        assert sum(len(layer) for layer in state["kept_heads"]) == 4
 
 
 def test_auto_leaves_out_the_methods_an_architecture_refuses(tiny_architectures, training_files, tmp_path):

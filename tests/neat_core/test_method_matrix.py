@@ -18,7 +18,7 @@ from neat_core.errors import ArtifactError, InvalidHyperparameterError
 from neat_core.export import base_weights_sha256, check_base, export_lora
 from neat_core.methods import attach, get_method, method_names
 from neat_core.models import load_base
-from neat_core.train import StopAtStep, TrainSpec, train
+from neat_core.train import StopAtStep, TrainResult, TrainSpec, train
 from tests.conftest import ENCODER_KINDS, TINY_KINDS
 
 LABELS = ["negative", "positive"]
@@ -247,10 +247,10 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(method, kind, tiny_mode
 
 
 def assert_resume_is_exact(method: str, base: Path, data: Path, tmp_path: Path, *, max_steps: int, stop_at: int,
-                           adapter: dict | None = None, interrupt: bool = True) -> None:  # fmt: skip
+                           adapter: dict | None = None, interrupt: bool = True) -> TrainResult:  # fmt: skip
     """A run stopped at `stop_at` (a checkpoint every 2 steps) and resumed ends where the uninterrupted run ends.
     `interrupt` False resumes from the uninterrupted run's checkpoint at `stop_at` instead of stopping a second run
-    there (one training run fewer; how a run stops is the method matrix's business)."""
+    there (one training run fewer; how a run stops is the method matrix's business). Returns the resumed run."""
 
     def spec(out: Path, resume: Path | None = None) -> TrainSpec:
         return TrainSpec(
@@ -293,6 +293,7 @@ def assert_resume_is_exact(method: str, base: Path, data: Path, tmp_path: Path, 
     assert manifest["method_state"] == json.loads((full.adapter_dir / "manifest.json").read_text())["method_state"]
     if get_method(method).exportable_to_lora:
         assert json.loads((resumed.adapter_dir / "lora" / "export.json").read_text())["source_method"] == method
+    return resumed
 
 
 @pytest.mark.parametrize(("method", "kind"), CASES, ids=IDS)
