@@ -15,6 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 TINY_KINDS = ("bert", "llama", "gpt2")
+# Every architecture of docs/methods.md "Architectures", by transformers model_type (tests/neat_core/
+# test_architectures.py); the encoders train classification on MiniLM's tokenizer, the decoders chat on SmolLM2's.
+ENCODER_KINDS = ("bert", "roberta", "deberta-v2", "modernbert", "distilbert")
+DECODER_KINDS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "gpt_neox", "opt", "gpt2")
+ARCHITECTURE_KINDS = DECODER_KINDS + ENCODER_KINDS
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +36,9 @@ def _openai_conformance() -> Iterator[None]:
 
 def _tiny_model(kind: str, tokenizer):
     from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
         BertConfig,
         BertModel,
         GPT2Config,
@@ -68,17 +76,91 @@ def _tiny_model(kind: str, tokenizer):
                 attention_dropout=0.1,
             )
         )
-    return GPT2LMHeadModel(  # Conv1D layers, fused q/k/v in c_attn
-        GPT2Config(
-            vocab_size=vocab,
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=256,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.eos_token_id,
+    if kind == "gpt2":
+        return GPT2LMHeadModel(  # Conv1D layers, fused q/k/v in c_attn
+            GPT2Config(
+                vocab_size=vocab,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=256,
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.eos_token_id,
+            )
         )
-    )
+    # The other architectures, each as small as its config allows: 2 layers, 4 query heads of 8 dimensions.
+    special = {"pad_token_id": tokenizer.pad_token_id, "vocab_size": vocab}
+    if kind in ENCODER_KINDS:  # MiniLM's [CLS] and [SEP] (ModernBERT's defaults are ids of its own 50k vocabulary)
+        marks = {"cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id,
+                 "bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id}  # fmt: skip
+        config = AutoConfig.for_model(kind, **special, **marks, **TINY_ENCODERS[kind])
+        return AutoModel.from_config(config)  # a bare encoder: loading for classification adds a fresh head
+    ids = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **special, **ids, **TINY_DECODERS[kind]))
+
+
+_DECODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "max_position_embeddings": 256}  # fmt: skip
+_GQA = {**_DECODER, "num_key_value_heads": 2}  # grouped-query attention: 2 kv heads serve 4 query heads
+TINY_DECODERS = {
+    "qwen2": _GQA,
+    "qwen3": {**_GQA, "head_dim": 8},  # its default head_dim is 128, whatever the hidden size
+    "mistral": _GQA,
+    "gemma2": {**_GQA, "head_dim": 8, "sliding_window": 4},  # layer 0 slides over 4 tokens, layer 1 is global
+    "gemma3_text": {**_GQA, "head_dim": 8, "sliding_window": 4},  # both layers slide (every 6th is global)
+    "phi3": _GQA,  # qkv_proj: [q (4·8) | k (2·8) | v (2·8)]
+    "gpt_neox": _DECODER,  # query_key_value: [q_h | k_h | v_h] per head
+    "opt": {
+        "hidden_size": 32,
+        "ffn_dim": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "word_embed_proj_dim": 32,
+        "max_position_embeddings": 256,
+    },
+}
+_ENCODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "max_position_embeddings": 128, "initializer_range": 0.2}  # fmt: skip
+TINY_ENCODERS = {
+    "roberta": {**_ENCODER, "max_position_embeddings": 130},  # positions start after the padding index
+    "deberta-v2": {
+        **_ENCODER,
+        "relative_attention": True,
+        "pos_att_type": ["p2c", "c2p"],
+        "position_biased_input": False,
+    },  # DeBERTa-v3's disentangled attention
+    "modernbert": {**_ENCODER, "local_attention": 4, "global_attn_every_n_layers": 2},  # layer 1 is local
+    "distilbert": {
+        "dim": 32,
+        "hidden_dim": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "max_position_embeddings": 128,
+        "initializer_range": 0.2,
+    },
+}
+
+
+def _build_tiny(root: Path, kinds: tuple[str, ...], model_cache: Path) -> dict[str, Path]:
+    """kind -> local directory with a tiny random model and a real tokenizer (MiniLM's for the encoders, SmolLM2's
+    for the causal LMs, which gives them a chat template)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from neat_core.models import resolve
+
+    encoder, decoder = AutoTokenizer.from_pretrained(resolve(MINILM)), None
+    out = {}
+    for kind in kinds:
+        if kind not in ENCODER_KINDS and decoder is None:
+            decoder = AutoTokenizer.from_pretrained(resolve(SMOLLM2, model_cache))
+        tokenizer = encoder if kind in ENCODER_KINDS else decoder
+        torch.manual_seed(0)
+        model = _tiny_model(kind, tokenizer)
+        model.save_pretrained(root / kind)
+        tokenizer.save_pretrained(root / kind)
+        out[kind] = root / kind
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -92,27 +174,14 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, model_cache) -> dict[str, Path]:
-    """kind -> local directory with a tiny random model and a real tokenizer (MiniLM's for BERT, SmolLM2's for
-    the causal LMs, which gives them a chat template)."""
-    import torch
-    from transformers import AutoTokenizer
+    """kind -> local directory with a tiny random model of TINY_KINDS (`_build_tiny`)."""
+    return _build_tiny(tmp_path_factory.mktemp("tiny-models"), TINY_KINDS, model_cache)
 
-    from neat_core.models import resolve
 
-    root = tmp_path_factory.mktemp("tiny-models")
-    tokenizers = {
-        "bert": AutoTokenizer.from_pretrained(resolve(MINILM)),
-        "llama": AutoTokenizer.from_pretrained(resolve(SMOLLM2, model_cache)),
-    }
-    tokenizers["gpt2"] = tokenizers["llama"]
-    out = {}
-    for kind in TINY_KINDS:
-        torch.manual_seed(0)
-        model = _tiny_model(kind, tokenizers[kind])
-        model.save_pretrained(root / kind)
-        tokenizers[kind].save_pretrained(root / kind)
-        out[kind] = root / kind
-    return out
+@pytest.fixture(scope="session")
+def tiny_architectures(tmp_path_factory, model_cache) -> dict[str, Path]:
+    """model_type -> local directory with a tiny random model of every architecture in ARCHITECTURE_KINDS."""
+    return _build_tiny(tmp_path_factory.mktemp("tiny-architectures"), ARCHITECTURE_KINDS, model_cache)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -32,8 +32,8 @@ from control.queue import enqueue
 from control.settings import Settings
 from neat_core.data.formats import DataFormat
 from neat_core.errors import InvalidHyperparameterError
-from neat_core.methods.specs import check_hyperparameters
-from neat_core.models.catalog import catalog, entry, supported_tasks
+from neat_core.methods.specs import check_architecture, check_hyperparameters
+from neat_core.models.catalog import catalog, entry, model_type, supported_tasks
 
 router = APIRouter(route_class=SessionClosingRoute, prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 log = logging.getLogger("api")
@@ -96,6 +96,8 @@ def _create_job(body: JobCreate, session: Session, org: str, settings: Settings,
     adapter = body.adapter or Adapter()
     try:
         check_hyperparameters(adapter.type, adapter.model_extra or {})
+        # A method that cannot work on this architecture is refused now, not by the worker after the model loads.
+        check_architecture(adapter.type, model_type(body.model), adapter.model_extra or {})
     except InvalidHyperparameterError as e:
         param = "adapter.type" if e.field == "method" else f"adapter.{e.field}"
         raise APIError(400, str(e), code="invalid_hyperparameter", param=param) from e

@@ -41,6 +41,8 @@ def method_object(spec: MethodSpec) -> dict[str, Any]:
         "learning_rates": dict(spec.learning_rates),
         "batched_serving": spec.serving.batched,
         "hyperparameters": [_hyperparameter(spec, name) for name in spec.params],
+        # model_type -> why job creation refuses this method on that architecture (docs/methods.md, "Architectures")
+        "refused_architectures": dict(spec.refused_architectures),
         # what bench/quality.py measured, each entry linking its row of docs/quality.md (README: which method)
         "quality": measured(spec.name),
     }

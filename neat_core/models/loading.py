@@ -28,6 +28,12 @@ from neat_core.models.catalog import (
 )
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "neat_core"
+# Attribute on a loaded classifier: its randomly initialised Linear layers outside `classifier`/`score` (which peft
+# saves anyway), e.g. DeBERTa-v2's `pooler.dense` and ModernBERT's `head.dense` (DistilBERT's `pre_classifier` too,
+# which peft's `classifier` already matches as a suffix). Adapters train and save them with the head
+# (`neat_core.methods.base.head_modules`): frozen, a reloaded adapter would meet a different random layer than the
+# one it was trained with.
+FRESH_HEAD = "neat_fresh_head"
 
 
 def resolve(model_id: str, cache_dir: Path | None = None) -> Path:
@@ -72,6 +78,18 @@ def _dequantised(found: CatalogEntry, cache: Path) -> Path:
     return target
 
 
+def _fresh_linear_layers(model: PreTrainedModel, missing_keys: set[str] | list[str]) -> list[str]:
+    """The Linear layers whose weights the checkpoint lacks (transformers initialised them), heads peft saves aside."""
+    modules = {key.rpartition(".")[0] for key in missing_keys}
+    return sorted(
+        name
+        for name in modules
+        if name
+        and not {"classifier", "score"} & set(name.split("."))
+        and isinstance(model.get_submodule(name), torch.nn.Linear)
+    )
+
+
 def load_base(
     model_id: str,
     *,
@@ -92,14 +110,16 @@ def load_base(
     if task == CLASSIFICATION:
         if not labels:
             raise IncompatibleTaskError("classification needs at least one label")
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             path,
             local_files_only=True,
             dtype=dtype,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
+            output_loading_info=True,
         )
+        setattr(model, FRESH_HEAD, _fresh_linear_layers(model, info["missing_keys"]))
         model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers pool at the last non-pad token
     else:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)

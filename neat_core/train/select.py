@@ -57,7 +57,8 @@ from neat_core.data.formats import read_examples
 from neat_core.errors import DataFormatError
 from neat_core.methods import get_method, method_names
 from neat_core.methods.quality import ranking
-from neat_core.methods.specs import AUTO, check_auto_options
+from neat_core.methods.specs import AUTO, check_auto_options, usable_methods
+from neat_core.models.catalog import model_type
 from neat_core.train.callbacks import Callback
 from neat_core.train.checkpoint import LoopState
 from neat_core.train.loop import TrainResult, train
@@ -169,7 +170,10 @@ class _StopOnly(Callback):
 def _select(spec: TrainSpec, given: list[str] | None, callbacks: Sequence[Callback]) -> dict[str, Any] | None:
     started = time.monotonic()
     fmt, examples = read_examples(spec.training_file)
-    order = given or ranking(fmt.task, method_names())
+    # Every method that can work on this architecture (docs/methods.md, "Architectures"); named candidates were
+    # checked against it when the job was created.
+    usable = [m for m in method_names() if m in usable_methods(model_type(str(spec.base_model)))]
+    order = given or ranking(fmt.task, usable)
     dev, rest = split_dev(examples, fmt.task, spec.seed)
     # The final run's schedule; its step count does not depend on the method's learning rate.
     rate = get_method(order[0]).learning_rate(fmt.task)

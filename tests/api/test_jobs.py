@@ -5,6 +5,7 @@ into the database directly."""
 from __future__ import annotations
 
 import base64
+import importlib
 import io
 import json
 import sqlite3
@@ -201,6 +202,25 @@ def test_create_for_each_compatible_format(api, rows, model):
 def test_create_refused(api, chat_file, body, status_code, code, param):
     assert_error(api.create_job(**{"training_file": chat_file, **body}), status_code, code=code, param=param)
     assert api.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was created
+
+
+def test_a_method_that_cannot_work_on_the_models_architecture_is_refused_naming_both(api, chat_file, monkeypatch):
+    """HEAT's head masks do not fit GPT-NeoX's fused, per-head interleaved q/k/v (docs/methods.md, "Architectures"):
+    the job is refused at creation, naming the architecture and the method, and the other methods are taken."""
+    catalog = importlib.import_module("neat_core.models.catalog")  # the package's `catalog` is its function
+    neox = "EleutherAI/pythia-14m"
+    monkeypatch.setitem(catalog._CATALOG, neox, catalog.CatalogEntry(
+        neox, (catalog.CAUSAL_LM,), "GPT-NeoX", package="not_installed", model_type="gpt_neox"))  # fmt: skip
+    error = assert_error(api.create_job(chat_file, model=neox, adapter={"type": "heat"}), 400,
+                         code="invalid_hyperparameter", param="adapter.type")  # fmt: skip
+    assert "heat" in error["message"] and "GPT-NeoX" in error["message"]
+    auto = {"type": "auto", "candidates": ["lora", "heat"]}
+    error = assert_error(api.create_job(chat_file, model=neox, adapter=auto), 400, code="invalid_hyperparameter",
+                         param="adapter.candidates")  # fmt: skip
+    assert "heat" in error["message"] and "GPT-NeoX" in error["message"]
+    assert api.get("/v1/fine_tuning/jobs").json()["data"] == []
+    assert api.create_job_ok(chat_file, model=neox, adapter={"type": "lora"})["model"] == neox
+    assert api.create_job_ok(chat_file, adapter={"type": "heat"})["model"] == SMOLLM2  # Llama: HEAT fits
 
 
 @sqlite_only

@@ -57,6 +57,7 @@ def test_methods_lists_each_method_from_its_spec(api):
     assert params["scaling"]["default"] == 1.0 and params["scaling"]["task_defaults"] == {"classification": 2.0}
     assert params["target_modules"]["default"] == AUTO and params["target_modules"]["type"] == "array"
     assert {p["name"] for p in by_id["heat"]["hyperparameters"]} >= {"top_k", "keep_fraction"}
+    assert set(by_id["heat"]["refused_architectures"]) == {"gpt_neox"} and by_id["neat"]["refused_architectures"] == {}
     supervised = {p["name"]: p for p in body["supervised_hyperparameters"]}
     assert supervised["n_epochs"] == {"name": "n_epochs", "type": "integer", "minimum": 1, "maximum": 50,
                                       "default": "auto"}  # fmt: skip

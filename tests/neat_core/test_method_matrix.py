@@ -3,6 +3,7 @@ idea), so a newly registered method gets all of them for free."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -11,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
 
 from neat_core.errors import ArtifactError, InvalidHyperparameterError
 from neat_core.export import base_weights_sha256, check_base, export_lora
 from neat_core.methods import attach, get_method, method_names
 from neat_core.models import load_base
-from neat_core.train import StopAtStep, TrainSpec, train
-from tests.conftest import TINY_KINDS
+from neat_core.train import StopAtStep, TrainResult, TrainSpec, train
+from tests.conftest import ENCODER_KINDS, TINY_KINDS
 
 LABELS = ["negative", "positive"]
 CASES = [(method, kind) for method in method_names() for kind in TINY_KINDS]
@@ -32,15 +34,39 @@ STOCK_PEFT_CANNOT_LOAD = {("neat", "gpt2"), ("lily", "gpt2")}
 RELOAD_AS_TRAINED = {"lily": {"router": "batch"}}
 
 
+# What "auto" must adapt per architecture: the attention query and value projections, or the one fused layer that
+# computes q, k and v. Written out, not read from neat_core.models.architectures, so that a wrong entry there fails.
+AUTO_TARGETS = {
+    "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"], "phi3": ["qkv_proj"], "gpt_neox": ["query_key_value"], "gpt2": ["c_attn"],
+    "bert": ["query", "value"], "roberta": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"],
+    "modernbert": ["Wqkv"], "distilbert": ["q_lin", "v_lin"],
+}  # fmt: skip
+
+
 def task_of(kind: str) -> str:
-    return "classification" if kind == "bert" else "causal_lm"
+    return "classification" if kind in ENCODER_KINDS else "causal_lm"
 
 
-def build(kind: str, tiny_models, method: str | None = None, **hp):
-    model, _ = load_base(str(tiny_models[kind]), task=task_of(kind), labels=LABELS)
-    model.eval()
-    if method is None:
-        return model
+_BASES: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def build(kind: str, tiny_models, method: str | None = None, *, fresh: bool = False, **hp):
+    """The tiny base model of `kind` (with `method` attached at r=4). Loaded once per test session and copied: the
+    tokenizer load_base also reads costs ~20x the copy. `fresh`: a classifier loaded anew, so the head layers its
+    checkpoint lacks get new random weights (what an adapter reloaded in another process meets)."""
+    key = (str(tiny_models[kind]), task_of(kind))
+    if fresh and key[1] == "classification":  # the model alone: its head is what must be new, not the tokenizer
+        loaded = AutoModelForSequenceClassification.from_pretrained(key[0], num_labels=len(LABELS)).eval()
+        return loaded if method is None else _attach(loaded, method, **hp)
+    if key not in _BASES:
+        _BASES[key], _ = load_base(key[0], task=key[1], labels=LABELS)
+    model = copy.deepcopy(_BASES[key]).eval()
+    return model if method is None else _attach(model, method, **hp)
+
+
+def _attach(model, method: str, **hp):
     torch.manual_seed(0)
     return attach(model, method, r=4, **hp)
 
@@ -59,6 +85,17 @@ def sample_ids(kind: str) -> torch.Tensor:
     return torch.randint(5, 200, (2, 9), generator=torch.Generator().manual_seed(2))
 
 
+def assert_reloads_exactly(method: str, kind: str, tiny_models, adapter_dir: Path, ids, expected) -> None:
+    """The saved adapter, loaded through neat_core onto a fresh base, gives the logits it gave before saving."""
+    reloaded = (
+        get_method(method)
+        .load(build(kind, tiny_models, fresh=True), str(adapter_dir), **RELOAD_AS_TRAINED.get(method, {}))
+        .eval()
+    )
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize(("method", "kind"), CASES, ids=IDS)
 def test_attach_trains_only_adapter_and_head(method, kind, tiny_models):
     model = build(kind, tiny_models, method)
@@ -67,8 +104,7 @@ def test_attach_trains_only_adapter_and_head(method, kind, tiny_models):
     adapter = {n for n in trainable if prefix in n}
     assert adapter, "no adapter parameters were created"
     assert all(prefix in n or "modules_to_save" in n for n in trainable), sorted(trainable - adapter)[:3]
-    targets = set(model.peft_config["default"].target_modules)
-    assert targets == {"query", "value"} if kind == "bert" else targets == {"q_proj", "v_proj"} or kind == "gpt2"
+    assert set(model.peft_config["default"].target_modules) == set(AUTO_TARGETS[kind])
 
 
 @pytest.mark.parametrize(("method", "kind"), CASES, ids=IDS)
@@ -78,7 +114,7 @@ def test_one_training_step_changes_only_adapter_weights(method, kind, tiny_model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = sample_ids(kind)
-    labels = torch.tensor([0, 1]) if kind == "bert" else ids
+    labels = torch.tensor([0, 1]) if task_of(kind) == "classification" else ids
     model(input_ids=ids, labels=labels).loss.backward()
     optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -130,13 +166,7 @@ def test_save_and_export_reload_in_stock_peft(method, kind, tiny_models, tmp_pat
         assert (logits["lora"] - expected).abs().max() <= 1e-5
     if (method, kind) in STOCK_PEFT_CANNOT_LOAD:
         assert "native" in errors and "NotImplementedError" in errors["native"]
-        reloaded = (
-            get_method(method)
-            .load(build(kind, tiny_models), str(tmp_path / "native"), **RELOAD_AS_TRAINED.get(method, {}))
-            .eval()
-        )
-        with torch.no_grad():
-            assert (reloaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
+        assert_reloads_exactly(method, kind, tiny_models, tmp_path / "native", ids, expected)
     else:
         assert not errors, errors
         assert (logits["native"] - expected).abs().max() <= 1e-5
@@ -195,7 +225,7 @@ def test_lora_export_is_exact_and_tied_to_its_base_weights(method, kind, tiny_mo
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 4
 
-    lora = PeftModel.from_pretrained(build(kind, tiny_models), out).eval()
+    lora = PeftModel.from_pretrained(build(kind, tiny_models, fresh=True), out).eval()
     with torch.no_grad():
         assert (lora(input_ids=ids).logits - expected).abs().max() <= 1e-5
     if get_method(method).exact_unmerge:  # a merged NEAT layer still hashes (and exports from) its original W0
@@ -212,16 +242,26 @@ def test_lora_export_is_exact_and_tied_to_its_base_weights(method, kind, tiny_mo
 
 @pytest.mark.parametrize(("method", "kind"), CASES, ids=IDS)
 def test_resume_from_checkpoint_equals_uninterrupted_run(method, kind, tiny_models, datasets, tmp_path):
+    # 16-24 examples in batches of 4: the interruption (step 5) and the resume straddle an epoch boundary.
+    assert_resume_is_exact(method, tiny_models[kind], datasets[kind], tmp_path, max_steps=7, stop_at=5)
+
+
+def assert_resume_is_exact(method: str, base: Path, data: Path, tmp_path: Path, *, max_steps: int, stop_at: int,
+                           adapter: dict | None = None, interrupt: bool = True) -> TrainResult:  # fmt: skip
+    """A run stopped at `stop_at` (a checkpoint every 2 steps) and resumed ends where the uninterrupted run ends.
+    `interrupt` False resumes from the uninterrupted run's checkpoint at `stop_at` instead of stopping a second run
+    there (one training run fewer; how a run stops is the method matrix's business). Returns the resumed run."""
+
     def spec(out: Path, resume: Path | None = None) -> TrainSpec:
         return TrainSpec(
-            base_model=str(tiny_models[kind]),
-            training_file=datasets[kind],
+            base_model=str(base),
+            training_file=data,
             output_dir=out,
             method=method,
-            adapter={"r": 4},
+            adapter={"r": 4, **(adapter or {})},
             batch_size=4,
-            n_epochs=2,  # 16-24 examples: the interruption and the resume straddle an epoch boundary
-            max_steps=7,
+            n_epochs=2,
+            max_steps=max_steps,
             checkpoint_every=2,
             seed=3,
             device="cpu",
@@ -229,13 +269,17 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(method, kind, tiny_mode
         )
 
     full = train(spec(tmp_path / "full"))
-    assert full.status == "succeeded" and full.steps == 7
+    assert full.status == "succeeded" and full.steps == max_steps
 
-    stopped = train(spec(tmp_path / "split"), callbacks=[StopAtStep(5)])
-    assert stopped.status == "cancelled" and stopped.adapter_dir is None
-    assert stopped.last_checkpoint.name == "step-000005"
-    resumed = train(spec(tmp_path / "split", resume=stopped.last_checkpoint))
-    assert resumed.status == "succeeded" and resumed.steps == 7
+    if interrupt:
+        stopped = train(spec(tmp_path / "split"), callbacks=[StopAtStep(stop_at)])
+        assert stopped.status == "cancelled" and stopped.adapter_dir is None
+        assert stopped.last_checkpoint.name == f"step-{stop_at:06d}"
+        checkpoint = stopped.last_checkpoint
+    else:  # the uninterrupted run's own checkpoint: what a run stopped there would have written
+        checkpoint = tmp_path / "full" / "checkpoints" / f"step-{stop_at:06d}"
+    resumed = train(spec(tmp_path / "split", resume=checkpoint))
+    assert resumed.status == "succeeded" and resumed.steps == max_steps
 
     a = load_file(full.adapter_dir / "adapter_model.safetensors")
     b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
@@ -249,6 +293,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(method, kind, tiny_mode
     assert manifest["method_state"] == json.loads((full.adapter_dir / "manifest.json").read_text())["method_state"]
     if get_method(method).exportable_to_lora:
         assert json.loads((resumed.adapter_dir / "lora" / "export.json").read_text())["source_method"] == method
+    return resumed
 
 
 @pytest.mark.parametrize(("method", "kind"), CASES, ids=IDS)

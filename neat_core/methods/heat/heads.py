@@ -64,7 +64,7 @@ class HeadShape:
 
 @dataclass(frozen=True)
 class AttentionBlock:
-    """One layer's attention projections, by full module name. GPT-2 fuses q, k, v into `c_attn` (q = k = v)."""
+    """One layer's attention projections, by full module name. A fused layer (GPT-2's `c_attn`) is q = k = v."""
 
     layer: int
     q: str
@@ -87,31 +87,48 @@ def head_shape(model: nn.Module) -> HeadShape:
     return HeadShape(heads, kv_heads, head_dim)
 
 
+# An attention module's projections by child name, per family: (q, k, v, o), or (qkv, o) where one fused layer's
+# output rows are [q (H·d) | k (K·d) | v (K·d)]. GPT-NeoX's fused layer interleaves q, k, v per head instead, which
+# these slices do not describe: HEAT refuses it (heat/spec.py).
+SEPARATE = (
+    ("q_proj", "k_proj", "v_proj", "o_proj"),  # Llama / SmolLM2 / Qwen2 / Qwen3 / Mistral / Gemma 2, 3
+    ("q_proj", "k_proj", "v_proj", "out_proj"),  # OPT
+    ("q_lin", "k_lin", "v_lin", "out_lin"),  # DistilBERT
+)
+FUSED = (("c_attn", "c_proj"), ("qkv_proj", "o_proj"), ("Wqkv", "Wo"))  # GPT-2 / Phi-3 / ModernBERT
+# BERT-style: q, k, v in an inner `self` (`attention` in ViT), the output projection in `output.dense`.
+INNER = (("query", "key", "value"), ("query_proj", "key_proj", "value_proj"))  # BERT, RoBERTa / DeBERTa-v2
+
+
 def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
-    """Every attention block in model order, for the three families of docs/methods.md ("Where adapters go")."""
+    """Every attention block in model order, for the families above (docs/methods.md, "Architectures")."""
     blocks = []
     for name, module in model.named_modules():
-        children = module._modules
-        if {"q_proj", "k_proj", "v_proj", "o_proj"} <= children.keys():  # Llama / SmolLM2 / Qwen2 / Mistral
-            q, k, v, o = (f"{name}.{c}" for c in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        elif (inner := _self_attention(children)) is not None:  # BERT / RoBERTa (`self`) / ViT (`attention`)
-            q, k, v = (f"{name}.{inner}.{c}" for c in ("query", "key", "value"))
+        children = module._modules.keys()
+        separate = next((c for c in SEPARATE if set(c) <= children), None)
+        fused = next((c for c in FUSED if set(c) <= children), None)
+        if separate is not None:
+            q, k, v, o = (f"{name}.{c}" for c in separate)
+        elif fused is not None:
+            q = k = v = f"{name}.{fused[0]}"
+            o = f"{name}.{fused[1]}"
+        elif (inner := _self_attention(module._modules)) is not None:
+            path, qkv = inner
+            q, k, v = (f"{name}.{path}.{c}" for c in qkv)
             o = f"{name}.output.dense"
-        elif {"c_attn", "c_proj"} <= children.keys():  # GPT-2
-            q = k = v = f"{name}.c_attn"
-            o = f"{name}.c_proj"
         else:
             continue
         blocks.append(AttentionBlock(len(blocks), q, k, v, o))
     return blocks
 
 
-def _self_attention(children: dict[str, nn.Module]) -> str | None:
+def _self_attention(children: dict[str, nn.Module]) -> tuple[str, tuple[str, ...]] | None:
     if "output" not in children or "dense" not in children["output"]._modules:
         return None
-    for inner in ("self", "attention"):
-        if inner in children and {"query", "key", "value"} <= children[inner]._modules.keys():
-            return inner
+    for path in ("self", "attention"):
+        for qkv in INNER:
+            if path in children and set(qkv) <= children[path]._modules.keys():
+                return path, qkv
     return None
 
 
@@ -136,8 +153,9 @@ def _base(module: nn.Module) -> nn.Module:
 def per_head(values: torch.Tensor, role: str, shape: HeadShape) -> torch.Tensor:
     """Sum a per-row (q/k/v output) or per-column (o input) vector into query heads. values: (n·d,) -> (H,).
     A kv head's sum is shared equally by the G query heads it serves."""
-    if role == "qkv":  # GPT-2: [q | k | v] rows, multi-head attention
-        return sum(per_head(part, r, shape) for part, r in zip(values.chunk(3), "qkv", strict=True))
+    if role == "qkv":  # a fused layer: [q (H·d) | k (K·d) | v (K·d)] rows
+        sizes = [shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.kv_heads * shape.head_dim]
+        return sum(per_head(part, r, shape) for part, r in zip(values.split(sizes), "qkv", strict=True))
     if role in ("k", "v"):
         kv = values.view(shape.kv_heads, shape.head_dim).sum(1)  # (K,)
         return kv.repeat_interleave(shape.group) / shape.group  # (H,)

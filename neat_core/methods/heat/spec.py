@@ -39,4 +39,8 @@ SPEC = MethodSpec(
     rules=_rules,
     # Its artifact is plain peft LoRA (unselected heads are exact zeros), so the engine batches it as LoRA.
     serving=Serving(batched=True),
+    refused_architectures={
+        "gpt_neox": "its fused query_key_value interleaves q, k and v head by head ([q_h | k_h | v_h] per head h), "
+        "and HEAT's head masks slice a fused layer as [q | k | v]",
+    },
 )

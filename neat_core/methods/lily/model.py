@@ -8,7 +8,7 @@ from typing import Any
 from peft import LilyConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
-from neat_core.methods.base import AdapterMethod, task_type_of
+from neat_core.methods.base import AdapterMethod, head_modules, task_type_of
 from neat_core.methods.lily.layer import check_mode, install_routing, lily_layers, router_mode
 from neat_core.methods.lily.spec import SERVING_ROUTER_MODE, SPEC, TRAINING_ROUTER_MODE
 
@@ -28,6 +28,7 @@ class Lily(AdapterMethod):
             scaling=float(hp["scaling"]),
             target_modules=list(hp["target_modules"]),
             task_type=task_type_of(model),
+            modules_to_save=head_modules(model),
         )
         # Carried to `wrap` on the instance, not as a dataclass field: adapter_config.json stays exactly peft's
         # (the manifest records the mode).

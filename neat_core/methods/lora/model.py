@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftConfig
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from neat_core.methods.base import AdapterMethod, adaptable_modules, linear_view, task_type_of
+from neat_core.methods.base import AdapterMethod, adaptable_modules, head_modules, linear_view, task_type_of
 from neat_core.methods.lora.spec import SPEC
 
 # LoRA options that change the forward beyond `(x Aᵀ) Bᵀ`: config key -> value that means "not used".
@@ -47,6 +47,7 @@ class Lora(AdapterMethod):
             target_modules=targets,
             fan_in_fan_out=conv1d,  # GPT-2's Conv1D stores its weight transposed
             task_type=task_type_of(model),
+            modules_to_save=head_modules(model),
         )
 
     def lora_factors(self, layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ from peft import PeanutConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers.activations import ACT2FN
 
-from neat_core.methods.base import AdapterMethod, linear_view, task_type_of
+from neat_core.methods.base import AdapterMethod, head_modules, linear_view, task_type_of
 from neat_core.methods.neat.layer import neat_hidden, neat_layers
 from neat_core.methods.neat.spec import SPEC
 
@@ -29,6 +29,7 @@ class Neat(AdapterMethod):
             scaling=float(hp["scaling"]),
             target_modules=list(hp["target_modules"]),
             task_type=task_type_of(model),
+            modules_to_save=head_modules(model),
         )
 
     def wrap(self, model: nn.Module, config: PeftConfig) -> PeftModel:
