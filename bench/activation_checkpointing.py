@@ -24,7 +24,8 @@ import os
 import statistics
 import subprocess
 import sys
-import time
+
+from memory import peak_during, train_step  # bench/memory.py (the script's folder is on sys.path)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -53,37 +54,13 @@ def make_batch(batch: int, seq: int, device):
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
 
 
-def step_fn(model, batch):
-    import torch
-
-    from neat_core.devices import autocast_dtype
-
-    device = batch["input_ids"].device
-    amp = autocast_dtype(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> float:
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    return step
-
-
 def measure_memory(variant: str, batch: int, seq: int, steps: int, device_name: str) -> dict[str, float]:
     """Runs inside its own subprocess."""
     import torch
-    from memory import peak_during  # bench/memory.py (the script's folder is on sys.path)
 
     device = torch.device(device_name)
     model = build(variant, device)
-    step, times = step_fn(model, make_batch(batch, seq, device)), []
+    step, times = train_step(model, make_batch(batch, seq, device)), []
     peak = peak_during(lambda: times.append(step()), steps, device)
     return {**peak, "step_s": times}
 
@@ -91,7 +68,7 @@ def measure_memory(variant: str, batch: int, seq: int, steps: int, device_name: 
 def time_variants(batch: int, seq: int, rounds: int, device) -> dict[str, float]:
     models = {v: build(v, device) for v in VARIANTS}
     data = make_batch(batch, seq, device)
-    steps = {v: step_fn(m, data) for v, m in models.items()}
+    steps = {v: train_step(m, data) for v, m in models.items()}
     for v in VARIANTS:  # warm-up: allocates AdamW's state and the allocator's pools
         steps[v]()
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}

@@ -45,3 +45,28 @@ def peak_during(step: Callable[[], None], steps: int, device) -> dict[str, int]:
     done.set()
     sampler.join()
     return {"peak": peak[0], "growth": peak[0] - base}
+
+
+def train_step(model, batch: dict) -> Callable[[], float]:
+    """One optimiser step on `batch` (AdamW over the trainable parameters, the loop's autocast), as a closure that
+    returns its wall seconds (CUDA synchronised): the step the memory and speed benchmarks measure."""
+    import torch
+
+    from neat_core.devices import autocast_dtype
+
+    device = batch["input_ids"].device
+    amp = autocast_dtype(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> float:
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return step

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from memory import peak_during, train_step  # bench/memory.py (the script's folder is on sys.path)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODELS = {
@@ -63,31 +65,10 @@ def make_batch(model_key: str, device):
     }
 
 
-def step_fn(model, batch):
-    import torch
-
-    from neat_core.devices import autocast_dtype
-
-    device = batch["input_ids"].device
-    amp = autocast_dtype(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    return step
-
-
 def time_variants(model_key: str, rounds: int, warmup: int, device) -> dict[str, float]:
     models = {v: build(model_key, v, device) for v in VARIANTS}
     batch = make_batch(model_key, device)
-    steps = {v: step_fn(m, batch) for v, m in models.items()}
+    steps = {v: train_step(m, batch) for v, m in models.items()}
     for _ in range(warmup):
         for v in VARIANTS:
             steps[v]()
@@ -104,11 +85,10 @@ def time_variants(model_key: str, rounds: int, warmup: int, device) -> dict[str,
 def measure_memory(model_key: str, variant: str, steps: int, device_name: str) -> dict[str, float]:
     """Runs inside its own subprocess."""
     import torch
-    from memory import peak_during  # bench/memory.py (the script's folder is on sys.path)
 
     device = torch.device(device_name)
     model = build(model_key, variant, device)
-    return peak_during(step_fn(model, make_batch(model_key, device)), steps, device)
+    return peak_during(train_step(model, make_batch(model_key, device)), steps, device)
 
 
 def main() -> None:
