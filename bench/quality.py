@@ -124,7 +124,8 @@ AUTO_SELECTION_FACTOR = 2.0
 #   r = 11 trained 492,800, +6.9%; r = 10 would train about 448,000, -2.8%). The results record the measured count.
 # - Pear trains LoRA r = 8 until its warm-up (100 steps) ends, then about half. These runs are shorter than the
 #   warm-up, so Pear never prunes here: it is LoRA r = 8 with Pear's code path.
-# - auto: the service's choice, with its own hyperparameters (nothing is passed).
+# - auto: the service's choice, sized by the service to the same budget (neat_core.methods.budget gives these ranks
+#   for NEAT and Lily; HEAT is sized as attached, r = 8), its other hyperparameters its own; only candidates is passed.
 EQUAL_BUDGET: dict[str, dict[str, dict]] = {
     "minilm": {"heat": {"r": 12, "keep_fraction": 1 / 3, "selection": "per_layer"}},
     "smollm2": {
@@ -726,7 +727,8 @@ def auto_section(by: dict, seeds: list[int], methods: list[str]) -> list[str]:
             "\n`auto`: the method chosen per seed and the selection's measured extra compute (selection seconds / "
             "final-run seconds, the final run = the training's wall time − selection), beside the selection's own "
             "account of its cost (`used_fraction`: candidates' steps and dev evaluations in training steps / the "
-            "final run's steps). The winner trains with its method's defaults, not `EQUAL_BUDGET`'s settings. "
+            "final run's steps). Every candidate and the winner are sized by the service to LoRA's default "
+            "parameter count (`neat_core.methods.budget`; the same ranks as `EQUAL_BUDGET` for NEAT and Lily). "
             "The order is the one the service would use, ranked without this task's results; `basis` is "
             "`dev_loss` when the candidates raced on the dev split, `order` when the run was too short to race "
             "(the first in the order, at no cost).\n",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -125,3 +126,13 @@ def load_base(
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     model.config.name_or_path = model_id  # peft writes this as base_model_name_or_path
     return model, tokenizer
+
+
+def skeleton(model_id: str, *, task: str, cache_dir: Path | None = None) -> PreTrainedModel:
+    """`model_id`'s architecture for `task` on the meta device: its modules and shapes, no weights read and no memory
+    held. For counting what an adapter would add (`neat_core.methods.budget`), not for running."""
+    config = AutoConfig.from_pretrained(resolve(model_id, cache_dir), local_files_only=True)
+    with torch.device("meta"):
+        if task == CLASSIFICATION:
+            return AutoModelForSequenceClassification.from_config(config)  # the head is not the adapter's
+        return AutoModelForCausalLM.from_config(config)

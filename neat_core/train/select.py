@@ -9,16 +9,19 @@ How (`train_auto`, which `train` calls for `spec.method == "auto"`):
    customer's and stays untouched): a shuffle seeded by `spec.seed`, dev = 20% of the examples, at most 256, at
    least 1; the rest is the candidates' training part. For classification a row only goes to dev while its label
    keeps at least one row in the training part, so every candidate sees every label (and has the final run's head).
-3. The race. The first m candidates in the order each train with the final run's schedule (its resolved n_epochs,
+3. The size. Every candidate is sized to one trainable-parameter budget, LoRA's default count on the run's model
+   (`neat_core.methods.budget`: each method's rank r with the nearest count), the budget the order was measured at:
+   on SmolLM2 NEAT r = 10 and Lily r = 35, where their default ranks give 20% and 31% fewer parameters.
+4. The race. The first m candidates in the order each train with the final run's schedule (its resolved n_epochs,
    batch size, learning rate, sequence length) capped at k steps, and are scored by their loss on dev
    (`full_valid_loss`, lower is better: less noisy than accuracy after a few steps). The lowest wins, except that
    dev losses within TIE_TOLERANCE (1%, relative) of the lowest are a tie, and a tie goes to the earlier candidate:
    differences that small after a few steps are within the seed noise (docs/quality.md), so the prior decides.
-4. The winner trains on the whole training file (and the validation file, if any) with its default ("auto")
-   hyperparameters; the report goes into `TrainResult.selection`, `output_dir/selection.json` and
-   `Callback.on_selection`.
+5. The winner trains on the whole training file (and the validation file, if any) at that size, with its other
+   hyperparameters at their defaults ("auto"); the report goes into `TrainResult.selection`,
+   `output_dir/selection.json` and `Callback.on_selection`.
 
-Budget. With N the final run's optimiser steps, s = the candidates' steps per epoch on the training part and
+Compute budget. With N the final run's optimiser steps, s = the candidates' steps per epoch on the training part and
 d = dev batches per evaluation (the loop evaluates at each epoch end and at its last step, so a candidate of
 k steps evaluates ceil(k/s) times), a dev evaluation of d batches is counted as d/3 training steps (forward only,
 no backward). m candidates of k steps cost
@@ -56,9 +59,11 @@ from neat_core.artifacts import read_manifest
 from neat_core.data.formats import read_examples
 from neat_core.errors import DataFormatError
 from neat_core.methods import get_method, method_names
+from neat_core.methods.budget import REFERENCE, equal_budget_ranks
 from neat_core.methods.quality import ranking
 from neat_core.methods.specs import AUTO, check_auto_options, usable_methods
 from neat_core.models.catalog import model_type
+from neat_core.models.loading import skeleton
 from neat_core.train.callbacks import Callback
 from neat_core.train.checkpoint import LoopState
 from neat_core.train.loop import TrainResult, train
@@ -87,7 +92,9 @@ def train_auto(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResu
             cb.on_selection(report)
     else:  # reported when it was made: the resumed run only carries it over
         _write_report(spec.output_dir / REPORT, report)
-    result = train(replace(spec, method=report["chosen"], adapter={}), callbacks)
+    # The winner at the equal budget it was compared at (an earlier report without one: the method's defaults)
+    sized = report.get("budget", {}).get("ranks", {}).get(report["chosen"])
+    result = train(replace(spec, method=report["chosen"], adapter={} if sized is None else {"r": sized}), callbacks)
     result.selection = report
     return result
 
@@ -181,7 +188,9 @@ def _select(spec: TrainSpec, given: list[str] | None, callbacks: Sequence[Callba
     steps_per_epoch = math.ceil(len(rest) / final.batch_size)
     dev_batches = math.ceil(len(dev) / final.batch_size)
     m, k = race_plan(final.total_steps, len(order), steps_per_epoch, dev_batches)
-    rows = _race(spec, order[:m], k, final, rest, dev, callbacks) if m else []
+    budget, ranks = equal_budget_ranks(lambda: skeleton(str(spec.base_model), task=fmt.task, cache_dir=spec.cache_dir),
+                                       order)  # fmt: skip
+    rows = _race(spec, order[:m], k, final, rest, dev, ranks, callbacks) if m else []
     if rows is None:
         return None
     cost = sum(selection_cost(r["steps"], steps_per_epoch, dev_batches) for r in rows)
@@ -192,6 +201,8 @@ def _select(spec: TrainSpec, given: list[str] | None, callbacks: Sequence[Callba
         "candidates": rows,  # the raced ones, in order
         "not_raced": order[m:] if m else order,
         "tie_tolerance": TIE_TOLERANCE,
+        # every candidate (raced, and the winner) at LoRA's default parameter count: neat_core.methods.budget
+        "budget": {"reference": REFERENCE, "adapter_parameters": budget, "ranks": ranks},
         "dev_examples": len(dev),
         "train_examples": len(rest),
         "budget_fraction": SELECTION_BUDGET,
@@ -205,7 +216,7 @@ def _select(spec: TrainSpec, given: list[str] | None, callbacks: Sequence[Callba
 
 
 def _race(spec: TrainSpec, names: list[str], k: int, final: Schedule, rest: list[dict], dev: list[dict],
-          callbacks: Sequence[Callback]) -> list[dict[str, Any]] | None:  # fmt: skip
+          ranks: dict[str, int], callbacks: Sequence[Callback]) -> list[dict[str, Any]] | None:  # fmt: skip
     """Each candidate's row (see `_candidate_row`), or None when the caller cancelled."""
     scratch = spec.output_dir / SCRATCH
     shutil.rmtree(scratch, ignore_errors=True)  # an interrupted earlier selection in this folder
@@ -219,7 +230,8 @@ def _race(spec: TrainSpec, names: list[str], k: int, final: Schedule, rest: list
             # decay from the capped total: each candidate runs a whole short schedule, which is what we want to
             # compare, not the first k steps of a long one.
             candidate = replace(
-                spec, method=name, adapter={}, training_file=train_part, validation_file=dev_part,
+                spec, method=name, adapter={"r": ranks[name]} if name in ranks else {},
+                training_file=train_part, validation_file=dev_part,
                 output_dir=scratch / name, max_steps=k, n_epochs=final.n_epochs, batch_size=final.batch_size,
                 resume_from=None, checkpoint_every=None, keep_checkpoints=1,
             )  # fmt: skip

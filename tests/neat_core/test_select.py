@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 
 from neat_core.errors import InvalidHyperparameterError
 from neat_core.methods import method_names
+from neat_core.methods.budget import adapter_parameters, equal_budget_ranks
 from neat_core.methods.quality import ranking
+from neat_core.models.loading import skeleton
 from neat_core.train import Callback, TrainSpec, latest_checkpoint, train
 from neat_core.train.select import (
     MAX_DEV_EXAMPLES,
@@ -91,6 +93,10 @@ def test_every_method_is_raced_in_the_measured_order_and_the_lowest_dev_loss_win
     assert all(0 <= c["dev_accuracy"] <= 1 for c in report["candidates"])
     assert report["dev_examples"] == 8 and report["train_examples"] == 32 and report["final_steps"] == 80
     assert report["used_fraction"] <= SELECTION_BUDGET
+    # every candidate, and the winner, at the equal budget (LoRA's default count)
+    ranks = report["budget"]["ranks"]
+    assert report["budget"]["reference"] == "lora" and set(ranks) == set(report["order"])
+    assert result.hyperparameters["adapter"]["r"] == ranks[report["chosen"]]
     # the caller saw the choice once, then the winner's run alone (its 80 steps, not the candidates')
     assert spy.selections == [report] and len(spy.begins) == 1 and spy.steps == 80
     assert spy.begins[0]["hyperparameters"]["method"] == report["chosen"]
@@ -214,3 +220,17 @@ def test_bad_options_are_refused_by_name(tiny_models, tmp_path, adapter, field):
     with pytest.raises(InvalidHyperparameterError) as refused:
         train(_spec(tiny_models, tmp_path, adapter=adapter))
     assert refused.value.field == field
+
+
+def test_every_method_is_sized_to_the_count_nearest_loras_default(tiny_models):
+    # the tiny Llama's v_proj is 32 -> 16 (grouped-query attention), so NEAT's default rank gives fewer parameters
+    # than LoRA's, as on SmolLM2
+    def build():
+        return skeleton(str(tiny_models["llama"]), task="causal_lm")
+
+    budget, ranks = equal_budget_ranks(build, method_names())
+    assert budget == adapter_parameters(build, "lora") and ranks["lora"] == 8
+    assert adapter_parameters(build, "neat") < budget and ranks["neat"] > 8  # the default undersized it
+    for name, r in ranks.items():
+        gap = abs(adapter_parameters(build, name, r=r) - budget)
+        assert all(gap <= abs(adapter_parameters(build, name, r=n) - budget) for n in (r - 1, r + 1) if n >= 1), name
