@@ -275,6 +275,8 @@ def test_an_auto_adapter_job_picks_its_method_on_the_data(service):
     assert [c["method"] for c in selection["candidates"]] == ["neat", "lora"]
     assert selection["chosen"] in ("neat", "lora") and shown["adapter"]["type"] == selection["chosen"]
     assert all(c["dev_loss"] > 0 and c["adapter_parameters"] > 0 for c in selection["candidates"])
+    # raced at one budget, LoRA's default count (on MiniLM NEAT's default rank already gives it)
+    assert {c["adapter_parameters"] for c in selection["candidates"]} == {selection["budget"]["adapter_parameters"]}
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
     assert sum(m.startswith("Method selection: ") for m in messages) == 2
     assert any(m.startswith(f"Selected {selection['chosen']} for the full run") for m in messages)

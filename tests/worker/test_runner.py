@@ -142,6 +142,7 @@ def test_an_auto_adapter_job_reports_its_choice_and_trains_the_winner(settings, 
     shown = job_object(job)
     assert shown["adapter_selection"] == report
     assert shown["adapter"]["type"] == report["chosen"] and "target_modules" in shown["adapter"]  # resolved, not "auto"
+    assert shown["adapter"]["r"] == report["budget"]["ranks"][report["chosen"]]  # at the budget it was raced at
     assert job.adapter == AUTO_TWO  # what was asked for stays on the row
 
     messages = [e.message for e in get_events(settings, job_id)]
