@@ -40,11 +40,12 @@ def _original_weight(layer: BaseTunerLayer) -> torch.Tensor:
     return saved if layer.merged and saved is not None else layer.get_base_layer().weight
 
 
-def base_weights_sha256(model: PeftModel) -> str:
-    """Hash of the frozen weights the adapter reads (every adapted layer, original values, model order)."""
+def base_weights_sha256(model: PeftModel, dtype: torch.dtype | None = None) -> str:
+    """Hash of the frozen weights the adapter reads (every adapted layer, original values, model order), as they
+    are or cast to `dtype`: an fp32 base cast to bf16 hashes as the same base loaded in bf16 (the same rounding)."""
     digest = hashlib.sha256()
     for name, layer in adapted_layers(model):
-        weight = _original_weight(layer).detach().to("cpu").contiguous()
+        weight = _original_weight(layer).detach().to("cpu", dtype=dtype).contiguous()
         digest.update(f"{name}:{weight.dtype}:{tuple(weight.shape)};".encode())
         digest.update(weight.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -101,6 +102,9 @@ def export_lora(
                     "source_method": method.name,
                     "rank": r,
                     "base_weights_sha256": base_weights_hash or base_weights_sha256(model),
+                    # the dtype the factors were computed against: exact for that base, off by its rounding on
+                    # another (a bf16-trained adapter served on the fp32 base)
+                    "base_dtype": str(_base_dtype(model)).removeprefix("torch."),
                 },
                 indent=2,
             )
@@ -117,5 +121,10 @@ def export_lora(
 def check_base(model: PeftModel, lora_dir: str | os.PathLike) -> None:
     """Raise unless `model`'s base weights are the ones the export in `lora_dir` was computed from."""
     info = json.loads((Path(lora_dir) / "export.json").read_text())
-    if info["base_weights_sha256"] != base_weights_sha256(model):
+    dtype = getattr(torch, info.get("base_dtype", "float32"))
+    if info["base_weights_sha256"] != base_weights_sha256(model, dtype if dtype != _base_dtype(model) else None):
         raise ArtifactError("this LoRA export was computed from different base weights; re-export it")
+
+
+def _base_dtype(model: PeftModel) -> torch.dtype:
+    return next(_original_weight(layer).dtype for _, layer in adapted_layers(model))

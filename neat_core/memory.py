@@ -31,7 +31,7 @@ AUTO = "auto"
 # not time, is what limits a job.
 CHECKPOINTING_MIN_PARAMETERS = 1_000_000_000
 
-FP32 = 4  # bytes: the loop loads base weights in fp32 (neat_core.models.loading) and keeps fp32 master adapters
+FP32 = 4  # bytes: base weights on a CPU (bf16, 2, on GPUs: neat_core.devices.base_weights_dtype); adapters always
 ADAM_BYTES_PER_TRAINABLE = 4 * FP32  # weight, gradient, AdamW's two moments
 # Activation elements the backward pass keeps per token per transformer layer, in units of the hidden size h and
 # the intermediate size i: layer-norm inputs and outputs, q/k/v/attention output, residuals (~10 h), and the MLP's
@@ -201,8 +201,8 @@ def estimate_training_memory(
 ) -> MemoryEstimate:
     """Peak bytes of one training step, as the sum of:
 
-    - base weights: parameters x `dtype_bytes` (fp32: the loop loads bases in fp32; bf16 autocast on a GPU casts
-      per op and keeps the weights fp32);
+    - base weights: parameters x `dtype_bytes` (4 on a CPU; 2 on a GPU with bf16, where "auto" loads the base
+      in bf16: neat_core.devices.base_weights_dtype);
     - adapter: `adapter_targets` adapted modules per layer (q and v: the methods' "auto"), each r x (h + h)
       parameters (an r-wide factor pair, the size of a LoRA/NEAT adapter on a square projection), x 16 bytes:
       fp32 weight, gradient and AdamW's two moments;
@@ -252,6 +252,7 @@ def estimate_job_memory(
     preference_pairs: bool = False,
     adapter: dict[str, Any] | None = None,
     gradient_checkpointing: bool | str = AUTO,
+    dtype_bytes: int = FP32,
     activation_bytes: int = FP32,
     cache_dir: Path | None = None,
 ) -> MemoryEstimate | None:
@@ -277,6 +278,7 @@ def estimate_job_memory(
         gradient_checkpointing=gradient_checkpointing,
         adapter_rank=rank,
         adapter_targets=len(targets) if isinstance(targets, list) and targets else 2,
+        dtype_bytes=dtype_bytes,
         activation_bytes=activation_bytes,
     )
 

@@ -53,6 +53,9 @@ def _estimate(session: Session, job_id: str, settings: Settings, gpu: bool) -> M
         preference_pairs=job.method_type == "dpo",
         adapter=job.adapter,
         gradient_checkpointing=job.hyperparameters.get("gradient_checkpointing", "auto"),
-        activation_bytes=2 if gpu else 4,  # bf16 autocast on a GPU (neat_core.devices.autocast_dtype)
+        # bf16 base weights and autocast on a GPU (neat_core.devices); a GPU without bf16 (before Ampere) runs
+        # fp32 and needs twice this, which its out-of-memory error then reports
+        dtype_bytes=2 if gpu else 4,
+        activation_bytes=2 if gpu else 4,
         cache_dir=settings.model_cache_dir,
     )

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from neat_core.artifacts import file_sha256, parameter_counts, save_artifact, write_adapter
 from neat_core.data.encode import Collator, encode_examples, label_vocabulary
 from neat_core.data.formats import read_examples
-from neat_core.devices import autocast_dtype, resolve_device
+from neat_core.devices import autocast_dtype, base_weights_dtype, resolve_device
 from neat_core.errors import DataFormatError
 from neat_core.export import base_weights_sha256
 from neat_core.memory import resolve_gradient_checkpointing
@@ -179,7 +179,8 @@ def _set_up(spec: TrainSpec, method, device: torch.device) -> _Run:
         wanted = "the preference format" if spec.objective == "dpo" else "a supervised format, not preference pairs"
         raise DataFormatError(f"a {spec.objective} run needs {wanted}; the training file is {fmt.value}")
     torch.manual_seed(spec.seed)
-    model, tokenizer = load_base(spec.base_model, task=fmt.task, labels=labels, cache_dir=spec.cache_dir)
+    weights = base_weights_dtype(device, spec.base_dtype)
+    model, tokenizer = load_base(spec.base_model, task=fmt.task, labels=labels, cache_dir=spec.cache_dir, dtype=weights)
     checkpointing = resolve_gradient_checkpointing(spec.gradient_checkpointing, model.num_parameters())
     if checkpointing:
         _enable_checkpointing(model)
@@ -188,6 +189,7 @@ def _set_up(spec: TrainSpec, method, device: torch.device) -> _Run:
         spec, task=fmt.task, n_examples=len(train_examples), base_learning_rate=method.learning_rate(fmt.task)
     )
     model = method.wrap(model, method.peft_config(model, adapter_hp)).to(device)
+    _fp32_masters(model)
     model.train()
     label2id = {label: i for i, label in enumerate(labels)} if labels else None
     encode = {"max_length": schedule.max_seq_len, "label2id": label2id}
@@ -204,6 +206,15 @@ def _set_up(spec: TrainSpec, method, device: torch.device) -> _Run:
         valid_set=encode_examples(valid_examples, fmt, tokenizer, **encode),
         collate=Collator(tokenizer.pad_token_id),
     )
+
+
+def _fp32_masters(model) -> None:
+    """Every trainable weight in fp32, whatever the base's dtype: the adapter (peft casts its own layers, not a
+    classification head it copies from a bf16 base) and the head. A bf16 weight would round away an update below
+    2^-8 of its size, which is most of AdamW's late steps; the frozen base stays as loaded."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def _batch(run: _Run, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
@@ -266,17 +277,21 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
 
         return train_auto(spec, callbacks)
     device = resolve_device(spec.device)
-    amp = autocast_dtype(device)
+    weights = base_weights_dtype(device, spec.base_dtype)
+    amp = autocast_dtype(device, weights)
     method = get_method(spec.method)
     run = _set_up(spec, method, device)
     model, schedule, adapter_hp = run.model, run.schedule, run.adapter_hp
-    method_state = _method_state(spec, method, run, device)
+    with _autocast(device, amp):  # its forwards (HEAT's scoring) meet the base in the training steps' dtype
+        method_state = _method_state(spec, method, run, device)
     params, optimizer, scheduler = _optimiser(model, schedule)
     hyperparameters = {"method": method.name, **asdict(schedule), "seed": spec.seed, "adapter": adapter_hp}
     if run.beta is not None:  # only DPO runs carry these, so supervised checkpoints keep their fingerprint
         hyperparameters.update(objective="dpo", beta=run.beta)
     if run.gradient_checkpointing:  # likewise only when on: runs without it keep the fingerprint they always had
         hyperparameters["gradient_checkpointing"] = True
+    if weights != torch.float32:  # likewise: a bf16 base computes other numbers than the fp32 one
+        hyperparameters["base_dtype"] = str(weights).removeprefix("torch.")
     fingerprint = {  # a checkpoint only resumes into the run that wrote it
         "base_model": spec.base_model,
         "training_file_sha256": file_sha256(spec.training_file),

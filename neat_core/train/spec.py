@@ -37,6 +37,9 @@ class TrainSpec:
     # Activation checkpointing: "auto" turns it on for bases of CHECKPOINTING_MIN_PARAMETERS or more
     # (neat_core.memory.resolve_gradient_checkpointing); it changes memory and time, never the numbers.
     gradient_checkpointing: bool | str = AUTO
+    # The frozen base's dtype: "auto" is bf16 on GPUs that support it, fp32 elsewhere (neat_core.devices.
+    # base_weights_dtype); "float32" / "bfloat16" force one. Adapters train in fp32 either way.
+    base_dtype: str = AUTO
     max_steps: int | None = None  # hard cap on optimiser steps (demos, tests)
     seed: int = 0
     checkpoint_every: int | None = None  # in steps; None: at the end of every epoch
