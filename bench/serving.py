@@ -41,25 +41,26 @@ N_ADAPTERS = 32
 N_COLD = 6
 
 
-def make_adapters(model_id: str, task: str, root: Path, n: int) -> list[Path]:
-    """n NEAT adapters (r=8, q/v) with random weights, saved as training saves them."""
+def make_adapters(model_id: str, task: str, root: Path, n: int, method: str = "neat") -> list[Path]:
+    """n adapters of `method` (NEAT or LoRA, r=8, q/v) with random weights, saved as training saves them."""
     import torch
 
     from neat_core.methods import attach
     from neat_core.models import load_base
 
     base, _ = load_base(model_id, task=task, labels=LABELS)
-    model = attach(base, "neat", r=8)
+    model = attach(base, method, r=8)
+    trained = {"neat": "peanut_B", "lora": "lora_B"}[method]  # zero at initialisation: the adapter would be a no-op
     dirs = []
     for i in range(n):
         generator = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if "peanut_B" in name:
+                if trained in name:
                     p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
-        out = root / f"adapter-{i:02d}"
+        out = root / f"{method}-{i:02d}"
         model.save_pretrained(out)
-        manifest = {"method": "neat", "task": task, "base_model": model_id, "labels": LABELS}
+        manifest = {"method": method, "task": task, "base_model": model_id, "labels": LABELS}
         (out / "manifest.json").write_text(json.dumps(manifest))
         dirs.append(out)
     return dirs

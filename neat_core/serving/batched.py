@@ -6,7 +6,10 @@ gathers them per row (the Punica / S-LoRA layout):
 
     y = base(x) + (x A[idx]ᵀ) B[idx]ᵀ      A: (n_slots, r_max, d_in)   B: (n_slots, d_out, r_max)   idx: (B,)
 
-Slot 0 is all zeros (base-model rows) and smaller ranks are zero-padded to r_max, both exact. A classification
+Slot 0 is all zeros (base-model rows) and smaller ranks are zero-padded to r_max, both exact. A batch whose rows all
+share one adapter (an interactive user alone on the server) runs on a merged copy, W0 + B A, of each adapted layer
+instead: the base's own single op, where the low-rank path adds two small ones per layer whose dispatch on a CPU
+costs as much as their arithmetic (docs/benchmarks.md, "One adapter's cost per decode step"). A classification
 adapter's own head (peft's modules_to_save) is served the same way with full per-row weights (`MultiAdapterHead`).
 
 Written by hand because peft serves one adapter per forward (its mixed-batch mode loops over adapters in Python and
@@ -16,6 +19,7 @@ still wraps the model per adapter), and NEAT's factors are computed here, not by
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +31,11 @@ from transformers.pytorch_utils import Conv1D
 
 from neat_core.errors import ArtifactError
 from neat_core.serving.factors import AdapterFactors
+
+# Per adapted layer, how many adapters keep a merged copy (W0 + B A): the hot one. Each copy is the size of the
+# layer's base weight (SmolLM2's q/v: 53 MB in fp32; a 7B model's q/v in bf16: 1.3 GB), memory the adapter cache's
+# budget does not count; 0 turns merging off (every batch on the low-rank path).
+MERGED_ADAPTERS = 1
 
 
 class SlotContext(threading.local):
@@ -59,6 +68,10 @@ class MultiAdapterLinear(nn.Module):
         self.register_buffer("A", weight.new_zeros(1, 0, self.in_features), persistent=False)  # (n_slots, r, d_in)
         self.register_buffer("B", weight.new_zeros(1, self.out_features, 0), persistent=False)  # (n_slots, d_out, r)
         self.occupied: set[int] = set()
+        # slot -> W0 + B A in the base layer's own layout, least recently used first; at most `max_merged`
+        self.merged: OrderedDict[int, Tensor] = OrderedDict()
+        self.max_merged = MERGED_ADAPTERS
+        self._merged_lock = threading.Lock()  # passes of different threads may share this layer
 
     def reserve(self, n_slots: int, rank: int = 0) -> None:
         """Grow the tables to `n_slots` slots and rank `rank` at least, zero-filled: existing slots are unchanged.
@@ -82,18 +95,53 @@ class MultiAdapterLinear(nn.Module):
         self.A[slot, : a.shape[0]] = a.to(self.A)
         self.B[slot, :, : b.shape[1]] = b.to(self.B)
         self.occupied.add(slot)
+        self.forget_merged(slot)
 
     def clear_slot(self, slot: int) -> None:
         if slot < self.A.shape[0]:
             self.A[slot].zero_()
             self.B[slot].zero_()
         self.occupied.discard(slot)
+        self.forget_merged(slot)
+
+    def forget_merged(self, slot: int | None = None) -> None:
+        """Drop a slot's merged copy (every slot's with None)."""
+        with self._merged_lock:
+            if slot is None:
+                self.merged.clear()
+            else:
+                self.merged.pop(slot, None)
+
+    def merged_weight(self, slot: int) -> Tensor:
+        """W0 + B A for `slot`, in the base weight's layout ((d_out, d_in) nn.Linear, (d_in, d_out) Conv1D),
+        computed on first use and kept while among the `max_merged` most recently used."""
+        with self._merged_lock:
+            weight = self.merged.get(slot)
+            if weight is not None:
+                self.merged.move_to_end(slot)
+                return weight
+        base = self.base_layer.weight
+        delta = self.B[slot] @ self.A[slot]  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
+        weight = base + (delta if isinstance(self.base_layer, nn.Linear) else delta.t()).to(base.dtype)
+        with self._merged_lock:
+            self.merged[slot] = weight
+            while len(self.merged) > self.max_merged:
+                self.merged.popitem(last=False)
+        return weight
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base_layer(x)  # (B, T, d_out)
         if not self.context.active_for(self.occupied):
-            return y  # no row of this batch has an adapter on this layer: base speed
+            return self.base_layer(x)  # no row of this batch has an adapter on this layer: base speed
         only = self.context.only
+        if only is not None and self.max_merged and x.dtype == self.base_layer.weight.dtype == self.A.dtype:
+            # Every row on one adapter: the base layer's one op on W0 + B A (x (B, T, d_in) -> (B, T, d_out)).
+            weight, bias = self.merged_weight(only), self.base_layer.bias
+            if isinstance(self.base_layer, nn.Linear):
+                return F.linear(x, weight, bias)
+            flat = x.reshape(-1, self.in_features)  # Conv1D: y = x W + b with W (d_in, d_out)
+            y = flat @ weight if bias is None else torch.addmm(bias, flat, weight)
+            return y.view(*x.shape[:-1], self.out_features)
+        y = self.base_layer(x)  # (B, T, d_out)
         if only is not None and y.dtype == self.A.dtype:
             # One adapter for the whole batch: two plain matmuls, the second accumulating into the base output in
             # place (y is this forward's own fresh tensor). On CPU each op's dispatch costs as much as its math at
@@ -184,6 +232,15 @@ class MultiAdapterModel:
         self._adapters: dict[str, AdapterFactors] = {}
         self._num_labels: dict[str, int | None] = {}
         self._layers: dict[str, MultiAdapterLinear | MultiAdapterHead] = {}
+        self.merged_adapters = MERGED_ADAPTERS
+
+    def set_merged_adapters(self, n: int) -> None:
+        """How many adapters keep a merged copy of each adapted layer (MERGED_ADAPTERS; 0: none)."""
+        self.merged_adapters = n
+        for layer in self._layers.values():
+            if isinstance(layer, MultiAdapterLinear):
+                layer.max_merged = n
+                layer.forget_merged()
 
     def slots(self) -> dict[str, int]:
         """adapter id -> slot, for every loaded adapter."""
@@ -288,6 +345,8 @@ class MultiAdapterModel:
             parent, _, child = name.rpartition(".")
             owner = self.model.get_submodule(parent) if parent else self.model
             layer = kind(getattr(owner, child), self.context)
+            if isinstance(layer, MultiAdapterLinear):
+                layer.max_merged = self.merged_adapters
             setattr(owner, child, layer)
             self._layers[name] = layer
         return self._layers[name]

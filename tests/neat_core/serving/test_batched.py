@@ -234,3 +234,38 @@ def test_batch_on_one_adapter_takes_the_plain_path_and_equals_peft(kind, tiny_mo
             alone = model(input_ids=ids[i : i + 1, :n]).logits[0]
             assert (batched[i, :n] - alone).abs().max() <= 1e-4, f"row {i}"
     assert seen and set(seen) == {served.slots()["neat-b"]}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])  # nn.Linear and Conv1D
+def test_the_hot_adapter_runs_on_a_merged_copy_equal_to_the_low_rank_path(kind, tiny_models, saved):
+    served = serving_model(kind, tiny_models, saved)
+    linears = [layer for layer in served._layers.values() if isinstance(layer, MultiAdapterLinear)]
+    slots = served.slots()
+    ids, mask = padded_batch([7, 5, 9])
+
+    def merged_on(name: str) -> bool:  # `name`'s copy, and only it, on every layer `name` adapts
+        return all(list(layer.merged) == [slots[name]] for layer in linears if slots[name] in layer.occupied)
+
+    with torch.no_grad():
+        merged = served(ids, mask, adapter_ids=["neat-b"] * 3).logits
+        assert merged_on("neat-b") and any(layer.merged for layer in linears)
+        base_weights = [layer.base_layer.weight.clone() for layer in linears]
+        served(ids, mask, adapter_ids=["neat-a"] * 3)  # another adapter alone: it takes the one merged place
+        assert merged_on("neat-a")
+        served(ids, mask, adapter_ids=["neat-a", None, "neat-b"])  # a mixed batch: the low-rank path, no copy
+        assert merged_on("neat-a")
+        served.set_merged_adapters(0)
+        low_rank = served(ids, mask, adapter_ids=["neat-b"] * 3).logits
+        assert all(not layer.merged for layer in linears)
+    assert (merged - low_rank).abs().max() <= 1e-5
+    assert all(torch.equal(layer.base_layer.weight, w) for layer, w in zip(linears, base_weights, strict=True))
+
+    # a slot loaded anew (an evicted adapter's slot reused) never serves the old merged copy
+    served.set_merged_adapters(1)
+    with torch.no_grad():
+        served(ids, mask, adapter_ids=["neat-b"] * 3)
+        served.remove("neat-b")
+        served.add(load_factors(saved[kind]["neat-a"][1], served.model, adapter_id="neat-b"))  # neat-a's factors
+        again = served(ids, mask, adapter_ids=["neat-b"] * 3).logits
+        expected = served(ids, mask, adapter_ids=["neat-a"] * 3).logits
+    assert (again - expected).abs().max() <= 1e-5 and (again - merged).abs().max() > 1e-3
