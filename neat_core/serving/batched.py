@@ -36,6 +36,11 @@ from neat_core.serving.factors import AdapterFactors
 # layer's base weight (SmolLM2's q/v: 53 MB in fp32; a 7B model's q/v in bf16: 1.3 GB), memory the adapter cache's
 # budget does not count; 0 turns merging off (every batch on the low-rank path).
 MERGED_ADAPTERS = 1
+# A copy is built once its adapter has had MERGE_AFTER batches to itself in a row (decode steps, mostly): building
+# one costs several of its layer's decode steps, so two adapters taking turns alone would otherwise rebuild their
+# copies at every step (bench/adapter_overhead.py measured that at 0.71 of the base's speed); they stay on the
+# low-rank path instead.
+MERGE_AFTER = 8
 
 
 class SlotContext(threading.local):
@@ -72,6 +77,7 @@ class MultiAdapterLinear(nn.Module):
         self.merged: OrderedDict[int, Tensor] = OrderedDict()
         self.max_merged = MERGED_ADAPTERS
         self._merged_lock = threading.Lock()  # passes of different threads may share this layer
+        self._streak = (0, 0)  # (slot, how many batches in a row it has had to itself)
 
     def reserve(self, n_slots: int, rank: int = 0) -> None:
         """Grow the tables to `n_slots` slots and rank `rank` at least, zero-filled: existing slots are unchanged.
@@ -105,21 +111,27 @@ class MultiAdapterLinear(nn.Module):
         self.forget_merged(slot)
 
     def forget_merged(self, slot: int | None = None) -> None:
-        """Drop a slot's merged copy (every slot's with None)."""
+        """Drop a slot's merged copy (every slot's with None); the next copy waits for a new run of batches."""
         with self._merged_lock:
+            self._streak = (0, 0)
             if slot is None:
                 self.merged.clear()
             else:
                 self.merged.pop(slot, None)
 
-    def merged_weight(self, slot: int) -> Tensor:
-        """W0 + B A for `slot`, in the base weight's layout ((d_out, d_in) nn.Linear, (d_in, d_out) Conv1D),
-        computed on first use and kept while among the `max_merged` most recently used."""
+    def merged_weight(self, slot: int) -> Tensor | None:
+        """W0 + B A for `slot`, in the base weight's layout ((d_out, d_in) nn.Linear, (d_in, d_out) Conv1D): kept
+        while among the `max_merged` most recently used, built once the slot has had MERGE_AFTER batches to itself
+        in a row; None before that."""
         with self._merged_lock:
             weight = self.merged.get(slot)
             if weight is not None:
                 self.merged.move_to_end(slot)
                 return weight
+            streak = self._streak[1] + 1 if self._streak[0] == slot else 1
+            self._streak = (slot, streak)
+            if streak < MERGE_AFTER:
+                return None
         base = self.base_layer.weight
         delta = self.B[slot] @ self.A[slot]  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
         weight = base + (delta if isinstance(self.base_layer, nn.Linear) else delta.t()).to(base.dtype)
@@ -133,9 +145,14 @@ class MultiAdapterLinear(nn.Module):
         if not self.context.active_for(self.occupied):
             return self.base_layer(x)  # no row of this batch has an adapter on this layer: base speed
         only = self.context.only
-        if only is not None and self.max_merged and x.dtype == self.base_layer.weight.dtype == self.A.dtype:
+        merged = None
+        if only is None:
+            self._streak = (0, 0)  # a mixed batch ends every adapter's run of batches alone
+        elif self.max_merged and x.dtype == self.base_layer.weight.dtype == self.A.dtype:
+            merged = self.merged_weight(only)
+        if merged is not None:
             # Every row on one adapter: the base layer's one op on W0 + B A (x (B, T, d_in) -> (B, T, d_out)).
-            weight, bias = self.merged_weight(only), self.base_layer.bias
+            weight, bias = merged, self.base_layer.bias
             if isinstance(self.base_layer, nn.Linear):
                 return F.linear(x, weight, bias)
             flat = x.reshape(-1, self.in_features)  # Conv1D: y = x W + b with W (d_in, d_out)

@@ -15,6 +15,7 @@ from neat_core.export import adapted_layers
 from neat_core.methods import attach, get_method
 from neat_core.models import load_base
 from neat_core.serving import MultiAdapterLinear, MultiAdapterModel, load_factors
+from neat_core.serving.batched import MERGE_AFTER
 from neat_core.serving.engine import KV_CACHE
 from tests.neat_core.serving.adapters import BASE_LABELS, fresh_base, randomise, reference
 
@@ -246,26 +247,40 @@ def test_the_hot_adapter_runs_on_a_merged_copy_equal_to_the_low_rank_path(kind, 
     def merged_on(name: str) -> bool:  # `name`'s copy, and only it, on every layer `name` adapts
         return all(list(layer.merged) == [slots[name]] for layer in linears if slots[name] in layer.occupied)
 
+    def alone(name: str, times: int = 1) -> torch.Tensor:
+        for _ in range(times):
+            logits = served(ids, mask, adapter_ids=[name] * 3).logits
+        return logits
+
     with torch.no_grad():
-        merged = served(ids, mask, adapter_ids=["neat-b"] * 3).logits
+        for _ in range(MERGE_AFTER):  # two adapters taking turns alone on a layer: no copy there (no rebuild per
+            alone("neat-a"), alone("neat-b")  # step); a layer only one of them adapts sees that one's run
+        shared = [layer for layer in linears if {slots["neat-a"], slots["neat-b"]} <= layer.occupied]
+        assert shared and not any(layer.merged for layer in shared)
+        for layer in linears:
+            layer.forget_merged()
+        low_rank = alone("neat-b", MERGE_AFTER - 1)  # not yet: the copy comes with the MERGE_AFTER-th batch
+        assert not any(layer.merged for layer in linears)
+        merged = alone("neat-b")
         assert merged_on("neat-b") and any(layer.merged for layer in linears)
         base_weights = [layer.base_layer.weight.clone() for layer in linears]
-        served(ids, mask, adapter_ids=["neat-a"] * 3)  # another adapter alone: it takes the one merged place
+        alone("neat-a", MERGE_AFTER)  # another adapter's run: it takes the one merged place
         assert merged_on("neat-a")
         served(ids, mask, adapter_ids=["neat-a", None, "neat-b"])  # a mixed batch: the low-rank path, no copy
         assert merged_on("neat-a")
         served.set_merged_adapters(0)
-        low_rank = served(ids, mask, adapter_ids=["neat-b"] * 3).logits
+        off = alone("neat-b", MERGE_AFTER)
         assert all(not layer.merged for layer in linears)
-    assert (merged - low_rank).abs().max() <= 1e-5
+    assert (merged - low_rank).abs().max() <= 1e-5 and torch.equal(off, low_rank)
     assert all(torch.equal(layer.base_layer.weight, w) for layer, w in zip(linears, base_weights, strict=True))
 
     # a slot loaded anew (an evicted adapter's slot reused) never serves the old merged copy
     served.set_merged_adapters(1)
     with torch.no_grad():
-        served(ids, mask, adapter_ids=["neat-b"] * 3)
+        alone("neat-b", MERGE_AFTER)
         served.remove("neat-b")
         served.add(load_factors(saved[kind]["neat-a"][1], served.model, adapter_id="neat-b"))  # neat-a's factors
-        again = served(ids, mask, adapter_ids=["neat-b"] * 3).logits
-        expected = served(ids, mask, adapter_ids=["neat-a"] * 3).logits
+        again = alone("neat-b", MERGE_AFTER)
+        assert merged_on("neat-b")
+        expected = served(ids, mask, adapter_ids=["neat-a", "neat-b", "neat-a"]).logits
     assert (again - expected).abs().max() <= 1e-5 and (again - merged).abs().max() > 1e-3
