@@ -37,6 +37,9 @@ class TrainSpec:
     # Activation checkpointing: "auto" turns it on for bases of CHECKPOINTING_MIN_PARAMETERS or more
     # (neat_core.memory.resolve_gradient_checkpointing); it changes memory and time, never the numbers.
     gradient_checkpointing: bool | str = AUTO
+    # Data-parallel processes (neat_core.train.distributed): one per GPU, or gloo processes on the CPU. The global
+    # batch is the same as one process's; each takes batch_size / n_devices of its rows.
+    n_devices: int = 1
     max_steps: int | None = None  # hard cap on optimiser steps (demos, tests)
     seed: int = 0
     checkpoint_every: int | None = None  # in steps; None: at the end of every epoch

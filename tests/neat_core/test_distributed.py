@@ -1,0 +1,199 @@
+"""Data-parallel training (neat_core.train.distributed) on the CPU: 2 gloo processes train the adapter one process
+trains on the same global batches, resume exactly after the whole process group is SIGKILLed, and stop together on
+a cancel, leaving no process behind."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from neat_core.errors import CheckpointError, DataFormatError, InvalidHyperparameterError
+from neat_core.train import CancelFlag, TrainSpec, latest_checkpoint, list_checkpoints, train
+from tests.conftest import chat_rows, classification_rows, preference_rows, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+RANK_MODULE = "neat_core.train.distributed"
+# Run as a process of its own by the SIGKILL test: the spec (pickled) trains on 2 devices, and after step 5 (step
+# 4's checkpoint is on disk) its launcher kills its whole process group, or itself alone.
+KILLED_RUN = """
+import os, pickle, signal, sys
+from neat_core.train import Callback, train
+
+spec, who = pickle.load(open(sys.argv[1], "rb")), sys.argv[2]
+
+class Kill(Callback):
+    def on_step_end(self, loop, metrics):
+        if loop.step == 5:
+            print("killing", flush=True)
+            if who == "group":
+                os.killpg(0, signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+train(spec, [Kill()])
+"""
+
+
+@pytest.fixture(scope="module")
+def no_dropout(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """The tiny BERT and Llama with dropout off: with it, each rank draws its own masks and the runs differ as two
+    seeds do; without it, 1 process and 2 must give the same adapter."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    out = {}
+    for kind, auto, off in [("bert", AutoModel, {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}),
+                            ("llama", AutoModelForCausalLM, {"attention_dropout": 0.0})]:  # fmt: skip
+        model = auto.from_pretrained(tiny_models[kind], **off)
+        folder = tmp_path_factory.mktemp(f"{kind}-no-dropout")
+        model.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(tiny_models[kind]).save_pretrained(folder)
+        out[kind] = folder
+    return out
+
+
+def adapter_of(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "adapter_model.safetensors")
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def spec(model: Path, data: Path, out: Path, **kw) -> TrainSpec:
+    base = dict(base_model=str(model), training_file=data, output_dir=out, batch_size=4, n_epochs=1, seed=0,
+                device="cpu", learning_rate_multiplier=5.0)  # fmt: skip
+    return TrainSpec(**{**base, **kw})
+
+
+# 11 rows in batches of 4: the last batch has 3 rows, so the ranks' shares differ (2 and 1)
+@pytest.mark.parametrize("kind, rows, method", [("bert", classification_rows(11), "neat"),
+                                                ("llama", chat_rows(11), "neat"),
+                                                ("llama", preference_rows(11), "lora")])  # fmt: skip
+def test_two_processes_train_the_adapter_one_process_trains(no_dropout, tmp_path, kind, rows, method):
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    objective = {"objective": "dpo"} if "input" in rows[0] else {}
+    one = train(spec(no_dropout[kind], data, tmp_path / "one", method=method, **objective))
+    two = train(spec(no_dropout[kind], data, tmp_path / "two", method=method, n_devices=2, **objective))
+    assert two.status == "succeeded" and two.steps == one.steps == 3
+    assert two.hyperparameters == {**one.hyperparameters, "n_devices": 2}
+    difference = max_difference(adapter_of(one.adapter_dir), adapter_of(two.adapter_dir))
+    print(f"{kind} {method}: max |1 process - 2 processes| = {difference:.2e}")
+    assert difference <= 1e-5
+    assert two.metrics["train_loss"] == pytest.approx(one.metrics["train_loss"], abs=1e-5)  # the global batch's
+    assert two.trained_tokens == one.trained_tokens
+
+
+def test_n_devices_is_checked(tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", classification_rows(11))
+    for bad in (0, "2", 2.0, True):
+        with pytest.raises(InvalidHyperparameterError, match="n_devices"):
+            train(spec(tiny_models["bert"], data, tmp_path / "run", n_devices=bad))
+
+
+def ranks_of(launcher: int) -> list[int]:
+    """The pids of the rank processes launcher `launcher` started that are still alive."""
+    alive = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            zombie = "\nState:\tZ" in (proc / "status").read_text()
+        except OSError:
+            continue
+        if any(RANK_MODULE.encode() in arg for arg in argv) and str(launcher).encode() in argv[-3:] and not zombie:
+            alive.append(int(proc.name))
+    return alive
+
+
+def wait_until(predicate, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return value
+
+
+@pytest.fixture(scope="module")
+def eight_steps(tiny_models, tmp_path_factory) -> tuple[TrainSpec, dict[str, torch.Tensor]]:
+    """A 2-device run of 8 steps on the tiny Llama *with* dropout (so every rank's generator must be restored), a
+    checkpoint every 2 steps; and its adapter, uninterrupted."""
+    tmp = tmp_path_factory.mktemp("eight-steps")
+    data = write_jsonl(tmp / "chat.jsonl", chat_rows(16))
+    base = spec(tiny_models["llama"], data, tmp / "uninterrupted", n_epochs=2, n_devices=2, checkpoint_every=2)
+    result = train(base)
+    assert result.steps == 8
+    return base, adapter_of(result.adapter_dir)
+
+
+@pytest.mark.parametrize("who", ["group", "launcher"])
+def test_a_run_sigkilled_after_a_checkpoint_resumes_to_the_uninterrupted_adapter(eight_steps, tmp_path, who):
+    base, expected = eight_steps
+    killed = replace(base, output_dir=tmp_path / "killed")
+    (tmp_path / "spec.pickle").write_bytes(pickle.dumps(killed))
+    (tmp_path / "run.py").write_text(KILLED_RUN)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(tmp_path / "run.py"), str(tmp_path / "spec.pickle"), who]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL and b"killing" in out, out.decode()[-3000:]
+    # "launcher": killed alone, its ranks die with it (PR_SET_PDEATHSIG), none trains on as an orphan
+    assert wait_until(lambda: not ranks_of(proc.pid)), ranks_of(proc.pid)
+    last = latest_checkpoint(killed.checkpoint_dir)
+    assert last is not None and last.name == "step-000004"
+
+    resumed = train(replace(base, output_dir=tmp_path / "resumed", resume_from=last))
+    assert resumed.status == "succeeded" and resumed.steps == 8
+    difference = max_difference(adapter_of(resumed.adapter_dir), expected)
+    print(f"killed ({who}) at step 5, resumed from step 4: max |resumed - uninterrupted| = {difference:.2e}")
+    assert difference <= 1e-6
+
+
+def test_a_checkpoint_resumes_only_on_as_many_devices(eight_steps, tmp_path):
+    base, _ = eight_steps
+    last = latest_checkpoint(base.checkpoint_dir)
+    with pytest.raises(CheckpointError, match="different run"):
+        train(replace(base, output_dir=tmp_path / "one", n_devices=1, resume_from=last))
+
+
+class CancelAt(CancelFlag):
+    """Cancels after step `n`, as the worker's DbProgress would on the API's cancel; counts the steps it saw."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.steps, self.checkpoints = n, [], []
+
+    def on_step_end(self, loop, metrics):
+        self.steps.append(loop.step)
+        if loop.step == self.n:
+            self.cancel()
+
+    def on_checkpoint(self, loop, path, metrics):
+        self.checkpoints.append(loop.step)
+
+
+def test_a_cancel_stops_every_rank_after_the_same_step(tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "cls.jsonl", classification_rows(16))
+    cancel = CancelAt(3)
+    result = train(spec(tiny_models["bert"], data, tmp_path / "run", n_epochs=2, n_devices=2, checkpoint_every=2),
+                   [cancel])  # fmt: skip
+    assert result.cancelled and result.steps == 3 and result.adapter_dir is None
+    assert cancel.steps == [1, 2, 3] and cancel.checkpoints == [2, 3]  # the scheduled one, and the one on cancel
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-000002", "step-000003"]
+    assert not (tmp_path / "run" / "adapter").exists()
+    assert ranks_of(os.getpid()) == []  # every rank has exited
+
+
+def test_a_rank_error_reaches_the_caller_as_itself(tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "cls.jsonl", [{"text": "only one label", "label": "a"}] * 11)
+    with pytest.raises(DataFormatError, match="at least two distinct labels"):
+        train(spec(tiny_models["bert"], data, tmp_path / "run", n_devices=2))
+    assert ranks_of(os.getpid()) == []
