@@ -336,5 +336,3 @@ def _picklable(e: BaseException) -> BaseException:
     except Exception:  # noqa: BLE001
         wrapped = NeatCoreError if isinstance(e, NeatCoreError) else RuntimeError
         return wrapped(f"{type(e).__name__}: {e}")
-
-
