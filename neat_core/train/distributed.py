@@ -125,15 +125,20 @@ class _Group(Replicas):
         return _DDP(model, device_ids=ids, forward_sync_buffers=False)
 
     def shard(self, batch: dict[str, torch.Tensor], units: Callable[[dict], int], pairs: bool):
-        rows = batch["input_ids"].shape[0]  # [B, T], or [2B, T] for B preference pairs
-        n = rows // 2 if pairs else rows
-        mine = list(range(self.rank, n, self.world))
-        share_of = 1.0
-        if not mine:  # a last batch with fewer rows than ranks: a stand-in row that counts for nothing, because every
-            mine, share_of = [0], 0.0  # rank must run a forward and backward for DDP's all-reduce
-        index = torch.tensor(mine + [i + n for i in mine] if pairs else mine)
-        part = {k: v.index_select(0, index) for k, v in batch.items()}
-        return part, share_of * units(part) / max(1, units(batch))
+        n = batch["input_ids"].shape[0] // (2 if pairs else 1)  # rows of [B, T]; pairs of [2B, T] (chosen, rejected)
+
+        def rows(indices: list[int]) -> dict[str, torch.Tensor]:
+            index = torch.tensor(indices + [i + n for i in indices] if pairs else indices, dtype=torch.long)
+            return {k: v.index_select(0, index) for k, v in batch.items()}
+
+        part = rows(list(range(self.rank, n, self.world)))
+        if units(part) > 0:
+            return part, units(part) / units(batch)
+        # None of the loss's denominator is here (a last batch with fewer rows than ranks, or rows whose labels are
+        # all masked, whose mean loss would be 0/0): DDP still needs this rank's forward and backward, so it runs a
+        # row that has some, counted for nothing.
+        stand_in = next((i for i in range(n) if units(rows([i])) > 0), 0)
+        return rows([stand_in]), 0.0
 
     def backward(self, loss: torch.Tensor, stats: dict[str, float], share: float) -> tuple[float, dict[str, float]]:
         (loss * (share * self.world)).backward()  # DDP divides the summed gradients by world

@@ -183,3 +183,22 @@ def test_a_rank_error_reaches_the_caller_as_itself(tiny_models, tmp_path):
     with pytest.raises(DataFormatError, match="at least two distinct labels"):
         train(spec(tiny_models["bert"], data, tmp_path / "run", n_devices=2))
     assert ranks_of(os.getpid()) == []
+
+
+def test_a_rank_without_rows_or_labelled_tokens_runs_a_stand_in_row_that_counts_for_nothing():
+    from neat_core.train.distributed import _Group
+
+    labels = torch.tensor([[-100, 5, 6], [-100, -100, -100], [-100, 7, -100]])  # row 1: nothing to predict
+    batch = {"input_ids": torch.arange(9).view(3, 3), "attention_mask": torch.ones(3, 3), "labels": labels}
+
+    def units(part):  # the loop's, for causal LM: labelled next-token positions
+        return int((part["labels"][:, 1:] != -100).sum())
+
+    parts = [_Group(rank, 2, torch.device("cpu")).shard(batch, units, pairs=False) for rank in range(2)]
+    assert parts[0][0]["input_ids"].tolist() == [[0, 1, 2], [6, 7, 8]] and parts[0][1] == 1.0
+    assert parts[1][0]["input_ids"].tolist() == [[0, 1, 2]] and parts[1][1] == 0.0  # row 1's stand-in: row 0
+    four = [_Group(rank, 4, torch.device("cpu")).shard(batch, units, pairs=False)[1] for rank in range(4)]
+    assert four == [2 / 3, 0.0, 1 / 3, 0.0]  # rank 3 has no row at all
+    pairs = {k: torch.cat([v, v + 100]) for k, v in batch.items() if k != "labels"}  # 3 pairs: 6 rows
+    part, share = _Group(1, 2, torch.device("cpu")).shard(pairs, lambda p: p["input_ids"].shape[0] // 2, pairs=True)
+    assert part["input_ids"][:, 0].tolist() == [3, 103] and share == 1 / 3  # pair 1's chosen and rejected rows
