@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from api.main import create_app
+from control import jobs
 from control.db import session_scope
 from control.keys import add_key
 from control.orm import Job
@@ -36,28 +37,37 @@ def test_a_job_goes_to_the_queue_of_its_device_count(settings):
     assert training_queue(settings, 2) == f"{settings.queue}-n2"
 
 
-def test_a_two_device_job_cancelled_mid_run_stops_every_rank_and_ends_cancelled(settings, tiny_models, monkeypatch):
+@pytest.mark.parametrize("request_", ["cancelling", "pausing"])
+def test_a_two_device_job_cancelled_or_paused_mid_run_stops_every_rank(settings, tiny_models, monkeypatch, request_):
     job_id = insert_job(settings, tiny_models["bert"], classification_rows(16), hyperparameters=TWO_DEVICES)
     original = DbProgress.on_step_end
 
-    def on_step_end(self, loop, metrics):  # the API's cancel, right after step 3 (the callbacks run in this process)
+    def on_step_end(self, loop, metrics):  # the API's cancel or pause, right after step 3 (callbacks run here)
         original(self, loop, metrics)
         if loop.step == 3:
             with session_scope(settings.resolved_database_url) as session:
-                session.execute(update(Job).where(Job.id == job_id).values(status="cancelling"))
+                session.execute(update(Job).where(Job.id == job_id).values(status=request_))
 
     monkeypatch.setattr(DbProgress, "on_step_end", on_step_end)
     monkeypatch.setattr(DbProgress, "poll_seconds", 0.0)
-    assert run_job(job_id, settings.model_copy(update={"worker_devices": 2})) == "cancelled"
+    two_devices = settings.model_copy(update={"worker_devices": 2})
+    stopped = {"cancelling": "cancelled", "pausing": "paused"}[request_]
+    assert run_job(job_id, two_devices) == stopped
 
     job = get_job(settings, job_id)
-    assert job.status == "cancelled" and job.artifact_key is None
+    assert job.status == stopped and job.artifact_key is None
     assert job.resolved_hyperparameters["n_devices"] == 2  # reported back: it trained on 2
     events = get_events(settings, job_id)
-    assert events[-1].message == "Job cancelled at step 3; last checkpoint kept"
+    assert events[-1].message.startswith(f"Job {stopped} at step 3")
     assert step_events(events) == [1, 2, 3]
-    assert [r.step_number for r in checkpoints(settings, job_id)] == [2, 3]
+    assert [r.step_number for r in checkpoints(settings, job_id)] == [2, 3]  # the scheduled one, and the stop's
     assert ranks_of(os.getpid()) == []  # no rank outlives the job
+    if stopped == "paused":  # resumed, it continues from step 3 on 2 devices, to the end
+        monkeypatch.undo()
+        with session_scope(settings.resolved_database_url) as session:
+            assert jobs.resume(session, job_id) == "queued"
+        assert run_job(job_id, two_devices) == "succeeded"
+        assert step_events(get_events(settings, job_id)) == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 def test_a_worker_with_fewer_devices_leaves_the_job_queued(settings, tiny_models):
