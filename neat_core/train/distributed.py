@@ -24,8 +24,9 @@ rejected rows). The model's loss on a shard is a mean over the shard's units (ro
 next-token positions for causal LM), so each rank back-propagates `loss_r * share_r * N`, share_r = its units / the
 global batch's units: DDP's average over N ranks is then sum_r share_r * grad(loss_r) = the gradient of the global
 mean, as in one process. Logged loss and statistics are the same share-weighted sums (one all-reduce). What differs:
-floating-point summation order, and dropout masks (each rank draws its own), so a model with dropout trains like
-another seed, not identically.
+floating-point summation order; dropout masks (each rank draws its own), so a model with dropout trains like
+another seed, not identically; and anything computed across a batch's rows (Lily's "batch" router mixes its experts
+by a mean over the batch: each rank mixes over its own rows).
 
 Resume. Every rank's generator states go into the checkpoint (rank 0's under the usual keys, rank r's under
 "rank{r}."), so a resumed group replays the same batches and the same random draws; the device count is part of the
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_DEVICES = 64
+MAX_DEVICES = 64  # as control.queue.MAX_DEVICES, which the API checks (neat_core imports no service code)
 # A collective waits this long for its peers: rank 0 validates and writes checkpoints while the others wait at the
 # next step's collective. A rank that dies is noticed at once (its sockets close, the launcher sees it exit).
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
