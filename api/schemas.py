@@ -10,6 +10,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictInt,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -19,6 +20,7 @@ from pydantic_core import PydanticCustomError
 from control.jobs import JobStatus, fine_tuned_model_name
 from control.orm import Checkpoint, File, Job, JobEvent, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from control.protocol import invalid_field, refuse_unless_neutral
+from control.queue import MAX_DEVICES
 from control.webhooks import EVENT_TYPES, secret_hint
 
 Auto = Literal["auto"]
@@ -70,6 +72,9 @@ class Hyperparameters(BaseModel):
     # Ours: activation checkpointing (docs/benchmarks.md, "Activation checkpointing"); "auto" turns it on for base
     # models of 1B parameters or more. Strictly a boolean: "yes" or 1 is refused, not read as true.
     gradient_checkpointing: Auto | StrictBool = "auto"
+    # Ours: data-parallel training on this many devices (docs/operations.md, "Multi-device jobs"); the job waits for
+    # a worker that has them. Strictly an integer: "2" or 2.0 is refused.
+    n_devices: Annotated[StrictInt, Field(ge=1, le=MAX_DEVICES)] = 1
 
 
 class Supervised(BaseModel):
@@ -179,6 +184,8 @@ class JobCreate(BaseModel):
             values = (given or self.hyperparameters or Hyperparameters()).model_dump()
         if values["gradient_checkpointing"] == "auto":  # ours, not OpenAI's: on the row (and echoed) only when given
             del values["gradient_checkpointing"]
+        if values["n_devices"] == 1:  # likewise: on the row (and echoed) only when more than one
+            del values["n_devices"]
         return values
 
 

@@ -117,6 +117,16 @@ def fine_tuned_model_name(job: Job) -> str:
     return f"ft:{job.model}:{job.organization_id}:{job.suffix or ''}:{job.id}"
 
 
+def n_devices(hyperparameters: dict[str, Any] | None) -> int:
+    """The devices a job trains on: its `n_devices` hyperparameter (on the row only when more than one)."""
+    return int((hyperparameters or {}).get("n_devices", 1))
+
+
+def devices_of(session: Session, job_id: str) -> int:
+    """`n_devices` of the job's row (1 when it is gone): which queue its message goes to (control.queue)."""
+    return n_devices(session.scalar(select(Job.hyperparameters).where(Job.id == job_id)))
+
+
 def status_of(session: Session, job_id: str) -> JobStatus | None:
     status = session.scalar(select(Job.status).where(Job.id == job_id))
     return None if status is None else JobStatus(status)

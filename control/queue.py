@@ -10,6 +10,7 @@ from celery import Celery
 from control.settings import Settings
 
 TRAIN_TASK = "neat.train_job"
+MAX_DEVICES = 64  # a job's `n_devices` (its data-parallel processes: neat_core.train.distributed), at most
 WEBHOOK_TASK = "neat.deliver_webhook"  # on its own queue (`webhooks_queue`): a training job never holds it up
 
 
@@ -38,11 +39,20 @@ def _client(broker_url: str, queue: str, max_job_seconds: int) -> Celery:
     return make_celery(Settings.model_construct(broker_url=broker_url, queue=queue, max_job_seconds=max_job_seconds))
 
 
-def enqueue(job_id: str, settings: Settings, *, delay: float = 0.0) -> None:
-    """Send job `job_id`'s message; with `delay` (seconds) it is delivered no earlier than that (a retry's
-    backoff). A message lost meanwhile is sent again by the reaper (worker.lease.redeliver)."""
+def training_queue(settings: Settings, n_devices: int = 1) -> str:
+    """The queue of jobs that train on `n_devices` devices: `settings.queue` for one, `<queue>-n<N>` for N. A worker
+    with D devices consumes those of 1..D (worker.app), so a job waits, queued, until a worker with enough devices
+    is there to take it."""
+    return settings.queue if n_devices <= 1 else f"{settings.queue}-n{n_devices}"
+
+
+def enqueue(job_id: str, settings: Settings, *, delay: float = 0.0, n_devices: int = 1) -> None:
+    """Send job `job_id`'s message to the queue of its device count (`jobs.devices_of`); with `delay` (seconds) it
+    is delivered no earlier than that (a retry's backoff). A message lost meanwhile is sent again by the reaper
+    (worker.lease.redeliver)."""
     client = _client(settings.resolved_broker_url, settings.queue, settings.max_job_seconds)
-    client.send_task(TRAIN_TASK, args=[job_id], queue=settings.queue, countdown=delay if delay > 0 else None)
+    client.send_task(TRAIN_TASK, args=[job_id], queue=training_queue(settings, n_devices),
+                     countdown=delay if delay > 0 else None)  # fmt: skip
 
 
 def send_webhook(delivery_id: str, settings: Settings, *, delay: float = 0.0) -> None:

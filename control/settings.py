@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     max_job_seconds: int = 24 * 3600  # the broker's visibility timeout must exceed the longest job
     checkpoint_every: int | None = None  # steps; None: every epoch
     device: str = "auto"  # training and serving device for this process
+    # The devices a training worker offers a job (NEAT_WORKER_DEVICES): GPUs, or CPU processes on a CPU worker. It
+    # takes jobs of 1..worker_devices devices (their queues: control.queue.training_queue); a job asking for more
+    # waits, queued, for a worker that has them.
+    worker_devices: int = 1
     # Bytes of device memory a training job may plan on (worker.fit refuses, at claim, a job whose estimate exceeds
     # it). None: measured at each claim, the GPU's free memory or else the machine's available RAM. Set it lower to
     # keep room for other processes on the device.

@@ -8,6 +8,18 @@ class NeatCoreError(Exception):
 
     code = "neat_core_error"
 
+    def __reduce__(self):
+        # Pickled as (class, message, attributes), whatever the subclass's __init__ takes: a training rank's error
+        # reaches its launcher as the same error (neat_core.train.distributed).
+        return _rebuild, (type(self), str(self), self.__dict__)
+
+
+def _rebuild(cls: type[NeatCoreError], message: str, attributes: dict) -> NeatCoreError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(attributes)
+    return error
+
 
 class InvalidHyperparameterError(NeatCoreError, ValueError):
     """A method name, hyperparameter name or value was rejected. `field` names it; `allowed` says what would do."""

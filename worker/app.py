@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from celery import signals
 
-from control.queue import make_celery
+from control.queue import make_celery, training_queue
 from control.settings import get_settings
 from control.sweeper import Sweeper
 from worker import metrics
@@ -18,6 +18,17 @@ from worker.lease import Reaper
 
 app = make_celery(get_settings())
 app.conf.include = ["worker.tasks"]  # imported when the worker starts, so the task name is registered
+
+
+@signals.celeryd_after_setup.connect
+def _consume_device_queues(sender: str, instance, **_: object) -> None:
+    # A worker that consumes the training queue takes the jobs of every device count it has (NEAT_WORKER_DEVICES):
+    # `-Q training` on a 2-device worker also consumes `training-n2` (control.queue.training_queue).
+    settings = get_settings()
+    queues = instance.app.amqp.queues
+    if settings.queue in queues.consume_from:
+        for n in range(2, settings.worker_devices + 1):
+            queues.select_add(training_queue(settings, n))
 
 
 @signals.worker_init.connect

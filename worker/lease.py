@@ -101,6 +101,7 @@ def reap(settings: Settings) -> list[str]:
                 expiry = jobs.expire(session, lease, settings.max_attempts, now,
                                      backoff_seconds=settings.retry_backoff_seconds,
                                      backoff_max_seconds=settings.retry_backoff_max_seconds)  # fmt: skip
+                devices = jobs.devices_of(session, lease.job_id)
         except OperationalError as e:
             if getattr(e.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
                 raise
@@ -111,7 +112,7 @@ def reap(settings: Settings) -> list[str]:
             continue
         if expiry.status == jobs.JobStatus.QUEUED:
             # after the commit, so the delivery finds the row queued
-            enqueue(lease.job_id, settings, delay=expiry.retry_in)
+            enqueue(lease.job_id, settings, delay=expiry.retry_in, n_devices=devices)
             requeued.append(lease.job_id)
             REAPER_REQUEUES.labels("lease_expired").inc()
         log.warning("job %s: lease of %s expired; now %s", lease.job_id, lease.owner, expiry.status)
@@ -143,8 +144,9 @@ def redeliver(settings: Settings, now: float) -> list[str]:
     for job_id, sent_at in stale:
         with session_scope(url) as session:  # of several reapers, the one whose conditional update wins sends
             won = jobs.mark_resent(session, job_id, sent_at, now)
+            devices = jobs.devices_of(session, job_id)
         if won:
-            enqueue(job_id, settings)
+            enqueue(job_id, settings, n_devices=devices)
             sent.append(job_id)
             REAPER_REQUEUES.labels("unsent").inc()
             log.warning("job %s: queued and not claimed since its message was sent; sent it again", job_id)

@@ -43,6 +43,11 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     settings = settings or get_settings()
     url = settings.resolved_database_url
     storage = Storage(settings.resolved_artifact_root)
+    wanted = with_retries(url, lambda session: jobs.devices_of(session, job_id))
+    if wanted > settings.worker_devices:  # sent to a queue this worker should not consume: left for one that can
+        log.warning("job %s needs %d devices, this worker has %d; leaving it queued", job_id, wanted,
+                    settings.worker_devices)  # fmt: skip
+        return "skipped"
     lease = _claim(url, job_id, worker_id(), settings)
     if lease is None:
         log.info("job %s is not queued (duplicate delivery, or cancelled before it started); skipping", job_id)
@@ -173,7 +178,7 @@ def _stopped(url: str, lease: jobs.Lease, result: TrainResult, settings: Setting
     status = with_retries(url, write)
     if status == JobStatus.QUEUED:
         try:
-            enqueue(lease.job_id, settings)
+            enqueue(lease.job_id, settings, n_devices=jobs.n_devices(result.hyperparameters))
         except Exception:  # noqa: BLE001  (the row is queued; the reapers resend it after `redeliver_seconds`)
             log.exception("could not enqueue %s", lease.job_id)
     return status

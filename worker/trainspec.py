@@ -26,8 +26,8 @@ if TYPE_CHECKING:  # torch-heavy: imported inside train_spec (see worker.runner.
     from neat_core.train import TrainSpec
 
 # OpenAI's hyperparameters, and ours: activation checkpointing (on a job's row only when given, and among the
-# resolved ones only when on)
-SCHEDULE_FIELDS = ("n_epochs", "batch_size", "learning_rate_multiplier", "gradient_checkpointing")
+# resolved ones only when on) and the device count (on the row and among the resolved ones only when above 1)
+SCHEDULE_FIELDS = ("n_epochs", "batch_size", "learning_rate_multiplier", "gradient_checkpointing", "n_devices")
 
 
 class FileGone(Exception):

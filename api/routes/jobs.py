@@ -68,7 +68,7 @@ def create_job(body: JobCreate, session: SessionDep, org: CurrentOrg, settings: 
         if claimed is not None:
             claimed.release()
         raise
-    _send(job.id, settings)  # after the commit: a worker that picks the message up must find the row
+    _send(job, settings)  # after the commit: a worker that picks the message up must find the row
     return job_object(job)
 
 
@@ -216,7 +216,7 @@ def resume_job(session: SessionDep, org: CurrentOrg, settings: SettingsDep, job_
         raise APIError(409, f"Job {job.id} is {job_object(job)['status']}; only a paused job can be resumed.",
                        code="job_not_resumable")  # fmt: skip
     if moved == JobStatus.QUEUED:
-        _send(job.id, settings)
+        _send(job, settings)
     return job_object(job)
 
 
@@ -281,9 +281,9 @@ def _step(checkpoint: int | None) -> str:
     return "" if checkpoint is None else f"-step-{checkpoint}"
 
 
-def _send(job_id: str, settings: Settings) -> None:
-    """The queued job's message to the workers, once its row is committed."""
+def _send(job: Job, settings: Settings) -> None:
+    """The queued job's message to the workers that have its devices, once its row is committed."""
     try:
-        enqueue(job_id, settings)
+        enqueue(job.id, settings, n_devices=jobs.n_devices(job.hyperparameters))
     except Exception:  # noqa: BLE001  (the row stays queued; a worker's reaper sends it after redeliver_seconds)
-        log.exception("could not enqueue %s", job_id)
+        log.exception("could not enqueue %s", job.id)

@@ -49,11 +49,12 @@ def method_object(spec: MethodSpec) -> dict[str, Any]:
 
 
 def _hyperparameters(schema: type[Hyperparameters]) -> list[dict[str, Any]]:
-    """OpenAI's job hyperparameters (n_epochs, ...; a DPO job's beta too), each `"auto"` or a value within the
-    bounds api.schemas sets."""
+    """OpenAI's job hyperparameters (n_epochs, ...; a DPO job's beta too), and ours, each `"auto"` (or, without
+    one, its default: n_devices 1) or a value within the bounds api.schemas sets."""
     out = []
     for name, prop in schema.model_json_schema()["properties"].items():
-        (value,) = [branch for branch in prop["anyOf"] if branch.get("const") != AUTO]
+        (value,) = [branch for branch in prop.get("anyOf", [prop]) if branch.get("const") != AUTO]
+        value = {k: v for k, v in value.items() if k not in ("default", "title")}
         out.append({"name": name, **value, "default": prop["default"]})
     return out
 

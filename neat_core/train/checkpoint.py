@@ -92,9 +92,12 @@ def save_checkpoint(
     method_state: dict[str, Any] | None = None,
     keep_last: int | None = None,
     write_adapter: Callable[[Path], None] | None = None,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint for `loop.step` under `root`; returns its final path. `write_adapter(directory)` writes
-    the adapter's files (the training loop makes `adapter/` a servable artifact); by default peft's alone."""
+    the adapter's files (the training loop makes `adapter/` a servable artifact); by default peft's alone. `rng`:
+    the generator states to save (a data-parallel run's, every rank's: neat_core.train.distributed); by default
+    this process's."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{loop.step:06d}"
     tmp = root / f".{final.name}.{uuid.uuid4().hex}.tmp"
@@ -107,9 +110,10 @@ def save_checkpoint(
             write_adapter(tmp / "adapter")
         opt_tensors, opt_meta = _optimizer_to_safe(optimizer)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        if rng is None:
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         save_file(rng, tmp / "rng.safetensors")
         state = {
             "loop": asdict(loop),
@@ -168,8 +172,10 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     fingerprint: dict[str, Any],
+    rank: int = 0,
 ) -> tuple[LoopState, dict[str, float]]:
-    """Restore adapter, optimizer, scheduler and RNG from `path` into a freshly built run; returns the loop state."""
+    """Restore adapter, optimizer, scheduler and RNG from `path` into a freshly built run; returns the loop state.
+    `rank`: a data-parallel run's rank, whose own generator states it restores (rank r's are saved as "rank{r}.*")."""
     state = read_checkpoint_state(path)
     if state["fingerprint"] != fingerprint:
         raise CheckpointError(
@@ -185,6 +191,8 @@ def load_checkpoint(
     )
     scheduler.load_state_dict(state["scheduler"])
     rng = load_file(path / "rng.safetensors")
+    if rank:
+        rng = {key.removeprefix(f"rank{rank}."): value for key, value in rng.items() if key.startswith(f"rank{rank}.")}
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]

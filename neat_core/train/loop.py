@@ -7,6 +7,11 @@ becomes a loss and how a validation pass scores.
 Determinism is what makes resume exact: the batch order of epoch e is a permutation drawn from a generator
 seeded with (seed, e), and the global RNG (dropout) is checkpointed, so a run continued from step k replays
 exactly the batches and random draws the uninterrupted run would have made.
+
+A run on several devices (`spec.n_devices`) is this loop in each of N processes: `replicas` (from
+`neat_core.train.distributed`, which launches them) shards each global batch, wraps the model in DDP, combines the
+ranks' losses, and agrees on stopping; only its main rank has callbacks and writes. In one process each of those
+is the identity.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from neat_core.export import base_weights_sha256
 from neat_core.memory import resolve_gradient_checkpointing
 from neat_core.methods import AUTO, get_method
 from neat_core.models.loading import load_base
-from neat_core.train import dpo
+from neat_core.train import distributed, dpo
 from neat_core.train.callbacks import Callback
 from neat_core.train.checkpoint import LoopState, load_checkpoint, read_checkpoint_state, save_checkpoint
 from neat_core.train.spec import Schedule, TrainSpec, resolve_beta, resolve_schedule
@@ -221,6 +226,16 @@ def _batch(run: _Run, indices: list[int], device: torch.device) -> dict[str, tor
     return {k: v.to(device) for k, v in run.collate([run.train_set[i] for i in indices]).items()}
 
 
+def _loss_units(run: _Run, batch: dict[str, torch.Tensor]) -> int:
+    """What the batch's loss is a mean over: preference pairs (DPO), rows (classification), or labelled next-token
+    positions (causal LM: position t predicts token t+1)."""
+    if run.beta is not None:
+        return batch["input_ids"].shape[0] // 2
+    if run.task == "classification":
+        return batch["labels"].shape[0]
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
 def _method_state(spec: TrainSpec, method, run: _Run, device: torch.device) -> dict[str, Any]:
     """The method's data-dependent set-up (HEAT's head selection) on epoch 0's batches, or on resume the state the
     first run saved, re-applied."""
@@ -243,13 +258,13 @@ def _step_loss(run: _Run, model, batch: dict) -> tuple[torch.Tensor, dict[str, f
     return out.loss, {accuracy_key: correct / max(1, counted)}
 
 
-def _log_step(loop: LoopState, metrics: dict, loss, stats: dict, batch: dict, lr: float, n_batches: int) -> None:
+def _log_step(loop: LoopState, metrics: dict, loss: float, stats: dict, batch: dict, lr: float, n_batches: int) -> None:
     """Advance the loop position and record the step's metrics."""
     loop.step += 1
     loop.batch_in_epoch += 1
     loop.trained_tokens += int(batch["attention_mask"].sum())
     metrics.update(
-        train_loss=float(loss.detach()),
+        train_loss=loss,
         learning_rate=lr,
         epoch=loop.epoch + loop.batch_in_epoch / n_batches,
         **{f"train_{name}": value for name, value in stats.items()},
@@ -275,7 +290,10 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
     if spec.method == AUTO:  # the method is chosen on the data; imported here: select imports this module
         from neat_core.train.select import train_auto
 
-        return train_auto(spec, callbacks)
+        return train_auto(spec, callbacks)  # candidates and winner each come back here: one device or several
+    replicas = distributed.current()
+    if distributed.check_devices(spec.n_devices) != replicas.world:  # the caller's process: start the ranks
+        return distributed.launch(spec, callbacks)
     device = resolve_device(spec.device)
     weights = base_weights_dtype(device, spec.base_dtype)
     amp = autocast_dtype(device, weights)
@@ -292,6 +310,8 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
         hyperparameters["gradient_checkpointing"] = True
     if weights != torch.float32:  # likewise: a bf16 base computes other numbers than the fp32 one
         hyperparameters["base_dtype"] = str(weights).removeprefix("torch.")
+    if replicas.world > 1:  # and the device count: a checkpoint holds every rank's generators, resumed by as many
+        hyperparameters["n_devices"] = replicas.world
     fingerprint = {  # a checkpoint only resumes into the run that wrote it
         "base_model": spec.base_model,
         "training_file_sha256": file_sha256(spec.training_file),
@@ -299,9 +319,8 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
     }
     loop, metrics = LoopState(), {}
     if spec.resume_from is not None:
-        loop, metrics = load_checkpoint(
-            spec.resume_from, model=model, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint
-        )
+        loop, metrics = load_checkpoint(spec.resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
+                                        fingerprint=fingerprint, rank=replicas.rank)  # fmt: skip
     for cb in callbacks:
         cb.on_train_begin(loop, {"hyperparameters": hyperparameters, **parameter_counts(model), "task": run.task})
 
@@ -313,7 +332,7 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
         return hashed[0]
 
     def validate() -> None:
-        if not run.valid_set:
+        if not run.valid_set or not replicas.is_main:  # the other ranks wait at the next step's all-reduce
             return
         if run.beta is not None:
             autocast = partial(_autocast, device, amp)
@@ -324,7 +343,10 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
         for cb in callbacks:
             cb.on_evaluate(loop, metrics)
 
-    def checkpoint() -> Path:
+    def checkpoint() -> Path | None:
+        rng = replicas.rng_states()  # a collective: every rank checkpoints at the same steps; the main one writes
+        if not replicas.is_main:
+            return None
         for cb in callbacks:
             cb.before_save(loop, "checkpoint")
         manifest = _manifest(spec, run, loop, metrics, hyperparameters, method_state)
@@ -333,7 +355,7 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
         path = save_checkpoint(
             spec.checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler, loop=loop,
             metrics=metrics, fingerprint=fingerprint, method_state=method_state, keep_last=spec.keep_checkpoints,
-            write_adapter=adapter,
+            write_adapter=adapter, rng=rng,
         )  # fmt: skip
         for cb in callbacks:
             cb.on_checkpoint(loop, path, metrics)
@@ -345,13 +367,17 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
         )
 
     last_checkpoint, saved_at = spec.resume_from, loop.step
+    net = replicas.wrap(model)  # what the training forward passes run through: DDP's wrapper on several devices
+    units, pairs = partial(_loss_units, run), run.beta is not None
     while loop.step < schedule.total_steps:
         batches = _batches_of_epoch(len(run.train_set), schedule.batch_size, spec.seed, loop.epoch)
         for indices in batches[loop.batch_in_epoch :]:
-            batch = _batch(run, indices, device)
+            whole = run.collate([run.train_set[i] for i in indices])  # the global batch, [B, T], on every rank
+            batch, share = replicas.shard(whole, units, pairs)  # this rank's rows of it: all of them in one process
+            batch = {k: v.to(device) for k, v in batch.items()}
             with _autocast(device, amp):
-                loss, stats = _step_loss(run, model, batch)
-            loss.backward()
+                loss, stats = _step_loss(run, net, batch)
+            loss, stats = replicas.backward(loss, stats, share)  # the global batch's loss and statistics
             method.after_backward(model, adapter_hp, method_state, loop.step + 1)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -359,7 +385,8 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             if method.after_step(model, adapter_hp, method_state, loop.step + 1):  # trainable set changed (Pear)
                 params, optimizer, scheduler = _optimiser(model, schedule, previous=(optimizer, scheduler))
-            _log_step(loop, metrics, loss, stats, batch, scheduler.get_last_lr()[0], len(batches))
+                net = replicas.wrap(model)  # DDP registers the trainable parameters when it wraps
+            _log_step(loop, metrics, loss, stats, whole, scheduler.get_last_lr()[0], len(batches))
             for cb in callbacks:
                 cb.on_step_end(loop, metrics)
 
@@ -368,7 +395,7 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
             if due or loop.batch_in_epoch == len(batches) or finished:  # every N steps, each epoch's end, the end
                 validate()
                 last_checkpoint, saved_at = checkpoint(), loop.step
-            if not finished and any(cb.should_stop(loop) for cb in callbacks):
+            if not finished and replicas.agree(any(cb.should_stop(loop) for cb in callbacks)):
                 if saved_at != loop.step:  # stopping between checkpoints: save where it stopped, unvalidated
                     last_checkpoint = checkpoint()
                 return result("cancelled", None)
@@ -379,6 +406,8 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
                 cb.on_epoch_end(loop, metrics)
             loop.epoch, loop.batch_in_epoch = loop.epoch + 1, 0
 
+    if not replicas.is_main:
+        return result("succeeded", None)
     for cb in callbacks:
         cb.before_save(loop, "artifact")
     manifest = _manifest(spec, run, loop, metrics, hyperparameters, method_state)

@@ -40,6 +40,9 @@ class TrainSpec:
     # The frozen base's dtype: "auto" is bf16 on GPUs that support it, fp32 elsewhere (neat_core.devices.
     # base_weights_dtype); "float32" / "bfloat16" force one. Adapters train in fp32 either way.
     base_dtype: str = AUTO
+    # Data-parallel processes (neat_core.train.distributed): one per GPU, or gloo processes on the CPU. The global
+    # batch is the same as one process's; each takes batch_size / n_devices of its rows.
+    n_devices: int = 1
     max_steps: int | None = None  # hard cap on optimiser steps (demos, tests)
     seed: int = 0
     checkpoint_every: int | None = None  # in steps; None: at the end of every epoch

@@ -110,6 +110,19 @@ def test_activation_checkpointing_is_a_job_hyperparameter_echoed_only_when_given
 
 
 @sqlite_only
+def test_the_device_count_is_a_job_hyperparameter_echoed_when_above_one(api, chat_file):
+    hyperparameters = {"n_epochs": 2, "n_devices": 2}
+    job = api.create_job_ok(
+        chat_file, method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
+    )
+    assert job["hyperparameters"] == {**AUTO, **hyperparameters}
+    with api.session() as session:  # what the worker reads, and what control.queue routes the job's message by
+        assert session.scalar(select(Job.hyperparameters).where(Job.id == job["id"]))["n_devices"] == 2
+    one = api.create_job_ok(chat_file, hyperparameters={"n_devices": 1})
+    assert one["hyperparameters"] == AUTO  # 1, like leaving it out, keeps OpenAI's three
+
+
+@sqlite_only
 def test_create_with_legacy_hyperparameters(api, chat_file):
     job = api.create_job_ok(chat_file, hyperparameters={"n_epochs": 2})
     assert job["hyperparameters"] == {**AUTO, "n_epochs": 2}
@@ -190,6 +203,12 @@ def test_create_for_each_compatible_format(api, rows, model):
             "unknown_parameter",
             "method.supervised.hyperparameters.gradient_checkpoint",
         ),
+        (
+            {"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_gpus": 2}}}},
+            400,
+            "unknown_parameter",
+            "method.supervised.hyperparameters.n_gpus",
+        ),
         ({"suffix": "support bot"}, 400, "invalid_request", "suffix"),
         ({"suffix": "x" * 41}, 400, "invalid_request", "suffix"),
         ({"seed": -1}, 400, "invalid_request", "seed"),
@@ -250,6 +269,12 @@ BAD_HYPERPARAMETERS = [
     ("learning_rate_multiplier", 0),
     ("gradient_checkpointing", "yes"),  # ours: "auto" or a JSON boolean, nothing that merely looks like one
     ("gradient_checkpointing", 1),
+    ("n_devices", 0),  # ours: a JSON integer 1..64, nothing that merely looks like one
+    ("n_devices", 65),
+    ("n_devices", "2"),
+    ("n_devices", 2.0),
+    ("n_devices", True),
+    ("n_devices", "auto"),
 ]  # OpenAI's bounds: n_epochs 1..50, batch_size 1..256, lr > 0
 
 

@@ -62,6 +62,13 @@ def test_methods_lists_each_method_from_its_spec(api):
     assert supervised["n_epochs"] == {"name": "n_epochs", "type": "integer", "minimum": 1, "maximum": 50,
                                       "default": "auto"}  # fmt: skip
     assert supervised["learning_rate_multiplier"]["type"] == "number"
+    assert supervised["n_devices"] == {
+        "name": "n_devices",
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 64,
+        "default": 1,
+    }
     dpo = {p["name"]: p for p in body["dpo_hyperparameters"]}
     assert set(dpo) == {*supervised, "beta"} and dpo["beta"]["default"] == "auto"
     assert dpo["beta"]["exclusiveMinimum"] == 0 and dpo["beta"]["maximum"] == 2  # what job creation enforces

@@ -111,10 +111,10 @@ def get_events(settings: Settings, job_id: str) -> list[JobEvent]:
         return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)))
 
 
-def start_worker(settings: Settings, log: Path, **env: str) -> subprocess.Popen:
-    """A `celery worker` process (solo pool) on `settings`' database, broker and queue, logging to `log`; `env`
-    adds or overrides NEAT_* variables. It runs in a session of its own, so its whole process group can be
-    stopped."""
+def start_worker(settings: Settings, log: Path, pool: str = "solo", **env: str) -> subprocess.Popen:
+    """A `celery worker` process (solo pool, unless `pool` says otherwise) on `settings`' database, broker and queue,
+    logging to `log`; `env` adds or overrides NEAT_* variables. It runs in a session of its own, so its whole process
+    group can be stopped."""
     environment = {
         **os.environ,
         "NEAT_DATA_DIR": str(settings.data_dir),
@@ -127,7 +127,7 @@ def start_worker(settings: Settings, log: Path, **env: str) -> subprocess.Popen:
         "PYTHONPATH": str(ROOT),
         **env,
     }
-    command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo", "--concurrency=1",
+    command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", f"--pool={pool}", "--concurrency=1",
                "-Q", settings.queue, "--loglevel=INFO", "--without-gossip", "--without-mingle",
                "--without-heartbeat"]  # fmt: skip
     with open(log, "ab") as out:
