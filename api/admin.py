@@ -6,6 +6,11 @@ over HTTP). Uses the deployment's settings (DATABASE_URL, ...):
     python -m api.admin list-keys acme
     python -m api.admin revoke-key key-...
     python -m api.admin set-limits acme --max-active-jobs 5 --inference-rpm 120
+    python -m api.admin models add acme/qwen3-support /shared/models/qwen3-support --description "..."
+    python -m api.admin models list
+    python -m api.admin models remove acme/qwen3-support
+    python -m api.admin set-allowed-models acme acme/qwen3-support HuggingFaceTB/SmolLM2-135M-Instruct
+    python -m api.admin set-allowed-models acme --all  # every base model again
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import json
 import sys
 
+from control import models
 from control.db import session_scope
 from control.keys import LIMITS, create_key, create_org, list_keys, revoke_key, set_limits
 from control.settings import get_settings
@@ -33,7 +39,23 @@ def main(argv: list[str] | None = None) -> int:
     limits.add_argument("org_id")
     for name in LIMITS:
         limits.add_argument(f"--{name.replace('_', '-')}", type=int, help="-1: back to the deployment default")
+    allowed = commands.add_parser("set-allowed-models", help="limit an organisation to some base models")
+    allowed.add_argument("org_id")
+    allowed.add_argument("models", nargs="*", metavar="model")
+    allowed.add_argument("--all", action="store_true", help="every base model again (no limit)")
+    registry = commands.add_parser("models", help="base models registered from directories on shared storage")
+    actions = registry.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="register a transformers directory (safetensors) as a base model")
+    add.add_argument("model_id")
+    add.add_argument("path", help="absolute path of the directory, on storage every worker and server mounts")
+    add.add_argument("--description")
+    actions.add_parser("list", help="every base model: the catalog's and the registered ones")
+    actions.add_parser("remove", help="forget a registered model (its directory is left alone)").add_argument(
+        "model_id"
+    )
     args = parser.parse_args(argv)
+    if args.command == "set-allowed-models" and args.all == bool(args.models):
+        parser.error("set-allowed-models: name the models, or give --all")
 
     try:
         with session_scope(get_settings().resolved_database_url) as session:
@@ -50,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
                 if not revoke_key(session, args.key_id):
                     raise LookupError(f"no active key {args.key_id!r}")
                 out = {"id": args.key_id, "revoked": True}
+            elif args.command == "set-allowed-models":
+                row = models.set_allowed_models(session, args.org_id, None if args.all else args.models)
+                out = {"id": row.id, "allowed_models": row.allowed_models}
+            elif args.command == "models":
+                out = _models(session, args)
             else:
                 given = {n: getattr(args, n) for n in LIMITS if getattr(args, n) is not None}
                 row = set_limits(session, args.org_id, **{n: (None if v == -1 else v) for n, v in given.items()})
@@ -59,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(json.dumps(out, indent=2))
     return 0
+
+
+def _models(session, args: argparse.Namespace) -> dict | list:
+    if args.action == "add":
+        return models.register(session, args.model_id, args.path, args.description).as_dict()
+    if args.action == "list":
+        return [m.as_dict() for m in models.base_models(session)]
+    models.remove(session, args.model_id)
+    return {"id": args.model_id, "removed": True}
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from control import jobs
+from control import jobs, models
 from control.db import with_retries
 from control.orm import File, Job
 from control.settings import Settings
@@ -44,8 +44,9 @@ def _estimate(session: Session, job_id: str, settings: Settings, gpu: bool) -> M
     training = session.scalar(select(File).where(File.id == job.training_file))
     if training is None or not training.num_examples:
         return None  # the file is gone: train_spec reports that, naming the file
+    base = models.find(session, job.model)  # a registered model's shape is read from its directory
     return estimate_job_memory(
-        job.model,
+        base.path if base is not None and base.path else job.model,
         task=job.task,
         n_examples=training.num_examples,
         mean_example_bytes=training.bytes / training.num_examples,

@@ -95,7 +95,13 @@ def supported_tasks(model_id: str) -> tuple[str, ...]:
     path = local_model_dir(model_id)
     if path is None:
         raise ModelNotFoundError(model_id, sorted(_CATALOG))
-    architectures = " ".join(json.loads((path / "config.json").read_text()).get("architectures") or [])
+    return tasks_of(json.loads((path / "config.json").read_text()))
+
+
+def tasks_of(config: dict) -> tuple[str, ...]:
+    """The tasks a transformers config.json (as a dict) can be fine-tuned for: a language-model head generates (and
+    classifies, with a head added); anything else classifies."""
+    architectures = " ".join(config.get("architectures") or [])
     if "CausalLM" in architectures or "LMHeadModel" in architectures:
         return (CAUSAL_LM, CLASSIFICATION)
     return (CLASSIFICATION,)

@@ -179,7 +179,8 @@ def _set_up(spec: TrainSpec, method, device: torch.device) -> _Run:
         wanted = "the preference format" if spec.objective == "dpo" else "a supervised format, not preference pairs"
         raise DataFormatError(f"a {spec.objective} run needs {wanted}; the training file is {fmt.value}")
     torch.manual_seed(spec.seed)
-    model, tokenizer = load_base(spec.base_model, task=fmt.task, labels=labels, cache_dir=spec.cache_dir)
+    model, tokenizer = load_base(spec.base_model, task=fmt.task, labels=labels, cache_dir=spec.cache_dir,
+                                 model_dir=spec.base_model_dir)  # fmt: skip
     checkpointing = resolve_gradient_checkpointing(spec.gradient_checkpointing, model.num_parameters())
     if checkpointing:
         _enable_checkpointing(model)

@@ -172,7 +172,8 @@ def _select(spec: TrainSpec, given: list[str] | None, callbacks: Sequence[Callba
     fmt, examples = read_examples(spec.training_file)
     # Every method that can work on this architecture (docs/methods.md, "Architectures"); named candidates were
     # checked against it when the job was created.
-    usable = [m for m in method_names() if m in usable_methods(model_type(str(spec.base_model)))]
+    architecture = model_type(str(spec.base_model_dir or spec.base_model))
+    usable = [m for m in method_names() if m in usable_methods(architecture)]
     order = given or ranking(fmt.task, usable)
     dev, rest = split_dev(examples, fmt.task, spec.seed)
     # The final run's schedule; its step count does not depend on the method's learning rate.
