@@ -60,8 +60,10 @@ def registered(api) -> int:
 
 BROKEN = {
     "no config": ({"config": False}, "has no config.json"),
-    "unsupported architecture": ({"model_type": "mamba", "architecture": "MambaForCausalLM"}, "unsupported "
-                                 "architecture 'mamba'"),  # fmt: skip
+    "unsupported architecture": (
+        {"model_type": "mamba", "architecture": "MambaForCausalLM"},
+        "unsupported architecture 'mamba'",
+    ),  # fmt: skip
     "pickle-only weights": ({"weights": ("pytorch_model.bin",)}, "pickle weights (pytorch_model.bin)"),
     "pickle beside safetensors": ({"weights": ("model.safetensors", "training_args.bin")}, "pickle weights"),
     "no weights": ({"weights": ()}, "no *.safetensors weights"),
