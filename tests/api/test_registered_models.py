@@ -1,7 +1,8 @@
 """Operator-registered base models (control.models): what registration refuses (400 naming the problem, nothing
 stored; the CLI's `error: ...` and exit 1), how they are listed, an organisation limited to some base models, and
 removal. The directories here are hand-made (a config, a one-tensor safetensors file, tokenizer and chat-template
-files): nothing is loaded, so these stay fast; tests/e2e/test_registered_models.py trains and serves a real one."""
+files): nothing is loaded, so these stay fast; but one, a real tiny Qwen3 served in process (the embedded topology's
+inference). tests/e2e/test_registered_models.py trains one and serves it from an inference server."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sqlalchemy import func, select
 from api import admin as admin_cli
 from control.orm import RegisteredModel
 from tests.api import MINILM, SMOLLM2, assert_error, chat_rows, classification_rows, sqlite_only
+from tests.conftest import _build_tiny
 
 ADMIN = "sk-admin-test"
 MODEL = "acme/qwen3-support"
@@ -184,3 +186,13 @@ def test_removal_waits_for_unfinished_jobs_then_forgets_the_model(admin, tmp_pat
     assert_error(admin.create_job(admin.upload_ok(chat_rows())["id"], model=MODEL), 400, code="model_not_found")
     assert_error(admin.client.delete(f"/v1/admin/models/{MODEL}", headers=as_admin()), 404, code="model_not_found")
     assert_error(admin.client.delete(f"/v1/admin/models/{SMOLLM2}", headers=as_admin()), 404)  # the catalog's
+
+
+@sqlite_only
+def test_a_registered_base_model_is_served_in_process(admin, tmp_path, model_cache):
+    directory = _build_tiny(tmp_path / "models", ("qwen3",), model_cache)["qwen3"]
+    assert register(admin, MODEL, directory).status_code == 200
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+    reply = admin.post("/v1/chat/completions", json=chat)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["model"] == MODEL and reply.json()["usage"]["completion_tokens"] >= 1

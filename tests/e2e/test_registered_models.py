@@ -3,8 +3,9 @@ tokenizer and chat template), registered with `python -m api.admin models add` a
 database, then used through the stock `openai` client: listed, fine-tuned, and served with chat completions (the
 fine-tuned model, and the registered base itself).
 
-test_service_flow's fixture, on the embedded topology only, to keep the module short: the distributed one trains and
-serves through the same code, with the directory passed on the same way."""
+test_service_flow's fixture, on the distributed topology only, to keep the module short (about 30 s): there the
+directory travels furthest (Postgres, a celery worker, an inference server told of it over HTTP). The embedded
+topology's in-process serving of a registered model is in tests/api/test_registered_models.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tests.e2e import test_service_flow
 from tests.e2e.test_service_flow import ROOT, _jsonl, _wait_for
 
 service = test_service_flow.service
-pytestmark = pytest.mark.parametrize("service", ["embedded"], indirect=True)
+pytestmark = pytest.mark.parametrize("service", ["distributed"], indirect=True)
 MODEL = "acme/tiny-qwen3"
 
 
