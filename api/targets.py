@@ -49,11 +49,11 @@ def not_allowed(model_id: str) -> APIError:
 def base_dir_of(session: Session, job: Job) -> str | None:
     """Where a fine-tuned model's base loads from: a registered base's directory (None for a catalog base); a 404
     once its registered base was removed."""
-    base = models.find(session, job.model)
-    if base is None:
+    try:
+        return models.loads_from(session, job.model)
+    except LookupError:
         raise APIError(404, f"The model '{job.fine_tuned_model}' is no longer served: its base model '{job.model}' "
-                       "was removed from this service.", code="model_not_found", param="model")  # fmt: skip
-    return base.path
+                       "was removed from this service.", code="model_not_found", param="model") from None  # fmt: skip
 
 
 def resolve(session: Session, org: str, storage: Storage, model_id: str, task: str) -> Target:
@@ -140,10 +140,13 @@ def preload_targets(settings: Settings) -> list[Target]:
                 targets.append(Target(name, CAUSAL_LM, name, base_dir=base.path))
                 continue
             job = session.scalar(select(Job).where(Job.fine_tuned_model == name, Job.status == JobStatus.SUCCEEDED))
-            if job is None or job.artifact_key is None or models.find(session, job.model) is None:
+            if job is None or job.artifact_key is None:
                 log.warning("cannot preload %s: no such succeeded fine-tuned model", name)
                 continue
-            targets.append(of_job(job, storage, models.find(session, job.model).path))
+            try:
+                targets.append(of_job(job, storage, models.loads_from(session, job.model)))
+            except LookupError as e:
+                log.warning("cannot preload %s: %s", name, e)
     return targets
 
 

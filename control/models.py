@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from control.jobs import FINISHED
 from control.orm import Job, Organization, RegisteredModel
-from neat_core.models.catalog import CatalogEntry, catalog, entry
+from neat_core.models.catalog import CatalogEntry, catalog, entry, local_model_dir
 from neat_core.models.directory import inspect_model_dir
 
 # hub-style ids ("acme/qwen3-support"): no colon, so never confused with a fine-tuned model's "ft:..." name
@@ -64,6 +64,16 @@ def find(session: Session, model_id: str) -> BaseModel | None:
         return _of_entry(found)
     row = session.scalar(select(RegisteredModel).where(RegisteredModel.id == model_id))
     return _of_row(row) if row is not None else None
+
+
+def loads_from(session: Session, model_id: str) -> str | None:
+    """Where a job's base model loads from: a registered model's directory; None for one neat_core finds itself (a
+    catalog model, or a local directory: jobs the library's users and the tests make). LookupError for neither:
+    a registered model removed since the job was created."""
+    base = find(session, model_id)
+    if base is None and local_model_dir(model_id) is None:
+        raise LookupError(f"the base model {model_id!r} was removed from this service")
+    return base.path if base is not None else None
 
 
 def base_models(session: Session) -> list[BaseModel]:

@@ -60,9 +60,10 @@ def _train_spec(session: Session, lease: jobs.Lease, settings: Settings, storage
     from neat_core.train import TrainSpec, checkpoint_step
 
     job = session.scalar(select(Job).where(Job.id == lease.job_id))
-    base = models.find(session, job.model)  # a registered model loads from its directory (control.models)
-    if base is None:
-        raise BaseModelGone(job.model)
+    try:
+        base_dir = models.loads_from(session, job.model)  # a registered model's directory (control.models)
+    except LookupError:
+        raise BaseModelGone(job.model) from None
     training_file = _file_path(session, storage, job, "training_file")
     validation_file = _file_path(session, storage, job, "validation_file") if job.validation_file else None
     adapter = dict(job.adapter)
@@ -86,7 +87,7 @@ def _train_spec(session: Session, lease: jobs.Lease, settings: Settings, storage
         checkpoint_every=settings.checkpoint_every,
         device=settings.device,
         cache_dir=settings.model_cache_dir,
-        base_model_dir=Path(base.path) if base.path else None,
+        base_model_dir=Path(base_dir) if base_dir else None,
     )
     # A checkpoint an earlier attempt recorded (a lost worker, a worker that shut down): continue from it
     # rather than start over.
