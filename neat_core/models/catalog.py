@@ -5,6 +5,7 @@ package (as a transformers directory, or as a GGUF file converted once into a lo
 transformers directory. Anything else fails at once with the list of what is available.
 
 This module is data and imports no torch: the web tier checks model ids and tasks with it when a job is created.
+The service adds the base models an operator registered from a directory (control.models, which asks here first).
 Turning an entry into a loadable directory (and loading it) is `neat_core.models.loading`.
 """
 

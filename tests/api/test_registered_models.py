@@ -190,8 +190,12 @@ def test_removal_waits_for_unfinished_jobs_then_forgets_the_model(admin, tmp_pat
 
 @sqlite_only
 def test_a_registered_base_model_is_served_in_process(admin, tmp_path, model_cache):
+    from transformers import AutoModelForCausalLM
+
     directory = _build_tiny(tmp_path / "models", ("qwen3",), model_cache)["qwen3"]
-    assert register(admin, MODEL, directory).status_code == 200
+    shown = register(admin, MODEL, directory).json()
+    assert (shown["model_type"], shown["dtype"]) == ("qwen3", "F32")
+    assert shown["parameters"] == AutoModelForCausalLM.from_pretrained(directory).num_parameters()  # the headers'
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
     reply = admin.post("/v1/chat/completions", json=chat)
     assert reply.status_code == 200, reply.text
