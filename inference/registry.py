@@ -67,7 +67,7 @@ class AdapterRegistry:
             return sorted(self._adapters)
 
     def resolve(self, name: str, task: str) -> ModelRef:
-        """The model a request names: a loaded adapter, or a catalog base model (generation only)."""
+        """The model a request names: a loaded adapter, or a base model, catalog or registered (generation only)."""
         with self._lock:
             ref = self._adapters.get(name)
             base_dir = self._bases.get(name)
