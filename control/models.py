@@ -11,19 +11,27 @@ models ...`) and the admin API (`/v1/admin/models`).
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from control.archives import unpack
 from control.jobs import FINISHED
 from control.orm import Job, Organization, RegisteredModel
+from control.storage import Storage
 from neat_core.models.catalog import CatalogEntry, catalog, entry, local_model_dir
 from neat_core.models.directory import inspect_model_dir
 
 # hub-style ids ("acme/qwen3-support"): no colon, so never confused with a fine-tuned model's "ft:..." name
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(/[A-Za-z0-9][A-Za-z0-9._-]{0,98})?$")
+# Where uploaded archives are unpacked, under the artifact root (shared storage): no organisation's id starts with
+# "_", so no organisation's keys can meet it. What is there is the service's, deleted with its registration.
+UPLOADED = "_models"
 
 
 @dataclass(frozen=True)
@@ -102,13 +110,7 @@ def register(session: Session, model_id: str, path: str, description: str | None
     """Register the directory at `path` as base model `model_id`, after checking it (neat_core.models.directory).
     ValueError for a bad or taken id or a directory that does not qualify (InvalidModelDirectory, naming why);
     nothing is written then. The caller commits."""
-    if not MODEL_ID.match(model_id):
-        raise ValueError(f"model id {model_id!r}: letters, digits, '.', '_' and '-', optionally one '/' "
-                         "(e.g. acme/qwen3-support), at most 200 characters")  # fmt: skip
-    if entry(model_id) is not None:
-        raise ValueError(f"{model_id!r} is a catalog model already")
-    if session.scalar(select(RegisteredModel.id).where(RegisteredModel.id == model_id)) is not None:
-        raise ValueError(f"model {model_id!r} is already registered; remove it first to register it again")
+    _check_id(session, model_id)
     found = inspect_model_dir(path)
     row = RegisteredModel(id=model_id, path=str(found.path), model_type=found.model_type, tasks=list(found.tasks),
                           parameters=found.parameters, dtype=found.dtype, description=description)  # fmt: skip
@@ -117,9 +119,52 @@ def register(session: Session, model_id: str, path: str, description: str | None
     return _of_row(row)
 
 
-def remove(session: Session, model_id: str) -> None:
-    """Forget a registered model (its directory is the operator's, and left alone). LookupError if it is not
-    registered; ValueError while unfinished jobs train on it. Models fine-tuned on it are no longer served."""
+def _check_id(session: Session, model_id: str) -> None:
+    if not MODEL_ID.match(model_id):
+        raise ValueError(f"model id {model_id!r}: letters, digits, '.', '_' and '-', optionally one '/' "
+                         "(e.g. acme/qwen3-support), at most 200 characters")  # fmt: skip
+    if entry(model_id) is not None:
+        raise ValueError(f"{model_id!r} is a catalog model already")
+    if session.scalar(select(RegisteredModel.id).where(RegisteredModel.id == model_id)) is not None:
+        raise ValueError(f"model {model_id!r} is already registered; remove it first to register it again")
+
+
+def register_archive(session: Session, model_id: str, archive: Path, storage: Storage, limit: int,
+                     description: str | None = None) -> BaseModel:  # fmt: skip
+    """Unpack an uploaded archive (control.archives: tar or zip, safetensors only, nothing outside its folder) onto
+    shared storage, `<artifact root>/_models/<id>`, and register it there. It is unpacked in a temporary folder and
+    checked before it is moved into place, so a refused archive leaves nothing behind."""
+    _check_id(session, model_id)
+    target = storage.path(f"{UPLOADED}/{model_id.replace('/', '--')}")
+    tmp = storage.temp_path()
+    try:
+        tmp.mkdir()
+        unpack(archive, tmp, limit)
+        inspect_model_dir(tmp)
+        shutil.rmtree(target, ignore_errors=True)  # an earlier upload whose registration never committed
+        target.parent.mkdir(exist_ok=True)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        return register(session, model_id, str(target), description)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+
+
+def delete_upload(storage: Storage, path: str) -> None:
+    """Once a removal committed: delete the model's directory if the service unpacked it (an uploaded archive);
+    an operator's own directory is left alone."""
+    uploaded = storage.path(UPLOADED)
+    if Path(path).resolve().is_relative_to(uploaded.resolve()) and Path(path).resolve() != uploaded.resolve():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove(session: Session, model_id: str) -> str:
+    """Forget a registered model; returns its directory (`delete_upload` deletes it if the service owns it, once
+    the removal committed). LookupError if it is not registered; ValueError while unfinished jobs train on it.
+    Models fine-tuned on it are no longer served."""
     row = session.scalar(select(RegisteredModel).where(RegisteredModel.id == model_id))
     if row is None:
         raise LookupError(f"no registered model {model_id!r}" + (" (a catalog model)" if entry(model_id) else ""))
@@ -127,8 +172,10 @@ def remove(session: Session, model_id: str) -> None:
     if active:
         raise ValueError(f"model {model_id!r} has unfinished jobs ({', '.join(active)}); cancel them or let them "
                          "finish first")  # fmt: skip
+    path = row.path
     session.delete(row)
     session.flush()
+    return path
 
 
 def set_allowed_models(session: Session, org_id: str, models: list[str] | None) -> Organization:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends, Header, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import SessionClosingRoute, SessionDep, SettingsDep
+from api.deps import SessionClosingRoute, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError
+from api.uploads import receive_upload
 from control import models
 from control.keys import LIMITS, create_key, create_org, list_keys, revoke_key, set_limits
 from neat_core.models.directory import InvalidModelDirectory
@@ -143,13 +144,37 @@ def registered_models(session: SessionDep) -> dict:
     return {"object": "list", "data": [{"object": "model", **m.as_dict()} for m in models.base_models(session)]}
 
 
-@router.delete("/models/{model_id:path}")
-def remove_model(model_id: str, session: SessionDep) -> dict:
+@router.post("/models/archive")
+def upload_model(request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep) -> dict:
+    """Register a model from an uploaded tar or zip of its directory (multipart: `id`, `file`, `description`),
+    unpacked onto the artifact storage (control.models.register_archive); 400 naming what is wrong, nothing kept."""
+    upload = receive_upload(request, storage, settings.max_model_archive_bytes, settings.upload_idle_seconds)
     try:
-        models.remove(session, model_id)
+        model_id = upload.fields.get("id")
+        if not model_id:
+            raise APIError(400, "id is required: the model's id, e.g. acme/qwen3-support.", code="invalid_request",
+                           param="id")  # fmt: skip
+        try:
+            limit, description = settings.max_model_archive_bytes, upload.fields.get("description")
+            model = models.register_archive(session, model_id, upload.temp, storage, limit, description)
+        except InvalidModelDirectory as e:
+            raise APIError(400, str(e), code="invalid_model", param="file") from e
+        except ValueError as e:
+            raise APIError(400, str(e), code="invalid_model", param="id") from e
+        session.commit()
+    finally:
+        upload.temp.unlink(missing_ok=True)
+    return {"object": "model", **model.as_dict()}
+
+
+@router.delete("/models/{model_id:path}")
+def remove_model(model_id: str, session: SessionDep, storage: StorageDep) -> dict:
+    try:
+        path = models.remove(session, model_id)
     except LookupError as e:
         raise APIError(404, str(e), code="model_not_found", param="model") from e
     except ValueError as e:
         raise APIError(409, str(e), code="model_in_use", param="model") from e
     session.commit()
+    models.delete_upload(storage, path)  # an uploaded archive's files, once nothing names them
     return {"object": "model", "id": model_id, "deleted": True}

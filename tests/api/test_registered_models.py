@@ -6,8 +6,12 @@ inference). tests/e2e/test_registered_models.py trains one and serves it from an
 
 from __future__ import annotations
 
+import io
 import json
+import stat
 import struct
+import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -200,3 +204,91 @@ def test_a_registered_base_model_is_served_in_process(admin, tmp_path, model_cac
     reply = admin.post("/v1/chat/completions", json=chat)
     assert reply.status_code == 200, reply.text
     assert reply.json()["model"] == MODEL and reply.json()["usage"]["completion_tokens"] >= 1
+
+
+def packed(tmp_path: Path, kind: str, members: dict[str, bytes | Path]) -> Path:
+    """An archive of `members` (name -> bytes, or a Path: a symbolic link to it), a tar.gz or a zip."""
+    out = tmp_path / f"model.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(out, "w") as zipped:
+            for name, data in members.items():
+                if isinstance(data, Path):
+                    info = zipfile.ZipInfo(name)
+                    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+                    zipped.writestr(info, str(data))
+                else:
+                    zipped.writestr(name, data)
+        return out
+    with tarfile.open(out, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(data, Path):
+                info.type, info.linkname = tarfile.SYMTYPE, str(data)
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return out
+
+
+def good_members(tmp_path: Path, prefix: str = "") -> dict[str, bytes]:
+    directory = model_dir(tmp_path / "source")
+    return {f"{prefix}{p.name}": p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def upload_archive(api, model_id: str, archive: Path):
+    body = {"file": (archive.name, archive.read_bytes(), "application/octet-stream")}
+    return api.client.post("/v1/admin/models/archive", headers=as_admin(), data={"id": model_id}, files=body)
+
+
+@sqlite_only
+def test_an_uploaded_archive_is_unpacked_onto_storage_and_deleted_with_its_registration(admin, tmp_path, monkeypatch,
+                                                                                         capsys):  # fmt: skip
+    # a tar.gz of a folder (`tar czf model.tgz qwen3/`), over HTTP
+    response = upload_archive(admin, MODEL, packed(tmp_path, "tar.gz", good_members(tmp_path, "qwen3/")))
+    assert response.status_code == 200, response.text
+    unpacked = Path(response.json()["path"])
+    assert unpacked == admin.artifact_root / "_models" / "acme--qwen3-support" and (unpacked / "config.json").is_file()
+    assert MODEL in {m["id"] for m in admin.get("/v1/models").json()["data"]}
+    assert admin.client.delete(f"/v1/admin/models/{MODEL}", headers=as_admin()).status_code == 200
+    assert not unpacked.exists()  # the service's copy goes with its registration
+
+    # a flat zip, with the command line
+    monkeypatch.setattr(admin_cli, "get_settings", lambda: admin.settings)
+    archive = packed(tmp_path, "zip", good_members(tmp_path / "again"))
+    assert admin_cli.main(["models", "add", "acme/zipped", "--archive", str(archive)]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(admin.artifact_root / "_models" / "acme--zipped")
+
+
+ESCAPES = {
+    "a parent-directory member": ("tar.gz", {"../escaped.txt": b"x"}, "points outside"),
+    "an absolute member": ("zip", {"/tmp/escaped.txt": b"x"}, "points outside"),
+    "a symbolic link": ("tar.gz", {"link": Path("/etc/passwd")}, "link"),
+    "a zipped symbolic link": ("zip", {"link": Path("/etc/passwd")}, "link"),
+    "pickle weights": ("zip", {"pytorch_model.bin": b"\x80\x04"}, "pickle weights"),
+}
+
+
+@sqlite_only
+@pytest.mark.parametrize("case", ESCAPES)
+def test_an_unsafe_archive_is_refused_and_leaves_nothing(admin, tmp_path, case):
+    kind, extra, expected = ESCAPES[case]
+    archive = packed(tmp_path, kind, {**good_members(tmp_path), **extra})
+    error = assert_error(upload_archive(admin, MODEL, archive), 400, code="invalid_model", param="file")
+    assert expected in error["message"], error
+    assert registered(admin) == 0
+    assert not (admin.artifact_root / "_models").exists() or not any((admin.artifact_root / "_models").iterdir())
+    assert not any((admin.artifact_root / ".tmp").iterdir())  # the upload and the half-unpacked folder are gone
+    assert not (admin.artifact_root.parent / "escaped.txt").exists()
+
+
+@sqlite_only
+def test_an_archive_of_a_directory_that_does_not_qualify_is_refused(admin, tmp_path):
+    members = {k: v for k, v in good_members(tmp_path).items() if k != "chat_template.jinja"}
+    error = assert_error(upload_archive(admin, MODEL, packed(tmp_path, "tar.gz", members)), 400, param="file")
+    assert "without a chat template" in error["message"]
+    not_an_archive = tmp_path / "model.tar.gz"
+    not_an_archive.write_bytes(b"just bytes")
+    error = assert_error(upload_archive(admin, MODEL, not_an_archive), 400, param="file")
+    assert "neither a tar" in error["message"]
+    assert registered(admin) == 0 and not any((admin.artifact_root / ".tmp").iterdir())
