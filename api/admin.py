@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if removed is not None:
-        models.delete_upload(Storage(settings.resolved_artifact_root), removed)
+        models.delete_upload(Storage(settings.resolved_artifact_root), args.model_id, removed)
     print(json.dumps(out, indent=2))
     return 0
 

@@ -135,7 +135,7 @@ def register_archive(session: Session, model_id: str, archive: Path, storage: St
     shared storage, `<artifact root>/_models/<id>`, and register it there. It is unpacked in a temporary folder and
     checked before it is moved into place, so a refused archive leaves nothing behind."""
     _check_id(session, model_id)
-    target = storage.path(f"{UPLOADED}/{model_id.replace('/', '--')}")
+    target = _upload_dir(storage, model_id)
     tmp = storage.temp_path()
     try:
         tmp.mkdir()
@@ -153,11 +153,14 @@ def register_archive(session: Session, model_id: str, archive: Path, storage: St
         raise
 
 
-def delete_upload(storage: Storage, path: str) -> None:
-    """Once a removal committed: delete the model's directory if the service unpacked it (an uploaded archive);
-    an operator's own directory is left alone."""
-    uploaded = storage.path(UPLOADED)
-    if Path(path).resolve().is_relative_to(uploaded.resolve()) and Path(path).resolve() != uploaded.resolve():
+def _upload_dir(storage: Storage, model_id: str) -> Path:
+    return storage.path(f"{UPLOADED}/{model_id.replace('/', '--')}")
+
+
+def delete_upload(storage: Storage, model_id: str, path: str) -> None:
+    """Once a removal committed: delete the model's directory if the service unpacked it there from an archive; an
+    operator's own directory is left alone."""
+    if Path(path) == _upload_dir(storage, model_id):
         shutil.rmtree(path, ignore_errors=True)
 
 

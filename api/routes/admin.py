@@ -176,5 +176,5 @@ def remove_model(model_id: str, session: SessionDep, storage: StorageDep) -> dic
     except ValueError as e:
         raise APIError(409, str(e), code="model_in_use", param="model") from e
     session.commit()
-    models.delete_upload(storage, path)  # an uploaded archive's files, once nothing names them
+    models.delete_upload(storage, model_id, path)  # an uploaded archive's files, once nothing names them
     return {"object": "model", "id": model_id, "deleted": True}

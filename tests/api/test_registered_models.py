@@ -257,7 +257,9 @@ def test_an_uploaded_archive_is_unpacked_onto_storage_and_deleted_with_its_regis
     monkeypatch.setattr(admin_cli, "get_settings", lambda: admin.settings)
     archive = packed(tmp_path, "zip", good_members(tmp_path / "again"))
     assert admin_cli.main(["models", "add", "acme/zipped", "--archive", str(archive)]) == 0
-    assert json.loads(capsys.readouterr().out)["path"] == str(admin.artifact_root / "_models" / "acme--zipped")
+    unpacked = admin.artifact_root / "_models" / "acme--zipped"
+    assert json.loads(capsys.readouterr().out)["path"] == str(unpacked) and (unpacked / "tokenizer.json").is_file()
+    assert admin_cli.main(["models", "remove", "acme/zipped"]) == 0 and not unpacked.exists()
 
 
 ESCAPES = {
