@@ -89,8 +89,8 @@ class RemoteBackend:
         return response.json()
 
     async def load(self, target: Target) -> None:
-        if target.artifact is None:
-            return  # a base model loads on its first request
+        if not self._told(target):
+            return  # a catalog base model loads on its first request
         for server in rank(self.servers, target.base_model):
             try:
                 await self._load(server, target)
@@ -130,10 +130,10 @@ class RemoteBackend:
         answer is raised as the BackendError it carries."""
         for server in rank(self.servers, target.base_model):
             try:
-                if target.artifact is not None and (server, target.name) not in self._loaded:
+                if self._told(target) and (server, target.name) not in self._loaded:
                     await self._load(server, target)
                 response = await self._post(server, path, body, stream, target.caller)
-                if response.status_code == 404 and target.artifact is not None:
+                if response.status_code == 404 and self._told(target):
                     await response.aclose()  # the server forgot the adapter (a restart): load it again, once
                     self._loaded.discard((server, target.name))
                     await self._load(server, target)
@@ -156,12 +156,21 @@ class RemoteBackend:
         request = self._client.build_request("POST", f"{server}{path}", json=body, headers=headers)
         return await self._client.send(request, stream=stream)
 
+    def _told(self, target: Target) -> bool:
+        """Whether a server must be told of `target` before serving it: an adapter (its artifact), or, on our own
+        servers, a registered base model (its directory; vLLM serves the one base model it was started with)."""
+        return target.artifact is not None or (target.base_dir is not None and self.kind != "vllm")
+
     async def _load(self, server: str, target: Target) -> None:
+        path = "/v1/load_lora_adapter"
         if self.kind == "vllm":
             body = {"lora_name": target.name, "lora_path": target.lora}
+        elif target.artifact is None:  # a registered base model
+            path, body = "/v1/load_base_model", {"model": target.name, "path": target.base_dir}
         else:
-            body = {"lora_name": target.name, "lora_path": target.artifact, "owner": target.owner}
-        response = await self._client.post(f"{server}/v1/load_lora_adapter", json=body)
+            body = {"lora_name": target.name, "lora_path": target.artifact, "owner": target.owner,
+                    "base_model_path": target.base_dir}  # fmt: skip
+        response = await self._client.post(f"{server}{path}", json=body)
         if response.status_code >= 400 and "already been loaded" not in response.text:  # vLLM's "already there"
             log.warning("loading %s on %s failed: %s %s", target.name, server, response.status_code, response.text)
             error = _error(response, target)

@@ -1,6 +1,6 @@
-"""Which model a request names, for this caller: the API's records decide (a catalog base model, or a succeeded
-fine-tuned model of the caller's organisation) before anything is sent to a backend. Another organisation's model
-answers exactly like a missing one, and never reaches an inference server."""
+"""Which model a request names, for this caller: the API's records decide (a base model the caller's organisation may
+use, catalog or registered, or a succeeded fine-tuned model of the organisation) before anything is sent to a
+backend. Another organisation's model answers exactly like a missing one, and never reaches an inference server."""
 
 from __future__ import annotations
 
@@ -14,19 +14,20 @@ from sqlalchemy.orm import Session
 
 from api.errors import APIError
 from api.pagination import owned
+from control import models
 from control.backends import Backend, Target
 from control.db import session_scope
 from control.jobs import JobStatus, fine_tuned_model_name
 from control.orm import Checkpoint, Job
 from control.settings import Settings
 from control.storage import Storage
-from neat_core.models.catalog import CAUSAL_LM, entry
+from neat_core.models.catalog import CAUSAL_LM
 
 log = logging.getLogger("api.targets")
 CHECKPOINT_MODEL = re.compile(r"^(?P<model>ft:.+):ckpt-step-(?P<step>\d+)$")  # checkpoint_object's names
 
 
-def of_job(job: Job, storage: Storage) -> Target:
+def of_job(job: Job, storage: Storage, base_dir: str | None = None) -> Target:
     """A succeeded job's fine-tuned model: its artifact location, owner and method as the job recorded them."""
     return Target(
         job.fine_tuned_model,
@@ -35,32 +36,52 @@ def of_job(job: Job, storage: Storage) -> Target:
         str(storage.path(job.artifact_key)),
         owner=job.organization_id,
         method=(job.adapter or {}).get("type"),
+        base_dir=base_dir,
     )
+
+
+def not_allowed(model_id: str) -> APIError:
+    """An organisation limited to other base models (control.models.set_allowed_models) asked for this one."""
+    return APIError(403, f"Your organisation may not use the model '{model_id}'; the models it may use are listed "
+                    "at /v1/models.", code="model_not_allowed", param="model")  # fmt: skip
+
+
+def base_dir_of(session: Session, job: Job) -> str | None:
+    """Where a fine-tuned model's base loads from: a registered base's directory (None for a catalog base); a 404
+    once its registered base was removed."""
+    try:
+        return models.loads_from(session, job.model)
+    except LookupError:
+        raise APIError(404, f"The model '{job.fine_tuned_model}' is no longer served: its base model '{job.model}' "
+                       "was removed from this service.", code="model_not_found", param="model") from None  # fmt: skip
 
 
 def resolve(session: Session, org: str, storage: Storage, model_id: str, task: str) -> Target:
     """The model `model_id` names for this caller, checked against the endpoint's task. Closes the session: the
     generation that follows may take a while and needs no database connection."""
     try:
-        base = entry(model_id)
+        base = models.find(session, model_id)
         if base is not None:
+            if not models.may_use(session, org, model_id):
+                raise not_allowed(model_id)
             if task != CAUSAL_LM or CAUSAL_LM not in base.tasks:
                 raise _wrong_endpoint(model_id, CAUSAL_LM in base.tasks, base=True)
-            return Target(model_id, CAUSAL_LM, model_id, caller=org)
+            return Target(model_id, CAUSAL_LM, model_id, caller=org, base_dir=base.path)
         if CHECKPOINT_MODEL.match(model_id):
             job, checkpoint = checkpoint_of(session, org, model_id, storage)
             if job.task != task:
                 raise _wrong_endpoint(model_id, job.task == CAUSAL_LM, base=False)
-            return dataclasses.replace(of_checkpoint(job, checkpoint, storage), caller=org)
+            target = of_checkpoint(job, checkpoint, storage)
+            return dataclasses.replace(target, caller=org, base_dir=base_dir_of(session, job))
         job = session.scalar(owned(Job, org).where(Job.fine_tuned_model == model_id, Job.status == JobStatus.SUCCEEDED))
+        if job is None or job.artifact_key is None:
+            gone = "has been deleted" if job is not None else "does not exist"  # (deleted: DELETE /v1/models)
+            raise APIError(404, f"The model '{model_id}' {gone}.", code="model_not_found", param="model")
+        if job.task != task:
+            raise _wrong_endpoint(model_id, job.task == CAUSAL_LM, base=False)
+        return dataclasses.replace(of_job(job, storage, base_dir_of(session, job)), caller=org)
     finally:
         session.close()
-    if job is None or job.artifact_key is None:
-        gone = "has been deleted" if job is not None else "does not exist"  # (deleted: DELETE /v1/models)
-        raise APIError(404, f"The model '{model_id}' {gone}.", code="model_not_found", param="model")
-    if job.task != task:
-        raise _wrong_endpoint(model_id, job.task == CAUSAL_LM, base=False)
-    return dataclasses.replace(of_job(job, storage), caller=org)
 
 
 def checkpoint_of(session: Session, org: str, model_id: str, storage: Storage) -> tuple[Job, Checkpoint]:
@@ -108,20 +129,24 @@ def _wrong_endpoint(model_id: str, generates: bool, *, base: bool) -> APIError:
 
 
 def preload_targets(settings: Settings) -> list[Target]:
-    """The models `serving_preload` names (catalog base models, or succeeded fine-tuned models of any
-    organisation: an operator's list). A name that does not resolve is logged and skipped."""
+    """The models `serving_preload` names (base models, catalog or registered, or succeeded fine-tuned models of
+    any organisation: an operator's list). A name that does not resolve is logged and skipped."""
     storage = Storage(settings.resolved_artifact_root)
     targets = []
     for name in filter(None, (n.strip() for n in settings.serving_preload.split(","))):
-        if entry(name) is not None:
-            targets.append(Target(name, CAUSAL_LM, name))
-            continue
         with session_scope(settings.resolved_database_url) as session:
+            base = models.find(session, name)
+            if base is not None:
+                targets.append(Target(name, CAUSAL_LM, name, base_dir=base.path))
+                continue
             job = session.scalar(select(Job).where(Job.fine_tuned_model == name, Job.status == JobStatus.SUCCEEDED))
             if job is None or job.artifact_key is None:
                 log.warning("cannot preload %s: no such succeeded fine-tuned model", name)
                 continue
-            targets.append(of_job(job, storage))
+            try:
+                targets.append(of_job(job, storage, models.loads_from(session, job.model)))
+            except LookupError as e:
+                log.warning("cannot preload %s: %s", name, e)
     return targets
 
 

@@ -28,6 +28,7 @@ class Target:
     owner: str | None = None  # the organisation that owns the adapter
     method: str | None = None  # the adapter's method, as the job recorded it
     caller: str | None = None  # the organisation asking: the engine shares its passes fairly between callers
+    base_dir: str | None = None  # a registered base model's directory on shared storage (control.models)
 
     @property
     def lora(self) -> str | None:

@@ -28,6 +28,25 @@ class Organization(Base):
     max_active_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     inference_rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The base models (catalog or registered ids) the organisation may use; None: every one (control.models).
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+
+
+class RegisteredModel(Base):
+    """A base model the operator registered from a transformers directory on shared storage (control.models): used
+    like a catalog entry, loaded from `path`. What registration found there is kept, so that checking a job or
+    listing models never reads the directory again."""
+
+    __tablename__ = "registered_models"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(200), unique=True)  # the public model id
+    path: Mapped[str] = mapped_column(String(1024))
+    model_type: Mapped[str] = mapped_column(String(64))  # transformers' config.model_type
+    tasks: Mapped[list[str]] = mapped_column(JSON)  # causal_lm and/or classification
+    parameters: Mapped[int] = mapped_column(BigInteger)
+    dtype: Mapped[str] = mapped_column(String(16))  # as safetensors names it: F32, BF16, ...
+    description: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
 
 class ApiKey(Base):

@@ -495,13 +495,24 @@ class ClassificationRequest(BaseModel):
 
 
 class LoadAdapterRequest(BaseModel):
-    """vLLM's `POST /v1/load_lora_adapter`; `owner` is ours (vLLM ignores it): the organisation the API's records
-    name as the adapter's owner, reported back in the stats."""
+    """vLLM's `POST /v1/load_lora_adapter`; `owner` and `base_model_path` are ours (vLLM ignores them): the
+    organisation the API's records name as the adapter's owner, reported back in the stats, and where its base
+    model loads from when that is a registered one (control.models)."""
 
     model_config = ConfigDict(extra="ignore")
     lora_name: Annotated[str, Field(min_length=1)]
     lora_path: Annotated[str, Field(min_length=1)]
     owner: str | None = None
+    base_model_path: str | None = None
+
+
+class LoadBaseModelRequest(BaseModel):
+    """Ours, `POST /v1/load_base_model`: a registered base model's directory on shared storage, told to a server
+    before the first request for that base model goes there (the inference tier reads no database)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: Annotated[str, Field(min_length=1)]
+    path: Annotated[str, Field(min_length=1)]
 
 
 class UnloadAdapterRequest(BaseModel):

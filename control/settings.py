@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     prometheus_multiproc_dir: Path | None = Field(None, validation_alias="PROMETHEUS_MULTIPROC_DIR")
 
     max_upload_bytes: int = 512 * 1024 * 1024
+    # A base-model archive the operator uploads (control.models.register_archive): the upload, and what it unpacks to
+    max_model_archive_bytes: int = 64 * 2**30
     # An inference request's JSON body (chat, completion, classification), refused with a 413 past it before it is
     # parsed; what fits is then bounded in characters (control.protocol) before anything is tokenized.
     max_inference_body_bytes: int = 32 * 1024 * 1024

@@ -42,6 +42,7 @@ class ModelRef:
     owner: str | None = None  # the organisation that owns the adapter, as the API's records say
     method: str | None = None  # the adapter's method, as its manifest records it
     caller: str | None = None  # the organisation asking (fair shares in the engine); None: the adapter's owner
+    base_dir: Path | None = None  # a registered base model's directory (the API's records say where)
 
     @property
     def fair_key(self) -> str | None:
@@ -59,7 +60,7 @@ class ModelHost:
         self,
         capacity: int,
         solo_loader: Callable[[ModelRef], BatchEngine],
-        engine_factory: Callable[[str, str], BatchEngine] | None = None,
+        engine_factory: Callable[[str, str, Path | None], BatchEngine] | None = None,
     ):
         self.capacity = max(1, capacity)
         self._solo_loader = solo_loader
@@ -87,12 +88,13 @@ class ModelHost:
             self._solo_owners[ref.name] = ref.owner
         return engine
 
-    def engine(self, base_model: str, task: str) -> BatchEngine:
-        """The batching engine of a base model, loading the base model on first use."""
+    def engine(self, base_model: str, task: str, base_dir: Path | None = None) -> BatchEngine:
+        """The batching engine of a base model, loading the base model (from `base_dir`, a registered one's
+        directory) on first use."""
 
         def create() -> BatchEngine:
             try:
-                return self._engine_factory(base_model, task)
+                return self._engine_factory(base_model, task, base_dir)
             except Exception as e:
                 log.exception("cannot load base model %s", base_model)
                 raise ServingError(f"The base model '{base_model}' could not be loaded.") from e
@@ -138,7 +140,7 @@ class ModelHost:
         if not self.batched(ref):
             self.solo(ref)
             return
-        engine = self.engine(ref.base_model, ref.task)
+        engine = self.engine(ref.base_model, ref.task, ref.base_dir)
         if ref.artifact_dir is not None:
             with _adapter_errors(ref):
                 engine.preload(_adapter(ref))
@@ -195,7 +197,7 @@ class ModelHost:
     def _run_once(self, ref: ModelRef, run: Callable[[BatchEngine, AdapterRef | None], Any]) -> Any:
         if self.batched(ref):
             with _adapter_errors(ref):
-                return run(self.engine(ref.base_model, ref.task), _adapter(ref))
+                return run(self.engine(ref.base_model, ref.task, ref.base_dir), _adapter(ref))
         try:
             return run(self.solo(ref), None)
         except EngineClosed:
@@ -258,11 +260,11 @@ def load_whole(ref: ModelRef, *, cache_dir: Path | None, device: str) -> tuple[A
 
     try:
         if ref.artifact_dir is None:
-            model, tokenizer = load_base(ref.base_model, task=ref.task, cache_dir=cache_dir)
+            model, tokenizer = load_base(ref.base_model, task=ref.task, cache_dir=cache_dir, model_dir=ref.base_dir)
             model = model.to(resolve_device(device)).eval()
             trained_length = None
         else:
-            loaded = load_artifact(ref.artifact_dir, cache_dir=cache_dir, device=device)
+            loaded = load_artifact(ref.artifact_dir, cache_dir=cache_dir, device=device, base_model_dir=ref.base_dir)
             if loaded.manifest.get("task") != ref.task:
                 raise ValueError(f"the artifact is for {loaded.manifest.get('task')}, the request says {ref.task}")
             model, tokenizer = loaded.model, loaded.tokenizer
@@ -293,14 +295,15 @@ def load_solo_engine(ref: ModelRef, *, settings: Settings) -> BatchEngine:
     )
 
 
-def load_batch_engine(base_model: str, task: str, *, settings: Settings) -> BatchEngine:
-    """A `BatchEngine` over a freshly loaded base model, sized by settings."""
+def load_batch_engine(base_model: str, task: str, base_dir: Path | None = None, *, settings: Settings) -> BatchEngine:
+    """A `BatchEngine` over a freshly loaded base model (from `base_dir`, a registered one's), sized by settings."""
     from neat_core.devices import resolve_device
     from neat_core.models.loading import load_base
 
     # A classification base gets a placeholder head: every adapter brings its own, with its own labels.
     labels = ["label_0", "label_1"] if task == CLASSIFICATION else None
-    model, tokenizer = load_base(base_model, task=task, labels=labels, cache_dir=settings.model_cache_dir)
+    model, tokenizer = load_base(base_model, task=task, labels=labels, cache_dir=settings.model_cache_dir,
+                                 model_dir=base_dir)  # fmt: skip
     model = model.to(resolve_device(settings.device)).eval()
     context = getattr(model.config, "max_position_embeddings", None) or 512
     return BatchEngine(

@@ -85,7 +85,9 @@ class InProcessBackend:
 def model_ref(target: Target) -> ModelRef:
     """What the API resolved, as the host's reference (in process, the job's records stand for the manifest)."""
     artifact = None if target.artifact is None else Path(target.artifact)
-    return ModelRef(target.name, target.task, target.base_model, artifact, target.owner, target.method, target.caller)
+    base_dir = None if target.base_dir is None else Path(target.base_dir)
+    return ModelRef(target.name, target.task, target.base_model, artifact, target.owner, target.method, target.caller,
+                    base_dir)  # fmt: skip
 
 
 async def _async_events(events: Iterator[dict], cancel: Callable[[], None]) -> AsyncIterator[dict]:

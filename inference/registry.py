@@ -1,7 +1,9 @@
 """The adapters this server may serve, by name: vLLM's dynamic adapter protocol (`load_lora_adapter` /
 `unload_lora_adapter`). The API loads an adapter with the artifact location its records hold before it routes the
-first request for it here; a request naming a model that is neither loaded nor a catalog base model answers 404
-(as vLLM does), which tells the API to load it again (after a restart of this server, say)."""
+first request for it here; a request naming a model that is neither loaded nor a base model answers 404 (as vLLM
+does), which tells the API to load it again (after a restart of this server, say). Registered base models
+(control.models) are told the same way, with their directory: `load_base_model`, or an adapter's
+`base_model_path`."""
 
 from __future__ import annotations
 
@@ -20,11 +22,18 @@ class AdapterRegistry:
     def __init__(self, host: ModelHost):
         self._host = host
         self._adapters: dict[str, ModelRef] = {}
+        self._bases: dict[str, Path] = {}  # registered base model -> its directory, as the API told it
         self._lock = threading.Lock()
 
-    def load(self, name: str, path: str | Path, owner: str | None = None) -> ModelRef:
+    def load_base(self, name: str, path: str | Path) -> None:
+        """A registered base model's directory; it loads on its first request."""
+        with self._lock:
+            self._bases[name] = Path(path)
+
+    def load(self, name: str, path: str | Path, owner: str | None = None, base_path: str | None = None) -> ModelRef:
         """Register the artifact at `path` under `name` and load it (warm for its first request). Its base model,
-        task and method are the artifact's manifest's. Loading a name again with the same artifact is a no-op."""
+        task and method are the artifact's manifest's (`base_path`: where that base loads from, when registered).
+        Loading a name again with the same artifact is a no-op."""
         from neat_core.artifacts import read_manifest
         from neat_core.errors import ArtifactError
 
@@ -35,7 +44,8 @@ class AdapterRegistry:
             return known
         try:
             manifest = read_manifest(path)
-            ref = ModelRef(name, manifest["task"], manifest["base_model"], path, owner, manifest.get("method"))
+            ref = ModelRef(name, manifest["task"], manifest["base_model"], path, owner, manifest.get("method"),
+                           base_dir=Path(base_path) if base_path else None)  # fmt: skip
         except (ArtifactError, KeyError) as e:
             log.warning("cannot load adapter %s from %s: %s", name, path, e)
             raise ServingError(f"The model '{name}' could not be loaded.") from e
@@ -57,9 +67,12 @@ class AdapterRegistry:
             return sorted(self._adapters)
 
     def resolve(self, name: str, task: str) -> ModelRef:
-        """The model a request names: a loaded adapter, or a catalog base model (generation only)."""
+        """The model a request names: a loaded adapter, or a base model, catalog or registered (generation only)."""
         with self._lock:
             ref = self._adapters.get(name)
+            base_dir = self._bases.get(name)
+        if ref is None and base_dir is not None:  # the API checked it generates before sending it here
+            ref = ModelRef(name, CAUSAL_LM, name, base_dir=base_dir)
         if ref is None:
             base = entry(name)
             if base is None:

@@ -32,6 +32,7 @@ from control.protocol import (
     ClassificationRequest,
     CompletionRequest,
     LoadAdapterRequest,
+    LoadBaseModelRequest,
     UnloadAdapterRequest,
     named_param,
     refusal,
@@ -104,8 +105,13 @@ def create_app(settings: Settings | None = None, host: ModelHost | None = None) 
 
     @app.post("/v1/load_lora_adapter", dependencies=auth)
     def load_adapter(body: LoadAdapterRequest) -> PlainTextResponse:
-        registry.load(body.lora_name, body.lora_path, body.owner)
+        registry.load(body.lora_name, body.lora_path, body.owner, body.base_model_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/load_base_model", dependencies=auth)
+    def load_base_model(body: LoadBaseModelRequest) -> PlainTextResponse:
+        registry.load_base(body.model, body.path)
+        return PlainTextResponse(f"Success: base model '{body.model}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", dependencies=auth)
     def unload_adapter(body: UnloadAdapterRequest) -> PlainTextResponse:

@@ -116,12 +116,14 @@ class LoadedAdapter:
     manifest: dict[str, Any]
 
 
-def load_artifact(adapter_dir: Path, *, cache_dir: Path | None = None, device: str = "auto") -> LoadedAdapter:
-    """Base model from the catalog + the adapter on top, in eval mode, ready for inference."""
+def load_artifact(
+    adapter_dir: Path, *, cache_dir: Path | None = None, device: str = "auto", base_model_dir: Path | None = None
+) -> LoadedAdapter:
+    """Base model from the catalog (or `base_model_dir`, a registered model's) + the adapter on top, in eval mode,
+    ready for inference."""
     manifest = read_manifest(adapter_dir)
-    model, tokenizer = load_base(
-        manifest["base_model"], task=manifest["task"], labels=manifest.get("labels"), cache_dir=cache_dir
-    )
+    model, tokenizer = load_base(manifest["base_model"], task=manifest["task"], labels=manifest.get("labels"),
+                                 cache_dir=cache_dir, model_dir=base_model_dir)  # fmt: skip
     try:
         peft_model = get_method(manifest["method"]).load(model, str(adapter_dir))
     except (OSError, ValueError, KeyError, RuntimeError) as e:

@@ -10,7 +10,7 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from control import jobs
+from control import jobs, models
 from control.db import with_retries
 from control.orm import File, Job
 from control.settings import Settings
@@ -44,8 +44,12 @@ def _estimate(session: Session, job_id: str, settings: Settings, gpu: bool) -> M
     training = session.scalar(select(File).where(File.id == job.training_file))
     if training is None or not training.num_examples:
         return None  # the file is gone: train_spec reports that, naming the file
+    try:
+        model = models.loads_from(session, job.model) or job.model  # a registered model's shape: its directory's
+    except LookupError:
+        return None  # removed: train_spec reports that
     return estimate_job_memory(
-        job.model,
+        model,
         task=job.task,
         n_examples=training.num_examples,
         mean_example_bytes=training.bytes / training.num_examples,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from control import jobs
+from control import jobs, models
 from control.attempts import attempt_key
 from control.db import with_retries
 from control.orm import Checkpoint, File, Job
@@ -31,13 +31,23 @@ SCHEDULE_FIELDS = ("n_epochs", "batch_size", "learning_rate_multiplier", "gradie
 
 
 class FileGone(Exception):
-    """A job's training or validation file was deleted after the job was created."""
+    """A job's training or validation file (or its registered base model) was removed after the job was created."""
 
     code = "file_not_found"
 
     def __init__(self, field: str, file_id: str):
         self.field = field
         super().__init__(f"{field} '{file_id}' no longer exists; upload it again and create a new job.")
+
+
+class BaseModelGone(FileGone):
+    code = "model_not_found"
+
+    def __init__(self, model_id: str):
+        self.field = "model"
+        Exception.__init__(
+            self, f"The base model '{model_id}' was removed from this service after the job was created."
+        )
 
 
 def train_spec(url: str, lease: jobs.Lease, settings: Settings, storage: Storage) -> TrainSpec:
@@ -50,6 +60,10 @@ def _train_spec(session: Session, lease: jobs.Lease, settings: Settings, storage
     from neat_core.train import TrainSpec, checkpoint_step
 
     job = session.scalar(select(Job).where(Job.id == lease.job_id))
+    try:
+        base_dir = models.loads_from(session, job.model)  # a registered model's directory (control.models)
+    except LookupError:
+        raise BaseModelGone(job.model) from None
     training_file = _file_path(session, storage, job, "training_file")
     validation_file = _file_path(session, storage, job, "validation_file") if job.validation_file else None
     adapter = dict(job.adapter)
@@ -73,6 +87,7 @@ def _train_spec(session: Session, lease: jobs.Lease, settings: Settings, storage
         checkpoint_every=settings.checkpoint_every,
         device=settings.device,
         cache_dir=settings.model_cache_dir,
+        base_model_dir=Path(base_dir) if base_dir else None,
     )
     # A checkpoint an earlier attempt recorded (a lost worker, a worker that shut down): continue from it
     # rather than start over.

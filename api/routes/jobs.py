@@ -22,8 +22,8 @@ from api.idempotency import Claim, request_hash
 from api.pagination import known_params, owned, paginate
 from api.quotas import job_quota_error
 from api.schemas import MAX_METADATA_KEY, Adapter, JobCreate, checkpoint_object, event_object, job_object, page
-from api.targets import checkpoint_of
-from control import jobs
+from api.targets import checkpoint_of, not_allowed
+from control import jobs, models
 from control.events import add_event
 from control.ids import new_id
 from control.jobs import FINISHED, JobStatus, fine_tuned_model_name
@@ -33,7 +33,6 @@ from control.settings import Settings
 from neat_core.data.formats import DataFormat
 from neat_core.errors import InvalidHyperparameterError
 from neat_core.methods.specs import check_architecture, check_hyperparameters
-from neat_core.models.catalog import catalog, entry, model_type, supported_tasks
 
 router = APIRouter(route_class=SessionClosingRoute, prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 log = logging.getLogger("api")
@@ -73,11 +72,15 @@ def create_job(body: JobCreate, session: SessionDep, org: CurrentOrg, settings: 
 
 
 def _create_job(body: JobCreate, session: Session, org: str, settings: Settings, claimed: Claim | None) -> Job:
-    if entry(body.model) is None:  # the service trains catalog models only; local paths are a library feature
-        available = ", ".join(e.id for e in catalog())
+    # catalog and registered models only (control.models); a local path is a library feature, never a customer's
+    base = models.find(session, body.model)
+    if base is None:
+        available = ", ".join(m.id for m in models.available(session, org))
         raise APIError(400, f"Unknown base model '{body.model}'; available: {available}.", code="model_not_found",
                        param="model")  # fmt: skip
-    tasks = supported_tasks(body.model)
+    if not models.may_use(session, org, base.id):
+        raise not_allowed(base.id)
+    tasks = base.tasks
     training = _file(session, org, body.training_file, "training_file")
     if body.validation_file:
         validation = _file(session, org, body.validation_file, "validation_file")
@@ -97,7 +100,7 @@ def _create_job(body: JobCreate, session: Session, org: str, settings: Settings,
     try:
         check_hyperparameters(adapter.type, adapter.model_extra or {})
         # A method that cannot work on this architecture is refused now, not by the worker after the model loads.
-        check_architecture(adapter.type, model_type(body.model), adapter.model_extra or {})
+        check_architecture(adapter.type, base.model_type, adapter.model_extra or {})
     except InvalidHyperparameterError as e:
         param = "adapter.type" if e.field == "method" else f"adapter.{e.field}"
         raise APIError(400, str(e), code="invalid_hyperparameter", param=param) from e

@@ -1,4 +1,5 @@
-"""/v1/models: the catalog's base models and the caller's fine-tuned ones; a fine-tuned model can be deleted."""
+"""/v1/models: the base models the caller may use (the catalog's and the operator's registered ones, control.models)
+and the caller's fine-tuned ones; a fine-tuned model can be deleted."""
 
 from __future__ import annotations
 
@@ -13,20 +14,20 @@ from api.errors import APIError
 from api.pagination import known_params, owned
 from api.routes.inference import BackendDep
 from api.targets import CHECKPOINT_MODEL, checkpoint_of
-from control import jobs
+from control import jobs, models
 from control.backends import BackendError
 from control.events import add_event
 from control.jobs import JobStatus, fine_tuned_model_name
 from control.orm import Job
 from control.storage import Storage
-from neat_core.models.catalog import catalog, entry
 
 router = APIRouter(route_class=SessionClosingRoute, prefix="/v1/models", tags=["models"])
 log = logging.getLogger("api.models")
 
 
-def _base(entry) -> dict:
-    return {"id": entry.id, "object": "model", "created": 0, "owned_by": "system", "tasks": list(entry.tasks)}
+def _base(model: models.BaseModel) -> dict:
+    return {"id": model.id, "object": "model", "created": model.created, "owned_by": "system",
+            "tasks": list(model.tasks)}  # fmt: skip
 
 
 def _fine_tuned(job: Job) -> dict:
@@ -48,13 +49,14 @@ def _owned_model(session: Session, org: str, model_id: str) -> Job | None:
 @router.get("", dependencies=[known_params()])
 def list_models(session: SessionDep, org: CurrentOrg) -> dict:
     query = owned(Job, org).where(Job.status == JobStatus.SUCCEEDED, Job.artifact_key.is_not(None)).order_by(Job.seq)
-    return {"object": "list", "data": [_base(e) for e in catalog()] + [_fine_tuned(j) for j in session.scalars(query)]}
+    bases = [_base(m) for m in models.available(session, org)]
+    return {"object": "list", "data": bases + [_fine_tuned(j) for j in session.scalars(query)]}
 
 
 @router.get("/{model_id:path}")
 def retrieve_model(session: SessionDep, org: CurrentOrg, storage: StorageDep, model_id: str) -> dict:
-    base = entry(model_id)
-    if base is not None:
+    base = models.find(session, model_id)
+    if base is not None and models.may_use(session, org, model_id):
         return _base(base)
     if CHECKPOINT_MODEL.match(model_id):  # a checkpoint is a model of its own, whatever its job's status
         job, checkpoint = checkpoint_of(session, org, model_id, storage)
@@ -85,7 +87,7 @@ async def delete_model(session: SessionDep, org: CurrentOrg, storage: StorageDep
 def _forget(session: Session, org: str, storage: Storage, model_id: str) -> str:
     """Marks the model deleted (committed) and returns its artifact's key; closes the session."""
     try:
-        if entry(model_id) is not None:
+        if models.find(session, model_id) is not None:
             raise APIError(403, f"The model '{model_id}' is a base model of this service; only fine-tuned models can "
                            "be deleted.", code="model_not_deletable", param="model")  # fmt: skip
         if CHECKPOINT_MODEL.match(model_id):

@@ -5,6 +5,7 @@ package (as a transformers directory, or as a GGUF file converted once into a lo
 transformers directory. Anything else fails at once with the list of what is available.
 
 This module is data and imports no torch: the web tier checks model ids and tasks with it when a job is created.
+The service adds the base models an operator registered from a directory (control.models, which asks here first).
 Turning an entry into a loadable directory (and loading it) is `neat_core.models.loading`.
 """
 
@@ -95,7 +96,13 @@ def supported_tasks(model_id: str) -> tuple[str, ...]:
     path = local_model_dir(model_id)
     if path is None:
         raise ModelNotFoundError(model_id, sorted(_CATALOG))
-    architectures = " ".join(json.loads((path / "config.json").read_text()).get("architectures") or [])
+    return tasks_of(json.loads((path / "config.json").read_text()))
+
+
+def tasks_of(config: dict) -> tuple[str, ...]:
+    """The tasks a transformers config.json (as a dict) can be fine-tuned for: a language-model head generates (and
+    classifies, with a head added); anything else classifies."""
+    architectures = " ".join(config.get("architectures") or [])
     if "CausalLM" in architectures or "LMHeadModel" in architectures:
         return (CAUSAL_LM, CLASSIFICATION)
     return (CLASSIFICATION,)

@@ -1,4 +1,6 @@
-"""Loading a base model and its tokenizer for a task, from the catalog or a local directory."""
+"""Loading a base model and its tokenizer for a task, from the catalog, a local directory, or the directory an
+operator registered the model from (`model_dir`: the service looks registered ids up in its database, control.models,
+and passes the directory here, so the model keeps its registered id as its name)."""
 
 from __future__ import annotations
 
@@ -98,13 +100,16 @@ def load_base(
     labels: list[str] | None = None,
     cache_dir: Path | None = None,
     dtype: torch.dtype = torch.float32,
+    model_dir: Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a frozen-to-be base model and its tokenizer for `task`; classification needs the label names."""
-    if task not in supported_tasks(model_id):
-        raise IncompatibleTaskError(
-            f"{model_id} cannot be fine-tuned for {task}; it supports: {', '.join(supported_tasks(model_id))}"
-        )
-    path = resolve(model_id, cache_dir)
+    """Load a frozen-to-be base model and its tokenizer for `task`; classification needs the label names.
+    `model_dir`: the weights of `model_id` are there (a registered model; safetensors only, never a pickle)."""
+    tasks = supported_tasks(str(model_dir) if model_dir is not None else model_id)
+    if task not in tasks:
+        raise IncompatibleTaskError(f"{model_id} cannot be fine-tuned for {task}; it supports: {', '.join(tasks)}")
+    path = Path(model_dir) if model_dir is not None else resolve(model_id, cache_dir)
+    # A registered directory was checked to hold no pickle; use_safetensors makes sure one added since is not read.
+    safe = {"use_safetensors": True} if model_dir is not None else {}
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:  # causal LMs often have none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
@@ -119,19 +124,24 @@ def load_base(
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
             output_loading_info=True,
+            **safe,
         )
         setattr(model, FRESH_HEAD, _fresh_linear_layers(model, info["missing_keys"]))
         model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers pool at the last non-pad token
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, **safe)
     model.config.name_or_path = model_id  # peft writes this as base_model_name_or_path
     return model, tokenizer
 
 
-def skeleton(model_id: str, *, task: str, cache_dir: Path | None = None) -> PreTrainedModel:
+def skeleton(
+    model_id: str, *, task: str, cache_dir: Path | None = None, model_dir: Path | None = None
+) -> PreTrainedModel:
     """`model_id`'s architecture for `task` on the meta device: its modules and shapes, no weights read and no memory
-    held. For counting what an adapter would add (`neat_core.methods.budget`), not for running."""
-    config = AutoConfig.from_pretrained(resolve(model_id, cache_dir), local_files_only=True)
+    held. For counting what an adapter would add (`neat_core.methods.budget`), not for running. `model_dir`: as for
+    `load_base`."""
+    path = Path(model_dir) if model_dir is not None else resolve(model_id, cache_dir)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
     with torch.device("meta"):
         if task == CLASSIFICATION:
             return AutoModelForSequenceClassification.from_config(config)  # the head is not the adapter's

@@ -185,7 +185,8 @@ def _set_up(spec: TrainSpec, method, device: torch.device) -> _Run:
         raise DataFormatError(f"a {spec.objective} run needs {wanted}; the training file is {fmt.value}")
     torch.manual_seed(spec.seed)
     weights = base_weights_dtype(device, spec.base_dtype)
-    model, tokenizer = load_base(spec.base_model, task=fmt.task, labels=labels, cache_dir=spec.cache_dir, dtype=weights)
+    model, tokenizer = load_base(spec.base_model, task=fmt.task, labels=labels, cache_dir=spec.cache_dir,
+                                 model_dir=spec.base_model_dir, dtype=weights)  # fmt: skip
     checkpointing = resolve_gradient_checkpointing(spec.gradient_checkpointing, model.num_parameters())
     if checkpointing:
         _enable_checkpointing(model)

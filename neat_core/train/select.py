@@ -179,7 +179,8 @@ def _select(spec: TrainSpec, given: list[str] | None, callbacks: Sequence[Callba
     fmt, examples = read_examples(spec.training_file)
     # Every method that can work on this architecture (docs/methods.md, "Architectures"); named candidates were
     # checked against it when the job was created.
-    usable = [m for m in method_names() if m in usable_methods(model_type(str(spec.base_model)))]
+    architecture = model_type(str(spec.base_model_dir or spec.base_model))
+    usable = [m for m in method_names() if m in usable_methods(architecture)]
     order = given or ranking(fmt.task, usable)
     dev, rest = split_dev(examples, fmt.task, spec.seed)
     # The final run's schedule; its step count does not depend on the method's learning rate.
@@ -188,8 +189,11 @@ def _select(spec: TrainSpec, given: list[str] | None, callbacks: Sequence[Callba
     steps_per_epoch = math.ceil(len(rest) / final.batch_size)
     dev_batches = math.ceil(len(dev) / final.batch_size)
     m, k = race_plan(final.total_steps, len(order), steps_per_epoch, dev_batches)
-    budget, ranks = equal_budget_ranks(lambda: skeleton(str(spec.base_model), task=fmt.task, cache_dir=spec.cache_dir),
-                                       order)  # fmt: skip
+
+    def build():  # the run's architecture, no weights: for each method's parameter count
+        return skeleton(str(spec.base_model), task=fmt.task, cache_dir=spec.cache_dir, model_dir=spec.base_model_dir)
+
+    budget, ranks = equal_budget_ranks(build, order)
     rows = _race(spec, order[:m], k, final, rest, dev, ranks, callbacks) if m else []
     if rows is None:
         return None

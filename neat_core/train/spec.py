@@ -22,7 +22,7 @@ AUTO_BETA = 0.1  # DPO's beta under "auto": the DPO paper's and trl's default
 
 @dataclass
 class TrainSpec:
-    base_model: str  # catalog id or local transformers directory
+    base_model: str  # catalog id or local transformers directory (or a registered model's id, with base_model_dir)
     training_file: Path  # JSONL in one of neat_core.data's formats
     output_dir: Path  # gets checkpoints/ and adapter/ (`checkpoint_dir`, `adapter_dir`)
     validation_file: Path | None = None
@@ -49,6 +49,7 @@ class TrainSpec:
     keep_checkpoints: int | None = 3
     device: str = "auto"
     cache_dir: Path | None = None  # where converted catalog models live
+    base_model_dir: Path | None = None  # a registered base model's directory: its weights, under `base_model`'s name
     resume_from: Path | None = None  # a checkpoint directory to continue from
 
     @property

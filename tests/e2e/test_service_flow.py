@@ -37,6 +37,7 @@ class Service:
     url: str
     key: str
     logs: list[Path]
+    env: dict[str, str] | None = None  # the deployment's settings, for operator commands (python -m api.admin)
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.key, max_retries=0, timeout=120,
@@ -107,7 +108,7 @@ def service(request, tmp_path_factory):
             assert printed, "the run command must print the API key"
             key = printed.group(1)
             assert (Path(env["NEAT_DATA_DIR"]) / "neat.sqlite").exists()  # embedded: SQLite under the data dir
-        yield Service(url, key, logs)
+        yield Service(url, key, logs, env)
     _assert_nothing_left_running(env["NEAT_DATA_DIR"])
 
 

@@ -60,7 +60,7 @@ def artifacts(tiny_models, tmp_path_factory) -> dict:
     return {kind: lily_artifact(kind, tiny_models[kind], root / kind) for kind in ("bert", "llama")}
 
 
-def no_factor_engine(base_model: str, task: str):
+def no_factor_engine(base_model: str, task: str, base_dir=None):
     raise AssertionError("a Lily adapter was sent to the low-rank factor engine")
 
 

@@ -9,11 +9,11 @@ import logging
 import re
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from api.schemas import job_object
 from control.db import session_scope
-from control.orm import Checkpoint, File, Job
+from control.orm import Checkpoint, File, Job, RegisteredModel
 from control.storage import Storage, file_key, job_key
 from tests.conftest import chat_rows, classification_rows, preference_rows
 from tests.worker.conftest import ORG, TWO_EPOCHS, get_events, get_job, insert_job, make_settings, sixteen_rows
@@ -323,6 +323,25 @@ def test_deleted_training_file_fails_the_job(settings, tiny_models):
     error = get_job(settings, job_id).error
     assert error["code"] == "file_not_found" and error["param"] == "training_file"
     assert job.training_file in error["message"]
+
+
+def test_a_job_on_a_registered_model_trains_from_its_directory_and_fails_once_it_is_removed(settings, tiny_models):
+    from control import models
+
+    with session_scope(settings.resolved_database_url) as session:
+        models.register(session, "acme/tiny-bert", str(tiny_models["bert"]))
+    job_id = insert_job(settings, "acme/tiny-bert", classification_rows(12))
+    assert run_job(job_id, settings) == "succeeded"
+    manifest = json.loads((Storage(settings.resolved_artifact_root).path(get_job(settings, job_id).artifact_key)
+                           / "manifest.json").read_text())  # fmt: skip
+    assert manifest["base_model"] == "acme/tiny-bert"  # its registered name, not the directory
+
+    job_id = insert_job(settings, "acme/tiny-bert", classification_rows(12))
+    with session_scope(settings.resolved_database_url) as session:  # (as a removal racing the claim would)
+        session.execute(delete(RegisteredModel))
+    assert run_job(job_id, settings) == "failed"
+    error = get_job(settings, job_id).error
+    assert error["code"] == "model_not_found" and error["param"] == "model" and "acme/tiny-bert" in error["message"]
 
 
 def test_unexpected_error_fails_the_job_with_its_traceback_logged(settings, tiny_models, monkeypatch, caplog):
