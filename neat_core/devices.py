@@ -23,9 +23,13 @@ def autocast_dtype(device: torch.device, weights: torch.dtype = torch.float32) -
     """bf16 autocast on GPUs that support it (adapter weights stay fp32 master copies), and wherever the base
     weights are bf16 (an fp32 adapter's output must meet a bf16 layer's in one dtype); none for fp32 weights on the
     CPU, where fp32 is both the fastest and the exact choice."""
-    if weights == torch.bfloat16 or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+    if weights == torch.bfloat16 or _bf16_gpu(device):
         return torch.bfloat16
     return None
+
+
+def _bf16_gpu(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -38,7 +42,7 @@ def base_weights_dtype(device: torch.device, preference: str = "auto") -> torch.
     weights are fp32 either way: `neat_core.train.loop` keeps them as master copies, so small updates are not
     rounded away. "float32" or "bfloat16" force one (bf16 on a CPU halves memory at a time cost)."""
     if preference == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if _bf16_gpu(device) else torch.float32
     if preference not in BASE_DTYPES:
         raise InvalidHyperparameterError("base_dtype", f"unknown dtype {preference!r}", "auto, float32, bfloat16")
     return BASE_DTYPES[preference]

@@ -44,6 +44,9 @@ def _estimate(session: Session, job_id: str, settings: Settings, gpu: bool) -> M
     training = session.scalar(select(File).where(File.id == job.training_file))
     if training is None or not training.num_examples:
         return None  # the file is gone: train_spec reports that, naming the file
+    # bf16 base weights and autocast on a GPU (neat_core.devices), fp32 on a CPU; a GPU without bf16 (before
+    # Ampere) runs fp32 and needs twice this, which its out-of-memory error then reports
+    value_bytes = 2 if gpu else 4
     try:
         model = models.loads_from(session, job.model) or job.model  # a registered model's shape: its directory's
     except LookupError:
@@ -57,9 +60,7 @@ def _estimate(session: Session, job_id: str, settings: Settings, gpu: bool) -> M
         preference_pairs=job.method_type == "dpo",
         adapter=job.adapter,
         gradient_checkpointing=job.hyperparameters.get("gradient_checkpointing", "auto"),
-        # bf16 base weights and autocast on a GPU (neat_core.devices); a GPU without bf16 (before Ampere) runs
-        # fp32 and needs twice this, which its out-of-memory error then reports
-        dtype_bytes=2 if gpu else 4,
-        activation_bytes=2 if gpu else 4,
+        dtype_bytes=value_bytes,
+        activation_bytes=value_bytes,
         cache_dir=settings.model_cache_dir,
     )

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from neat_core.artifacts import parameter_counts
 from neat_core.methods.registry import attach, get_method
 
 REFERENCE = "lora"  # the budget: LoRA's default rank on the run's model and targets
@@ -24,8 +25,6 @@ REFERENCE = "lora"  # the budget: LoRA's default rank on the run's model and tar
 
 def adapter_parameters(build: Callable[[], nn.Module], method: str, **hyperparameters) -> int:
     """The adapter's parameter count when `method` is attached to a fresh `build()` (attaching changes the model)."""
-    from neat_core.artifacts import parameter_counts  # artifacts imports the registry: import here, not above
-
     return parameter_counts(attach(build(), method, **hyperparameters))["adapter_parameters"]
 
 

@@ -142,6 +142,7 @@ class _Run:
     model: Any  # peft.PeftModel, on the device, in train mode
     adapter_hp: dict[str, Any]
     gradient_checkpointing: bool  # resolved: each decoder/encoder layer recomputes its activations in the backward
+    base_dtype: torch.dtype  # resolved: the frozen base's weights (neat_core.devices.base_weights_dtype)
     schedule: Schedule
     train_set: list[dict]
     valid_set: list[dict]
@@ -207,6 +208,7 @@ def _set_up(spec: TrainSpec, method, device: torch.device) -> _Run:
         model=model,
         adapter_hp=adapter_hp,
         gradient_checkpointing=checkpointing,
+        base_dtype=weights,
         schedule=schedule,
         train_set=encode_examples(train_examples, fmt, tokenizer, **encode),
         valid_set=encode_examples(valid_examples, fmt, tokenizer, **encode),
@@ -296,10 +298,9 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
     if distributed.check_devices(spec.n_devices) != replicas.world:  # the caller's process: start the ranks
         return distributed.launch(spec, callbacks)
     device = resolve_device(spec.device)
-    weights = base_weights_dtype(device, spec.base_dtype)
-    amp = autocast_dtype(device, weights)
     method = get_method(spec.method)
     run = _set_up(spec, method, device)
+    amp = autocast_dtype(device, run.base_dtype)
     model, schedule, adapter_hp = run.model, run.schedule, run.adapter_hp
     with _autocast(device, amp):  # its forwards (HEAT's scoring) meet the base in the training steps' dtype
         method_state = _method_state(spec, method, run, device)
@@ -309,8 +310,8 @@ def train(spec: TrainSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
         hyperparameters.update(objective="dpo", beta=run.beta)
     if run.gradient_checkpointing:  # likewise only when on: runs without it keep the fingerprint they always had
         hyperparameters["gradient_checkpointing"] = True
-    if weights != torch.float32:  # likewise: a bf16 base computes other numbers than the fp32 one
-        hyperparameters["base_dtype"] = str(weights).removeprefix("torch.")
+    if run.base_dtype != torch.float32:  # likewise: a bf16 base computes other numbers than the fp32 one
+        hyperparameters["base_dtype"] = str(run.base_dtype).removeprefix("torch.")
     if replicas.world > 1:  # and the device count: a checkpoint holds every rank's generators, resumed by as many
         hyperparameters["n_devices"] = replicas.world
     fingerprint = {  # a checkpoint only resumes into the run that wrote it
