@@ -103,6 +103,30 @@ def test_continuous_batching_gives_each_request_what_it_gets_alone(kind, tiny_mo
     assert stats["adapters_pinned"] == 0
 
 
+def test_long_generations_stay_exact_as_the_key_value_cache_grows(tiny_models, saved):
+    """The cache grows in place, by a quarter at a time (generation._GrowingLayer): rows that run for many steps
+    cross several growths, and rows that join and leave meanwhile re-stack and trim it. Each must still get its
+    answer alone."""
+    kind = "llama"
+    engine = make_engine(kind, tiny_models, window_s=0.05, max_batch=8)
+    engine._eos = set()
+    adapters = refs(saved, kind)
+    try:
+        long = engine.generate(prompt(1, 4), adapters["neat-a"], SamplingParams(max_tokens=90))
+        it = iter(long)
+        head = [next(it) for _ in range(30)]  # 30 steps in: the cache has grown twice
+        joined = [
+            engine.generate(prompt(2, 11), None, SamplingParams(max_tokens=20)),
+            engine.generate(prompt(3, 6), adapters["lora-c"], SamplingParams(max_tokens=45)),
+        ]
+        tokens = [[*head, *it], *(list(s) for s in joined)]
+    finally:
+        engine.close()
+    cases = [("neat-a", prompt(1, 4), 90), (None, prompt(2, 11), 20), ("lora-c", prompt(3, 6), 45)]
+    for got, (adapter_id, ids, n) in zip(tokens, cases, strict=True):
+        assert got == alone(kind, tiny_models, saved, adapter_id, ids, n)[0], adapter_id
+
+
 def test_seeded_sampling_does_not_depend_on_batch_mates(tiny_models, saved):
     engine = make_engine("llama", tiny_models, window_s=0.05)
     adapters = refs(saved, "llama")
