@@ -264,10 +264,12 @@ class _GrowingLayer(DynamicLayer):
     one position in place, and a buffer grows by a quarter (at least 16 positions) only when it is full, so the
     copying is amortised to a few positions a step. Positions past `length` are never read: the views stop there."""
 
-    def __init__(self, keys: Tensor, values: Tensor, room: int = 0):
+    def __init__(self, keys: Tensor, values: Tensor, length: int | None = None):
+        """keys, values: buffers (B, kv_heads, capacity, head_dim) whose first `length` positions (all of them
+        by default) are the cache."""
         super().__init__()
-        self.length = keys.shape[2]
-        self._k, self._v = _with_room(keys, room), _with_room(values, room)
+        self.length = keys.shape[2] if length is None else length
+        self._k, self._v = keys, values
         self.device = keys.device
         self.is_initialized = True
         self._view()
@@ -294,9 +296,7 @@ class _GrowingLayer(DynamicLayer):
 
 
 def _with_room(t: Tensor, room: int) -> Tensor:
-    """t (B, H, T, D) copied into a buffer (B, H, T + room, D); t itself when there is no room to add."""
-    if room <= 0:
-        return t
+    """t (B, H, T, D) copied into a new buffer (B, H, T + room, D)."""
     buffer = t.new_empty(t.shape[0], t.shape[1], t.shape[2] + room, t.shape[3])
     buffer[:, :, : t.shape[2]] = t
     return buffer
@@ -330,14 +330,23 @@ class _DecodeState:
         return _GrowingCache(self.layers)
 
     def concat(self, other: _DecodeState) -> _DecodeState:
-        """Stack two groups of rows, left-padding the shorter one with masked zeros."""
+        """Stack two groups of rows, the shorter one left-padded with masked zeros: each layer is copied once,
+        straight into a buffer with room for the steps to come."""
         width = max(self.mask.shape[1], other.mask.shape[1])
-        a, b = self._padded(width), other._padded(width)
+        room = max(16, width // 4)
+
+        def stacked(a: Tensor, b: Tensor) -> Tensor:  # (Ba, H, Ta, D), (Bb, H, Tb, D) -> (Ba + Bb, H, width, D)
+            out = a.new_empty(a.shape[0] + b.shape[0], a.shape[1], width + room, a.shape[3])
+            for rows, t in ((slice(0, a.shape[0]), a), (slice(a.shape[0], None), b)):
+                out[rows, :, : width - t.shape[2]] = 0
+                out[rows, :, width - t.shape[2] : width] = t
+            return out
+
         layers = [
-            _GrowingLayer(torch.cat([la.keys, lb.keys]), torch.cat([la.values, lb.values]))
-            for la, lb in zip(a.layers, b.layers, strict=True)
+            _GrowingLayer(stacked(la.keys, lb.keys), stacked(la.values, lb.values), width)
+            for la, lb in zip(self.layers, other.layers, strict=True)
         ]
-        return _DecodeState(layers, torch.cat([a.mask, b.mask]))
+        return _DecodeState(layers, torch.cat([self._mask(width), other._mask(width)]))
 
     def select(self, rows: list[int]) -> _DecodeState:
         """Keep these rows, then drop the leading positions no remaining row uses."""
@@ -352,15 +361,7 @@ class _DecodeState:
         ]
         return _DecodeState(layers, mask[:, start:])
 
-    def _padded(self, width: int) -> _DecodeState:
+    def _mask(self, width: int) -> Tensor:
+        """The mask left-padded with zeros to `width` positions."""
         extra = width - self.mask.shape[1]
-        if extra == 0:
-            return self
-
-        def pad(t: Tensor) -> Tensor:  # (B, H, T, D) -> (B, H, width, D)
-            return torch.cat([t.new_zeros(*t.shape[:2], extra, t.shape[3]), t], dim=2)
-
-        return _DecodeState(
-            [_GrowingLayer(pad(layer.keys), pad(layer.values)) for layer in self.layers],
-            torch.cat([self.mask.new_zeros(self.mask.shape[0], extra), self.mask], dim=1),
-        )
+        return self.mask if extra == 0 else torch.cat([self.mask.new_zeros(self.mask.shape[0], extra), self.mask], 1)

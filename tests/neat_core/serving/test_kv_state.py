@@ -43,6 +43,7 @@ def test_rows_join_and_leave_a_grown_state():
     both = a.concat(b)  # b is left-padded with masked zeros to a's width
     keys = both.layers[0].keys
     assert keys.shape == (5, 2, 26, 3) and both.mask.shape == (5, 26)
+    assert both.layers[0]._k.shape[2] > 26  # stacked straight into a buffer with room: the next step copies nothing
     assert torch.equal(keys[:2], a.layers[0].keys)
     assert torch.equal(keys[2:, :, 4:], b.layers[0].keys) and not keys[2:, :, :4].any()
     assert torch.equal(both.mask[2:, :4], torch.zeros(3, 4, dtype=torch.long))
