@@ -8,7 +8,7 @@ import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from sqlalchemy import select
@@ -21,7 +21,21 @@ from control.orm import ApiKey
 from control.settings import Settings, get_settings
 from control.storage import Storage
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]  # tests override get_settings to point at their database
+
+def settings_of(app: Any) -> Settings:
+    """`app`'s settings: `get_settings()`, or what `app.dependency_overrides[get_settings]` puts in its place (tests
+    point it at their database)."""
+    overrides = getattr(app, "dependency_overrides", None) or {}
+    return overrides.get(get_settings, get_settings)()
+
+
+async def app_settings(request: Request) -> Settings:
+    # Async, though it does no I/O: FastAPI runs a sync dependency (get_settings itself) in the thread pool, one
+    # trip there per request, which under a burst queued behind the routes' own trips.
+    return settings_of(request.app)
+
+
+SettingsDep = Annotated[Settings, Depends(app_settings)]
 
 
 async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
@@ -63,7 +77,7 @@ def _closing_sessions(endpoint: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-async def current_org(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> str:
+async def current_org(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
     """The organisation owning the bearer key. The key is looked up by its hash (the raw key is never stored) and
     the stored hash compared in constant time.
 
@@ -74,6 +88,7 @@ async def current_org(settings: SettingsDep, authorization: Annotated[str | None
     scheme, _, key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
+    settings = settings_of(request.app)  # (not SettingsDep: one dependency fewer to solve on every request)
     digest, url = hash_key(key.strip()), settings.resolved_database_url
     org = RECENT_KEYS.get((url, digest), settings.key_cache_seconds)
     if org is None:
