@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import inspect
@@ -82,9 +83,10 @@ async def current_org(request: Request, authorization: Annotated[str | None, Hea
     the stored hash compared in constant time.
 
     A key found valid is remembered for `key_cache_seconds` (5) in this process, so that a client polling its job
-    costs one query, not two, and no extra trip through the thread pool (auth and route each took one, and under
-    load every request queued twice). The price: a key revoked by another process keeps working here for up to
-    that long; one revoked through this process's admin API stops at once (docs/operations.md)."""
+    costs one query, not two. The price: a key revoked by another process keeps working here for up to that long;
+    one revoked through this process's admin API stops at once (docs/operations.md). Requests that miss at the
+    same moment share one lookup: when a busy key's entry expires in the middle of a burst, one query, not one per
+    request of the burst."""
     scheme, _, key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
@@ -92,14 +94,37 @@ async def current_org(request: Request, authorization: Annotated[str | None, Hea
     digest, url = hash_key(key.strip()), settings.resolved_database_url
     org = RECENT_KEYS.get((url, digest), settings.key_cache_seconds)
     if org is None:
-        org = await run_in_threadpool(_lookup, url, digest)
+        org = await _shared_lookup(url, digest)
         if org is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         RECENT_KEYS.put((url, digest), org)
     return org
 
 
-def _lookup(url: str, digest: str) -> str | None:
+_LOOKUPS: dict[tuple[str, str], asyncio.Future[str | None]] = {}  # (url, digest) -> the lookup in flight
+
+
+async def _shared_lookup(url: str, digest: str) -> str | None:
+    key, loop = (url, digest), asyncio.get_running_loop()
+    lookup = _LOOKUPS.get(key)
+    if lookup is None or lookup.get_loop() is not loop:  # (a TestClient runs each request on a loop of its own)
+        lookup = _LOOKUPS[key] = loop.create_task(_lookup(url, digest))
+        lookup.add_done_callback(functools.partial(_finished, key))
+    return await asyncio.shield(lookup)  # a waiter that goes away (its client did) leaves the others theirs
+
+
+def _finished(key: tuple[str, str], lookup: asyncio.Future[str | None]) -> None:
+    if _LOOKUPS.get(key) is lookup:
+        del _LOOKUPS[key]
+    if not lookup.cancelled():
+        lookup.exception()  # retrieved: every waiter may have gone (its error is theirs to answer, not a log line's)
+
+
+async def _lookup(url: str, digest: str) -> str | None:
+    return await run_in_threadpool(_lookup_sync, url, digest)
+
+
+def _lookup_sync(url: str, digest: str) -> str | None:
     with session_factory(url)() as session:
         row = session.execute(
             select(ApiKey.key_hash, ApiKey.organization_id)

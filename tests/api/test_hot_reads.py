@@ -4,6 +4,8 @@ by the same functions answer, on both databases, with the same errors in the sam
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from sqlalchemy import delete, select, text
 
@@ -77,3 +79,23 @@ def test_a_read_survives_its_pooled_connection_being_ended_by_the_server(api, jo
     assert ended >= 1
     assert api.get(f"/v1/fine_tuning/jobs/{job_id}").json() == before  # retried on a fresh connection, not a 503
     assert api.get(f"/v1/fine_tuning/jobs/{job_id}/events").status_code == 200
+
+
+def test_requests_missing_the_key_cache_together_share_one_lookup(monkeypatch):
+    from api import deps
+
+    calls = []
+
+    async def lookup(url: str, digest: str) -> str:
+        calls.append(digest)
+        await asyncio.sleep(0.01)
+        return "org-x"
+
+    monkeypatch.setattr(deps, "_lookup", lookup)
+
+    async def burst() -> list[str | None]:
+        return await asyncio.gather(*(deps._shared_lookup("db", "digest") for _ in range(20)))
+
+    assert asyncio.run(burst()) == ["org-x"] * 20 and calls == ["digest"]
+    assert asyncio.run(burst()) == ["org-x"] * 20 and len(calls) == 2  # done: the next miss looks it up again
+    assert deps._LOOKUPS == {}
