@@ -169,13 +169,11 @@ class AsyncReads:
         import psycopg
 
         slots = self._slots_here()
-        if slots.locked():  # (wait_for costs a task: only when there is something to wait for)
-            try:
-                await asyncio.wait_for(slots.acquire(), self._timeout)
-            except TimeoutError:
-                raise PoolTimeout(f"no connection free for reads within {self._timeout:g} s") from None
-        else:
-            await slots.acquire()
+        try:
+            async with asyncio.timeout(self._timeout):  # (not wait_for: a task for every wait)
+                await slots.acquire()
+        except TimeoutError:
+            raise PoolTimeout(f"no connection free for reads within {self._timeout:g} s") from None
         try:
             for attempt in (0, 1):
                 connection = self._take() if attempt == 0 else None
