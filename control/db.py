@@ -190,6 +190,9 @@ class AsyncReads:
                     if fresh:
                         raise OperationalError(sql, params, e) from e
                     continue
+                except psycopg.Error as e:  # (a value Postgres refuses: a NUL in a string) as the engine wraps it
+                    await connection.close()
+                    raise DBAPIError(sql, params, e) from e
                 except BaseException:
                     if connection is not None:  # cancelled or failed mid-query: its state is unknown
                         await connection.close()

@@ -63,6 +63,13 @@ def test_another_organisations_job_is_404_before_any_other_refusal(api, job_id):
     assert_error(api.get(events, params={"after": "ftevent-nope"}), 400, code="invalid_cursor")
 
 
+def test_an_id_the_database_refuses_answers_as_before(api):
+    # Postgres refuses a NUL in a string; the engine's DataError answered 503 (a DBAPIError), SQLite finds nothing
+    status = 503 if api.settings.resolved_database_url.startswith("postgresql") else 404
+    for path in ("/v1/fine_tuning/jobs/ftjob-%00", "/v1/fine_tuning/jobs/ftjob-%00/events"):
+        assert api.get(path).status_code == status
+
+
 def test_a_job_without_events_lists_none(api, job_id):
     with api.session() as session:
         session.execute(delete(JobEvent).where(JobEvent.job_id == job_id))
