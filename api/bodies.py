@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from api.deps import settings_of
 from api.errors import error_body
-from control.settings import get_settings
 
 INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/classifications"})
 
@@ -26,8 +26,7 @@ class InferenceBodyLimit:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in INFERENCE_PATHS:
             await self.app(scope, receive, send)
             return
-        app = scope.get("app")
-        settings = (app.dependency_overrides.get(get_settings, get_settings) if app else get_settings)()
+        settings = settings_of(scope.get("app"))
         limit = settings.max_inference_body_bytes
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:

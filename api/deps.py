@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from sqlalchemy import select
@@ -21,7 +22,21 @@ from control.orm import ApiKey
 from control.settings import Settings, get_settings
 from control.storage import Storage
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]  # tests override get_settings to point at their database
+
+def settings_of(app: Any) -> Settings:
+    """`app`'s settings: `get_settings()`, or what `app.dependency_overrides[get_settings]` puts in its place (tests
+    point it at their database)."""
+    overrides = getattr(app, "dependency_overrides", None) or {}
+    return overrides.get(get_settings, get_settings)()
+
+
+async def app_settings(request: Request) -> Settings:
+    # Async, though it does no I/O: FastAPI runs a sync dependency (get_settings itself) in the thread pool, one
+    # trip there per request, which under a burst queued behind the routes' own trips.
+    return settings_of(request.app)
+
+
+SettingsDep = Annotated[Settings, Depends(app_settings)]
 
 
 async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
@@ -63,28 +78,53 @@ def _closing_sessions(endpoint: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-async def current_org(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> str:
+async def current_org(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
     """The organisation owning the bearer key. The key is looked up by its hash (the raw key is never stored) and
     the stored hash compared in constant time.
 
     A key found valid is remembered for `key_cache_seconds` (5) in this process, so that a client polling its job
-    costs one query, not two, and no extra trip through the thread pool (auth and route each took one, and under
-    load every request queued twice). The price: a key revoked by another process keeps working here for up to
-    that long; one revoked through this process's admin API stops at once (docs/operations.md)."""
+    costs one query, not two. The price: a key revoked by another process keeps working here for up to that long;
+    one revoked through this process's admin API stops at once (docs/operations.md). Requests that miss at the
+    same moment share one lookup: when a busy key's entry expires in the middle of a burst, one query, not one per
+    request of the burst."""
     scheme, _, key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
+    settings = settings_of(request.app)  # (not SettingsDep: one dependency fewer to solve on every request)
     digest, url = hash_key(key.strip()), settings.resolved_database_url
     org = RECENT_KEYS.get((url, digest), settings.key_cache_seconds)
     if org is None:
-        org = await run_in_threadpool(_lookup, url, digest)
+        org = await _shared_lookup(url, digest)
         if org is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         RECENT_KEYS.put((url, digest), org)
     return org
 
 
-def _lookup(url: str, digest: str) -> str | None:
+_LOOKUPS: dict[tuple[str, str], asyncio.Future[str | None]] = {}  # (url, digest) -> the lookup in flight
+
+
+async def _shared_lookup(url: str, digest: str) -> str | None:
+    key, loop = (url, digest), asyncio.get_running_loop()
+    lookup = _LOOKUPS.get(key)
+    if lookup is None or lookup.get_loop() is not loop:  # (a TestClient runs each request on a loop of its own)
+        lookup = _LOOKUPS[key] = loop.create_task(_lookup(url, digest))
+        lookup.add_done_callback(functools.partial(_finished, key))
+    return await asyncio.shield(lookup)  # a waiter that goes away (its client did) leaves the others theirs
+
+
+def _finished(key: tuple[str, str], lookup: asyncio.Future[str | None]) -> None:
+    if _LOOKUPS.get(key) is lookup:
+        del _LOOKUPS[key]
+    if not lookup.cancelled():
+        lookup.exception()  # retrieved: every waiter may have gone (its error is theirs to answer, not a log line's)
+
+
+async def _lookup(url: str, digest: str) -> str | None:
+    return await run_in_threadpool(_lookup_sync, url, digest)
+
+
+def _lookup_sync(url: str, digest: str) -> str | None:
     with session_factory(url)() as session:
         row = session.execute(
             select(ApiKey.key_hash, ApiKey.organization_id)

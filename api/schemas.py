@@ -221,6 +221,19 @@ def file_object(row: File) -> dict[str, Any]:
 PUBLIC_STATUS = {JobStatus.CANCELLING: JobStatus.RUNNING, JobStatus.PAUSING: JobStatus.RUNNING}
 
 
+def columns(model: Any, names: tuple[str, ...]) -> list[Any]:
+    """`model`'s columns `names`, each labelled with its attribute's name: a Core row of them reads like the ORM
+    object (`row.user_metadata`) in the `*_object` functions below."""
+    return [getattr(model, name).label(name) for name in names]
+
+
+# What job_object reads: the hot reads (api.routes.jobs) select these columns, not the whole ORM row.
+JOB_FIELDS = ("id", "created_at", "finished_at", "estimated_finish", "model", "fine_tuned_model", "organization_id",
+              "status", "error", "hyperparameters", "resolved_hyperparameters", "method_type", "adapter",
+              "resolved_adapter", "adapter_selection", "training_file", "validation_file", "result_file",
+              "trained_tokens", "seed", "user_metadata", "suffix")  # fmt: skip
+
+
 def job_object(row: Job) -> dict[str, Any]:
     hyperparameters = row.resolved_hyperparameters or row.hyperparameters
     kind = row.method_type
@@ -250,6 +263,9 @@ def job_object(row: Job) -> dict[str, Any]:
         "user_provided_suffix": row.suffix,
         "integrations": [],
     }
+
+
+EVENT_FIELDS = ("id", "created_at", "level", "message", "type", "data")  # what event_object reads
 
 
 def event_object(row: JobEvent) -> dict[str, Any]:

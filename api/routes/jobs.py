@@ -12,18 +12,30 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import Select, Text, cast, or_, select
+from sqlalchemy import BigInteger, Select, Text, bindparam, cast, or_, select
 from sqlalchemy.orm import Session
 
 from api import idempotency
 from api.deps import CurrentOrg, IdempotencyHeader, SessionClosingRoute, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, not_found
 from api.idempotency import Claim, request_hash
-from api.pagination import known_params, owned, paginate
+from api.pagination import known_params, owned, paginate, read_newest_first
 from api.quotas import job_quota_error
-from api.schemas import MAX_METADATA_KEY, Adapter, JobCreate, checkpoint_object, event_object, job_object, page
+from api.schemas import (
+    EVENT_FIELDS,
+    JOB_FIELDS,
+    MAX_METADATA_KEY,
+    Adapter,
+    JobCreate,
+    checkpoint_object,
+    columns,
+    event_object,
+    job_object,
+    page,
+)
 from api.targets import checkpoint_of, not_allowed
 from control import jobs, models
+from control.db import Read, fetch
 from control.events import add_event
 from control.ids import new_id
 from control.jobs import FINISHED, JobStatus, fine_tuned_model_name
@@ -36,6 +48,21 @@ from neat_core.methods.specs import check_architecture, check_hyperparameters
 
 router = APIRouter(route_class=SessionClosingRoute, prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 log = logging.getLogger("api")
+
+
+# The reads a client polling its job makes every second or so, run on the event loop (control.db.fetch): a job, and
+# its latest events. Another organisation's job is found by none of them, exactly like a missing one.
+_OWNED_JOB = (Job.id == bindparam("job_id"), Job.organization_id == bindparam("org"))
+_JOB = Read(select(*columns(Job, JOB_FIELDS)).where(*_OWNED_JOB))
+_JOB_ID = Read(select(Job.id.label("id")).where(*_OWNED_JOB))
+_OF_OWNED_JOB = (JobEvent.job_id == bindparam("job_id"), select(Job.id).where(*_OWNED_JOB).exists())
+_EVENTS = Read(
+    select(*columns(JobEvent, EVENT_FIELDS))
+    .where(*_OF_OWNED_JOB, JobEvent.seq < bindparam("before", type_=BigInteger))
+    .order_by(JobEvent.seq.desc())
+    .limit(bindparam("n", type_=BigInteger))
+)
+_EVENT_SEQ = Read(select(JobEvent.seq.label("seq")).where(*_OF_OWNED_JOB, JobEvent.id == bindparam("after")))
 
 
 def _get(session, org: str, job_id: str) -> Job:
@@ -164,8 +191,11 @@ def _metadata_filter(query: Select, params: list[tuple[str, str]]) -> Select:
 
 
 @router.get("/{job_id}")
-def retrieve_job(session: SessionDep, org: CurrentOrg, job_id: str) -> dict:
-    return job_object(_get(session, org, job_id))
+async def retrieve_job(org: CurrentOrg, settings: SettingsDep, job_id: str) -> dict:
+    rows = await fetch(settings.resolved_database_url, _JOB, job_id=job_id, org=org)
+    if not rows:
+        raise not_found("job", job_id)
+    return job_object(rows[0])
 
 
 @router.post("/{job_id}/cancel")
@@ -224,12 +254,12 @@ def resume_job(session: SessionDep, org: CurrentOrg, settings: SettingsDep, job_
 
 
 @router.get("/{job_id}/events", dependencies=[known_params("after", "limit")])
-def list_events(session: SessionDep, org: CurrentOrg, job_id: str, after: str | None = None,
-                limit: Annotated[int, Query()] = 20) -> dict:  # fmt: skip
-    _get(session, org, job_id)
-    query = select(JobEvent).where(JobEvent.job_id == job_id)
+async def list_events(org: CurrentOrg, settings: SettingsDep, job_id: str, after: str | None = None,
+                      limit: Annotated[int, Query()] = 20) -> dict:  # fmt: skip
     # newest first, as OpenAI lists them: the first page shows where the job is now
-    rows, has_more = paginate(session, query, JobEvent, after=after, limit=limit, newest_first=True)
+    rows, has_more = await read_newest_first(settings.resolved_database_url, _EVENTS, _EVENT_SEQ, _JOB_ID,
+                                             not_found("job", job_id), after=after, limit=limit, job_id=job_id,
+                                             org=org)  # fmt: skip
     return page([event_object(r) for r in rows], has_more)
 
 
