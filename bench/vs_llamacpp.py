@@ -385,10 +385,12 @@ def main() -> None:
                     for engine in engines if r % 2 == 0 else engines[::-1]:
                         result = closed_loop(servers[engine], target, streams, args, ids)
                         results.setdefault((engine, target, streams), []).append(result["tokens_per_s"])
+                        # the machine's load beside each figure: on a shared machine it says which ones to trust
+                        result["load_1min"] = os.getloadavg()[0]
                         record({"round": r, "engine": engine, "target": target, "streams": streams, **result})
-                        tps, n = result["tokens_per_s"], result["requests"]
+                        tps, n, load = result["tokens_per_s"], result["requests"], result["load_1min"]
                         what = f"round {r + 1}: {engine} {target} {streams} streams"
-                        print(f"  {what}: {tps:.1f} tokens/s ({n} requests)", flush=True)
+                        print(f"  {what}: {tps:.1f} tokens/s ({n} requests, load {load:.1f})", flush=True)
     if out:
         out.close()
     print("\n".join(summarise(results, args)) if len(engines) == 2 else "")
