@@ -191,14 +191,11 @@ def _metadata_filter(query: Select, params: list[tuple[str, str]]) -> Select:
 
 
 @router.get("/{job_id}")
-async def retrieve_job(org: CurrentOrg, settings: SettingsDep, job_id: str) -> JSONResponse:
+async def retrieve_job(org: CurrentOrg, settings: SettingsDep, job_id: str) -> dict:
     rows = await fetch(settings.resolved_database_url, _JOB, job_id=job_id, org=org)
     if not rows:
         raise not_found("job", job_id)
-    # The two polling routes answer a JSONResponse themselves: a returned dict goes through FastAPI's
-    # jsonable_encoder, a recursive walk that cost ~0.15-0.3 ms for a page of 20 events, a quarter of such a
-    # request's CPU in a burst (docs/benchmarks.md, "API load"). These bodies are plain JSON types already.
-    return JSONResponse(job_object(rows[0]))
+    return job_object(rows[0])
 
 
 @router.post("/{job_id}/cancel")
@@ -258,12 +255,12 @@ def resume_job(session: SessionDep, org: CurrentOrg, settings: SettingsDep, job_
 
 @router.get("/{job_id}/events", dependencies=[known_params("after", "limit")])
 async def list_events(org: CurrentOrg, settings: SettingsDep, job_id: str, after: str | None = None,
-                      limit: Annotated[int, Query()] = 20) -> JSONResponse:  # fmt: skip
+                      limit: Annotated[int, Query()] = 20) -> dict:  # fmt: skip
     # newest first, as OpenAI lists them: the first page shows where the job is now
     rows, has_more = await read_newest_first(settings.resolved_database_url, _EVENTS, _EVENT_SEQ, _JOB_ID,
                                              not_found("job", job_id), after=after, limit=limit, job_id=job_id,
                                              org=org)  # fmt: skip
-    return JSONResponse(page([event_object(r) for r in rows], has_more))  # as retrieve_job, for the same reason
+    return page([event_object(r) for r in rows], has_more)
 
 
 @router.get("/{job_id}/checkpoints", dependencies=[known_params("after", "limit")])
