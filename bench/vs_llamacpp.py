@@ -46,7 +46,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from tests.services import free_port, process  # noqa: E402  (the suite's service processes)
+from tests.services import free_port, process, wait_healthy  # noqa: E402  (the suite's service processes)
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ADAPTER = "neat-r8-qv"
@@ -147,18 +147,6 @@ class Server:
         return body
 
 
-def wait_up(url: str, log: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} did not come up:\n{log.read_text(errors='replace')[-3000:]}")
-
-
 def start_ours(stack: ExitStack, paths: dict, args, logs: Path) -> Server:
     port = free_port()
     env = {**os.environ, "NEAT_INTERNAL_TOKEN": TOKEN, "NEAT_DATA_DIR": str(logs / "ours-data"),
@@ -167,7 +155,7 @@ def start_ours(stack: ExitStack, paths: dict, args, logs: Path) -> Server:
     log = logs / "ours.log"
     stack.enter_context(process([sys.executable, "-m", "inference", "--port", str(port)], env, log, cwd=ROOT))
     url = f"http://127.0.0.1:{port}"
-    wait_up(url, log)
+    wait_healthy(url, log, timeout=300, path="/health")
     headers = {"Authorization": f"Bearer {TOKEN}"}
     load = {"lora_name": ADAPTER, "lora_path": str(paths["artifact"])}
     httpx.post(f"{url}/v1/load_lora_adapter", json=load, headers=headers, timeout=60).raise_for_status()
@@ -191,7 +179,7 @@ def start_llamacpp(stack: ExitStack, paths: dict, args, logs: Path) -> Server:
     log = logs / "llamacpp.log"
     stack.enter_context(process(command, dict(os.environ), log, cwd=ROOT))
     url = f"http://127.0.0.1:{port}"
-    wait_up(url, log)
+    wait_healthy(url, log, timeout=300, path="/health")
     return Server("llamacpp", url, {})
 
 

@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+
 START_TIMEOUT_S = 30
 PORT_ATTEMPTS = 5  # a free port can be taken by someone else between choosing it and binding it
 
@@ -105,6 +107,19 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(url: str, log: Path, timeout: float = 120, path: str = "/healthz") -> None:
+    """Wait for a service started by `process` to answer 200 at `path`; fail with the tail of its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"service did not come up:\n{log.read_text(errors='replace')[-4000:]}")
 
 
 def _scratch_root() -> str | None:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from sqlalchemy import select
 
 from control.orm import Job
 from control.storage import job_key
-from tests.services import free_port
+from tests.services import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -177,12 +176,4 @@ def api_processes(settings, log: Path, count: int = 1) -> Iterator[list[int]]:
 
 
 def _wait_until_up(port: int, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"the API did not start; its log:\n{log.read_text(errors='replace')[-4000:]}")
+    wait_healthy(f"http://127.0.0.1:{port}", log, timeout)

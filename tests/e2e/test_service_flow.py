@@ -27,6 +27,7 @@ import pytest
 from tests import conformance
 from tests.conftest import MINILM, SMOLLM2, chat_rows, classification_rows, tool_chat_rows
 from tests.services import free_port, postgres, process, redis
+from tests.services import wait_healthy as _wait_healthy  # the name the e2e modules import
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = ROOT / "tests" / "neat_core" / "stock_peft_probe.py"
@@ -53,18 +54,6 @@ class Service:
 
 def _process(command: list[str], env: dict, log: Path):
     return process(command, env, log, cwd=ROOT)
-
-
-def _wait_healthy(url: str, log: Path, timeout: float = 120, path: str = "/healthz") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"service did not come up:\n{log.read_text(errors='replace')[-4000:]}")
 
 
 @pytest.fixture(scope="module", params=["distributed", "embedded"])
