@@ -87,11 +87,11 @@ async def current_org(request: Request, authorization: Annotated[str | None, Hea
     one revoked through this process's admin API stops at once (docs/operations.md). Requests that miss at the
     same moment share one lookup: when a busy key's entry expires in the middle of a burst, one query, not one per
     request of the burst."""
-    scheme, _, key = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    key = _bearer(authorization)
+    if key is None:
         raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
     settings = settings_of(request.app)  # (not SettingsDep: one dependency fewer to solve on every request)
-    digest, url = hash_key(key.strip()), settings.resolved_database_url
+    digest, url = hash_key(key), settings.resolved_database_url
     org = RECENT_KEYS.get((url, digest), settings.key_cache_seconds)
     if org is None:
         org = await _shared_lookup(url, digest)
@@ -99,6 +99,20 @@ async def current_org(request: Request, authorization: Annotated[str | None, Hea
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         RECENT_KEYS.put((url, digest), org)
     return org
+
+
+def remembered_org(settings: Settings, authorization: str | None) -> str | None:
+    """The organisation owning the bearer key in `authorization` when this process found the key valid in the
+    last `key_cache_seconds`; None otherwise (`current_org` decides: it looks the key up, or refuses it)."""
+    key = _bearer(authorization)
+    if key is None:
+        return None
+    return RECENT_KEYS.get((settings.resolved_database_url, hash_key(key)), settings.key_cache_seconds)
+
+
+def _bearer(authorization: str | None) -> str | None:
+    scheme, _, key = (authorization or "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
 
 
 _LOOKUPS: dict[tuple[str, str], asyncio.Future[str | None]] = {}  # (url, digest) -> the lookup in flight

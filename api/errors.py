@@ -87,11 +87,15 @@ def _first_problem(errors: list[dict]) -> tuple[str | None, str]:
     return path or None, best.get("msg", "Invalid request.")
 
 
+def api_error_response(exc: APIError) -> JSONResponse:
+    body = error_body(exc.status, exc.message, exc.code, exc.param, **exc.extra)
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        body = error_body(exc.status, exc.message, exc.code, exc.param, **exc.extra)
-        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+        return api_error_response(exc)
 
     @app.exception_handler(BackendError)
     async def _backend_error(_: Request, exc: BackendError) -> JSONResponse:

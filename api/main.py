@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from api.bodies import InferenceBodyLimit
 from api.errors import install_error_handlers
 from api.metrics import instrument
+from api.polling import PollingFastPath
 from api.quotas import RateLimiter
 from api.remote import configured
 from api.request_id import RequestId, install_log_ids
@@ -105,6 +106,8 @@ def create_app(backend: Backend | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # innermost of ours (added first): inside the metrics middleware, so that the polls it answers are counted
+    app.add_middleware(PollingFastPath, routes=jobs.router.routes, endpoints=(jobs.retrieve_job, jobs.list_events))
     app.add_middleware(InferenceBodyLimit)
     instrument(app)  # /metrics, and the registry (app.state.metrics) the launcher adds in-process serving to
     app.state.backend = backend  # None: created from settings on first use (api.routes.inference.get_backend)

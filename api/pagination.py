@@ -86,4 +86,5 @@ def known_params(*names: str, prefixes: tuple[str, ...] = ()) -> Any:
                 raise APIError(400, f"Unknown query parameter '{name}' (this list takes: {allowed}).",
                                code="unsupported_parameter", param=name)  # fmt: skip
 
+    check.only_params = names  # type: ignore[attr-defined]  # what api.polling reads: a check of names only
     return Depends(check)

@@ -77,7 +77,7 @@ async def client(http, job_id: str, interval: float, stop_at: float, out: dict[s
         await asyncio.sleep(max(0.0, interval - (time.perf_counter() - tick)))
 
 
-async def run_clients(base: str, job_ids: list[str], args) -> tuple[dict[str, list[float]], list]:
+async def run_clients(base: str, job_ids: list[str], args, seconds: float) -> tuple[dict[str, list[float]], list]:
     # aiohttp rather than httpx: the load generator shares the two cores with the API and Postgres, so the
     # lighter the client, the less of the measured latency is the generator's own.
     import aiohttp
@@ -87,7 +87,7 @@ async def run_clients(base: str, job_ids: list[str], args) -> tuple[dict[str, li
     connector = aiohttp.TCPConnector(limit=args.clients)
     async with aiohttp.ClientSession(base, headers={"Authorization": f"Bearer {KEY}"}, connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=30)) as http:  # fmt: skip
-        stop_at = time.perf_counter() + args.seconds
+        stop_at = time.perf_counter() + seconds
         # Phases spread evenly over one interval (--in-step: all at 0, every client polling at the same instant)
         phases = [0.0 if args.in_step else args.interval * i / args.clients for i in range(args.clients)]
         await asyncio.gather(*(client(http, job_ids[i % len(job_ids)], args.interval, stop_at, out, errors, phases[i])
@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--warmup", type=float, default=0, help="seconds of the same load first, not counted")
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--events", type=int, default=300)
     parser.add_argument("--api-workers", type=int, default=1)
@@ -188,11 +189,15 @@ def main() -> None:
                         break
                 except httpx.HTTPError:
                     time.sleep(0.1)
+            # The same load for --warmup seconds first, not counted: the first requests of a fresh process open its
+            # connections (16 for the async reads) and prepare its statements, a one-off a running service has paid
+            if args.warmup > 0:
+                asyncio.run(run_clients(base, job_ids, args, args.warmup))
             postmaster = postmaster_of(url)
             trees = {"API": api.pid, "Postgres": postmaster}
             before = {name: tree_cpu(pid) for name, pid in trees.items()}
             own = time.process_time()  # this process alone: its children are the API and Postgres
-            out, errors = asyncio.run(run_clients(base, job_ids, args))
+            out, errors = asyncio.run(run_clients(base, job_ids, args, args.seconds))
             cpu = {name: tree_cpu(pid) - before[name] for name, pid in trees.items()}
             cpu["load generator"] = time.process_time() - own
             foreign_ms, missing_ms = existence_timing(base, job_ids[0], 500)
@@ -203,7 +208,8 @@ def main() -> None:
     every = out["retrieve job"] + out["list events"]
     phasing = "all in step" if args.in_step else "phases spread over the interval"
     print(f"# {args.clients} clients, each every {args.interval:g} s ({phasing}): retrieve its job + list 20 events; "
-          f"{args.seconds:g} s; Postgres; {args.api_workers} uvicorn worker(s); {os.cpu_count()} CPUs\n")  # fmt: skip
+          f"{args.seconds:g} s after {args.warmup:g} s not counted; Postgres; "
+          f"{args.api_workers} uvicorn worker(s); {os.cpu_count()} CPUs\n")  # fmt: skip
     print("| requests | kind | errors | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) |")
     print("|---|---|---|---|---|---|---|")
     for kind, values in [*out.items(), ("all", every)]:

@@ -28,7 +28,7 @@ from control import webhooks
 from control.db import session_factory
 from control.ids import new_id
 from control.migrate import upgrade
-from control.orm import ApiKey, Checkpoint, Job, Organization, WebhookAttempt, WebhookDelivery
+from control.orm import ApiKey, Checkpoint, Job, JobEvent, Organization, WebhookAttempt, WebhookDelivery
 from control.settings import Settings, get_settings
 from control.storage import job_key
 from inference.inprocess import InProcessBackend
@@ -203,6 +203,26 @@ def make_api(db_url, orgs, tmp_path, broker_url):
 @pytest.fixture
 def api(make_api) -> Api:
     return make_api()
+
+
+@pytest.fixture
+def polled_job(api) -> str:
+    """A job of organisation A, every column a poll reads set as training leaves it, with five events."""
+    file_id = api.upload_ok(chat_rows())["id"]
+    job_id = api.create_job_ok(file_id, metadata={"team": "a"}, suffix="bot")["id"]
+    # every column job_object reads, set as training would leave them (JSON, nulls, floats, the internal status)
+    api.set_job(job_id, status="cancelling", error={"code": "x", "message": "é ✓", "param": None},
+                resolved_hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5},
+                resolved_adapter={"type": "neat", "r": 8}, adapter_selection={"winner": "neat", "losses": [1.5, 2.25]},
+                fine_tuned_model="ft:x", trained_tokens=12345, estimated_finish=1_800_000_000,
+                result_file="file-res")  # fmt: skip
+    with api.session() as session:
+        for step in range(5):
+            data = {"step": step, "train_loss": 1.0 / (step + 3), "nested": [None, True]}
+            session.add(
+                JobEvent(id=new_id("ftevent"), job_id=job_id, type="metrics", message=f"Step {step}", data=data)
+            )
+    return job_id
 
 
 @pytest.fixture

@@ -10,54 +10,36 @@ import pytest
 from sqlalchemy import delete, select, text
 
 from api.schemas import event_object, job_object, page
-from control.ids import new_id
 from control.orm import Job, JobEvent
-from tests.api import assert_error, chat_rows
+from tests.api import assert_error
 
 
-@pytest.fixture
-def job_id(api) -> str:
-    file_id = api.upload_ok(chat_rows())["id"]
-    job_id = api.create_job_ok(file_id, metadata={"team": "a"}, suffix="bot")["id"]
-    # every column job_object reads, set as training would leave them (JSON, nulls, floats, the internal status)
-    api.set_job(job_id, status="cancelling", error={"code": "x", "message": "é ✓", "param": None},
-                resolved_hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5},
-                resolved_adapter={"type": "neat", "r": 8}, adapter_selection={"winner": "neat", "losses": [1.5, 2.25]},
-                fine_tuned_model="ft:x", trained_tokens=12345, estimated_finish=1_800_000_000,
-                result_file="file-res")  # fmt: skip
+def test_a_job_reads_as_its_orm_object_serialises(api, polled_job):
+    body = api.get(f"/v1/fine_tuning/jobs/{polled_job}").json()
     with api.session() as session:
-        for step in range(5):
-            data = {"step": step, "train_loss": 1.0 / (step + 3), "nested": [None, True]}
-            session.add(
-                JobEvent(id=new_id("ftevent"), job_id=job_id, type="metrics", message=f"Step {step}", data=data)
-            )
-    return job_id
-
-
-def test_a_job_reads_as_its_orm_object_serialises(api, job_id):
-    body = api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-    with api.session() as session:
-        assert body == job_object(session.scalar(select(Job).where(Job.id == job_id)))
+        assert body == job_object(session.scalar(select(Job).where(Job.id == polled_job)))
     assert body["status"] == "running" and body["metadata"] == {"team": "a"}  # the public status, as before
 
 
-def test_events_read_as_their_orm_objects_serialise(api, job_id):
+def test_events_read_as_their_orm_objects_serialise(api, polled_job):
     with api.session() as session:
-        rows = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq.desc())))
+        rows = list(
+            session.scalars(select(JobEvent).where(JobEvent.job_id == polled_job).order_by(JobEvent.seq.desc()))
+        )
     expected = [event_object(r) for r in rows]
-    assert api.get(f"/v1/fine_tuning/jobs/{job_id}/events").json() == page(expected, False)
-    first = api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 2}).json()
+    assert api.get(f"/v1/fine_tuning/jobs/{polled_job}/events").json() == page(expected, False)
+    first = api.get(f"/v1/fine_tuning/jobs/{polled_job}/events", params={"limit": 2}).json()
     assert first == page(expected[:2], True)
-    after = api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"after": expected[1]["id"], "limit": 3}).json()
+    after = api.get(f"/v1/fine_tuning/jobs/{polled_job}/events", params={"after": expected[1]["id"], "limit": 3}).json()
     assert after == page(expected[2:5], True)
 
 
-def test_another_organisations_job_is_404_before_any_other_refusal(api, job_id):
-    events = f"/v1/fine_tuning/jobs/{job_id}/events"
+def test_another_organisations_job_is_404_before_any_other_refusal(api, polled_job):
+    events = f"/v1/fine_tuning/jobs/{polled_job}/events"
     mine = api.get(events).json()["data"][0]["id"]
     for params in ({}, {"limit": 0}, {"limit": 101}, {"after": "ftevent-nope"}, {"after": mine}):
         assert_error(api.get(events, params=params, org=api.b), 404, code="job_not_found")
-    assert_error(api.get(f"/v1/fine_tuning/jobs/{job_id}", org=api.b), 404, code="job_not_found")
+    assert_error(api.get(f"/v1/fine_tuning/jobs/{polled_job}", org=api.b), 404, code="job_not_found")
     # the owner gets the refusals themselves
     assert_error(api.get(events, params={"limit": 0}), 400, code="invalid_limit")
     assert_error(api.get(events, params={"after": "ftevent-nope"}), 400, code="invalid_cursor")
@@ -70,22 +52,22 @@ def test_an_id_the_database_refuses_answers_as_before(api):
         assert api.get(path).status_code == status
 
 
-def test_a_job_without_events_lists_none(api, job_id):
+def test_a_job_without_events_lists_none(api, polled_job):
     with api.session() as session:
-        session.execute(delete(JobEvent).where(JobEvent.job_id == job_id))
-    assert api.get(f"/v1/fine_tuning/jobs/{job_id}/events").json() == page([], False)
+        session.execute(delete(JobEvent).where(JobEvent.job_id == polled_job))
+    assert api.get(f"/v1/fine_tuning/jobs/{polled_job}/events").json() == page([], False)
 
 
-def test_a_read_survives_its_pooled_connection_being_ended_by_the_server(api, job_id):
+def test_a_read_survives_its_pooled_connection_being_ended_by_the_server(api, polled_job):
     if not api.settings.resolved_database_url.startswith("postgresql"):
         pytest.skip("Postgres: the async connection pool")
-    before = api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    before = api.get(f"/v1/fine_tuning/jobs/{polled_job}").json()
     with api.session() as session:  # a restart, a fail-over: every other connection to the database is ended
         others = "datname = current_database() AND pid <> pg_backend_pid()"
         ended = session.scalar(text(f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE {others}"))
     assert ended >= 1
-    assert api.get(f"/v1/fine_tuning/jobs/{job_id}").json() == before  # retried on a fresh connection, not a 503
-    assert api.get(f"/v1/fine_tuning/jobs/{job_id}/events").status_code == 200
+    assert api.get(f"/v1/fine_tuning/jobs/{polled_job}").json() == before  # retried on a fresh connection, not a 503
+    assert api.get(f"/v1/fine_tuning/jobs/{polled_job}/events").status_code == 200
 
 
 def test_requests_missing_the_key_cache_together_share_one_lookup(monkeypatch):
