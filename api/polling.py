@@ -43,7 +43,7 @@ class _Polled:
     def __init__(self, route: APIRoute):
         if route.methods != {"GET"} or not all(isinstance(c, StringConvertor) for c in route.param_convertors.values()):
             raise ValueError(f"{route.path}: only GET routes with plain string path parameters can be polled")
-        self.path, self.pattern, self.endpoint = route.path, route.path_regex, route.endpoint
+        self.pattern, self.endpoint = route.path_regex, route.endpoint
         self.org_arg = self.settings_arg = None
         for dependency in route.dependant.dependencies:
             if dependency.call is current_org:
