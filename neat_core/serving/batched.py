@@ -31,6 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from neat_core.errors import ArtifactError
 from neat_core.serving.factors import AdapterFactors
+from neat_core.serving.layout import PackedLinear, pack, packed_linear
 
 # Per adapted layer, how many adapters keep a merged copy (W0 + B A): the hot one. Each copy is the size of the
 # layer's base weight (SmolLM2's q/v: 53 MB in fp32; a 7B model's q/v in bf16: 1.3 GB), memory the adapter cache's
@@ -67,9 +68,10 @@ class MultiAdapterLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.context = context
-        weight = base_layer.weight
+        weight = base_layer.weight  # (a PackedLinear's: an unpacked copy, read once here)
         # Conv1D stores (d_in, d_out); the factors use the nn.Linear view (d_out, d_in).
         self.out_features, self.in_features = weight.shape if isinstance(base_layer, nn.Linear) else weight.t().shape
+        self.weight_dtype = weight.dtype
         self.register_buffer("A", weight.new_zeros(1, 0, self.in_features), persistent=False)  # (n_slots, r, d_in)
         self.register_buffer("B", weight.new_zeros(1, self.out_features, 0), persistent=False)  # (n_slots, d_out, r)
         self.occupied: set[int] = set()
@@ -78,6 +80,9 @@ class MultiAdapterLinear(nn.Module):
         self.max_merged = MERGED_ADAPTERS
         self._merged_lock = threading.Lock()  # passes of different threads may share this layer
         self._streak = (0, 0)  # (slot, how many batches in a row it has had to itself)
+        # slot -> (A, B) packed for oneDNN, on a PackedLinear base: several rows on one adapter before its merged
+        # copy (see forward)
+        self._packed_factors: dict[int, tuple[Tensor, Tensor]] = {}
 
     def reserve(self, n_slots: int, rank: int = 0) -> None:
         """Grow the tables to `n_slots` slots and rank `rank` at least, zero-filled: existing slots are unchanged.
@@ -111,13 +116,16 @@ class MultiAdapterLinear(nn.Module):
         self.forget_merged(slot)
 
     def forget_merged(self, slot: int | None = None) -> None:
-        """Drop a slot's merged copy (every slot's with None); the next copy waits for a new run of batches."""
+        """Drop a slot's merged copy and packed factors (every slot's with None); the next copy waits for a new run
+        of batches."""
         with self._merged_lock:
             self._streak = (0, 0)
             if slot is None:
                 self.merged.clear()
+                self._packed_factors.clear()
             else:
                 self.merged.pop(slot, None)
+                self._packed_factors.pop(slot, None)
 
     def merged_weight(self, slot: int) -> Tensor | None:
         """W0 + B A for `slot`, in the base weight's layout ((d_out, d_in) nn.Linear, (d_in, d_out) Conv1D): kept
@@ -135,11 +143,21 @@ class MultiAdapterLinear(nn.Module):
         base = self.base_layer.weight
         delta = self.B[slot] @ self.A[slot]  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
         weight = base + (delta if isinstance(self.base_layer, nn.Linear) else delta.t()).to(base.dtype)
+        if isinstance(self.base_layer, PackedLinear):
+            weight = pack(weight)  # the copy runs as fast as the base layer it stands in for
         with self._merged_lock:
             self.merged[slot] = weight
             while len(self.merged) > self.max_merged:
                 self.merged.popitem(last=False)
         return weight
+
+    def packed_factors(self, slot: int) -> tuple[Tensor, Tensor]:
+        """`slot`'s A (r, d_in) and B (d_out, r) packed as two linear weights, kept until the slot changes."""
+        with self._merged_lock:
+            factors = self._packed_factors.get(slot)
+            if factors is None:
+                factors = self._packed_factors[slot] = (pack(self.A[slot]), pack(self.B[slot]))
+            return factors
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.context.active_for(self.occupied):
@@ -148,17 +166,29 @@ class MultiAdapterLinear(nn.Module):
         merged = None
         if only is None:
             self._streak = (0, 0)  # a mixed batch ends every adapter's run of batches alone
-        elif self.max_merged and x.dtype == self.base_layer.weight.dtype == self.A.dtype:
+        elif self.max_merged and x.dtype == self.weight_dtype == self.A.dtype:
             merged = self.merged_weight(only)
         if merged is not None:
             # Every row on one adapter: the base layer's one op on W0 + B A (x (B, T, d_in) -> (B, T, d_out)).
             weight, bias = merged, self.base_layer.bias
+            if isinstance(self.base_layer, PackedLinear):
+                return packed_linear(x, weight, bias)
             if isinstance(self.base_layer, nn.Linear):
                 return F.linear(x, weight, bias)
             flat = x.reshape(-1, self.in_features)  # Conv1D: y = x W + b with W (d_in, d_out)
             y = flat @ weight if bias is None else torch.addmm(bias, flat, weight)
             return y.view(*x.shape[:-1], self.out_features)
         y = self.base_layer(x)  # (B, T, d_out)
+        if (
+            only is not None
+            and isinstance(self.base_layer, PackedLinear)
+            and y.dtype == self.A.dtype
+            and y.numel() > y.shape[-1]
+        ):
+            # Several rows: MKL would split the two tiny matmuls over both threads, whose wake-up between oneDNN's
+            # ops costs ~130 us each; oneDNN's own op ~40 us. One row stays on MKL (one thread, ~4 us).
+            a, b = self.packed_factors(only)
+            return y.add_(packed_linear(packed_linear(x, a, None), b, None))  # x Aᵀ (B, T, r), then Bᵀ
         if only is not None and y.dtype == self.A.dtype:
             # One adapter for the whole batch: two plain matmuls, the second accumulating into the base output in
             # place (y is this forward's own fresh tensor). On CPU each op's dispatch costs as much as its math at

@@ -41,7 +41,7 @@ from neat_core.serving.cache import AdapterCache, AdapterRef
 from neat_core.serving.classification import ClassificationMixin, _ClassifyRow, length_buckets
 from neat_core.serving.generation import KV_CACHE, GenerationMixin, SamplingParams, TokenStream, _GenRequest
 from neat_core.serving.grammar import Grammars
-from neat_core.serving.layout import input_major
+from neat_core.serving.layout import pack_linears
 from neat_core.serving.scheduler import EngineBusy, EngineClosed, Scheduler
 
 __all__ = [
@@ -82,9 +82,9 @@ class BatchEngine(Scheduler, GenerationMixin, ClassificationMixin):
         self.pass_overhead = pass_overhead
         self.device = next(model.parameters()).device
         if task == "causal_lm":
-            input_major(model)  # a CPU's low-batch decode streams input-major weights ~1.45x faster
+            pack_linears(model)  # on a CPU, oneDNN's packed weights: a decode step 1.5-2x faster
         self.model = MultiAdapterModel(model.eval())
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0]) if task != "classification" else 0
+        self.vocab_size = int(model.get_output_embeddings().out_features) if task != "classification" else 0
         self.cache = AdapterCache(self.model, cache_bytes, self._model_lock)
         self.tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to call from several threads
         self.grammars = Grammars(tokenizer, self.vocab_size)

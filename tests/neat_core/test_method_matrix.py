@@ -61,6 +61,7 @@ def build(kind: str, tiny_models, method: str | None = None, *, fresh: bool = Fa
         loaded = AutoModelForSequenceClassification.from_pretrained(key[0], num_labels=len(LABELS)).eval()
         return loaded if method is None else _attach(loaded, method, **hp)
     if key not in _BASES:
+        torch.manual_seed(0)  # the head's random init: the same whichever tests ran before in this session
         _BASES[key], _ = load_base(key[0], task=key[1], labels=LABELS)
     model = copy.deepcopy(_BASES[key]).eval()
     return model if method is None else _attach(model, method, **hp)

@@ -17,14 +17,19 @@ from neat_core.models import load_base
 from neat_core.serving import MultiAdapterLinear, MultiAdapterModel, load_factors
 from neat_core.serving.batched import MERGE_AFTER
 from neat_core.serving.engine import KV_CACHE
+from neat_core.serving.layout import pack_linears
 from tests.neat_core.serving.adapters import BASE_LABELS, fresh_base, randomise, reference
 
 ROWS = ["neat-a", "neat-b", None, "lora-c", "neat-a", "neat-b"]  # two rows per NEAT adapter, one base row
 LENGTHS = [7, 5, 9, 4, 9, 6]
 
 
-def serving_model(kind, tiny_models, saved) -> MultiAdapterModel:
+def serving_model(kind, tiny_models, saved, *, packed: bool = False) -> MultiAdapterModel:
+    """The saved adapters served over a fresh base; `packed`: its linears packed for oneDNN first, as a CPU engine
+    serves a causal LM (neat_core.serving.layout)."""
     base = fresh_base(kind, tiny_models)
+    if packed:
+        assert pack_linears(base) > 0
     served = MultiAdapterModel(base)
     for adapter_id, (_, directory, _) in saved[kind].items():
         served.add(load_factors(directory, base, adapter_id=adapter_id))
@@ -61,9 +66,9 @@ def test_neat_factors_equal_neat_linear(kind, depth, tiny_models, tmp_path):
     assert not any(isinstance(m, MultiAdapterLinear) for m in base.modules()), "load_factors changed the base"
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
-def test_mixed_batch_equals_each_row_alone_through_peft(kind, tiny_models, saved):
-    served = serving_model(kind, tiny_models, saved)
+@pytest.mark.parametrize(("kind", "packed"), [("llama", False), ("gpt2", False), ("bert", False), ("llama", True)])
+def test_mixed_batch_equals_each_row_alone_through_peft(kind, packed, tiny_models, saved):
+    served = serving_model(kind, tiny_models, saved, packed=packed)
     ids, mask = padded_batch(LENGTHS)
     with torch.no_grad():
         if kind == "bert":
@@ -220,9 +225,9 @@ def test_unsupported_lora_features_are_listed_in_one_error(tiny_models, tmp_path
     assert "use_dora=True" in message and "bias='lora_only'" in message and "embed_tokens" in message
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_batch_on_one_adapter_takes_the_plain_path_and_equals_peft(kind, tiny_models, saved):
-    served = serving_model(kind, tiny_models, saved)
+@pytest.mark.parametrize(("kind", "packed"), [("llama", False), ("gpt2", False), ("llama", True)])
+def test_batch_on_one_adapter_takes_the_plain_path_and_equals_peft(kind, packed, tiny_models, saved):
+    served = serving_model(kind, tiny_models, saved, packed=packed)
     lengths = [7, 5, 9]
     ids, mask = padded_batch(lengths)
     seen = []
@@ -237,9 +242,9 @@ def test_batch_on_one_adapter_takes_the_plain_path_and_equals_peft(kind, tiny_mo
     assert seen and set(seen) == {served.slots()["neat-b"]}
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])  # nn.Linear and Conv1D
-def test_the_hot_adapter_runs_on_a_merged_copy_equal_to_the_low_rank_path(kind, tiny_models, saved):
-    served = serving_model(kind, tiny_models, saved)
+@pytest.mark.parametrize(("kind", "packed"), [("llama", False), ("gpt2", False), ("llama", True)])  # Linear, Conv1D
+def test_the_hot_adapter_runs_on_a_merged_copy_equal_to_the_low_rank_path(kind, packed, tiny_models, saved):
+    served = serving_model(kind, tiny_models, saved, packed=packed)
     linears = [layer for layer in served._layers.values() if isinstance(layer, MultiAdapterLinear)]
     slots = served.slots()
     ids, mask = padded_batch([7, 5, 9])
@@ -280,7 +285,9 @@ def test_the_hot_adapter_runs_on_a_merged_copy_equal_to_the_low_rank_path(kind, 
         alone("neat-b", MERGE_AFTER)
         served.remove("neat-b")
         served.add(load_factors(saved[kind]["neat-a"][1], served.model, adapter_id="neat-b"))  # neat-a's factors
-        again = alone("neat-b", MERGE_AFTER)
+        again_low_rank = alone("neat-b")  # before its run: the low-rank path, on the new factors
+        again = alone("neat-b", MERGE_AFTER - 1)
         assert merged_on("neat-b")
         expected = served(ids, mask, adapter_ids=["neat-a", "neat-b", "neat-a"]).logits
     assert (again - expected).abs().max() <= 1e-5 and (again - merged).abs().max() > 1e-3
+    assert (again_low_rank - expected).abs().max() <= 1e-5

@@ -1,5 +1,6 @@
-"""A CPU engine re-stores a causal LM's projections input-major (neat_core.serving.layout): the model must compute
-what it computed before, on every decoder architecture we serve, adapters included."""
+"""A CPU engine re-stores a causal LM's projections and head packed for oneDNN (neat_core.serving.layout): the model
+must compute what it computed before, on every decoder architecture we serve, adapters included, and a row's result
+must not depend on the rows beside it."""
 
 from __future__ import annotations
 
@@ -10,26 +11,42 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from neat_core.methods import attach
 from neat_core.serving import AdapterRef, BatchEngine, SamplingParams
-from neat_core.serving.layout import InputMajorLinear, input_major
+from neat_core.serving.layout import PackedLinear, pack_linears
 from tests.conftest import DECODER_KINDS
 
 
 @pytest.mark.parametrize("kind", DECODER_KINDS)
-def test_input_major_projections_compute_what_the_linear_ones_did(kind, tiny_architectures):
+def test_packed_projections_compute_what_the_linear_ones_did(kind, tiny_architectures):
     model = AutoModelForCausalLM.from_pretrained(tiny_architectures[kind], dtype=torch.float32).eval()
     ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(input_ids=ids).logits
-        linears = sum(type(m) is nn.Linear for m in model.modules()) - (
-            type(model.get_output_embeddings()) is nn.Linear
-        )
-        assert input_major(model) == linears
+        weights = {n: m.weight.clone() for n, m in model.named_modules() if type(m) is nn.Linear}
+        assert weights and pack_linears(model) == len(weights)  # the head included
         after = model(input_ids=ids).logits
-    assert not any(type(m) is nn.Linear for m in model.modules() if m is not model.get_output_embeddings())
-    assert (after - before).abs().max() <= 1e-5
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert isinstance(model.get_output_embeddings(), PackedLinear)
+    modules = dict(model.named_modules())
+    for name, weight in weights.items():  # what adapters and merged copies read: the same W (d_out, d_in), exactly
+        assert torch.equal(modules[name].weight, weight), name
+    assert (after - before).abs().max() <= 1e-4
 
 
-def test_an_engine_serves_adapters_on_the_input_major_layout_as_peft_does_on_the_original(tiny_architectures, tmp_path):
+def test_a_packed_rows_result_does_not_depend_on_its_batch():
+    """What lets a batched row answer what it would answer alone: row i of x W for 1, 8 or 32 rows is bit-equal."""
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(576, 1536)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(1536, 576, generator=generator))
+    layer = PackedLinear(linear)
+    x = torch.randn(32, 576, generator=generator)
+    with torch.no_grad():
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(32)])
+        assert torch.equal(layer(x[:8]), alone[:8])
+        assert torch.equal(layer(x), alone)
+
+
+def test_an_engine_serves_adapters_on_the_packed_layout_as_peft_does_on_the_original(tiny_architectures, tmp_path):
     """NEAT's factors are computed from the base weights, so they must read the re-stored ones right."""
     path = tiny_architectures["llama"]
     peft_model = attach(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), "neat", r=4)
@@ -52,7 +69,7 @@ def test_an_engine_serves_adapters_on_the_input_major_layout_as_peft_does_on_the
     engine = BatchEngine(base, AutoTokenizer.from_pretrained(path), "causal_lm")
     engine._eos = set()
     try:
-        assert any(isinstance(m, InputMajorLinear) for m in base.modules())
+        assert any(isinstance(m, PackedLinear) for m in base.modules())
         got = list(engine.generate(prompt, AdapterRef("neat", tmp_path / "neat"), SamplingParams(max_tokens=6)))
     finally:
         engine.close()

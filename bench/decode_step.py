@@ -1,0 +1,98 @@
+"""The served weight layout's effect on one decode step and one prefill: SmolLM2 through two batching engines, one
+with its linears packed for oneDNN (`neat_core.serving.layout`, what a CPU engine serves) and one on plain
+nn.Linear (torch's default MKL matmul), side by side in one process.
+
+At each batch size B both engines hold B running rows of the same prompt and take turns, step by step, so machine
+noise hits them alike; printed are the median ms per step (interquartile range beside), plain / packed (above 1:
+packed is faster), and whether both engines chose the same greedy tokens. Then a prefill of one 2x-long prompt,
+taking turns the same way.
+
+    python bench/decode_step.py                   # the recorded configuration: B = 1, 8, 32; 40 steps each
+    python bench/decode_step.py --steps 10        # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+PROMPT = "Is this tweet positive? The new update made the app twice as fast, love it."
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="measured decode steps per engine and batch size")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    args = parser.parse_args()
+
+    import torch
+
+    from neat_core.models import load_base
+    from neat_core.serving import BatchEngine, SamplingParams
+    from neat_core.serving import engine as engine_module
+    from neat_core.serving.engine import TokenStream, _GenRequest
+    from neat_core.serving.layout import PackedLinear
+
+    torch.set_grad_enabled(False)
+    engines = {}
+    for layout in ("plain", "packed"):
+        base, tokenizer = load_base(MODEL, task="causal_lm")
+        if layout == "plain":  # the engine packs at construction: this one is built with packing turned off
+            pack, engine_module.pack_linears = engine_module.pack_linears, lambda model: 0
+        engines[layout] = BatchEngine(base, tokenizer, "causal_lm", cache_bytes=2**30, max_batch=max(args.batches))
+        if layout == "plain":
+            engine_module.pack_linears = pack
+        packed = any(isinstance(m, PackedLinear) for m in base.modules())
+        assert packed == (layout == "packed"), layout
+    prompt = engines["packed"].encode(engines["packed"].chat_prompt([{"role": "user", "content": PROMPT}]))
+
+    def rows(b: int, max_tokens: int) -> list:
+        sampling = SamplingParams(max_tokens, ignore_eos=True)
+        return [_GenRequest(prompt, None, sampling, TokenStream(1)) for _ in range(b)]
+
+    print(f"{MODEL}, torch threads {torch.get_num_threads()}, prompt {len(prompt)} tokens\n")
+    print("| B | plain ms per step (IQR) | packed ms per step (IQR) | plain / packed | same tokens |")
+    print("|---|---|---|---|---|")
+    for b in args.batches:
+        batch = {layout: rows(b, 10**6) for layout in engines}
+        state = {layout: engine._prefill(batch[layout], None) for layout, engine in engines.items()}
+        times: dict[str, list[float]] = {layout: [] for layout in engines}
+        for step in range(args.steps + 3):
+            for layout, engine in engines.items():
+                start = time.perf_counter()
+                state[layout] = engine._decode(batch[layout], state[layout])
+                if step >= 3:
+                    times[layout].append(time.perf_counter() - start)
+        same = [r.tokens for r in batch["plain"]] == [r.tokens for r in batch["packed"]]
+        cells = []
+        for layout in engines:
+            q = statistics.quantiles(times[layout], n=4)
+            cells.append(f"{statistics.median(times[layout]) * 1e3:.1f} ({q[0] * 1e3:.1f}–{q[2] * 1e3:.1f})")
+        ratio = statistics.median(times["plain"]) / statistics.median(times["packed"])
+        print(f"| {b} | {cells[0]} | {cells[1]} | {ratio:.2f} | {same} |")
+
+    long = prompt * 2
+    prefill: dict[str, list[float]] = {layout: [] for layout in engines}
+    for _ in range(8):
+        for layout, engine in engines.items():
+            row = [_GenRequest(long, None, SamplingParams(1), TokenStream(1))]
+            start = time.perf_counter()
+            engine._prefill(row, None)
+            prefill[layout].append(time.perf_counter() - start)
+    medians = {layout: statistics.median(t) * 1e3 for layout, t in prefill.items()}
+    print(f"\nprefill of {len(long)} tokens: plain {medians['plain']:.1f} ms, packed {medians['packed']:.1f} ms, "
+          f"plain / packed {medians['plain'] / medians['packed']:.2f}")  # fmt: skip
+    for engine in engines.values():
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()
