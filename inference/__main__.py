@@ -9,9 +9,11 @@ import uvicorn
 
 from control.settings import get_settings
 from inference.server import create_app
+from neat_core.serving.scheduler import engines_own_the_threads
 
 
 def main() -> None:
+    engines_own_the_threads()  # before torch runs anything here: one OpenMP team per engine, none elsewhere
     settings = get_settings()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default=settings.inference_host)

@@ -48,6 +48,30 @@ class EngineClosed(RuntimeError):
     """The engine has shut down (or retired) and takes no more requests."""
 
 
+# The torch threads of an engine's scheduler thread, once `engines_own_the_threads` has run; None: unmanaged.
+_engine_threads: int | None = None
+
+
+def engines_own_the_threads() -> None:
+    """Run torch single-threaded on every thread of this process except the engines' scheduler threads, which keep
+    torch's thread count as it is now. Called once, on the main thread, before anything else uses torch.
+
+    Why: libgomp keeps one OpenMP team per thread that has run a parallel region (the thread that loaded a model,
+    request threads that loaded adapters, the engine's own). Once it manages more threads than there are CPUs it
+    stops spinning between parallel regions, and every matmul of a decode step then wakes its worker through the
+    kernel: a SmolLM2 step at batch 1 took 48 ms on the scheduler thread against 24 ms in a process with one team
+    (docs/benchmarks.md). Setting 1 on the main thread sets the default of every thread started later."""
+    global _engine_threads
+    _engine_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+def _take_engine_threads() -> None:
+    """On a thread that runs an engine's passes: the process's torch threads, when the engines own them."""
+    if _engine_threads is not None:
+        torch.set_num_threads(_engine_threads)
+
+
 class EngineBusy(RuntimeError):
     """The caller already has `max_queued` rows waiting in this engine: retry once some are done."""
 
@@ -91,7 +115,12 @@ class Scheduler:
 
     def _start(self) -> None:
         loop = self._classify_loop if self.task == "classification" else self._loop
-        self._thread = threading.Thread(target=loop, name=f"batch-engine-{self.task}", daemon=True)
+
+        def run() -> None:
+            _take_engine_threads()
+            loop()
+
+        self._thread = threading.Thread(target=run, name=f"batch-engine-{self.task}", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
@@ -169,7 +198,9 @@ class Scheduler:
         round-robin over the callers that have no pass running."""
         busy: Counter = Counter()  # caller -> its passes running (0 or 1)
         in_flight = 0
-        with ThreadPoolExecutor(self.lanes, thread_name_prefix=f"batch-pass-{self.task}") as lanes:
+        with ThreadPoolExecutor(
+            self.lanes, thread_name_prefix=f"batch-pass-{self.task}", initializer=_take_engine_threads
+        ) as lanes:
 
             def run(items: list, callers: set) -> None:
                 try:

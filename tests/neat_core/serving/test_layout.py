@@ -4,6 +4,10 @@ must not depend on the rows beside it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -74,3 +78,33 @@ def test_an_engine_serves_adapters_on_the_packed_layout_as_peft_does_on_the_orig
     finally:
         engine.close()
     assert got == expected
+
+
+def test_the_engines_own_the_torch_threads_when_the_process_says_so(tiny_architectures):
+    """`engines_own_the_threads` (the inference server's first call): the engine's scheduler thread keeps the
+    process's torch threads, every other thread started later runs torch on one (one OpenMP team per engine)."""
+    script = f"""
+import threading, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from neat_core.serving import BatchEngine, SamplingParams
+from neat_core.serving.scheduler import engines_own_the_threads
+torch.set_num_threads(2)
+engines_own_the_threads()
+seen = {{}}
+other = threading.Thread(target=lambda: seen.update(other=torch.get_num_threads()))
+other.start(); other.join()
+path = {str(tiny_architectures["llama"])!r}
+engine = BatchEngine(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), "causal_lm")
+decode = engine._decode
+def counting(*args):
+    seen["engine"] = torch.get_num_threads()  # on the scheduler thread
+    return decode(*args)
+engine._decode = counting
+list(engine.generate([5, 17, 33], None, SamplingParams(max_tokens=3)))
+engine.close()
+print(torch.get_num_threads(), seen["other"], seen["engine"])
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["1", "1", "2"]
