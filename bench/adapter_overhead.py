@@ -73,7 +73,7 @@ def main() -> None:
         state = {name: [[rows_of(ids), None] for ids in steps] for name, (steps, _) in mixes.items()}
         for batches in state.values():
             for batch in batches:
-                batch[1] = engine._prefill(batch[0], None)
+                batch[0], batch[1] = engine._prefill(batch[0], None)
         times: dict[str, list[float]] = {name: [] for name in mixes}
         # Each mix has its own merged copies (the engine's one place per layer, as served): taking turns, the neat
         # and lora mixes would otherwise evict each other's copy at every step and time its rebuild.

@@ -167,7 +167,7 @@ def decode_steps(engine, mixes: dict[str, list], prompt: list[int], rounds: int)
     for name, refs in mixes.items():
         rows = [_GenRequest(prompt, r and r.adapter_id, SamplingParams(10**6, ignore_eos=True), TokenStream(1))
                 for r in refs]  # fmt: skip
-        batches[name], states[name] = rows, engine._prefill(rows, None)
+        batches[name], states[name] = engine._prefill(rows, None)
     for _ in range(rounds):
         for name, rows in batches.items():
             start = time.perf_counter()

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     serving: bool = True  # host the inference loop in this (API) process
     serving_max_models: int = 2  # whole models kept for adapters that cannot be batched (each a base copy)
     serving_cache_mb: int = 1024  # adapter factors kept per base model (least recently used evicted first)
+    # Keys and values of prompt beginnings kept per engine, so a prompt starting like an earlier one (a system prompt,
+    # few-shot examples) prefills only the rest (neat_core.serving.prefix); 0 turns it off.
+    serving_prefix_cache_mb: int = 64
     serving_max_batch: int = 32  # rows per forward pass
     serving_pass_tokens: int = 512  # token positions per classification pass: the longest wait a pass can impose
     serving_lanes: int = 2  # classification passes of different organisations that run at once

@@ -259,10 +259,12 @@ def error_body(status: int, message: str, code: str | None, param: str | None) -
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _usage(choices: Choices) -> dict[str, int]:
-    prompt = sum(g.prompt_tokens for g in choices.generations[:: choices.n])  # each prompt once, as OpenAI counts
+def _usage(choices: Choices) -> dict[str, Any]:
+    firsts = choices.generations[:: choices.n]  # each prompt once, as OpenAI counts
+    prompt = sum(g.prompt_tokens for g in firsts)
     completion = sum(g.completion_tokens for g in choices.generations)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(g.cached_tokens for g in firsts)}}  # fmt: skip
 
 
 def stats(host: ModelHost, requests_served: int, adapters: list[str]) -> dict:

@@ -292,6 +292,7 @@ def load_solo_engine(ref: ModelRef, *, settings: Settings) -> BatchEngine:
         pass_tokens=settings.serving_pass_tokens,
         lanes=settings.serving_lanes,
         reserved_rows=settings.serving_reserved_rows,
+        prefix_bytes=settings.serving_prefix_cache_mb * 2**20,
     )
 
 
@@ -318,6 +319,7 @@ def load_batch_engine(base_model: str, task: str, base_dir: Path | None = None, 
         pass_tokens=settings.serving_pass_tokens,
         lanes=settings.serving_lanes,
         reserved_rows=settings.serving_reserved_rows,
+        prefix_bytes=settings.serving_prefix_cache_mb * 2**20,
     )
 
 

@@ -71,6 +71,8 @@ class ServingCollector(Collector):
         hits = counter("adapter_cache_hits", "Requests whose adapter was already loaded.")
         misses = counter("adapter_cache_misses", "Requests that loaded their adapter.")
         evictions = counter("adapter_cache_evictions", "Adapters dropped from the cache (for room, or unloaded).")
+        prompt = counter("prompt_tokens", "Prompt tokens of the generations an engine started.")
+        reused = counter("prefix_cache_hit_tokens", "Of those, the tokens taken from the prefix cache, not computed.")
         for engine in stats["engines"]:
             key = [engine["base_model"], engine["task"]]
             queue.add_metric(key, engine["queue_depth"])
@@ -82,11 +84,13 @@ class ServingCollector(Collector):
             hits.add_metric(key, engine["hits"])
             misses.add_metric(key, engine["misses"])
             evictions.add_metric(key, engine["evictions"])
+            prompt.add_metric(key, engine["prefix_prompt_tokens"])
+            reused.add_metric(key, engine["prefix_hit_tokens"])
         models = GaugeMetricFamily("neat_inference_models_loaded", "Models in memory: base models with their "
                                    "batching engine, and whole models served alone.", labels=["kind"])  # fmt: skip
         models.add_metric(["base"], len(stats["engines"]))
         models.add_metric(["solo"], len(stats["solo_models"]))
-        yield from (queue, running, passes, used, budget, adapters, hits, misses, evictions, models)
+        yield from (queue, running, passes, used, budget, adapters, hits, misses, evictions, prompt, reused, models)
 
 
 def _buckets(sizes: dict[int, int]) -> list[tuple[str, float]]:

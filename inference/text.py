@@ -58,6 +58,11 @@ class Generation:
     def cancel(self) -> None:
         self._stream.cancel()
 
+    @property
+    def cached_tokens(self) -> int:
+        """How many of the prompt's tokens came from the engine's prefix cache (known once the first token is)."""
+        return self._stream.cached_tokens
+
     def __iter__(self) -> Iterator[str]:
         text, sent = "", 0  # everything decoded so far; how much of it has been yielded
         longest = max((len(s) for s in self.stop), default=0)

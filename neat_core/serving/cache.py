@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,8 +65,15 @@ class AdapterCache:
     passes. Loading (disk reads, NEAT's hidden matrices) happens outside it, in the requesting thread.
     """
 
-    def __init__(self, model: MultiAdapterModel, budget_bytes: int, model_lock: ModelLock):
+    def __init__(
+        self,
+        model: MultiAdapterModel,
+        budget_bytes: int,
+        model_lock: ModelLock,
+        on_drop: Callable[[str], None] | None = None,
+    ):
         self.model = model
+        self.on_drop = on_drop  # told each adapter id evicted (the engine drops what it computed)
         self.budget_bytes = budget_bytes
         self._model_lock = model_lock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
@@ -200,6 +208,8 @@ class AdapterCache:
         entry = self._entries.pop(adapter_id)
         with self._model_lock:
             self.model.remove(adapter_id)
+        if self.on_drop is not None:
+            self.on_drop(adapter_id)
         self.evictions += 1
         if (traffic := self._traffic_of(entry.ref.owner)) is not None:
             traffic.evictions += 1

@@ -42,6 +42,7 @@ from neat_core.serving.classification import ClassificationMixin, _ClassifyRow, 
 from neat_core.serving.generation import KV_CACHE, GenerationMixin, SamplingParams, TokenStream, _GenRequest
 from neat_core.serving.grammar import Grammars
 from neat_core.serving.layout import pack_linears
+from neat_core.serving.prefix import PrefixCache
 from neat_core.serving.scheduler import EngineBusy, EngineClosed, Scheduler
 
 __all__ = [
@@ -75,6 +76,7 @@ class BatchEngine(Scheduler, GenerationMixin, ClassificationMixin):
         pass_tokens: int | None = None,
         lanes: int = 2,
         reserved_rows: int = 0,
+        prefix_bytes: int = 64 * 2**20,
     ):
         Scheduler.__init__(self, task, max_batch, window_s, max_queued, pass_tokens, lanes, reserved_rows)
         self.tokenizer = tokenizer
@@ -85,7 +87,8 @@ class BatchEngine(Scheduler, GenerationMixin, ClassificationMixin):
             pack_linears(model)  # on a CPU, oneDNN's packed weights: a decode step 1.5-2x faster
         self.model = MultiAdapterModel(model.eval())
         self.vocab_size = int(model.get_output_embeddings().out_features) if task != "classification" else 0
-        self.cache = AdapterCache(self.model, cache_bytes, self._model_lock)
+        self.prefixes = PrefixCache(prefix_bytes if task == "causal_lm" else 0)
+        self.cache = AdapterCache(self.model, cache_bytes, self._model_lock, on_drop=self.prefixes.drop)
         self.tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to call from several threads
         self.grammars = Grammars(tokenizer, self.vocab_size)
         self._eos = self._eos_ids(model, tokenizer)
@@ -120,6 +123,7 @@ class BatchEngine(Scheduler, GenerationMixin, ClassificationMixin):
         rows = sum(size * n for size, n in self.batch_sizes.items())
         return {
             **self.cache.stats(),
+            **self.prefixes.stats(),
             "queue_depth": self.queue_depth(),
             "rows_running": self.running,
             "forward_passes": passes,

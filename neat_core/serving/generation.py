@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from neat_core.serving import grammar as constrained
 from neat_core.serving.cache import AdapterRef
+from neat_core.serving.prefix import BLOCK, stacked
 from neat_core.serving.scheduler import EngineBusy, EngineClosed
 
 _DONE = object()  # end-of-stream marker in a generation's token queue
@@ -55,6 +56,7 @@ class TokenStream:
 
     def __init__(self, prompt_tokens: int):
         self.prompt_tokens = prompt_tokens
+        self.cached_tokens = 0  # of the prompt, taken from the prefix cache (OpenAI's usage.prompt_tokens_details)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
@@ -103,8 +105,8 @@ class _GenRequest:
 
 class GenerationMixin:
     """`BatchEngine`'s generation: `generate` (any thread) and the steps the scheduler thread runs. Uses the
-    engine's `task`, `device`, `tokenizer`, `cache`, `max_length`, `vocab_size`, `grammars`, `_eos`, `_submit`
-    and `_forward`."""
+    engine's `task`, `device`, `tokenizer`, `cache`, `max_length`, `vocab_size`, `grammars`, `_eos`, `_submit`,
+    `_forward` and `prefixes` (a `prefix.PrefixCache`)."""
 
     def generate(
         self, input_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams, caller: str | None = None
@@ -145,26 +147,67 @@ class GenerationMixin:
             return running, state
         return [running[i] for i in keep], state.select(keep) if keep else None
 
-    def _prefill(self, new: list[_GenRequest], state: _DecodeState | None) -> _DecodeState:
-        """Run the new prompts together (left-padded), stream their first tokens, merge their cache rows in."""
-        width = max(len(r.input_ids) for r in new)
+    def _prefill(self, new: list[_GenRequest], state: _DecodeState | None) -> tuple[list[_GenRequest], _DecodeState]:
+        """Run the new prompts, stream their first tokens and merge their cache rows in; returns the new requests in
+        the order of their rows. Prompts that start with the same number of cached blocks (`prefix`) run together,
+        each computing only what follows its cached part."""
+        groups: dict[int, list[tuple[_GenRequest, list[Tensor]]]] = {}
+        for r in new:
+            blocks = self.prefixes.match(r.adapter_id, r.input_ids)
+            r.stream.cached_tokens = BLOCK * len(blocks)
+            groups.setdefault(len(blocks), []).append((r, blocks))
+        joined: list[_GenRequest] = []
+        for _, group in sorted(groups.items()):
+            requests = [r for r, _ in group]
+            fresh = self._prefill_group(requests, [blocks for _, blocks in group])
+            joined += requests
+            state = fresh if state is None else state.concat(fresh)
+        assert state is not None
+        return joined, state
+
+    def _prefill_group(self, new: list[_GenRequest], blocks: list[list[Tensor]]) -> _DecodeState:
+        """Prompts whose first P = BLOCK x len(blocks[i]) positions are cached (the same P for each): the rest of
+        each, left-padded, runs after its cached keys and values. The cache rows are laid out [P cached | padding |
+        the rest], the mask saying which positions are real."""
+        cached = BLOCK * len(blocks[0])
+        rest = [r.input_ids[cached:] for r in new]
+        width = max(len(ids) for ids in rest)
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (width - len(r.input_ids)) + r.input_ids for r in new], device=self.device)
-        mask = torch.tensor(
-            [[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in new], device=self.device
-        )  # (B_new, T)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rest], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest], device=self.device)  # (B_new, T)
+        positions = cached + (mask.cumsum(-1) - 1).clamp(min=0)
+        cache: DynamicCache = DynamicCache()
+        if cached:
+            prefix = stacked(blocks).to(self.device)  # (B_new, n_layers, 2, kv_heads, P, head_dim)
+            cache = _GrowingCache([_GrowingLayer.holding(prefix[:, i, 0], prefix[:, i, 1], width + 16)
+                                   for i in range(prefix.shape[1])])  # fmt: skip
+            mask = torch.cat([mask.new_ones(len(new), cached), mask], dim=1)  # (B_new, P + T)
         out = self._forward(
             [r.adapter_id for r in new],
             input_ids=ids,
             attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            position_ids=positions,
             use_cache=True,
             logits_to_keep=1,  # only the last position's logits: (B, 1, V), not (B, T, V)
-            **{KV_CACHE: DynamicCache()},
+            **{KV_CACHE: cache},
         )
         self._emit(new, out.logits[:, -1])  # (B_new, V)
         fresh = _DecodeState.from_cache(getattr(out, KV_CACHE), mask)
-        return fresh if state is None else state.concat(fresh)
+        self._remember(new, fresh, cached)
+        return fresh
+
+    def _remember(self, new: list[_GenRequest], state: _DecodeState, cached: int) -> None:
+        """Give the prefix cache each prompt's whole blocks that it did not have (positions `cached` on)."""
+        if self.prefixes.budget_bytes <= 0 or len({layer.keys.shape[1:] for layer in state.layers}) != 1:
+            return  # off, or layers of different shapes (one block tensor holds every layer)
+        for i, r in enumerate(new):
+            whole = len(r.input_ids) // BLOCK * BLOCK
+            if whole <= cached:
+                continue
+            real = state.mask[i].nonzero().squeeze(1)[:whole]  # the prompt's positions in the cache row
+            kv = torch.stack([torch.stack([layer.keys[i].index_select(1, real), layer.values[i].index_select(1, real)])
+                              for layer in state.layers])  # fmt: skip
+            self.prefixes.add(r.adapter_id, r.input_ids[:whole], kv, start=cached // BLOCK)
 
     def _decode(self, running: list[_GenRequest], state: _DecodeState) -> _DecodeState:
         """One step for every running row: feed each row's last token, get its next."""
@@ -273,6 +316,11 @@ class _GrowingLayer(DynamicLayer):
         self.device = keys.device
         self.is_initialized = True
         self._view()
+
+    @classmethod
+    def holding(cls, keys: Tensor, values: Tensor, room: int) -> _GrowingLayer:
+        """A layer whose cache starts as keys, values (B, kv_heads, P, head_dim), with room for `room` more."""
+        return cls(_with_room(keys, room), _with_room(values, room), keys.shape[2])
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         raise AssertionError("a _GrowingLayer is created with its keys and values")

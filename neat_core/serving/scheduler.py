@@ -173,8 +173,9 @@ class Scheduler:
                 new = self._gather(block=not running, room=self.max_batch - len(running), held=held)
                 new = [r for r in new if not self._finished(r)]  # cancelled while queued
                 if new:
-                    state = self._prefill(new, state)
-                    running, new = running + new, []
+                    self.running = len(running) + len(new)  # counted from their prefill, before any token is out
+                    joined, state = self._prefill(new, state)
+                    running, new = running + joined, []
                     running, state = self._prune(running, state)
                     self.running = len(running)  # counted as they join, not a decode step later
                 if running:

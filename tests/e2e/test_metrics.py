@@ -42,6 +42,8 @@ INFERENCE_FAMILIES = (
     "neat_inference_adapter_cache_hits",
     "neat_inference_adapter_cache_misses",
     "neat_inference_adapter_cache_evictions",
+    "neat_inference_prompt_tokens",
+    "neat_inference_prefix_cache_hit_tokens",
     "neat_inference_models_loaded",
 )
 WORKER_FAMILIES = ("neat_worker_jobs", "neat_worker_step_seconds", "neat_worker_trained_tokens",

@@ -14,7 +14,8 @@ from inference.server import create_app
 
 ENGINE = {"base_model": "tiny", "task": "causal_lm", "queue_depth": 3, "rows_running": 2,
           "batch_sizes": {1: 4, 3: 2, 40: 1}, "bytes_used": 1000, "bytes_budget": 4096, "adapters_loaded": 2,
-          "hits": 5, "misses": 2, "evictions": 1, "adapters": [], "owners": {}}  # fmt: skip
+          "hits": 5, "misses": 2, "evictions": 1, "prefix_prompt_tokens": 900, "prefix_hit_tokens": 320,
+          "adapters": [], "owners": {}}  # fmt: skip
 
 
 class FakeHost:
@@ -41,6 +42,8 @@ def test_the_engines_figures_at_scrape_time():
     assert samples[("neat_inference_adapter_cache_bytes", engine)] == 1000
     assert samples[("neat_inference_adapter_cache_hits_total", engine)] == 5
     assert samples[("neat_inference_adapter_cache_evictions_total", engine)] == 1
+    assert samples[("neat_inference_prompt_tokens_total", engine)] == 900
+    assert samples[("neat_inference_prefix_cache_hit_tokens_total", engine)] == 320
 
     # 7 passes of 1, 1, 1, 1, 3, 3 and 40 rows
     def bucket(le: str) -> float:

@@ -14,6 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from neat_core.serving.prefix import BLOCK
 from tests.conftest import MINILM, SMOLLM2
 from tests.inference.conftest import KEY_A, KEY_B, make_client
 
@@ -96,7 +97,11 @@ def test_stream_matches_the_non_streamed_greedy_answer(client, service):
     assert "".join(c["choices"][0]["delta"]["content"] for c in content) == whole["choices"][0]["message"]["content"]
     assert final["choices"][0]["delta"] == {}
     assert final["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
-    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    assert usage["choices"] == [] and usage["usage"]["total_tokens"] == whole["usage"]["total_tokens"]
+    assert usage["usage"]["prompt_tokens"] == whole["usage"]["prompt_tokens"]
+    # The same prompt a second time: its whole blocks (the chat template's system prompt and more) were cached.
+    cached = usage["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == (whole["usage"]["prompt_tokens"] - 1) // BLOCK * BLOCK > 0  # its last token is computed
 
 
 def test_stream_without_include_usage_sends_no_usage_chunk(client, service):
