@@ -39,14 +39,13 @@ class PrefixCache:
         self._blocks: OrderedDict[tuple[str | None, bytes], Tensor] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()  # the scheduler thread reads and writes; an adapter eviction drops
-        self.lookups = self.hit_tokens = self.prompt_tokens = 0
+        self.hit_tokens = self.prompt_tokens = 0
 
     def match(self, adapter_id: str | None, tokens: list[int]) -> list[Tensor]:
         """The cached blocks that start `tokens`, longest run first to last, leaving at least one token to compute
         (its logits pick the first new token). Each block: (n_layers, 2, kv_heads, BLOCK, head_dim)."""
         found: list[Tensor] = []
         with self._lock:
-            self.lookups += 1
             self.prompt_tokens += len(tokens)
             if self.budget_bytes <= 0:
                 return found
