@@ -77,11 +77,13 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in mixes}
         # Each mix has its own merged copies (the engine's one place per layer, as served): taking turns, the neat
         # and lora mixes would otherwise evict each other's copy at every step and time its rebuild.
-        copies = {name: [OrderedDict() for _ in layers] for name in mixes}
+        # A layer on a fused group (q/k/v, gate/up) keeps its copies in the group's FusedMerges.
+        holders = list({id(h): h for h in (layer.fused or layer for layer in layers)}.values())
+        copies = {name: [OrderedDict() for _ in holders] for name in mixes}
 
         def use(name: str) -> None:
-            for layer, own in zip(layers, copies[name], strict=True):
-                layer.merged, layer.max_merged = own, (1 if mixes[name][1] else 0)
+            for holder, own in zip(holders, copies[name], strict=True):
+                holder.merged, holder.max_merged = own, (1 if mixes[name][1] else 0)
 
         # A hot adapter's copy comes after MERGE_AFTER batches alone in a row; taking turns, no mix has a run, so
         # each one-adapter mix gets its run first (the alternating mix never has one: it stays low-rank, as served).
@@ -90,7 +92,7 @@ def main() -> None:
                 use(name)
                 for _ in range(MERGE_AFTER):
                     state[name][0][1] = engine._decode(state[name][0][0], state[name][0][1])
-                assert all(layer.merged for layer in layers), name
+                assert all(layer.merged_slots() for layer in layers), name
         for step in range(args.rounds + 3):
             for name in mixes:
                 use(name)

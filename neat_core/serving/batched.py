@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from neat_core.errors import ArtifactError
 from neat_core.serving.factors import AdapterFactors
-from neat_core.serving.layout import PackedLinear, pack, packed_linear
+from neat_core.serving.layout import FusedLinears, FusedPart, PackedLinear, pack, packed_linear
 
 # Per adapted layer, how many adapters keep a merged copy (W0 + B A): the hot one. Each copy is the size of the
 # layer's base weight (SmolLM2's q/v: 53 MB in fp32; a 7B model's q/v in bf16: 1.3 GB), memory the adapter cache's
@@ -83,6 +83,8 @@ class MultiAdapterLinear(nn.Module):
         # slot -> (A, B) packed for oneDNN, on a PackedLinear base: several rows on one adapter before its merged
         # copy (see forward)
         self._packed_factors: dict[int, tuple[Tensor, Tensor]] = {}
+        # On a FusedPart base (q/k/v, gate/up): the group's merged copies, which replace this layer's own
+        self.fused: FusedMerges | None = None
 
     def reserve(self, n_slots: int, rank: int = 0) -> None:
         """Grow the tables to `n_slots` slots and rank `rank` at least, zero-filled: existing slots are unchanged.
@@ -126,6 +128,13 @@ class MultiAdapterLinear(nn.Module):
             else:
                 self.merged.pop(slot, None)
                 self._packed_factors.pop(slot, None)
+        if self.fused is not None:
+            self.fused.forget(slot)
+
+    def merged_slots(self) -> list[int]:
+        """The slots with a merged copy of this layer (its fused group's copies, on a FusedPart base), least
+        recently used first."""
+        return list((self.fused or self).merged)
 
     def merged_weight(self, slot: int) -> Tensor | None:
         """W0 + B A for `slot`, in the base weight's layout ((d_out, d_in) nn.Linear, (d_in, d_out) Conv1D): kept
@@ -164,7 +173,11 @@ class MultiAdapterLinear(nn.Module):
             return self.base_layer(x)  # no row of this batch has an adapter on this layer: base speed
         only = self.context.only
         merged = None
-        if only is None:
+        if self.fused is not None:
+            y, merged_slot = self.base_layer.run(x)  # (B, T, d_out), this layer's columns of the group's output
+            if merged_slot is not None:
+                return y  # the group ran on its merged copy: this layer's B A is in these columns
+        elif only is None:
             self._streak = (0, 0)  # a mixed batch ends every adapter's run of batches alone
         elif self.max_merged and x.dtype == self.weight_dtype == self.A.dtype:
             merged = self.merged_weight(only)
@@ -178,10 +191,11 @@ class MultiAdapterLinear(nn.Module):
             flat = x.reshape(-1, self.in_features)  # Conv1D: y = x W + b with W (d_in, d_out)
             y = flat @ weight if bias is None else torch.addmm(bias, flat, weight)
             return y.view(*x.shape[:-1], self.out_features)
-        y = self.base_layer(x)  # (B, T, d_out)
+        if self.fused is None:
+            y = self.base_layer(x)  # (B, T, d_out)
         if (
             only is not None
-            and isinstance(self.base_layer, PackedLinear)
+            and isinstance(self.base_layer, PackedLinear | FusedPart)
             and y.dtype == self.A.dtype
             and y.numel() > y.shape[-1]
         ):
@@ -191,8 +205,9 @@ class MultiAdapterLinear(nn.Module):
             return y.add_(packed_linear(packed_linear(x, a, None), b, None))  # x Aᵀ (B, T, r), then Bᵀ
         if only is not None and y.dtype == self.A.dtype:
             # One adapter for the whole batch: two plain matmuls, the second accumulating into the base output in
-            # place (y is this forward's own fresh tensor). On CPU each op's dispatch costs as much as its math at
-            # these sizes, so fewer ops is what keeps an adapter near base speed.
+            # place (y is this forward's own fresh tensor, or its own columns of a fused group's). On CPU each op's
+            # dispatch costs as much as its math at these sizes, so fewer ops is what keeps an adapter near base
+            # speed.
             h = x.reshape(-1, self.in_features) @ self.A[only].t()  # (B·T, r)
             return y.view(-1, self.out_features).addmm_(h, self.B[only].t()).view(y.shape)
         idx = self.context.idx
@@ -200,6 +215,63 @@ class MultiAdapterLinear(nn.Module):
         h = torch.bmm(xs, self.A[idx].transpose(1, 2))  # (B, T, r_max)
         delta = torch.bmm(h, self.B[idx].transpose(1, 2))  # (B, T, d_out)
         return y + delta.reshape(y.shape).to(y.dtype)
+
+
+class FusedMerges:
+    """The merged copies of one fused group (`layout.FusedLinears`: q/k/v, or gate/up) for its hot adapters.
+
+    A batch on one adapter runs the group's one matmul on [W_i + B_i A_i] (each adapted part's delta, the others
+    unchanged) instead of the base stack plus low-rank work, the same policy as a lone layer's merged copy
+    (MERGE_AFTER batches alone, the `max_merged` most recent kept): merging part by part would compute the base
+    stack for the unadapted parts and each adapted one again. The group asks `choose` once per computation, so
+    every part of one batch sees the same weight."""
+
+    def __init__(self, group: FusedLinears, context: SlotContext):
+        self.group, self.context = group, context
+        self.layers: dict[int, MultiAdapterLinear] = {}  # part -> the adapter layer wrapping it
+        self.merged: OrderedDict[int, Tensor] = OrderedDict()  # slot -> packed stack, least recently used first
+        self.max_merged = MERGED_ADAPTERS
+        self._streak = (0, 0)
+        self._lock = threading.Lock()
+        group.choose = self.choose
+
+    def choose(self) -> tuple[int | None, Tensor]:
+        only, idx = self.context.only, self.context.idx
+        if idx is None or not self.max_merged:
+            return None, self.group.packed
+        if only is None:
+            self._streak = (0, 0)  # a mixed batch ends every adapter's run of batches alone
+            return None, self.group.packed
+        if not any(only in layer.occupied for layer in self.layers.values()):
+            return None, self.group.packed
+        with self._lock:
+            weight = self.merged.get(only)
+            if weight is not None:
+                self.merged.move_to_end(only)
+                return only, weight
+            streak = self._streak[1] + 1 if self._streak[0] == only else 1
+            self._streak = (only, streak)
+            if streak < MERGE_AFTER:
+                return None, self.group.packed
+        stack = self.group.dense()  # (Σ d_out, d_in)
+        for part, layer in self.layers.items():
+            if only in layer.occupied:
+                start = self.group.offsets[part]
+                stack[start : start + self.group.sizes[part]] += layer.B[only] @ layer.A[only]
+        weight = pack(stack)
+        with self._lock:
+            self.merged[only] = weight
+            while len(self.merged) > self.max_merged:
+                self.merged.popitem(last=False)
+        return only, weight
+
+    def forget(self, slot: int | None = None) -> None:
+        with self._lock:
+            self._streak = (0, 0)
+            if slot is None:
+                self.merged.clear()
+            else:
+                self.merged.pop(slot, None)
 
 
 class MultiAdapterHead(nn.Module):
@@ -279,6 +351,7 @@ class MultiAdapterModel:
         self._adapters: dict[str, AdapterFactors] = {}
         self._num_labels: dict[str, int | None] = {}
         self._layers: dict[str, MultiAdapterLinear | MultiAdapterHead] = {}
+        self._fused: dict[int, FusedMerges] = {}  # id(FusedLinears) -> its merged copies
         self.merged_adapters = MERGED_ADAPTERS
 
     def set_merged_adapters(self, n: int) -> None:
@@ -287,6 +360,8 @@ class MultiAdapterModel:
         for layer in self._layers.values():
             if isinstance(layer, MultiAdapterLinear):
                 layer.max_merged = n
+                if layer.fused is not None:
+                    layer.fused.max_merged = n
                 layer.forget_merged()
 
     def slots(self) -> dict[str, int]:
@@ -391,9 +466,17 @@ class MultiAdapterModel:
         if name not in self._layers:
             parent, _, child = name.rpartition(".")
             owner = self.model.get_submodule(parent) if parent else self.model
-            layer = kind(getattr(owner, child), self.context)
+            base = getattr(owner, child)
+            layer = kind(base, self.context)
             if isinstance(layer, MultiAdapterLinear):
                 layer.max_merged = self.merged_adapters
+                if isinstance(base, FusedPart):
+                    merges = self._fused.get(id(base.group))
+                    if merges is None:
+                        merges = self._fused[id(base.group)] = FusedMerges(base.group, self.context)
+                        merges.max_merged = self.merged_adapters
+                    merges.layers[base.part] = layer
+                    layer.fused = merges
             setattr(owner, child, layer)
             self._layers[name] = layer
         return self._layers[name]

@@ -23,8 +23,15 @@ way), and torch builds without oneDNN.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
+
+# Sibling projections that a decoder layer calls on one and the same input (Llama, Mistral, Qwen, Gemma, ...): each
+# group runs as one matmul over their weights stacked (FusedLinears).
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def available() -> bool:
@@ -60,10 +67,99 @@ class PackedLinear(nn.Linear):
         return packed_linear(x, self.packed, self.bias)
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Re-store the plain fp32 `nn.Linear` layers of a causal LM on the CPU as `PackedLinear`, in place, the output
-    head as a packed copy; returns how many were packed. A model on another device, one holding peft layers (they
-    read and write their base layer's weight), or a torch without oneDNN is left as it is."""
+class FusedLinears:
+    """Sibling linears that read the same input, e.g. q/k/v, as one packed weight [W_0; W_1; ...] (Σ d_out, d_in).
+
+    Why: SmolLM2's k and v are (192, 576), too small for oneDNN to stream at full speed; one (960, 576) matmul
+    instead of three, and one (3072, 576) for gate/up instead of two, makes a layer's matmuls 1.15-1.3x faster
+    (docs/benchmarks.md, "fused projections"). Each sibling becomes a `FusedPart`; the first part called with an
+    input computes every part's output, and the others take their columns of it when they are called with the same
+    tensor object before any part is called twice (anything else recomputes: slower, never wrong). The input is
+    trusted not to change in place between the parts' calls (inference tensors keep no version counter to check).
+
+    `choose`, when set (by `batched.MultiAdapterLinear`), picks the weight a computation runs on: a key and a packed
+    weight of this same shape, e.g. one with a hot adapter's deltas merged in; None is the base weight. Every part
+    of one computation sees the same choice, returned beside its columns.
+    """
+
+    def __init__(self, linears: list[nn.Linear]):
+        self.sizes = [linear.out_features for linear in linears]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(linears))]
+        self.in_features = linears[0].in_features
+        self.packed = pack(torch.cat([linear.weight.detach() for linear in linears]))  # (Σ d_out, d_in)
+        biases = [linear.bias for linear in linears]
+        self.bias = (
+            None
+            if all(b is None for b in biases)
+            else torch.cat(
+                [b.detach() if b is not None else torch.zeros(n) for b, n in zip(biases, self.sizes, strict=True)]
+            )
+        )
+        self.choose: Callable[[], tuple[object, Tensor]] | None = None
+        self._last = threading.local()  # per thread: passes on different threads share the model
+
+    def dense(self) -> Tensor:
+        """[W_0; W_1; ...] (Σ d_out, d_in), unpacked (a fresh copy)."""
+        return self.packed.to_dense()
+
+    def run(self, x: Tensor, part: int) -> tuple[Tensor, object]:
+        """x (..., d_in) -> part's output (..., d_out of part), a view into the group's output; and the key of the
+        weight it ran on (None: the base weight)."""
+        entry = getattr(self._last, "entry", None)
+        if entry is None or entry[0] is not x or part in entry[3]:
+            key, weight = (None, self.packed) if self.choose is None else self.choose()
+            entry = self._last.entry = (x, key, packed_linear(x, weight, self.bias), set())
+        entry[3].add(part)
+        if len(entry[3]) == len(self.sizes):
+            self._last.entry = None  # every part has its columns: drop the input and output
+        start = self.offsets[part]
+        return entry[2][..., start : start + self.sizes[part]], entry[1]
+
+
+class FusedPart(nn.Linear):
+    """One sibling of a `FusedLinears` group, still an `nn.Linear` to every reader: `weight` gives its own
+    W (d_out, d_in), unpacked on demand."""
+
+    def __init__(self, group: FusedLinears, part: int):
+        nn.Module.__init__(self)  # no weight of its own: the group holds it
+        self.group, self.part = group, part
+        self.in_features, self.out_features = group.in_features, group.sizes[part]
+        self.bias = None  # the group adds it
+
+    @property
+    def weight(self) -> Tensor:  # type: ignore[override]
+        start = self.group.offsets[self.part]
+        return self.group.dense()[start : start + self.out_features].clone()
+
+    def run(self, x: Tensor) -> tuple[Tensor, object]:
+        return self.group.run(x, self.part)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run(x)[0]
+
+
+def _fuse_siblings(model: nn.Module) -> int:
+    """Replace each FUSED_GROUPS group of plain fp32 siblings with the same input width by `FusedPart`s."""
+    fused = 0
+    for parent in list(model.modules()):
+        for names in FUSED_GROUPS:
+            linears = [getattr(parent, name, None) for name in names]
+            if not all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in linears):
+                continue
+            if len({m.in_features for m in linears}) != 1:
+                continue
+            group = FusedLinears(linears)
+            for i, name in enumerate(names):
+                setattr(parent, name, FusedPart(group, i))
+            fused += len(names)
+    return fused
+
+
+def pack_linears(model: nn.Module, fuse: bool = True) -> int:
+    """Re-store the plain fp32 `nn.Linear` layers of a causal LM on the CPU as `PackedLinear`, in place, sibling
+    groups that read the same input fused (`fuse`, FusedLinears), the output head as a packed copy; returns how many
+    linears were packed. A model on another device, one holding peft layers (they read and write their base layer's
+    weight), or a torch without oneDNN is left as it is."""
     if (
         not available()
         or next(model.parameters()).device.type != "cpu"
@@ -71,7 +167,7 @@ def pack_linears(model: nn.Module) -> int:
     ):
         return 0
     head = model.get_output_embeddings()
-    packed = 0
+    packed = _fuse_siblings(model) if fuse else 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child is not head and child.weight.dtype == torch.float32:

@@ -250,7 +250,7 @@ def test_the_hot_adapter_runs_on_a_merged_copy_equal_to_the_low_rank_path(kind, 
     ids, mask = padded_batch([7, 5, 9])
 
     def merged_on(name: str) -> bool:  # `name`'s copy, and only it, on every layer `name` adapts
-        return all(list(layer.merged) == [slots[name]] for layer in linears if slots[name] in layer.occupied)
+        return all(layer.merged_slots() == [slots[name]] for layer in linears if slots[name] in layer.occupied)
 
     def alone(name: str, times: int = 1) -> torch.Tensor:
         for _ in range(times):
@@ -261,13 +261,13 @@ def test_the_hot_adapter_runs_on_a_merged_copy_equal_to_the_low_rank_path(kind, 
         for _ in range(MERGE_AFTER):  # two adapters taking turns alone on a layer: no copy there (no rebuild per
             alone("neat-a"), alone("neat-b")  # step); a layer only one of them adapts sees that one's run
         shared = [layer for layer in linears if {slots["neat-a"], slots["neat-b"]} <= layer.occupied]
-        assert shared and not any(layer.merged for layer in shared)
+        assert shared and not any(layer.merged_slots() for layer in shared)
         for layer in linears:
             layer.forget_merged()
         low_rank = alone("neat-b", MERGE_AFTER - 1)  # not yet: the copy comes with the MERGE_AFTER-th batch
-        assert not any(layer.merged for layer in linears)
+        assert not any(layer.merged_slots() for layer in linears)
         merged = alone("neat-b")
-        assert merged_on("neat-b") and any(layer.merged for layer in linears)
+        assert merged_on("neat-b") and any(layer.merged_slots() for layer in linears)
         base_weights = [layer.base_layer.weight.clone() for layer in linears]
         alone("neat-a", MERGE_AFTER)  # another adapter's run: it takes the one merged place
         assert merged_on("neat-a")
@@ -275,7 +275,7 @@ def test_the_hot_adapter_runs_on_a_merged_copy_equal_to_the_low_rank_path(kind, 
         assert merged_on("neat-a")
         served.set_merged_adapters(0)
         off = alone("neat-b", MERGE_AFTER)
-        assert all(not layer.merged for layer in linears)
+        assert all(not layer.merged_slots() for layer in linears)
     assert (merged - low_rank).abs().max() <= 1e-5 and torch.equal(off, low_rank)
     assert all(torch.equal(layer.base_layer.weight, w) for layer, w in zip(linears, base_weights, strict=True))
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from neat_core.methods import attach
 from neat_core.serving import AdapterRef, BatchEngine, SamplingParams
-from neat_core.serving.layout import PackedLinear, pack_linears
+from neat_core.serving.layout import FusedLinears, FusedPart, PackedLinear, pack_linears
 from tests.conftest import DECODER_KINDS
 
 
@@ -34,6 +34,39 @@ def test_packed_projections_compute_what_the_linear_ones_did(kind, tiny_architec
     for name, weight in weights.items():  # what adapters and merged copies read: the same W (d_out, d_in), exactly
         assert torch.equal(modules[name].weight, weight), name
     assert (after - before).abs().max() <= 1e-4
+
+
+def test_q_k_v_and_gate_up_run_as_one_matmul_each(tiny_architectures):
+    """A llama layer's seven projections become four matmuls per forward: each fused group computes once per input
+    and hands each sibling its columns."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_architectures["llama"], dtype=torch.float32).eval()
+    n_layers = model.config.num_hidden_layers
+    pack_linears(model)
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert all(isinstance(m, FusedPart) for m in (attention.q_proj, attention.k_proj, attention.v_proj))
+    assert attention.q_proj.group is attention.v_proj.group is not mlp.gate_proj.group is mlp.up_proj.group
+    assert isinstance(attention.o_proj, PackedLinear) and isinstance(mlp.down_proj, PackedLinear)
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        model(input_ids=torch.tensor([[5, 17, 33]]))
+    calls = sum(e.count for e in profile.key_averages() if e.key == "mkldnn::_linear_pointwise")
+    assert calls == 4 * n_layers + 1  # q/k/v, o, gate/up, down per layer; the head
+
+
+def test_a_fused_sibling_called_on_another_input_gets_that_inputs_result():
+    """The group reuses its output only for the tensor it computed it from, and once per sibling."""
+    generator = torch.Generator().manual_seed(0)
+    linears = [nn.Linear(16, n, bias=i == 1) for i, n in enumerate((16, 8, 8))]
+    with torch.no_grad():
+        for linear in linears:
+            linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator))
+        group = FusedLinears(linears)
+        parts = [FusedPart(group, i) for i in range(3)]
+        x, other = torch.randn(2, 16, generator=generator), torch.randn(2, 16, generator=generator)
+        assert torch.allclose(parts[0](x), linears[0](x), atol=1e-5)
+        assert torch.allclose(parts[1](other), linears[1](other), atol=1e-5)  # another input: computed anew
+        assert torch.allclose(parts[1](other), linears[1](other), atol=1e-5)  # the same sibling twice: anew
+        assert torch.allclose(parts[2](other), linears[2](other), atol=1e-5)
+        assert all(torch.equal(part.weight, linear.weight) for part, linear in zip(parts, linears, strict=True))
 
 
 def test_a_packed_rows_result_does_not_depend_on_its_batch():
