@@ -34,8 +34,9 @@ from neat_core.serving.factors import AdapterFactors
 from neat_core.serving.layout import FusedLinears, FusedPart, PackedLinear, pack, packed_linear
 
 # Per adapted layer, how many adapters keep a merged copy (W0 + B A): the hot one. Each copy is the size of the
-# layer's base weight (SmolLM2's q/v: 53 MB in fp32; a 7B model's q/v in bf16: 1.3 GB), memory the adapter cache's
-# budget does not count; 0 turns merging off (every batch on the low-rank path).
+# layer's base weight (SmolLM2's q/v: 53 MB in fp32; a 7B model's q/v in bf16: 1.3 GB; on a fused group, the whole
+# group's: SmolLM2's q/k/v, 66 MB), memory the adapter cache's budget does not count; 0 turns merging off (every
+# batch on the low-rank path).
 MERGED_ADAPTERS = 1
 # A copy is built once its adapter has had MERGE_AFTER batches to itself in a row (decode steps, mostly): building
 # one costs several of its layer's decode steps, so two adapters taking turns alone would otherwise rebuild their
