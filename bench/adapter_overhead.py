@@ -77,13 +77,13 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in mixes}
         # Each mix has its own merged copies (the engine's one place per layer, as served): taking turns, the neat
         # and lora mixes would otherwise evict each other's copy at every step and time its rebuild.
-        # A layer on a fused group (q/k/v, gate/up) keeps its copies in the group's FusedMerges.
-        holders = list({id(h): h for h in (layer.fused or layer for layer in layers)}.values())
+        # The layers of one fused group (q/k/v, gate/up) share one MergedCopies.
+        holders = list({id(layer.merges): layer.merges for layer in layers}.values())
         copies = {name: [OrderedDict() for _ in holders] for name in mixes}
 
         def use(name: str) -> None:
             for holder, own in zip(holders, copies[name], strict=True):
-                holder.merged, holder.max_merged = own, (1 if mixes[name][1] else 0)
+                holder.copies, holder.max_merged = own, (1 if mixes[name][1] else 0)
 
         # A hot adapter's copy comes after MERGE_AFTER batches alone in a row; taking turns, no mix has a run, so
         # each one-adapter mix gets its run first (the alternating mix never has one: it stays low-rank, as served).

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -76,16 +76,14 @@ class MultiAdapterLinear(nn.Module):
         self.register_buffer("A", weight.new_zeros(1, 0, self.in_features), persistent=False)  # (n_slots, r, d_in)
         self.register_buffer("B", weight.new_zeros(1, self.out_features, 0), persistent=False)  # (n_slots, d_out, r)
         self.occupied: set[int] = set()
-        # slot -> W0 + B A in the base layer's own layout, least recently used first; at most `max_merged`
-        self.merged: OrderedDict[int, Tensor] = OrderedDict()
-        self.max_merged = MERGED_ADAPTERS
-        self._merged_lock = threading.Lock()  # passes of different threads may share this layer
-        self._streak = (0, 0)  # (slot, how many batches in a row it has had to itself)
+        # A hot adapter's W0 + B A in the base layer's own layout; on a FusedPart base (q/k/v, gate/up), the shared
+        # copies of the whole group (`FusedMerges`), which replace this layer's own.
+        self.merges = MergedCopies()
+        self.fused: FusedMerges | None = None
         # slot -> (A, B) packed for oneDNN, on a PackedLinear base: several rows on one adapter before its merged
         # copy (see forward)
         self._packed_factors: dict[int, tuple[Tensor, Tensor]] = {}
-        # On a FusedPart base (q/k/v, gate/up): the group's merged copies, which replace this layer's own
-        self.fused: FusedMerges | None = None
+        self._factors_lock = threading.Lock()  # passes of different threads may share this layer
 
     def reserve(self, n_slots: int, rank: int = 0) -> None:
         """Grow the tables to `n_slots` slots and rank `rank` at least, zero-filled: existing slots are unchanged.
@@ -121,49 +119,34 @@ class MultiAdapterLinear(nn.Module):
     def forget_merged(self, slot: int | None = None) -> None:
         """Drop a slot's merged copy and packed factors (every slot's with None); the next copy waits for a new run
         of batches."""
-        with self._merged_lock:
-            self._streak = (0, 0)
+        with self._factors_lock:
             if slot is None:
-                self.merged.clear()
                 self._packed_factors.clear()
             else:
-                self.merged.pop(slot, None)
                 self._packed_factors.pop(slot, None)
-        if self.fused is not None:
-            self.fused.forget(slot)
+        self.merges.forget(slot)
 
     def merged_slots(self) -> list[int]:
         """The slots with a merged copy of this layer (its fused group's copies, on a FusedPart base), least
         recently used first."""
-        return list((self.fused or self).merged)
+        return self.merges.slots()
 
     def merged_weight(self, slot: int) -> Tensor | None:
-        """W0 + B A for `slot`, in the base weight's layout ((d_out, d_in) nn.Linear, (d_in, d_out) Conv1D): kept
-        while among the `max_merged` most recently used, built once the slot has had MERGE_AFTER batches to itself
-        in a row; None before that."""
-        with self._merged_lock:
-            weight = self.merged.get(slot)
-            if weight is not None:
-                self.merged.move_to_end(slot)
-                return weight
-            streak = self._streak[1] + 1 if self._streak[0] == slot else 1
-            self._streak = (slot, streak)
-            if streak < MERGE_AFTER:
-                return None
-        base = self.base_layer.weight
-        delta = self.B[slot] @ self.A[slot]  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
-        weight = base + (delta if isinstance(self.base_layer, nn.Linear) else delta.t()).to(base.dtype)
-        if isinstance(self.base_layer, PackedLinear):
-            weight = pack(weight)  # the copy runs as fast as the base layer it stands in for
-        with self._merged_lock:
-            self.merged[slot] = weight
-            while len(self.merged) > self.max_merged:
-                self.merged.popitem(last=False)
-        return weight
+        """W0 + B A for `slot`, in the base weight's layout ((d_out, d_in) nn.Linear, (d_in, d_out) Conv1D), or
+        None until the slot has had its run of batches alone (`MergedCopies`)."""
+
+        def build() -> Tensor:
+            base = self.base_layer.weight
+            delta = self.B[slot] @ self.A[slot]  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
+            weight = base + (delta if isinstance(self.base_layer, nn.Linear) else delta.t()).to(base.dtype)
+            # the copy runs as fast as the base layer it stands in for
+            return pack(weight) if isinstance(self.base_layer, PackedLinear) else weight
+
+        return self.merges.get(slot, build)
 
     def packed_factors(self, slot: int) -> tuple[Tensor, Tensor]:
         """`slot`'s A (r, d_in) and B (d_out, r) packed as two linear weights, kept until the slot changes."""
-        with self._merged_lock:
+        with self._factors_lock:
             factors = self._packed_factors.get(slot)
             if factors is None:
                 factors = self._packed_factors[slot] = (pack(self.A[slot]), pack(self.B[slot]))
@@ -179,8 +162,8 @@ class MultiAdapterLinear(nn.Module):
             if merged_slot is not None:
                 return y  # the group ran on its merged copy: this layer's B A is in these columns
         elif only is None:
-            self._streak = (0, 0)  # a mixed batch ends every adapter's run of batches alone
-        elif self.max_merged and x.dtype == self.weight_dtype == self.A.dtype:
+            self.merges.mixed()
+        elif x.dtype == self.weight_dtype == self.A.dtype:
             merged = self.merged_weight(only)
         if merged is not None:
             # Every row on one adapter: the base layer's one op on W0 + B A (x (B, T, d_in) -> (B, T, d_out)).
@@ -218,61 +201,93 @@ class MultiAdapterLinear(nn.Module):
         return y + delta.reshape(y.shape).to(y.dtype)
 
 
+class MergedCopies:
+    """The merged copies (W0 + B A) of one weight for its hot adapters: a lone layer's, or a fused group's stack.
+
+    A copy is built once its slot has had MERGE_AFTER batches to itself in a row, and kept while among the
+    `max_merged` most recently used (0: never built). A mixed batch ends every slot's run."""
+
+    def __init__(self) -> None:
+        self.copies: OrderedDict[int, Tensor] = OrderedDict()  # slot -> weight, least recently used first
+        self.max_merged = MERGED_ADAPTERS
+        self._streak = (0, 0)  # (slot, how many batches in a row it has had to itself)
+        self._lock = threading.Lock()  # passes of different threads may share the weight
+
+    def get(self, slot: int, build: Callable[[], Tensor]) -> Tensor | None:
+        """`slot`'s copy, built with `build` on the MERGE_AFTER-th batch alone in a row; None before that. Counts
+        this batch toward the slot's run."""
+        if not self.max_merged:
+            return None
+        with self._lock:
+            weight = self.copies.get(slot)
+            if weight is not None:
+                self.copies.move_to_end(slot)
+                return weight
+            streak = self._streak[1] + 1 if self._streak[0] == slot else 1
+            self._streak = (slot, streak)
+            if streak < MERGE_AFTER:
+                return None
+        weight = build()  # outside the lock: building takes several decode steps' time
+        with self._lock:
+            self.copies[slot] = weight
+            while len(self.copies) > self.max_merged:
+                self.copies.popitem(last=False)
+        return weight
+
+    def mixed(self) -> None:
+        self._streak = (0, 0)
+
+    def forget(self, slot: int | None = None) -> None:
+        """Drop `slot`'s copy (every copy with None): its factors changed."""
+        with self._lock:
+            self._streak = (0, 0)
+            if slot is None:
+                self.copies.clear()
+            else:
+                self.copies.pop(slot, None)
+
+    def slots(self) -> list[int]:
+        return list(self.copies)
+
+
 class FusedMerges:
     """The merged copies of one fused group (`layout.FusedLinears`: q/k/v, or gate/up) for its hot adapters.
 
     A batch on one adapter runs the group's one matmul on [W_i + B_i A_i] (each adapted part's delta, the others
-    unchanged) instead of the base stack plus low-rank work, the same policy as a lone layer's merged copy
-    (MERGE_AFTER batches alone, the `max_merged` most recent kept): merging part by part would compute the base
-    stack for the unadapted parts and each adapted one again. The group asks `choose` once per computation, so
-    every part of one batch sees the same weight."""
+    unchanged) instead of the base stack plus low-rank work: merging part by part would compute the base stack for
+    the unadapted parts and each adapted one again. Every part's layer shares this group's `MergedCopies`. The group
+    asks `choose` once per computation, so every part of one batch sees the same weight."""
 
     def __init__(self, group: FusedLinears, context: SlotContext):
         self.group, self.context = group, context
         self.layers: dict[int, MultiAdapterLinear] = {}  # part -> the adapter layer wrapping it
-        self.merged: OrderedDict[int, Tensor] = OrderedDict()  # slot -> packed stack, least recently used first
-        self.max_merged = MERGED_ADAPTERS
-        self._streak = (0, 0)
-        self._lock = threading.Lock()
+        self.merges = MergedCopies()
         group.choose = self.choose
 
     def choose(self) -> tuple[int | None, Tensor]:
-        only, idx = self.context.only, self.context.idx
-        if idx is None or not self.max_merged:
+        only = self.context.only
+        if self.context.idx is None:
             return None, self.group.packed
         if only is None:
-            self._streak = (0, 0)  # a mixed batch ends every adapter's run of batches alone
+            self.merges.mixed()
             return None, self.group.packed
         if not any(only in layer.occupied for layer in self.layers.values()):
             return None, self.group.packed
-        with self._lock:
-            weight = self.merged.get(only)
-            if weight is not None:
-                self.merged.move_to_end(only)
-                return only, weight
-            streak = self._streak[1] + 1 if self._streak[0] == only else 1
-            self._streak = (only, streak)
-            if streak < MERGE_AFTER:
-                return None, self.group.packed
-        stack = self.group.dense()  # (Σ d_out, d_in)
-        for part, layer in self.layers.items():
-            if only in layer.occupied:
-                start = self.group.offsets[part]
-                stack[start : start + self.group.sizes[part]] += layer.B[only] @ layer.A[only]
-        weight = pack(stack)
-        with self._lock:
-            self.merged[only] = weight
-            while len(self.merged) > self.max_merged:
-                self.merged.popitem(last=False)
-        return only, weight
 
-    def forget(self, slot: int | None = None) -> None:
-        with self._lock:
-            self._streak = (0, 0)
-            if slot is None:
-                self.merged.clear()
-            else:
-                self.merged.pop(slot, None)
+        def build() -> Tensor:
+            stack = self.group.dense()  # (Σ d_out, d_in)
+            for part, layer in self.layers.items():
+                if only in layer.occupied:
+                    start = self.group.offsets[part]
+                    stack[start : start + self.group.sizes[part]] += layer.B[only] @ layer.A[only]
+            return pack(stack)
+
+        weight = self.merges.get(only, build)
+        return (None, self.group.packed) if weight is None else (only, weight)
+
+    def add(self, part: int, layer: MultiAdapterLinear) -> None:
+        self.layers[part] = layer
+        layer.fused, layer.merges = self, self.merges
 
 
 class MultiAdapterHead(nn.Module):
@@ -360,9 +375,7 @@ class MultiAdapterModel:
         self.merged_adapters = n
         for layer in self._layers.values():
             if isinstance(layer, MultiAdapterLinear):
-                layer.max_merged = n
-                if layer.fused is not None:
-                    layer.fused.max_merged = n
+                layer.merges.max_merged = n
                 layer.forget_merged()
 
     def slots(self) -> dict[str, int]:
@@ -470,14 +483,12 @@ class MultiAdapterModel:
             base = getattr(owner, child)
             layer = kind(base, self.context)
             if isinstance(layer, MultiAdapterLinear):
-                layer.max_merged = self.merged_adapters
                 if isinstance(base, FusedPart):
-                    merges = self._fused.get(id(base.group))
-                    if merges is None:
-                        merges = self._fused[id(base.group)] = FusedMerges(base.group, self.context)
-                        merges.max_merged = self.merged_adapters
-                    merges.layers[base.part] = layer
-                    layer.fused = merges
+                    fused = self._fused.get(id(base.group))
+                    if fused is None:
+                        fused = self._fused[id(base.group)] = FusedMerges(base.group, self.context)
+                    fused.add(base.part, layer)
+                layer.merges.max_merged = self.merged_adapters
             setattr(owner, child, layer)
             self._layers[name] = layer
         return self._layers[name]
