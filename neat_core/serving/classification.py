@@ -16,34 +16,13 @@ from dataclasses import dataclass, field
 import torch
 
 from neat_core.serving.cache import AdapterRef
+from neat_core.serving.scheduler import length_buckets
 
 log = logging.getLogger("neat_core.serving")
 # A token covers rarely more than a few characters of text; past max_length x 16 characters a text is certainly
 # past max_length tokens, so what follows is never read and is cut before tokenizing.
 CHARS_PER_TOKEN = 16
 TOKENIZE_SLICE = 16  # texts tokenized per hold of the tokenizer lock: another request waits for one slice at most
-
-
-def length_buckets(lengths: list[int], pass_overhead: int) -> list[list[int]]:
-    """Split rows into padded passes: indices sorted by length, cut where the padding saved outweighs one more
-    pass. A pass of rows with lengths l_i costs n * max(l_i) + `pass_overhead` token positions (the overhead: a
-    pass's fixed cost in the same units); an exact dynamic program over the sorted order (n <= max_batch, so O(n^2)
-    is nothing)."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    n = len(order)
-    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted rows
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        longest = lengths[order[j - 1]]  # the j-th shortest row sets the padding of any pass ending at it
-        for i in range(j):
-            cost = best[i] + (j - i) * longest + pass_overhead
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    chunks, j = [], n
-    while j:
-        chunks.append(order[cut[j] : j])
-        j = cut[j]
-    return chunks[::-1]
 
 
 @dataclass

@@ -38,12 +38,12 @@ from transformers import PreTrainedTokenizerBase
 from neat_core.data import chat
 from neat_core.serving.batched import MultiAdapterModel
 from neat_core.serving.cache import AdapterCache, AdapterRef
-from neat_core.serving.classification import ClassificationMixin, _ClassifyRow, length_buckets
+from neat_core.serving.classification import ClassificationMixin, _ClassifyRow
 from neat_core.serving.generation import KV_CACHE, GenerationMixin, SamplingParams, TokenStream, _GenRequest
 from neat_core.serving.grammar import Grammars
 from neat_core.serving.layout import pack_linears
 from neat_core.serving.prefix import PrefixCache
-from neat_core.serving.scheduler import EngineBusy, EngineClosed, Scheduler
+from neat_core.serving.scheduler import EngineBusy, EngineClosed, Scheduler, length_buckets
 
 __all__ = [
     "KV_CACHE",

@@ -22,13 +22,21 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from neat_core.serving import grammar as constrained
 from neat_core.serving.cache import AdapterRef
 from neat_core.serving.prefix import BLOCK, stacked
-from neat_core.serving.scheduler import EngineBusy, EngineClosed
+from neat_core.serving.scheduler import EngineBusy, EngineClosed, length_buckets
 
 _DONE = object()  # end-of-stream marker in a generation's token queue
 
 # transformers 5.24 renamed the key/value cache, as a forward keyword and as an output field, from `past_key_values`
 # to `cache`; the old names only warn until 5.40, then they go. The installed release decides which name we use.
 KV_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# New prompts are prefilled in passes of similar lengths (`length_buckets`): a pass's fixed cost, in prompt token
+# positions. On a CPU a prefill pass is compute-bound: on SmolLM2 over 2 cores, ~1 ms a token position in a pass of
+# 16 prompts, and ~25 ms fixed (the weights read once, the per-op overhead), so about 24 positions. The 16 prompts
+# of bench/vs_llamacpp.py (41 to 128 tokens) padded into one pass compute twice their own tokens; in buckets they
+# prefill 1.24-1.35x faster (bench/prefill_passes.py). On a GPU a token position costs next to nothing and a
+# pass's launches dominate: one pass almost always.
+PREFILL_PASS_OVERHEAD = {"cpu": 24, "cuda": 1024}
 
 
 @dataclass(frozen=True)
@@ -141,29 +149,36 @@ class GenerationMixin:
     # ---- the scheduler thread ----
 
     def _prune(self, running: list[_GenRequest], state: _DecodeState) -> tuple[list[_GenRequest], _DecodeState | None]:
-        """Finished rows leave the batch (and their cache rows with them)."""
+        """Finished rows leave the batch (and their cache rows with them); the rows may change order."""
         keep = [i for i, r in enumerate(running) if not self._finished(r)]
         if len(keep) == len(running):
             return running, state
-        return [running[i] for i in keep], state.select(keep) if keep else None
+        if not keep:
+            return [], None
+        state, order = state.select(keep)
+        return [running[i] for i in order], state
 
     def _prefill(self, new: list[_GenRequest], state: _DecodeState | None) -> tuple[list[_GenRequest], _DecodeState]:
         """Run the new prompts, stream their first tokens and merge their cache rows in; returns the new requests in
         the order of their rows. Prompts that start with the same number of cached blocks (`prefix`) run together,
-        each computing only what follows its cached part."""
+        each computing only what follows its cached part, in passes of similar lengths (PREFILL_PASS_OVERHEAD)."""
         groups: dict[int, list[tuple[_GenRequest, list[Tensor]]]] = {}
         for r in new:
             blocks = self.prefixes.match(r.adapter_id, r.input_ids)
             r.stream.cached_tokens = BLOCK * len(blocks)
             groups.setdefault(len(blocks), []).append((r, blocks))
+        overhead = PREFILL_PASS_OVERHEAD.get(self.device.type, PREFILL_PASS_OVERHEAD["cuda"])
         joined: list[_GenRequest] = []
+        states: list[_DecodeState] = []
         for _, group in sorted(groups.items()):
-            requests = [r for r, _ in group]
-            fresh = self._prefill_group(requests, [blocks for _, blocks in group])
-            joined += requests
-            state = fresh if state is None else state.concat(fresh)
-        assert state is not None
-        return joined, state
+            rest = [len(r.input_ids) - r.stream.cached_tokens for r, _ in group]  # what each row computes
+            for chunk in length_buckets(rest, overhead):
+                requests = [group[i][0] for i in chunk]
+                states.append(self._prefill_group(requests, [group[i][1] for i in chunk]))
+                joined += requests
+        if state is None:
+            return joined, _DecodeState.stack(states, self.max_batch)
+        return joined, state.join(states, self.max_batch)
 
     def _prefill_group(self, new: list[_GenRequest], blocks: list[list[Tensor]]) -> _DecodeState:
         """Prompts whose first P = BLOCK x len(blocks[i]) positions are cached (the same P for each): the rest of
@@ -301,17 +316,20 @@ class GenerationMixin:
 
 
 class _GrowingLayer(DynamicLayer):
-    """One layer's keys and values, (B, kv_heads, T, head_dim) each, as views of buffers with room for more
+    """One layer's keys and values, (B, kv_heads, T, head_dim) each, as views of buffers with room for more rows and
     positions. transformers' `DynamicLayer` concatenates at every step, copying the whole cache to add one position:
     at 32 rows of 200 tokens on SmolLM2 that is ~300 MB a step, more than the step's weights. Here a step writes its
     one position in place, and a buffer grows by a quarter (at least 16 positions) only when it is full, so the
-    copying is amortised to a few positions a step. Positions past `length` are never read: the views stop there."""
+    copying is amortised to a few positions a step. Rows join into the spare rows and leave by moving the last rows
+    into their places (`add_rows`, `move_rows`): only the rows that join or move are copied. Positions past
+    `length` and rows past `rows` are never read: the views stop there."""
 
-    def __init__(self, keys: Tensor, values: Tensor, length: int | None = None):
-        """keys, values: buffers (B, kv_heads, capacity, head_dim) whose first `length` positions (all of them
-        by default) are the cache."""
+    def __init__(self, keys: Tensor, values: Tensor, length: int | None = None, rows: int | None = None):
+        """keys, values: buffers (capacity rows, kv_heads, capacity positions, head_dim) whose first `rows` rows and
+        `length` positions (all of them by default) are the cache."""
         super().__init__()
         self.length = keys.shape[2] if length is None else length
+        self.rows = keys.shape[0] if rows is None else rows
         self._k, self._v = keys, values
         self.device = keys.device
         self.is_initialized = True
@@ -328,25 +346,53 @@ class _GrowingLayer(DynamicLayer):
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         end = self.length + key_states.shape[2]
         if end > self._k.shape[2]:
-            room = max(16, self.length // 4)
-            self._k, self._v = (
-                _with_room(self.keys, end - self.length + room),
-                _with_room(self.values, end - self.length + room),
-            )
-        self._k[:, :, self.length : end] = key_states
-        self._v[:, :, self.length : end] = value_states
+            self._copy(start=0, room=end - self.length + max(16, self.length // 4))
+        self._k[: self.rows, :, self.length : end] = key_states
+        self._v[: self.rows, :, self.length : end] = value_states
         self.length = end
         self._view()
         return self.keys, self.values
 
+    @torch.inference_mode()  # the buffers are inference tensors (made in the forward); joins happen outside it
+    def add_rows(self, keys: Tensor, values: Tensor) -> None:
+        """New rows (k, kv_heads, T, head_dim), T <= length, right-aligned with the others (their last position is
+        everyone's), the positions before masked zeros; needs k spare rows."""
+        new, t = slice(self.rows, self.rows + keys.shape[0]), keys.shape[2]
+        for buffer, rows in ((self._k, keys), (self._v, values)):
+            buffer[new, :, : self.length - t] = 0
+            buffer[new, :, self.length - t : self.length] = rows
+        self.rows += keys.shape[0]
+        self._view()
+
+    @torch.inference_mode()
+    def move_rows(self, to: list[int], source: list[int], rows: int) -> None:
+        """Copy rows `source` into rows `to`, then keep the first `rows` rows."""
+        if to:
+            dst, src = torch.tensor(to, device=self.device), torch.tensor(source, device=self.device)
+            for buffer in (self._k, self._v):
+                buffer[dst, :, : self.length] = buffer[src, :, : self.length]
+        self.rows = rows
+        self._view()
+
+    def drop_front(self, start: int) -> None:
+        """Forget the first `start` positions (no row uses them): every row is copied once."""
+        self._copy(start=start, room=self._k.shape[2] - self.length)
+
+    def _copy(self, start: int, room: int) -> None:
+        """New buffers holding positions start..length of the rows, with `room` more; as many spare rows."""
+        self._k, self._v = (_with_room(t[:, :, start:], room, self._k.shape[0]) for t in (self.keys, self.values))
+        self.length -= start
+        self._view()
+
     def _view(self) -> None:
-        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+        self.keys, self.values = self._k[: self.rows, :, : self.length], self._v[: self.rows, :, : self.length]
 
 
-def _with_room(t: Tensor, room: int) -> Tensor:
-    """t (B, H, T, D) copied into a new buffer (B, H, T + room, D)."""
-    buffer = t.new_empty(t.shape[0], t.shape[1], t.shape[2] + room, t.shape[3])
-    buffer[:, :, : t.shape[2]] = t
+def _with_room(t: Tensor, room: int, rows: int = 0) -> Tensor:
+    """t (B, H, T, D) copied into a new buffer (max(B, rows), H, T + room, D). Spare rows are left unwritten: on a
+    CPU their pages are never touched until a row joins there."""
+    buffer = t.new_empty(max(t.shape[0], rows), t.shape[1], t.shape[2] + room, t.shape[3])
+    buffer[: t.shape[0], :, : t.shape[2]] = t
     return buffer
 
 
@@ -361,7 +407,11 @@ class _GrowingCache(DynamicCache):
 class _DecodeState:
     """The running rows' key/value cache, one `_GrowingLayer` per model layer: keys and values (B, kv_heads, T,
     head_dim) each, left-padded, and the attention mask (B, T) that says which positions are real. A decode step
-    adds one position to every layer in place (`cache()` hands the model the same layers)."""
+    adds one position to every layer in place (`cache()` hands the model the same layers).
+
+    Rows join and leave without copying the others where they can (at 32 streams a request joins and one leaves
+    about every other step, and copying every row's cache each time cost a fifth of the time): new rows go into the
+    buffers' spare rows (`join`), and a leaving row's place is taken by the last row (`select`)."""
 
     layers: list[_GrowingLayer]
     mask: Tensor
@@ -377,37 +427,65 @@ class _DecodeState:
     def cache(self) -> DynamicCache:
         return _GrowingCache(self.layers)
 
-    def concat(self, other: _DecodeState) -> _DecodeState:
-        """Stack two groups of rows, the shorter one left-padded with masked zeros: each layer is copied once,
-        straight into a buffer with room for the steps to come."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        room = max(16, width // 4)
+    def join(self, fresh: list[_DecodeState], max_rows: int) -> _DecodeState:
+        """These rows and the fresh groups' after them. In place when the buffers have the spare rows and no fresh
+        row is wider than the running ones (it fits left of their last position); else one `stack`."""
+        width, spare = self.mask.shape[1], self.layers[0]._k.shape[0] - self.layers[0].rows
+        if sum(f.mask.shape[0] for f in fresh) > spare or any(f.mask.shape[1] > width for f in fresh):
+            return _DecodeState.stack([self, *fresh], max_rows)
+        for group in fresh:
+            for mine, theirs in zip(self.layers, group.layers, strict=True):
+                mine.add_rows(theirs.keys, theirs.values)
+        return _DecodeState(self.layers, torch.cat([self.mask, *(f._mask(width) for f in fresh)]))
 
-        def stacked(a: Tensor, b: Tensor) -> Tensor:  # (Ba, H, Ta, D), (Bb, H, Tb, D) -> (Ba + Bb, H, width, D)
-            out = a.new_empty(a.shape[0] + b.shape[0], a.shape[1], width + room, a.shape[3])
-            for rows, t in ((slice(0, a.shape[0]), a), (slice(a.shape[0], None), b)):
+    @staticmethod
+    def stack(states: list[_DecodeState], max_rows: int = 0) -> _DecodeState:
+        """Stack groups of rows, each left-padded with masked zeros to the widest: each layer is copied once (not
+        once per group), straight into a buffer with room for the steps to come and for rows to join (twice the
+        rows, up to `max_rows`). One group is returned as is."""
+        if len(states) == 1:
+            return states[0]
+        width = max(s.mask.shape[1] for s in states)
+        room = max(16, width // 4)
+        total = sum(s.mask.shape[0] for s in states)
+        capacity = max(total, min(max_rows, 2 * total))
+
+        def stacked(parts: list[Tensor]) -> Tensor:  # [(B_i, H, T_i, D)] -> (capacity, H, width + room, D)
+            first = parts[0]
+            out = first.new_empty(capacity, first.shape[1], width + room, first.shape[3])
+            start = 0
+            for t in parts:
+                rows, start = slice(start, start + t.shape[0]), start + t.shape[0]
                 out[rows, :, : width - t.shape[2]] = 0
                 out[rows, :, width - t.shape[2] : width] = t
             return out
 
         layers = [
-            _GrowingLayer(stacked(la.keys, lb.keys), stacked(la.values, lb.values), width)
-            for la, lb in zip(self.layers, other.layers, strict=True)
+            _GrowingLayer(stacked([la.keys for la in group]), stacked([la.values for la in group]), width, total)
+            for group in zip(*(s.layers for s in states), strict=True)
         ]
-        return _DecodeState(layers, torch.cat([self._mask(width), other._mask(width)]))
+        return _DecodeState(layers, torch.cat([s._mask(width) for s in states]))
 
-    def select(self, rows: list[int]) -> _DecodeState:
-        """Keep these rows, then drop the leading positions no remaining row uses."""
-        index = torch.tensor(rows, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
+    def select(self, keep: list[int]) -> tuple[_DecodeState, list[int]]:
+        """Keep these rows (ascending indices): the kept rows past the new row count move into the places of the
+        rows that leave, so only they are copied. Returns the state and, per new row, its old index. Leading
+        positions no remaining row uses are dropped once they are an eighth of the width (every row copied once: a
+        wider cache costs every step's attention)."""
+        n, kept = len(keep), set(keep)
+        holes = [i for i in range(n) if i not in kept]
+        movers = [i for i in keep if i >= n]
+        order = list(range(n))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        mask = self.mask.index_select(0, torch.tensor(order, device=self.mask.device))
+        for layer in self.layers:
+            layer.move_rows(holes, movers, n)
         start = int((mask.sum(0) > 0).nonzero()[0])  # first position some row still uses
-        layers = [
-            _GrowingLayer(
-                layer.keys[:, :, start:].index_select(0, index), layer.values[:, :, start:].index_select(0, index)
-            )
-            for layer in self.layers
-        ]
-        return _DecodeState(layers, mask[:, start:])
+        if start >= max(16, mask.shape[1] // 8):
+            for layer in self.layers:
+                layer.drop_front(start)
+            mask = mask[:, start:]
+        return _DecodeState(self.layers, mask), order
 
     def _mask(self, width: int) -> Tensor:
         """The mask left-padded with zeros to `width` positions."""

@@ -127,6 +127,27 @@ def test_long_generations_stay_exact_as_the_key_value_cache_grows(tiny_models, s
         assert got == alone(kind, tiny_models, saved, adapter_id, ids, n)[0], adapter_id
 
 
+def test_prompts_of_very_different_lengths_prefill_in_separate_passes_and_stay_exact(tiny_models, saved):
+    """Prompts that arrive together are prefilled in passes of similar lengths (generation.PREFILL_PASS_OVERHEAD):
+    two short and two long ones take two passes, not one padded to the longest; every row still gets its answer
+    alone, and the rows of both passes decode together afterwards."""
+    kind = "llama"
+    engine = make_engine(kind, tiny_models, window_s=0.2, max_batch=8)
+    engine._eos = set()
+    adapters = refs(saved, kind)
+    cases = [("neat-a", prompt(1, 3), 5), (None, prompt(2, 60), 5), ("lora-c", prompt(3, 4), 5)]
+    cases.append((None, prompt(4, 62), 5))
+    try:
+        streams = [engine.generate(ids, adapters[a], SamplingParams(max_tokens=n)) for a, ids, n in cases]
+        tokens = [list(s) for s in streams]
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert stats["batch_sizes"] == {2: 2, 4: 4}, stats["batch_sizes"]  # two prefill passes, then 4 decode steps
+    for got, (adapter_id, ids, n) in zip(tokens, cases, strict=True):
+        assert got == alone(kind, tiny_models, saved, adapter_id, ids, n)[0], adapter_id
+
+
 def test_seeded_sampling_does_not_depend_on_batch_mates(tiny_models, saved):
     engine = make_engine("llama", tiny_models, window_s=0.05)
     adapters = refs(saved, "llama")
