@@ -32,10 +32,10 @@ KV_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ els
 
 # New prompts are prefilled in passes of similar lengths (`length_buckets`): a pass's fixed cost, in prompt token
 # positions. On a CPU a prefill pass is compute-bound: on SmolLM2 over 2 cores, ~1 ms a token position in a pass of
-# 16 prompts, and ~25 ms fixed (the weights read once, the per-op overhead), so about 24 positions. The 16 prompts
-# of bench/vs_llamacpp.py (41 to 128 tokens) padded into one pass compute twice their own tokens; in buckets they
-# prefill 1.24-1.35x faster (bench/prefill_passes.py). On a GPU a token position costs next to nothing and a
-# pass's launches dominate: one pass almost always.
+# 16 prompts, and ~25 ms fixed (the weights read once, the per-op overhead), so about 24 positions. Prompts of
+# bench/vs_llamacpp.py (41 to 128 tokens), 16 at a time, padded into one pass compute 1.41x their own tokens; in
+# buckets 1.05x, and they prefill 1.17x faster (bench/prefill_passes.py). On a GPU a token position costs next to
+# nothing and a pass's launches dominate: one pass almost always.
 PREFILL_PASS_OVERHEAD = {"cpu": 24, "cuda": 1024}
 
 
