@@ -149,8 +149,12 @@ class Server:
 
 def start_ours(stack: ExitStack, paths: dict, args, logs: Path) -> Server:
     port = free_port()
+    # Every stream is one caller here, and no caller may hold the batch's reserved rows (room for other
+    # organisations, NEAT_SERVING_RESERVED_ROWS, 4 by default): the batch is sized so that the streams all run at
+    # once, as llama.cpp's `--parallel` slots do. With max_batch = streams, 4 of 32 streams always waited.
+    reserved = int(os.environ.get("NEAT_SERVING_RESERVED_ROWS", "4"))
     env = {**os.environ, "NEAT_INTERNAL_TOKEN": TOKEN, "NEAT_DATA_DIR": str(logs / "ours-data"),
-           "NEAT_SERVING_MAX_BATCH": str(max(args.streams)), "OMP_NUM_THREADS": str(args.threads),
+           "NEAT_SERVING_MAX_BATCH": str(max(args.streams) + reserved), "OMP_NUM_THREADS": str(args.threads),
            "MKL_NUM_THREADS": str(args.threads)}  # fmt: skip
     log = logs / "ours.log"
     stack.enter_context(process([sys.executable, "-m", "inference", "--port", str(port)], env, log, cwd=ROOT))
