@@ -365,12 +365,11 @@ class _GrowingLayer(DynamicLayer):
         self._view()
 
     @torch.inference_mode()
-    def move_rows(self, to: list[int], source: list[int], rows: int) -> None:
-        """Copy rows `source` into rows `to`, then keep the first `rows` rows."""
-        if to:
-            dst, src = torch.tensor(to, device=self.device), torch.tensor(source, device=self.device)
+    def move_rows(self, to: Tensor | None, source: Tensor | None, rows: int) -> None:
+        """Copy rows `source` into rows `to` (index tensors, or None for no move), then keep the first `rows` rows."""
+        if to is not None:
             for buffer in (self._k, self._v):
-                buffer[dst, :, : self.length] = buffer[src, :, : self.length]
+                buffer[to, :, : self.length] = buffer[source, :, : self.length]
         self.rows = rows
         self._view()
 
@@ -450,20 +449,14 @@ class _DecodeState:
         total = sum(s.mask.shape[0] for s in states)
         capacity = max(total, min(max_rows, 2 * total))
 
-        def stacked(parts: list[Tensor]) -> Tensor:  # [(B_i, H, T_i, D)] -> (capacity, H, width + room, D)
-            first = parts[0]
-            out = first.new_empty(capacity, first.shape[1], width + room, first.shape[3])
-            start = 0
-            for t in parts:
-                rows, start = slice(start, start + t.shape[0]), start + t.shape[0]
-                out[rows, :, : width - t.shape[2]] = 0
-                out[rows, :, width - t.shape[2] : width] = t
-            return out
-
-        layers = [
-            _GrowingLayer(stacked([la.keys for la in group]), stacked([la.values for la in group]), width, total)
-            for group in zip(*(s.layers for s in states), strict=True)
-        ]
+        layers = []
+        for group in zip(*(s.layers for s in states), strict=True):
+            k = group[0].keys  # (B_0, kv_heads, T_0, head_dim)
+            shape = (capacity, k.shape[1], width + room, k.shape[3])
+            layer = _GrowingLayer(k.new_empty(shape), k.new_empty(shape), length=width, rows=0)
+            for part in group:  # the same left-padded write as a join into spare rows
+                layer.add_rows(part.keys, part.values)
+            layers.append(layer)
         return _DecodeState(layers, torch.cat([s._mask(width) for s in states]))
 
     def select(self, keep: list[int]) -> tuple[_DecodeState, list[int]]:
@@ -477,9 +470,13 @@ class _DecodeState:
         order = list(range(n))
         for hole, mover in zip(holes, movers, strict=True):
             order[hole] = mover
-        mask = self.mask.index_select(0, torch.tensor(order, device=self.mask.device))
-        for layer in self.layers:
-            layer.move_rows(holes, movers, n)
+        device = self.mask.device
+        mask = self.mask.index_select(0, torch.tensor(order, device=device))
+        to = source = None
+        if holes:
+            to, source = torch.tensor(holes, device=device), torch.tensor(movers, device=device)
+        for layer in self.layers:  # the index tensors are built once, not once per layer
+            layer.move_rows(to, source, n)
         start = int((mask.sum(0) > 0).nonzero()[0])  # first position some row still uses
         if start >= max(16, mask.shape[1] // 8):
             for layer in self.layers:
