@@ -152,7 +152,9 @@ def start_ours(stack: ExitStack, paths: dict, args, logs: Path) -> Server:
     # Every stream is one caller here, and no caller may hold the batch's reserved rows (room for other
     # organisations, NEAT_SERVING_RESERVED_ROWS, 4 by default): the batch is sized so that the streams all run at
     # once, as llama.cpp's `--parallel` slots do. With max_batch = streams, 4 of 32 streams always waited.
-    reserved = int(os.environ.get("NEAT_SERVING_RESERVED_ROWS", "4"))
+    from control.settings import Settings  # the server's own reading of NEAT_SERVING_RESERVED_ROWS and its default
+
+    reserved = Settings().serving_reserved_rows
     env = {**os.environ, "NEAT_INTERNAL_TOKEN": TOKEN, "NEAT_DATA_DIR": str(logs / "ours-data"),
            "NEAT_SERVING_MAX_BATCH": str(max(args.streams) + reserved), "OMP_NUM_THREADS": str(args.threads),
            "MKL_NUM_THREADS": str(args.threads)}  # fmt: skip
