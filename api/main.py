@@ -51,8 +51,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             threading.Thread(target=_bootstrap_key, args=(settings,), name="bootstrap-key", daemon=True).start()
     # Temporary bytes a killed API process (or worker) left on the volume: removed now, and every sweep_seconds.
     sweeper = await asyncio.to_thread(Sweeper(settings).start)
-    if app.state.backend is None:
-        app.state.backend = configured(settings)
+    app.state.backend = configured(settings, app.state.backend)  # llama.cpp servers, if listed, go in front
     backend = app.state.backend
     if backend is not None and settings.serving and settings.serving_preload:  # the API answers meanwhile
         app.state.preloading = asyncio.create_task(preload(settings, backend))

@@ -1,4 +1,5 @@
-"""The remote backend: inference servers over HTTP (`python -m inference`, or vLLM started with `--enable-lora`).
+"""The remote backend: inference servers over HTTP (`python -m inference`, or vLLM started with `--enable-lora`;
+llama.cpp's llama-server: `api.llamacpp`, built on this).
 
 Routing: each base model goes to the server that ranks it highest by rendezvous hashing (highest
 hash(server, base model) first), so one base model is loaded on as few servers as possible and its adapter cache
@@ -80,7 +81,7 @@ class RemoteBackend:
 
     async def stream(self, target: Target, request: ChatRequest | CompletionRequest) -> AsyncIterator[dict]:
         response = await self._send(target, _path(request), _body(request), stream=True)
-        return _events(response)
+        return sse_payloads(response)
 
     async def classify(self, target: Target, request: ClassificationRequest) -> dict:
         if self.kind == "vllm":
@@ -128,16 +129,21 @@ class RemoteBackend:
     async def _send(self, target: Target, path: str, body: dict, *, stream: bool = False) -> httpx.Response:
         """POST to the first reachable server in `target`'s ranking (its adapter loaded there first); a non-2xx
         answer is raised as the BackendError it carries."""
+        declined = 0  # servers that answered but do not hold the model
         for server in rank(self.servers, target.base_model):
             try:
                 if self._told(target) and (server, target.name) not in self._loaded:
                     await self._load(server, target)
-                response = await self._post(server, path, body, stream, target.caller)
+                shaped = await self._shape(server, target, body)
+                if shaped is None:  # this server does not hold the model (llama.cpp servers hold a fixed set)
+                    declined += 1
+                    continue
+                response = await self._post(server, path, shaped, stream, target.caller)
                 if response.status_code == 404 and self._told(target):
                     await response.aclose()  # the server forgot the adapter (a restart): load it again, once
                     self._loaded.discard((server, target.name))
                     await self._load(server, target)
-                    response = await self._post(server, path, body, stream, target.caller)
+                    response = await self._post(server, path, shaped, stream, target.caller)
             except _UNREACHABLE as e:
                 log.warning("inference server %s unreachable, trying the next: %s", server, e)
                 self._loaded = {(s, n) for s, n in self._loaded if s != server}  # it may come back empty
@@ -149,7 +155,17 @@ class RemoteBackend:
                 await response.aclose()
                 raise _error(response, target)
             return response
-        raise _none_reachable()
+        raise self._not_served(target, declined)
+
+    async def _shape(self, server: str, target: Target, body: dict) -> dict | None:
+        """The body `server` is sent for `target`, or None when that server cannot serve it (then the next is
+        tried). Our servers and vLLM take the request as it is."""
+        return body
+
+    def _not_served(self, target: Target, declined: int) -> BackendError:
+        """The answer when no server in the ranking served `target` (`declined` of them answered that they do not
+        hold it): for our servers and vLLM, none could be reached."""
+        return _none_reachable()
 
     async def _post(self, server: str, path: str, body: dict, stream: bool, caller: str | None) -> httpx.Response:
         headers = {CALLER_HEADER: caller} if caller else None  # whose share of the engine the request takes
@@ -180,7 +196,7 @@ class RemoteBackend:
         self._loaded.add((server, target.name))
 
 
-async def _events(response: httpx.Response) -> AsyncIterator[dict]:
+async def sse_payloads(response: httpx.Response) -> AsyncIterator[dict]:
     """The upstream event stream's payloads, up to `[DONE]`. Closing this early closes the upstream connection,
     which cancels the generation on the server."""
     try:
@@ -228,12 +244,19 @@ def _none_reachable() -> BackendError:
                         retry_after=RETRY_AFTER_S)  # fmt: skip
 
 
-def configured(settings: Settings) -> Backend | None:
-    """The backend the settings describe: the listed inference servers (None when none are listed, or serving is
-    off)."""
-    if not (settings.serving and settings.inference_server_urls):
-        return None
-    return RemoteBackend.from_settings(settings)
+def configured(settings: Settings, injected: Backend | None = None) -> Backend | None:
+    """The backend the settings describe: `injected` (the launcher's in-process one) or else the listed inference
+    servers, behind the listed llama.cpp servers when there are any (api.llamacpp). None: nothing serves."""
+    if not settings.serving:
+        return injected
+    behind = injected
+    if behind is None and settings.inference_server_urls:
+        behind = RemoteBackend.from_settings(settings)
+    if settings.llamacpp_server_urls:
+        from api.llamacpp import LlamaCppBackend, LlamaCppFirst
+
+        return LlamaCppFirst(LlamaCppBackend.from_settings(settings), behind)
+    return behind
 
 
 class NoBackend:

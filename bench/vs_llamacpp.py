@@ -19,7 +19,15 @@ noise hits them alike. Printed: per variant the median tokens/s over rounds with
 per model and stream count (ratio of medians, and the min-max of the per-round ratios). First a correctness check:
 for a few prompts, the greedy texts of both servers, base and adapter, must be equal.
 
-    bench/llamacpp/build.sh                                   # once: llama-server and llama-bench into .llamacpp/
+`--engines ours,llamacpp,service` adds the service's own llama.cpp path: our API (`python -m launch`: SQLite, its
+own worker) with `NEAT_LLAMACPP_SERVERS` naming the same llama-server, asked with an API key as a
+customer asks. The service trains a job (1 epoch of 16 chat rows) for a fine-tuned model id its records own; the
+GGUF llama-server holds under that id's file name is the bench's adapter, converted by `python -m inference.gguf`,
+so all three engines run the same weights. (A freshly trained adapter would not do: past its EOS, which the bench
+ignores, ours generates special tokens that stream as empty text, and the token count would read them as nothing.)
+Printed besides: service / llama.cpp, what the API's hop costs.
+
+    scripts/llamacpp/build.sh                                   # once: llama-server and llama-bench into .llamacpp/
     python bench/vs_llamacpp.py                               # the recorded configuration (~20 min on 2 cores)
     python bench/vs_llamacpp.py --streams 1,8 --rounds 1 --seconds 10
     python bench/vs_llamacpp.py --out bench/results/vs_llamacpp.jsonl
@@ -51,7 +59,8 @@ from tests.services import free_port, process, wait_healthy  # noqa: E402  (the 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ADAPTER = "neat-r8-qv"
 TOKEN = "bench-internal-token"
-ENGINES = ("ours", "llamacpp")
+ENGINES = ("ours", "llamacpp", "service")
+API_KEY = "sk-bench-vs-llamacpp"
 TARGETS = ("base", "adapter")
 
 
@@ -68,7 +77,7 @@ def prepare(llamacpp_dir: Path) -> dict[str, Path]:
     src, models = llamacpp_dir / "src", llamacpp_dir / "models"
     for script in ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py"):
         if not (src / script).exists():
-            raise SystemExit(f"{src / script} is missing: run bench/llamacpp/build.sh (LLAMACPP_DIR={llamacpp_dir})")
+            raise SystemExit(f"{src / script} is missing: run scripts/llamacpp/build.sh (LLAMACPP_DIR={llamacpp_dir})")
     models.mkdir(parents=True, exist_ok=True)
     hf_dir = resolve(MODEL)  # the catalog's GGUF dequantised once to an fp32 HF directory: the weights ours serves
     env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}  # the tree's own gguf, not a PyPI one
@@ -131,8 +140,10 @@ def prompts(n: int) -> list[list[int]]:
 class Server:
     """One of the two servers, as a base URL plus how a request for the base model or the adapter is shaped."""
 
-    def __init__(self, engine: str, url: str, headers: dict):
+    def __init__(self, engine: str, url: str, headers: dict, models: dict | None = None, slots_url: str = ""):
         self.engine, self.url, self.headers = engine, url, headers
+        self.models = models or {}  # the service: target -> the model id it is asked for
+        self.slots_url = slots_url or url  # where the llama-server that does the work answers GET /slots
 
     def body(self, target: str, prompt: list[int], tokens: int, stream: bool, ignore_eos: bool = True) -> dict:
         body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": ignore_eos, "stream": stream}
@@ -140,9 +151,12 @@ class Server:
             body["stream_options"] = {"include_usage": True}
         if self.engine == "ours":
             body["model"] = ADAPTER if target == "adapter" else MODEL
+        elif self.engine == "service":
+            body["model"] = self.models[target]  # the API picks the llama-server and the adapter's scales
         else:
             body["model"] = MODEL  # llama-server serves one model; the field is not used to route
             # Every adapter the server loaded is listed with its scale: 0 leaves the base bare.
+            # Listed even for the base: an adapter a request leaves out runs at its start-up scale, 1.0.
             body["lora"] = [{"id": 0, "scale": 1.0 if target == "adapter" else 0.0}]
         return body
 
@@ -168,11 +182,11 @@ def start_ours(stack: ExitStack, paths: dict, args, logs: Path) -> Server:
     return Server("ours", url, headers)
 
 
-def start_llamacpp(stack: ExitStack, paths: dict, args, logs: Path) -> Server:
-    port = free_port()
+def start_llamacpp(stack: ExitStack, paths: dict, args, logs: Path, port: int = 0) -> Server:
+    port = port or free_port()
     binary = args.llamacpp_dir / "build" / "bin" / "llama-server"
     if not binary.exists():
-        raise SystemExit(f"{binary} is missing: run bench/llamacpp/build.sh (LLAMACPP_DIR={args.llamacpp_dir})")
+        raise SystemExit(f"{binary} is missing: run scripts/llamacpp/build.sh (LLAMACPP_DIR={args.llamacpp_dir})")
     slots = max(args.streams)
     # --cache-ram 0: llama-server's host-memory prompt cache (on by default, 8 GiB) restores a cached prompt's KV
     # state by its tokens alone, whatever adapter computed it, so an adapter request after a base request with the
@@ -181,12 +195,49 @@ def start_llamacpp(stack: ExitStack, paths: dict, args, logs: Path) -> Server:
     command = [str(binary), "-m", str(paths["base"]), "--lora", str(paths["lora"]), "--lora-init-without-apply",
                "-t", str(args.threads), "-tb", str(args.threads), "--parallel", str(slots),
                "-c", str(slots * args.context), "--cont-batching", "--host", "127.0.0.1", "--port", str(port),
-               "--no-webui", "--cache-ram", "0"]  # fmt: skip
+               "--no-webui", "--cache-ram", "0", "--alias", MODEL]  # fmt: skip
     log = logs / "llamacpp.log"
     stack.enter_context(process(command, dict(os.environ), log, cwd=ROOT))
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, log, timeout=300, path="/health")
     return Server("llamacpp", url, {})
+
+
+def start_service(stack: ExitStack, paths: dict, args, logs: Path, llama_port: int) -> tuple[Server, Path]:
+    """Our API in front of the llama-server that will listen on `llama_port`, and the GGUF that server is to hold:
+    the bench's adapter, named for a fine-tuned model the service trained."""
+    port = free_port()
+    url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {API_KEY}"}
+    env = {**os.environ, "NEAT_DATA_DIR": str(logs / "service-data"), "NEAT_PORT": str(port),
+           "NEAT_BOOTSTRAP_API_KEY": API_KEY, "NEAT_INTERNAL_TOKEN": TOKEN,
+           "NEAT_LLAMACPP_SERVERS": f"http://127.0.0.1:{llama_port}",
+           "NEAT_LLAMACPP_DIR": str(args.llamacpp_dir)}  # fmt: skip
+    log = logs / "service.log"
+    stack.enter_context(process([sys.executable, "-m", "launch"], env, log, cwd=ROOT))
+    wait_healthy(url, log, timeout=300)
+    rows = [{"messages": [{"role": "user", "content": f"What colour is item {i}?"},
+                          {"role": "assistant", "content": ["red", "green", "blue", "yellow"][i % 4]}]}
+            for i in range(16)]  # fmt: skip
+    with httpx.Client(base_url=url, headers=headers, timeout=120) as http:
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        upload = http.post("/v1/files", files={"file": ("c.jsonl", data)}, data={"purpose": "fine-tune"})
+        hyper = {"n_epochs": 1, "batch_size": 4}
+        job = http.post("/v1/fine_tuning/jobs", json={"model": MODEL, "training_file": upload.json()["id"],
+                        "suffix": "bench", "adapter": {"type": "neat", "r": 8},
+                        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}}}).json()  # fmt: skip
+        while job["status"] not in ("succeeded", "failed", "cancelled"):
+            time.sleep(1)
+            job = http.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+        if job["status"] != "succeeded":
+            raise RuntimeError(f"the service's training job ended {job['status']}: {job.get('error')}")
+    convert = [sys.executable, "-m", "inference.gguf", "adapter", str(paths["artifact"]),
+               "--model", job["fine_tuned_model"], "--out-dir", str(logs / "service-gguf")]  # fmt: skip
+    _run(convert, env)
+    from control.backends import gguf_adapter_file
+
+    models = {"base": MODEL, "adapter": job["fine_tuned_model"]}
+    server = Server("service", url, headers, models, slots_url=f"http://127.0.0.1:{llama_port}")
+    return server, logs / "service-gguf" / gguf_adapter_file(job["fine_tuned_model"])
 
 
 def wait_idle(server: Server, timeout: float = 60) -> None:
@@ -197,7 +248,7 @@ def wait_idle(server: Server, timeout: float = 60) -> None:
         if server.engine == "ours":
             busy = httpx.get(f"{server.url}/stats", headers=server.headers, timeout=10).json()["rows_running"]
         else:
-            busy = sum(s["is_processing"] for s in httpx.get(f"{server.url}/slots", timeout=10).json())
+            busy = sum(s["is_processing"] for s in httpx.get(f"{server.slots_url}/slots", timeout=10).json())
         if not busy:
             return
         time.sleep(0.2)
@@ -226,6 +277,17 @@ def check_tokens(servers: dict[str, Server], ids: list[list[int]], n: int, token
         result[f"{target}_equal"] = sum(a == b for a, b in pairs)
         result[f"{target}_first_mismatch"] = next(({"ours": a, "llamacpp": b} for a, b in pairs if a != b), None)
     result["adapter_changes_output"] = sum(a != b for a, b in zip(*(texts[t]["ours"] for t in TARGETS), strict=True))
+    return result
+
+
+def check_service(servers: dict[str, Server], ids: list[list[int]], n: int, tokens: int) -> dict:
+    """The service's greedy texts against llama-server's own, base and adapter: equal unless the API changed the
+    request (sampling, adapter scales) on its way."""
+    result = {"prompts": n, "tokens": tokens}
+    for target in TARGETS:
+        pairs = [(complete(servers["llamacpp"], target, p, tokens, False), complete(servers["service"], target, p,
+                  tokens, False)) for p in ids[:n]]  # fmt: skip
+        result[f"{target}_equal"] = sum(a == b for a, b in pairs)
     return result
 
 
@@ -290,36 +352,45 @@ def closed_loop(server: Server, target: str, streams: int, args, ids: list[list[
 def summarise(results: dict, args) -> list[str]:
     med = {k: statistics.median(v) for k, v in results.items()}
     targets = [t for t in TARGETS if any(k[1] == t for k in results)]
+    engines = [e for e in ENGINES if any(k[0] == e for k in results)]
+    names = {"ours": "ours", "llamacpp": "llama.cpp", "service": "service (API + llama.cpp)"}
+    compared = [e for e in engines if e != "llamacpp"]
     lines = [
-        f"### ours vs llama.cpp: {MODEL}, {args.tokens} tokens per request (EOS ignored), {args.threads} threads "
-        f"each, {args.warmup:g} s warm-up + {args.seconds:g} s measured x {args.rounds} rounds per variant",
+        f"### {' and '.join(names[e] for e in compared)} vs llama.cpp: {MODEL}, {args.tokens} tokens per request "
+        f"(EOS ignored), {args.threads} threads each, {args.warmup:g} s warm-up + {args.seconds:g} s measured x "
+        f"{args.rounds} rounds per variant",
         "",
-        "| model | streams | ours tokens/s (min-max) | llama.cpp tokens/s (min-max) | ours / llama.cpp "
-        "(per-round min-max) |",
-        "|---|---|---|---|---|",
+        "| model | streams | "
+        + " | ".join(f"{names[e]} tokens/s (min-max)" for e in engines)
+        + " | "
+        + " | ".join(f"{names[e]} / llama.cpp (per-round min-max)" for e in compared)
+        + " |",
+        "|---|---|" + "---|" * (len(engines) + len(compared)),
     ]
     for target in targets:
         for streams in args.streams:
             cells = []
-            for engine in ENGINES:
+            for engine in engines:
                 rs = results.get((engine, target, streams))
                 cells.append(f"{med[engine, target, streams]:.1f} ({min(rs):.1f}-{max(rs):.1f})" if rs else "-")
-            ours, theirs = results.get(("ours", target, streams)), results.get(("llamacpp", target, streams))
-            if ours and theirs:
-                per_round = [a / b for a, b in zip(ours, theirs, strict=True)]
-                ratio = f"{med['ours', target, streams] / med['llamacpp', target, streams]:.2f} "
-                ratio += f"({min(per_round):.2f}-{max(per_round):.2f})"
-            else:
-                ratio = "-"
+            theirs = results.get(("llamacpp", target, streams))
+            for engine in compared:
+                ours = results.get((engine, target, streams))
+                if ours and theirs:
+                    per_round = [a / b for a, b in zip(ours, theirs, strict=True)]
+                    ratio = f"{med[engine, target, streams] / med['llamacpp', target, streams]:.2f} "
+                    cells.append(ratio + f"({min(per_round):.2f}-{max(per_round):.2f})")
+                else:
+                    cells.append("-")
             name = "base" if target == "base" else "1 adapter (NEAT r=8 q/v)"
-            lines.append(f"| {name} | {streams} | {cells[0]} | {cells[1]} | {ratio} |")
+            lines.append(f"| {name} | {streams} | " + " | ".join(cells) + " |")
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", default="1,8,32", help="concurrent streams, comma-separated")
-    parser.add_argument("--only", choices=ENGINES, help="run one engine only (no ratios, no token check)")
+    parser.add_argument("--engines", default="ours,llamacpp", help=f"of {', '.join(ENGINES)}, comma-separated")
     parser.add_argument("--targets", default="base,adapter", help="base, adapter or both")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=25, help="measured, per variant and round")
@@ -337,7 +408,9 @@ def main() -> None:
     args.streams = [int(s) for s in args.streams.split(",")]
     args.llamacpp_dir = args.llamacpp_dir.resolve()
     targets = [t for t in args.targets.split(",") if t]
-    engines = [args.only] if args.only else list(ENGINES)
+    engines = [e for e in args.engines.split(",") if e]
+    if not set(engines) <= set(ENGINES) or ("service" in engines and "llamacpp" not in engines):
+        parser.error(f"--engines: of {', '.join(ENGINES)}; service needs llamacpp (it runs in front of it)")
 
     paths = prepare(args.llamacpp_dir)
     if args.prepare_only:
@@ -355,13 +428,23 @@ def main() -> None:
             out.flush()
 
     with ExitStack() as stack:
-        starters = {"ours": start_ours, "llamacpp": start_llamacpp}
-        servers = {e: starters[e](stack, paths, args, logs) for e in engines}
+        servers, llama_port = {}, free_port()
+        if "service" in engines:  # first: llama-server starts holding the bench's adapter under the service's name
+            servers["service"], paths["lora"] = start_service(stack, paths, args, logs, llama_port)
+        if "ours" in engines:
+            servers["ours"] = start_ours(stack, paths, args, logs)
+        if "llamacpp" in engines:
+            servers["llamacpp"] = start_llamacpp(stack, paths, args, logs, llama_port)
         print(f"servers up (logs in {logs})", flush=True)
         for server in servers.values():  # first calls allocate what they need; loads the adapter in ours
             for target in targets:
                 complete(server, target, ids[0], 4)
-        if len(servers) == 2 and args.check:
+        if "service" in servers and args.check:
+            check = check_service(servers, ids, args.check, args.check_tokens)
+            record({"check_service": check})
+            print(f"token check, service vs llama.cpp: base {check['base_equal']}/{check['prompts']}, adapter "
+                  f"{check['adapter_equal']}/{check['prompts']} equal", flush=True)  # fmt: skip
+        if "ours" in servers and "llamacpp" in servers and args.check:
             check = check_tokens(servers, ids, args.check, args.check_tokens)
             record({"check": check})
             for target in TARGETS:
@@ -387,7 +470,7 @@ def main() -> None:
                         print(f"  {what}: {tps:.1f} tokens/s ({n} requests, load {load:.1f})", flush=True)
     if out:
         out.close()
-    print("\n".join(summarise(results, args)) if len(engines) == 2 else "")
+    print("\n".join(summarise(results, args)) if "llamacpp" in engines and len(engines) > 1 else "")
     if len(engines) == 1:
         for (engine, target, streams), rs in results.items():
             print(f"{engine} {target} {streams} streams: {statistics.median(rs):.1f} ({min(rs):.1f}-{max(rs):.1f})")

@@ -36,6 +36,13 @@ class Target:
         return None if self.artifact is None else f"{self.artifact.rstrip('/')}/lora"
 
 
+def gguf_adapter_file(model_id: str) -> str:
+    """The file name a fine-tuned model's LoRA GGUF has on llama.cpp inference servers (the `llamacpp` kind): the
+    API finds the adapter among a server's `GET /lora-adapters` by it, so the name carries the whole model id (its
+    job id makes it unique). Model ids hold `/` (the base model's); it becomes `--`, as in Hugging Face's cache."""
+    return model_id.replace("/", "--") + ".gguf"
+
+
 class BackendError(Exception):
     """A request the backend could not serve, as the HTTP answer the API gives (OpenAI's error shape)."""
 

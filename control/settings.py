@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     # or `vllm` (started with --enable-lora). Listed, not registered: see docs/serving.md.
     inference_servers: str = ""
     inference_server_kind: Literal["ours", "vllm"] = "ours"
+    # llama.cpp's llama-servers (comma-separated base URLs), each started with a base model and adapters as GGUFs
+    # (`python -m inference.gguf`): asked first for what they hold and can honour; the rest goes where the settings
+    # above send it (api.llamacpp).
+    llamacpp_servers: str = ""
+    llamacpp_dir: str = ".llamacpp"  # llama.cpp's build and source tree (scripts/llamacpp/build.sh), for the converter
     internal_token: str | None = None  # the shared secret between the API and inference servers (Bearer)
     inference_connect_timeout_s: float = 3.0  # an unreachable server is skipped after this long
     inference_timeout_s: float = 600.0  # the longest wait for a server's next bytes (a whole non-streamed answer)
@@ -137,7 +142,11 @@ class Settings(BaseSettings):
 
     @property
     def inference_server_urls(self) -> list[str]:
-        return [u.strip().rstrip("/") for u in self.inference_servers.split(",") if u.strip()]
+        return _urls(self.inference_servers)
+
+    @property
+    def llamacpp_server_urls(self) -> list[str]:
+        return _urls(self.llamacpp_servers)
 
     @property
     def resolved_artifact_root(self) -> Path:
@@ -149,3 +158,7 @@ def get_settings() -> Settings:
     settings = Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return settings
+
+
+def _urls(listed: str) -> list[str]:
+    return [u.strip().rstrip("/") for u in listed.split(",") if u.strip()]

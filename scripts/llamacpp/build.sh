@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's llama-server and llama-bench for bench/vs_llamacpp.py, from the llama.cpp source vendored in
-# PyPI's llama-cpp-python sdist (pinned and hash-checked in bench/llamacpp/requirements.txt), with Debian's
+# Builds llama.cpp's llama-server (the `llamacpp` inference server kind, docs/serving.md) and llama-bench (for
+# bench/vs_llamacpp.py), from the llama.cpp source vendored in
+# PyPI's llama-cpp-python sdist (pinned and hash-checked in scripts/llamacpp/requirements.txt), with Debian's
 # cmake/ninja/gcc (about 6 minutes on 2 cores). Idempotent: a finished build is kept.
 #
-#   bench/llamacpp/build.sh                          # into .llamacpp/ (gitignored)
-#   LLAMACPP_DIR=/some/dir bench/llamacpp/build.sh   # LLAMACPP_JOBS: parallel compile jobs (default 2)
+#   scripts/llamacpp/build.sh                          # into .llamacpp/ (gitignored; scripts/test runs this)
+#   LLAMACPP_DIR=/some/dir scripts/llamacpp/build.sh   # LLAMACPP_JOBS: parallel compile jobs (default 2)
 #
 # Leaves <dir>/src (llama.cpp's tree, with convert_hf_to_gguf.py, convert_lora_to_gguf.py and gguf-py; the
-# benchmark converts the model and the adapter with them), <dir>/build/bin/llama-server and llama-bench, and
+# converter, `python -m inference.gguf`, runs them), <dir>/build/bin/llama-server and llama-bench, and
 # <dir>/VERSION (the sdist's version and hash, the llama.cpp commit it vendors), for recorded figures.
 set -euo pipefail
 
