@@ -54,6 +54,7 @@ class RemoteBackend:
         kind: str = "ours",
         connect_timeout_s: float = 3.0,
         timeout_s: float = 600.0,
+        keepalive: int = 256,
     ):
         if not servers:
             raise ValueError("a remote backend needs at least one inference server")
@@ -61,7 +62,7 @@ class RemoteBackend:
         self._client = httpx.AsyncClient(
             headers={"Authorization": f"Bearer {token}"} if token else {},
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
+            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=keepalive),
         )
         self._loaded: set[tuple[str, str]] = set()  # (server, adapter name) this process has loaded there
 

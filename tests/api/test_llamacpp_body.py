@@ -20,7 +20,9 @@ def test_openai_sampling_is_stated_and_llamacpp_filters_are_off():
     body = llamacpp_body(chat())
     assert body["temperature"] == 1.0 and body["top_p"] == 1.0  # OpenAI's defaults, not llama-server's 0.8 / 0.95
     assert body["top_k"] == 0 and body["min_p"] == 0.0 and body["repeat_penalty"] == 1.0
+    assert llamacpp_body(chat(temperature=0))["top_k"] == 1  # greedy: the same argmax, without a full softmax
     body = llamacpp_body(chat(temperature=0.3, top_p=0.5, seed=7, stop=["x"], presence_penalty=0.5, user="u1"))
+    assert body["top_k"] == 0
     assert (body["temperature"], body["top_p"], body["seed"], body["stop"]) == (0.3, 0.5, 7, ["x"])
     assert body["presence_penalty"] == 0.5 and "user" not in body and "model" not in body
     assert body["messages"] == CHAT
