@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from api.remote import RemoteBackend, sse_payloads
+from api.remote import RemoteBackend, request_path, sse_payloads
 from control.backends import Backend, BackendError, Target, gguf_adapter_file
 from control.protocol import REFUSED_CHAT, REFUSED_COMPLETION, ChatRequest, ClassificationRequest, CompletionRequest
 from control.settings import Settings
@@ -167,11 +167,11 @@ class LlamaCppBackend(RemoteBackend):
                    timeout_s=settings.inference_timeout_s)  # fmt: skip
 
     async def complete(self, target: Target, request: ChatRequest | CompletionRequest) -> dict:
-        response = await self._send(target, _path(request), llamacpp_body(request))
+        response = await self._send(target, request_path(request), llamacpp_body(request))
         return _openai(response.json(), target)
 
     async def stream(self, target: Target, request: ChatRequest | CompletionRequest) -> AsyncIterator[dict]:
-        response = await self._send(target, _path(request), llamacpp_body(request), stream=True)
+        response = await self._send(target, request_path(request), llamacpp_body(request), stream=True)
         usage = bool(request.stream_options and request.stream_options.include_usage)
         return _chunks(sse_payloads(response), target, usage)
 
@@ -210,7 +210,7 @@ class LlamaCppBackend(RemoteBackend):
             engine = {"base_model": models["data"][0]["id"], "task": "causal_lm",
                       "rows_running": sum(bool(s.get("is_processing")) for s in slots)}  # fmt: skip
             out.append({"server": server, "kind": "llamacpp", "slots": len(slots), "engines": [engine],
-                        "adapters_held": [a["path"].rsplit("/", 1)[-1] for a in adapters]})  # fmt: skip
+                        "adapters_held": [_file_name(a["path"]) for a in adapters]})  # fmt: skip
         return out
 
     def _told(self, target: Target) -> bool:
@@ -233,7 +233,7 @@ class LlamaCppBackend(RemoteBackend):
         if target.artifact is None:
             return None, held
         name = gguf_adapter_file(target.name)
-        chosen = [a["id"] for a in adapters if a["path"].replace("\\", "/").rsplit("/", 1)[-1] == name]
+        chosen = [a["id"] for a in adapters if _file_name(a["path"]) == name]
         return (chosen[0], held) if chosen else None
 
     async def _get(self, server: str, path: str) -> Any:
@@ -255,8 +255,9 @@ class LlamaCppBackend(RemoteBackend):
                             "model")  # fmt: skip
 
 
-def _path(request: ChatRequest | CompletionRequest) -> str:
-    return "/v1/chat/completions" if isinstance(request, ChatRequest) else "/v1/completions"
+def _file_name(path: str) -> str:
+    """The file name in a path llama-server reports (as given on its command line)."""
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def _openai(answer: dict, target: Target) -> dict:

@@ -77,11 +77,11 @@ class RemoteBackend:
         )
 
     async def complete(self, target: Target, request: ChatRequest | CompletionRequest) -> dict:
-        response = await self._send(target, _path(request), _body(request))
+        response = await self._send(target, request_path(request), _body(request))
         return response.json()
 
     async def stream(self, target: Target, request: ChatRequest | CompletionRequest) -> AsyncIterator[dict]:
-        response = await self._send(target, _path(request), _body(request), stream=True)
+        response = await self._send(target, request_path(request), _body(request), stream=True)
         return sse_payloads(response)
 
     async def classify(self, target: Target, request: ClassificationRequest) -> dict:
@@ -216,7 +216,7 @@ async def sse_payloads(response: httpx.Response) -> AsyncIterator[dict]:
         await response.aclose()
 
 
-def _path(request: ChatRequest | CompletionRequest) -> str:
+def request_path(request: ChatRequest | CompletionRequest) -> str:
     return "/v1/chat/completions" if isinstance(request, ChatRequest) else "/v1/completions"
 
 
