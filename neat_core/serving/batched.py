@@ -124,7 +124,10 @@ class MultiAdapterLinear(nn.Module):
                 self._packed_factors.clear()
             else:
                 self._packed_factors.pop(slot, None)
-        self.merges.forget(slot)
+        if self.fused is not None:
+            self.fused.forget(slot)  # the group's copies and its stacked factors
+        else:
+            self.merges.forget(slot)
 
     def merged_slots(self) -> list[int]:
         """The slots with a merged copy of this layer (its fused group's copies, on a FusedPart base), least
@@ -158,9 +161,9 @@ class MultiAdapterLinear(nn.Module):
         only = self.context.only
         merged = None
         if self.fused is not None:
-            y, merged_slot = self.base_layer.run(x)  # (B, T, d_out), this layer's columns of the group's output
-            if merged_slot is not None:
-                return y  # the group ran on its merged copy: this layer's B A is in these columns
+            y, slot = self.base_layer.run(x)  # (B, T, d_out), this layer's columns of the group's output
+            if slot is not None:
+                return y  # the group added `slot`'s deltas (merged copy or stacked factors): this layer's are here
         elif only is None:
             self.merges.mixed()
         elif x.dtype == self.weight_dtype == self.A.dtype:
@@ -179,7 +182,7 @@ class MultiAdapterLinear(nn.Module):
             y = self.base_layer(x)  # (B, T, d_out)
         if (
             only is not None
-            and isinstance(self.base_layer, PackedLinear | FusedPart)
+            and isinstance(self.base_layer, PackedLinear)
             and y.dtype == self.A.dtype
             and y.numel() > y.shape[-1]
         ):
@@ -189,9 +192,9 @@ class MultiAdapterLinear(nn.Module):
             return y.add_(packed_linear(packed_linear(x, a, None), b, None))  # x Aᵀ (B, T, r), then Bᵀ
         if only is not None and y.dtype == self.A.dtype:
             # One adapter for the whole batch: two plain matmuls, the second accumulating into the base output in
-            # place (y is this forward's own fresh tensor, or its own columns of a fused group's). On CPU each op's
-            # dispatch costs as much as its math at these sizes, so fewer ops is what keeps an adapter near base
-            # speed.
+            # place (y is this forward's own fresh tensor; a fused group adds its parts' in `FusedMerges`). On CPU
+            # each op's dispatch costs as much as its math at these sizes, so fewer ops is what keeps an adapter
+            # near base speed.
             h = x.reshape(-1, self.in_features) @ self.A[only].t()  # (B·T, r)
             return y.view(-1, self.out_features).addmm_(h, self.B[only].t()).view(y.shape)
         idx = self.context.idx
@@ -251,43 +254,78 @@ class MergedCopies:
 
 
 class FusedMerges:
-    """The merged copies of one fused group (`layout.FusedLinears`: q/k/v, or gate/up) for its hot adapters.
+    """A fused group's (`layout.FusedLinears`: q/k/v, or gate/up) adapter work for a batch on one adapter.
 
-    A batch on one adapter runs the group's one matmul on [W_i + B_i A_i] (each adapted part's delta, the others
-    unchanged) instead of the base stack plus low-rank work: merging part by part would compute the base stack for
-    the unadapted parts and each adapted one again. Every part's layer shares this group's `MergedCopies`. The group
-    asks `choose` once per computation, so every part of one batch sees the same weight."""
+    Its hot adapter's merged copy: the group's one matmul on [W_i + B_i A_i] (each adapted part's delta, the others
+    unchanged) instead of the base stack plus low-rank work; merging part by part would compute the base stack for
+    the unadapted parts and each adapted one again. Every part's layer shares this group's `MergedCopies`.
+
+    Before the copy (an adapter's first MERGE_AFTER batches, or with merging off), the group's low-rank work in two
+    ops instead of two per adapted part: every adapted part's A stacked, [A_q; A_v] (Σ r, d_in), and their B as one
+    block-diagonal (Σ d_out, Σ r) with zeros in the unadapted parts' rows. Fewer, larger ops are what counts on a
+    CPU, where each small op's dispatch costs as much as its math (bench/adapter_overhead.py, "low-rank").
+
+    The group asks `choose` once per computation, so every part of one batch sees the same choice."""
 
     def __init__(self, group: FusedLinears, context: SlotContext):
         self.group, self.context = group, context
         self.layers: dict[int, MultiAdapterLinear] = {}  # part -> the adapter layer wrapping it
         self.merges = MergedCopies()
+        self._stacked: dict[int, tuple[Tensor, Tensor]] = {}  # slot -> (A (Σ r, d_in), B (Σ d_out, Σ r))
+        self._lock = threading.Lock()  # passes of different threads may share the group
         group.choose = self.choose
 
-    def choose(self) -> tuple[int | None, Tensor]:
+    def choose(self) -> tuple[int | None, Tensor, tuple[Tensor, Tensor] | None]:
         only = self.context.only
         if self.context.idx is None:
-            return None, self.group.packed
+            return None, self.group.packed, None
         if only is None:
             self.merges.mixed()
-            return None, self.group.packed
-        if not any(only in layer.occupied for layer in self.layers.values()):
-            return None, self.group.packed
+            return None, self.group.packed, None
+        parts = {part: layer for part, layer in self.layers.items() if only in layer.occupied}
+        if not parts or any(layer.A.dtype != torch.float32 for layer in parts.values()):
+            return None, self.group.packed, None
 
         def build() -> Tensor:
             stack = self.group.dense()  # (Σ d_out, d_in)
-            for part, layer in self.layers.items():
-                if only in layer.occupied:
-                    start = self.group.offsets[part]
-                    stack[start : start + self.group.sizes[part]] += layer.B[only] @ layer.A[only]
+            for part, layer in parts.items():
+                start = self.group.offsets[part]
+                stack[start : start + self.group.sizes[part]] += layer.B[only] @ layer.A[only]
             return pack(stack)
 
         weight = self.merges.get(only, build)
-        return (None, self.group.packed) if weight is None else (only, weight)
+        if weight is not None:
+            return only, weight, None
+        return only, self.group.packed, self.stacked(only, parts)
+
+    def stacked(self, slot: int, parts: dict[int, MultiAdapterLinear]) -> tuple[Tensor, Tensor]:
+        """`slot`'s factors of the adapted parts as one A (Σ r, d_in) and one block-diagonal B (Σ d_out, Σ r),
+        kept until the slot changes."""
+        with self._lock:
+            factors = self._stacked.get(slot)
+            if factors is None:
+                a = torch.cat([layer.A[slot] for layer in parts.values()])  # ranks zero-padded to each layer's r_max
+                b = a.new_zeros(sum(self.group.sizes), a.shape[0])
+                col = 0
+                for part, layer in parts.items():
+                    start, rank = self.group.offsets[part], layer.A.shape[1]
+                    b[start : start + self.group.sizes[part], col : col + rank] = layer.B[slot]
+                    col += rank
+                factors = self._stacked[slot] = (a, b)
+            return factors
+
+    def forget(self, slot: int | None) -> None:
+        with self._lock:
+            if slot is None:
+                self._stacked.clear()
+            else:
+                self._stacked.pop(slot, None)
+        self.merges.forget(slot)
 
     def add(self, part: int, layer: MultiAdapterLinear) -> None:
         self.layers[part] = layer
         layer.fused, layer.merges = self, self.merges
+        self.forget(None)
 
 
 class MultiAdapterHead(nn.Module):
