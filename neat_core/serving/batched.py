@@ -283,7 +283,7 @@ class FusedMerges:
             self.merges.mixed()
             return None, self.group.packed, None
         parts = {part: layer for part, layer in self.layers.items() if only in layer.occupied}
-        if not parts or any(layer.A.dtype != torch.float32 for layer in parts.values()):
+        if not parts:
             return None, self.group.packed, None
 
         def build() -> Tensor:
@@ -325,7 +325,6 @@ class FusedMerges:
     def add(self, part: int, layer: MultiAdapterLinear) -> None:
         self.layers[part] = layer
         layer.fused, layer.merges = self, self.merges
-        self.forget(None)
 
 
 class MultiAdapterHead(nn.Module):

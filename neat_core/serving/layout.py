@@ -104,8 +104,8 @@ class FusedLinears:
         return self.packed.to_dense()
 
     def run(self, x: Tensor, part: int) -> tuple[Tensor, object]:
-        """x (..., d_in) -> part's output (..., d_out of part), a view into the group's output; and the key of the
-        weight it ran on (None: the base weight)."""
+        """x (..., d_in) -> part's output (..., d_out of part), a view into the group's output; and the key `choose`
+        gave the computation (None: the base model)."""
         entry = getattr(self._last, "entry", None)
         if entry is None or entry[0] is not x or part in entry[3]:
             key, weight, factors = (None, self.packed, None) if self.choose is None else self.choose()
